@@ -1,0 +1,159 @@
+"""The Python API the CLI is a thin layer over. Keyword-only, typed, no printing."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner import engine, recipe
+from runner.compile import compile_recipe
+from runner.errors import RunnerError
+from runner.graph import Graph, GraphError
+from stores.cache import Artifact, ArtifactCache, default_cache_dir
+from stores.hashing import hash_bytes
+
+
+def open_cache(cache_dir: str | Path | None = None) -> ArtifactCache:
+    return ArtifactCache(Path(cache_dir) if cache_dir else default_cache_dir())
+
+
+@dataclass
+class Build:
+    """A loaded recipe, its graph, and the cache it builds into."""
+
+    loaded: recipe.LoadedRecipe
+    graph: Graph
+    cache: ArtifactCache
+    all_steps: frozenset[str]
+
+    @property
+    def ref(self) -> str:
+        """The recipe's name in the cache: its stem plus a hash of where it lives (local state, not in keys)."""
+        where = os.path.abspath(self.loaded.path)
+        return f"{self.loaded.path.stem}-{hash_bytes(where.encode())[:12]}"
+
+    @property
+    def catalog(self) -> Path:
+        return self.cache.root / "catalogs" / f"{self.ref}.duckdb"
+
+    def previous(self) -> dict[str, Any]:
+        ref = self.cache.read_ref(self.ref) or {}
+        return {name: s.get("components") for name, s in ref.get("steps", {}).items() if s.get("components")}
+
+
+def load(
+    path: str | Path,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    cache_dir: str | Path | None = None,
+    targets: list[str] | tuple[str, ...] = (),
+) -> Build:
+    """Load and validate a recipe and compile its graph (optionally only what `targets` need)."""
+    import runner.steps  # noqa: F401  (registers every step kind)
+
+    loaded = recipe.load(path, overrides)
+    full = compile_recipe(loaded)
+    try:
+        graph = full.select(targets) if targets else full
+    except GraphError as exc:
+        raise RunnerError(str(exc)) from None
+    return Build(loaded, graph, open_cache(cache_dir), frozenset(full.nodes))
+
+
+def plan(build: Build) -> list[engine.StepPlan]:
+    return engine.plan(build.graph, build.cache, build.previous())
+
+
+@dataclass
+class ApplyResult:
+    steps: list[engine.StepResult]
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.steps:
+            out[s.state] = out.get(s.state, 0) + 1
+        return out
+
+
+def apply(build: Build, *, reporter: engine.Reporter | None = None, keep_going: bool = False) -> ApplyResult:
+    """Build what is not cached, then record the recipe's ref and catalog. Failed steps keep their last ref."""
+    try:
+        results = engine.execute(build.graph, build.cache, reporter=reporter, keep_going=keep_going)
+    except engine.StepFailed as exc:
+        raise RunnerError(str(exc)) from None
+    _record(build, results)
+    return ApplyResult(results, [r.name for r in results if r.state in ("failed", "skipped")])
+
+
+def _record(build: Build, results: list[engine.StepResult]) -> None:
+    """Update the recipe's ref (what `plan` compares with, what gc keeps) and its DuckDB catalog."""
+    with build.cache.lock(f"ref-{build.ref}"):
+        old = build.cache.read_ref(build.ref) or {}
+        steps = {n: s for n, s in old.get("steps", {}).items() if n in build.all_steps}
+        for r in results:
+            if r.artifact is not None:
+                steps[r.name] = {"key": r.key, "kind": build.graph.nodes[r.name].kind, "components": r.components}
+        new = {"recipe": os.path.abspath(build.loaded.path), "steps": steps}
+        if new != old:
+            build.cache.write_ref(build.ref, new)
+        tables = catalog_tables(build, {n: s["key"] for n, s in steps.items()})
+        if new != old or not build.catalog.exists():
+            from stores.datastore import write_catalog
+
+            write_catalog(build.catalog, tables)
+
+
+def catalog_tables(build: Build, keys: dict[str, str]) -> dict[str, Path]:
+    from stores.datastore import view_name
+
+    tables: dict[str, Path] = {}
+    for name, key in keys.items():
+        path = build.cache.path(key)
+        manifest = build.cache.read_manifest(path) or {}
+        for table, rel in manifest.get("tables", {}).items():
+            tables[view_name(name, table)] = path / "data" / rel
+    return tables
+
+
+def artifact(build: Build, step: str) -> Artifact | None:
+    """The current artifact of `step`, if built and sound."""
+    if step not in build.graph.nodes:
+        raise RunnerError(f"no step {step!r} in {build.loaded.path}; steps: {', '.join(build.graph.order)}")
+    for p in plan(build):
+        if p.name == step and p.state == "cached" and p.key:
+            return build.cache.get(p.key)
+    return None
+
+
+def sql(build: Build, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run SQL over the recipe's catalog (a view per step table: filter_length, filter_length__rejects, …)."""
+    import duckdb
+
+    from stores.datastore import query as run_query
+
+    if not build.catalog.exists():
+        raise RunnerError(f"{build.loaded.path} has not been applied yet: run `runner apply {build.loaded.path}` first")
+    try:
+        return run_query(build.catalog, query)
+    except duckdb.Error as exc:
+        raise RunnerError(f"SQL failed: {str(exc).splitlines()[0]}") from None
+
+
+def verify(cache: ArtifactCache, *, keys: list[str] | None = None, repair: bool = False) -> dict[str, list[str]]:
+    """Re-hash every byte of the given artifacts (default: all). Returns key -> problems for the bad ones."""
+    bad: dict[str, list[str]] = {}
+    for key in keys if keys is not None else list(cache.keys()):
+        problems = cache.problems(key, deep=True)
+        if problems:
+            bad[key] = problems
+            if repair:
+                with cache.lock(key):
+                    cache.remove(key)
+    return bad

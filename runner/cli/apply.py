@@ -1,0 +1,101 @@
+"""runner apply: build every step whose key is not in the cache."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from runner.cli.common import console, load, print_json, recipe_args, short
+from runner.engine import Reporter, StepResult
+from runner.graph import StepNode
+
+
+def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("apply", help="build what is not cached (only what changed)",
+                       description="Build the recipe's steps in order, reusing every cached artifact. Safe to "
+                                   "interrupt (nothing half-built is ever kept) and to run twice at once.")
+    recipe_args(p, targets=True)
+    p.add_argument("--dry-run", action="store_true", help="show the plan, build nothing")
+    p.add_argument("--keep-going", action="store_true", help="after a failure, still build steps that do not need it")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.set_defaults(run=run)
+
+
+class RichReporter(Reporter):
+    """A live line per running step on stderr, a summary line per finished step."""
+
+    def __init__(self, quiet: bool) -> None:
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.out = console(stderr=True)
+        self.quiet = quiet
+        self.progress_bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                     TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                                     console=self.out, transient=True, disable=quiet or not self.out.is_terminal)
+        self.tasks: dict[str, Any] = {}
+
+    def start(self, node: StepNode, key: str) -> None:
+        if not self.tasks:
+            self.progress_bar.start()
+        self.tasks[node.name] = self.progress_bar.add_task(f"{node.name} [dim]{short(key)}[/]", total=None)
+
+    def waiting(self, node: StepNode, key: str) -> None:
+        if not self.quiet:
+            self.out.print(f"[dim]waiting: another apply is building {node.name} ({short(key)})[/]")
+
+    def progress(self, node: StepNode, total: int | None, done: int) -> None:
+        if node.name in self.tasks:
+            self.progress_bar.update(self.tasks[node.name], total=total, completed=done)
+
+    def finished(self, node: StepNode, r: StepResult) -> None:
+        if node.name in self.tasks:
+            self.progress_bar.remove_task(self.tasks.pop(node.name))
+            if not self.tasks:
+                self.progress_bar.stop()
+        if self.quiet:
+            return
+        if r.state == "failed":
+            self.out.print(f"[red]failed[/]  {node.name:<24} {r.error}")
+        elif r.state == "skipped":
+            self.out.print(f"[red]skipped[/] {node.name:<24} {r.error}")
+        else:
+            color = "green" if r.state == "built" else "dim"
+            took = f" {r.seconds:.2f}s" if r.state == "built" else ""
+            self.out.print(f"[{color}]{r.state:>7}[/]  {node.name:<24} {short(r.key)}{took}  {rows_text(r)}")
+
+
+def rows_text(r: StepResult) -> str:
+    rows = dict(r.artifact.manifest.get("rows", {})) if r.artifact else {}
+    if not rows:
+        return ""
+    n_in = rows.pop("in", None)
+    rej = rows.pop("rejects", 0)
+    parts = [f"{k} {v}" for k, v in rows.items()]
+    text = ", ".join(parts)
+    if n_in is not None:
+        text = f"in {n_in} -> {text}" + (f" ({rej} rejected)" if rej else "")
+    return f"[dim]{text}[/]"
+
+
+def run(args: argparse.Namespace) -> int:
+    from runner import api
+    from runner.cli import plan
+
+    build = load(args)
+    if args.dry_run:
+        steps = api.plan(build)
+        print_json(plan.plan_rows(steps)) if args.json else plan.render(steps)
+        return 0
+    result = api.apply(build, reporter=RichReporter(quiet=args.json), keep_going=args.keep_going)
+    if args.json:
+        print_json({
+            "ok": result.ok,
+            "steps": [{"step": r.name, "state": r.state, "key": r.key, "seconds": round(r.seconds, 3),
+                       "rows": r.artifact.manifest.get("rows") if r.artifact else None, "error": r.error}
+                      for r in result.steps],
+        })
+    else:
+        counts = result.counts()
+        summary = ", ".join(f"{n} {state}" for state, n in counts.items())
+        console(stderr=True).print(("[green]done[/]: " if result.ok else "[red]incomplete[/]: ") + summary)
+    return 0 if result.ok else 1

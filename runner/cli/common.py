@@ -1,0 +1,47 @@
+"""Arguments and output helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def recipe_args(p: argparse.ArgumentParser, *, targets: bool = False) -> None:
+    p.add_argument("recipe", help="path to the recipe YAML")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+        help="override a recipe value (YAML syntax; list items by index), e.g. --set data.split.seed=1; repeatable",
+    )
+    cache_arg(p)
+    if targets:
+        p.add_argument("--target", dest="targets", action="append", default=[], metavar="STEP",
+                       help="only the steps needed for STEP (repeatable)")
+
+
+def cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="artifact cache (default: $RUNNER_CACHE or ~/.cache/runner)")
+
+
+def load(args: argparse.Namespace) -> Any:
+    from runner import api
+
+    return api.load(args.recipe, overrides=args.overrides, cache_dir=args.cache_dir,
+                    targets=getattr(args, "targets", ()))
+
+
+def console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+def short(key: str | None) -> str:
+    return key[:12] if key else "-"

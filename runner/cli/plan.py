@@ -1,0 +1,43 @@
+"""runner plan: which steps are cached and which would run, and why. Never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from runner.cli.common import console, load, print_json, recipe_args, short
+
+
+def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("plan", help="show which steps apply would run, and why",
+                       description="Compute every step's key and compare with the cache and with the recipe's "
+                                   "last apply. 'pending' steps wait on an upstream step that will run; they stay "
+                                   "cached if its output does not change (early cut-off).")
+    recipe_args(p, targets=True)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=run)
+
+
+def plan_rows(steps: list[Any]) -> list[dict[str, Any]]:
+    return [{"step": s.name, "kind": s.kind, "state": s.state, "key": s.key, "why": s.why} for s in steps]
+
+
+def render(steps: list[Any]) -> None:
+    out = console()
+    colors = {"cached": "green", "run": "yellow", "pending": "cyan"}
+    for s in steps:
+        why = f"  [dim]{'; '.join(s.why)}[/]" if s.why else ""
+        out.print(f"[{colors[s.state]}]{s.state:>7}[/]  {s.name:<24} {short(s.key)}{why}")
+    todo = sum(s.state != "cached" for s in steps)
+    out.print(f"{todo} of {len(steps)} steps to run" if todo else f"all {len(steps)} steps cached: nothing to do")
+
+
+def run(args: argparse.Namespace) -> int:
+    from runner import api
+
+    steps = api.plan(load(args))
+    if args.json:
+        print_json(plan_rows(steps))
+    else:
+        render(steps)
+    return 0

@@ -1,0 +1,20 @@
+"""runner reference: the recipe reference, generated from the typed models (README embeds it)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("reference", help="print the recipe reference (markdown) or the CLI reference",
+                       description="Print the recipe reference generated from the recipe's typed models, or "
+                                   "with --cli the help of every command. README.md embeds both.")
+    p.add_argument("--cli", action="store_true", help="the CLI reference instead")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from runner import docs
+
+    print(docs.cli_reference() if args.cli else docs.recipe_reference())
+    return 0

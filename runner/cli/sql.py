@@ -1,0 +1,42 @@
+"""runner sql: query a recipe's step tables with DuckDB."""
+
+from __future__ import annotations
+
+import argparse
+
+from runner.cli.common import load, print_json, recipe_args
+
+
+def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("sql", help="run DuckDB SQL over the recipe's step tables",
+                       description="Each built step's tables are views: `source_NAME`, `filter_NAME`, `format`, "
+                                   "`split__train`, `split__validation`; a step's rejects are `VIEW__rejects`. "
+                                   "Macros prompt_of(turns), response_of(turns), text_of(turns) are available.",
+                       epilog='example: runner sql recipe.yaml "select reason, count(*) from filter_length__rejects '
+                              'group by reason"')
+    recipe_args(p)
+    p.add_argument("query", help="SQL to run")
+    p.add_argument("--json", action="store_true", help="rows as JSON objects")
+    p.add_argument("--limit", type=int, default=50, help="rows to print in table form (default 50)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from runner import api
+
+    columns, rows = api.sql(load(args), args.query)
+    if args.json:
+        print_json([dict(zip(columns, r)) for r in rows])
+        return 0
+    from rich.table import Table
+
+    from runner.cli.common import console
+
+    table = Table(*columns)
+    for r in rows[: args.limit]:
+        table.add_row(*("NULL" if v is None else str(v) for v in r))
+    out = console()
+    out.print(table)
+    if len(rows) > args.limit:
+        out.print(f"[dim]{len(rows) - args.limit} more rows (use --limit or --json)[/]")
+    return 0

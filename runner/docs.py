@@ -1,0 +1,75 @@
+"""Reference docs generated from code, so they cannot drift: the recipe keys and the CLI help."""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_name(a) for a in args if a is not type(None)) + (
+            " (optional)" if type(None) in args else ""
+        )
+    if origin in (list, tuple):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return f"[{annotation.__name__}](#{annotation.__name__.lower()})"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default(field: Any) -> str:
+    if field.default is PydanticUndefined and field.default_factory is None:
+        return "**required**"
+    value = field.default_factory() if field.default_factory is not None else field.default
+    if isinstance(value, BaseModel):
+        return "(defaults)"
+    return f"`{value!r}`" if value not in (None, [], {}) else ("—" if value is None else f"`{value!r}`")
+
+
+def model_section(model: type[BaseModel]) -> str:
+    lines = [f"### {model.__name__}", "", (model.__doc__ or "").strip(), "", "| key | type | default | meaning |",
+             "|---|---|---|---|"]
+    for name, field in model.model_fields.items():
+        desc = (field.description or "").replace("|", "\\|")
+        lines.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {desc} |")
+    return "\n".join(lines)
+
+
+def recipe_reference() -> str:
+    from runner.schema import Recipe, all_models
+
+    models = [Recipe] + [m for m in all_models() if m is not Recipe]
+    intro = (
+        "Every section below is a typed model: unknown keys are errors, and `runner validate` checks a recipe "
+        "without running it. Top-level `extends: base.yaml` (or a list) merges the recipe over its bases "
+        "(mappings merge, other values replace); `${a.b}` is replaced by the value at key path `a.b`; "
+        "`--set a.b=c` overrides any value on every command."
+    )
+    return "\n\n".join([intro] + [model_section(m) for m in models])
+
+
+def cli_reference() -> str:
+    import argparse
+
+    from runner.cli.main import build_parser
+
+    parser = build_parser()
+    out = ["```", parser.format_help().strip(), "```"]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out += ["", f"### runner {name}", "", "```", sub.format_help().strip(), "```"]
+    return "\n".join(out)

@@ -1,0 +1,281 @@
+"""Keys, plan and execute. Knows steps, keys and artifacts; nothing about ML or DuckDB.
+
+A step's key hashes its kind, its implementation's version, its canonical params, the
+output hashes of its inputs, the content hashes of its external files and the versions
+of the libraries it declares. Inputs enter by *output* hash, not by key, which gives
+early cut-off: a step that re-runs and writes the same bytes leaves its readers cached.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Literal
+
+from filelock import Timeout
+from pydantic import BaseModel
+
+from runner import registry
+from runner.graph import Graph, StepNode
+from runner.registry import StepContext, StepError
+from stores.cache import Artifact, ArtifactCache
+from stores.hashing import StatCache, hash_json
+
+State = Literal["cached", "run", "pending"]
+
+_LIB_VERSIONS: dict[str, str] = {}
+
+
+def lib_version(name: str) -> str:
+    if name not in _LIB_VERSIONS:
+        try:
+            _LIB_VERSIONS[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            _LIB_VERSIONS[name] = "absent"
+    return _LIB_VERSIONS[name]
+
+
+def canonical_params(params: Any) -> Any:
+    if isinstance(params, BaseModel):
+        return params.model_dump(mode="json")
+    return params
+
+
+def components(node: StepNode, input_hashes: list[str], stat_cache: StatCache) -> dict[str, Any]:
+    """Everything a step's key is made of, and nothing else."""
+    spec = registry.get(node.kind)
+    return {
+        "kind": node.kind,
+        "version": spec.version,
+        "params": canonical_params(node.params),
+        "inputs": input_hashes,
+        "files": {label: stat_cache.hash_tree(path) for label, path in sorted(node.files.items())},
+        "libs": {lib: lib_version(lib) for lib in spec.libs},
+    }
+
+
+def key_of(comps: dict[str, Any]) -> str:
+    return hash_json(comps)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def reasons(node: StepNode, now: dict[str, Any], before: dict[str, Any] | None) -> list[str]:
+    """Why a step must run, by comparing its key components with those of its last build."""
+    if before is None:
+        return ["never built"]
+    why: list[str] = []
+    if now["version"] != before.get("version"):
+        why.append(f"implementation of {node.kind} changed (version {before.get('version')} -> {now['version']})")
+    new, old = _flatten(now["params"]), _flatten(before.get("params", {}))
+    for path in sorted(set(new) | set(old)):
+        if new.get(path, "<unset>") != old.get(path, "<unset>"):
+            why.append(f"param {path}: {_short(old.get(path, '<unset>'))} -> {_short(new.get(path, '<unset>'))}")
+    old_inputs = before.get("inputs", [])
+    for i, up in enumerate(node.inputs):
+        if i < len(now["inputs"]) and (i >= len(old_inputs) or now["inputs"][i] != old_inputs[i]):
+            why.append(f"input {up} changed")
+    if len(old_inputs) != len(node.inputs):
+        why.append(f"inputs changed ({len(old_inputs)} -> {len(node.inputs)})")
+    old_files = before.get("files", {})
+    for label in sorted(set(now["files"]) | set(old_files)):
+        if label not in old_files:
+            why.append(f"file {label} added")
+        elif label not in now["files"]:
+            why.append(f"file {label} removed")
+        elif now["files"][label] != old_files[label]:
+            why.append(f"file {label} changed")
+    for lib, version in now["libs"].items():
+        if before.get("libs", {}).get(lib) != version:
+            why.append(f"library {lib} {before.get('libs', {}).get(lib, '<none>')} -> {version}")
+    return why or ["built before, but its artifact is no longer in the cache (gc'd or corrupt)"]
+
+
+@dataclass
+class StepPlan:
+    name: str
+    kind: str
+    state: State
+    key: str | None
+    why: list[str] = field(default_factory=list)
+    components: dict[str, Any] | None = None
+
+
+def plan(graph: Graph, cache: ArtifactCache, previous: dict[str, Any]) -> list[StepPlan]:
+    """Each step cached / to run / pending (its key waits on an upstream that will run), with reasons.
+
+    `previous` maps step name to the components of its last successful build (from the ref).
+    Side-effect free: builds nothing, locks nothing.
+    """
+    out: dict[str, StepPlan] = {}
+    hashes: dict[str, str] = {}
+    for name in graph.order:
+        node = graph.nodes[name]
+        ups = [u for u in node.inputs if u not in hashes]
+        if ups:
+            now = components(node, [], cache.stat_cache)
+            before = previous.get(name)
+            why = [f"waits for {', '.join(ups)} (stays cached if that output is unchanged)"]
+            if before is not None:
+                now["inputs"] = before.get("inputs", [])
+                why = [w for w in reasons(node, now, before) if not w.startswith("built before")] + why
+            out[name] = StepPlan(name, node.kind, "pending", None, why)
+            continue
+        comps = components(node, [hashes[u] for u in node.inputs], cache.stat_cache)
+        key = key_of(comps)
+        art = cache.get(key)
+        if art is not None:
+            hashes[name] = art.output_hash
+            out[name] = StepPlan(name, node.kind, "cached", key, [], comps)
+        else:
+            out[name] = StepPlan(name, node.kind, "run", key, reasons(node, comps, previous.get(name)), comps)
+    return [out[n] for n in graph.order]
+
+
+class Reporter:
+    """Hooks the executor calls; the CLI renders them, tests record them. All optional."""
+
+    def start(self, node: StepNode, key: str) -> None: ...
+    def waiting(self, node: StepNode, key: str) -> None: ...
+    def progress(self, node: StepNode, total: int | None, done: int) -> None: ...
+    def finished(self, node: StepNode, result: StepResult) -> None: ...
+
+
+@dataclass
+class StepResult:
+    name: str
+    state: Literal["cached", "built", "failed", "skipped"]
+    key: str | None = None
+    artifact: Artifact | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    components: dict[str, Any] | None = None
+
+
+class StepFailed(Exception):
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"step {name} failed: {message}")
+        self.name = name
+        self.message = message
+
+
+RunStep = Callable[[StepNode, StepContext], None]
+
+
+def _default_run(node: StepNode, ctx: StepContext) -> None:
+    registry.get(node.kind).run(ctx)
+
+
+def execute(
+    graph: Graph,
+    cache: ArtifactCache,
+    *,
+    reporter: Reporter | None = None,
+    keep_going: bool = False,
+    run_step: RunStep = _default_run,
+) -> list[StepResult]:
+    """Build every step whose key is not cached, in order. Per-key locks make concurrent applies safe."""
+    reporter = reporter or Reporter()
+    results: dict[str, StepResult] = {}
+    cache.clean_tmp()
+    for name in graph.order:
+        node = graph.nodes[name]
+        bad = [u for u in node.inputs if results[u].state in ("failed", "skipped")]
+        if bad:
+            results[name] = StepResult(name, "skipped", error=f"upstream {', '.join(bad)} did not build")
+            reporter.finished(node, results[name])
+            continue
+        ups = [results[u].artifact for u in node.inputs]
+        comps = components(node, [a.output_hash for a in ups if a is not None], cache.stat_cache)
+        key = key_of(comps)
+        try:
+            results[name] = _build_one(node, key, comps, ups, cache, reporter, run_step)  # type: ignore[arg-type]
+        except StepFailed as exc:
+            results[name] = StepResult(name, "failed", key=key, error=exc.message, components=comps)
+            reporter.finished(node, results[name])
+            if not keep_going:
+                raise
+            continue
+        reporter.finished(node, results[name])
+    return [results[n] for n in graph.order]
+
+
+def _build_one(
+    node: StepNode,
+    key: str,
+    comps: dict[str, Any],
+    inputs: list[Artifact],
+    cache: ArtifactCache,
+    reporter: Reporter,
+    run_step: RunStep,
+) -> StepResult:
+    art = cache.get(key)
+    if art is not None:
+        return StepResult(node.name, "cached", key, art, components=comps)
+    lock = cache.lock(key)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        reporter.waiting(node, key)
+        lock.acquire()
+    try:
+        art = cache.get(key)  # another apply may have built it while we waited
+        if art is not None:
+            return StepResult(node.name, "cached", key, art, components=comps)
+        reporter.start(node, key)
+        tmp = cache.begin(key)
+        ctx = StepContext(
+            name=node.name,
+            params=node.params,
+            inputs=inputs,
+            input_names=list(node.inputs),
+            files=dict(node.files),
+            out=tmp / "data",
+            progress=lambda total, done: reporter.progress(node, total, done),
+        )
+        started = time.time()
+        try:
+            run_step(node, ctx)
+        except StepError as exc:
+            cache.abort(tmp)
+            raise StepFailed(node.name, str(exc)) from None
+        except Exception as exc:  # a bug, not bad input: keep the traceback for the report
+            cache.abort(tmp)
+            log = cache.root / "logs" / f"{key}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(traceback.format_exc())
+            raise StepFailed(node.name, f"{type(exc).__name__}: {exc} (traceback in {log})") from None
+        seconds = time.time() - started
+        record = {
+            "kind": node.kind,
+            "built_as": node.name,
+            "rows": ctx.rows,
+            "tables": ctx.tables,
+            "metrics": ctx.metrics,
+            "timings": {"started": started, "seconds": round(seconds, 6)},
+            "lineage": {
+                **comps,
+                "input_keys": [a.key for a in inputs],
+                "input_steps": list(node.inputs),
+                "file_paths": {label: str(p) for label, p in node.files.items()},
+            },
+        }
+        art = cache.commit(key, tmp, record)
+        return StepResult(node.name, "built", key, art, seconds, components=comps)
+    finally:
+        lock.release()

@@ -1,0 +1,57 @@
+"""The one exception tree users see. Each message is one paragraph that says where, what, and what to do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class RunnerError(Exception):
+    """A problem the user can fix. The CLI prints its message and exits with `exit_code`; never a traceback."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a recipe value came from: a file and line, or a `--set` override."""
+
+    file: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}" if self.line is not None else self.file
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: Where
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.path + ': ' if self.path else ''}{self.message}"
+
+
+class RecipeError(RunnerError):
+    """The recipe (or an override, or a file it names) is wrong. Exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[Problem], hint: str = "") -> None:
+        self.problems = problems
+        self.hint = hint or "Fix the recipe and check it with `runner validate`; README.md has the recipe reference."
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        if len(self.problems) == 1:
+            return f"{self.problems[0]}. {self.hint}"
+        lines = [f"{len(self.problems)} problems in the recipe:"]
+        lines += [f"  {p}." for p in self.problems]
+        lines.append(self.hint)
+        return "\n".join(lines)
+
+
+class LockedError(RunnerError):
+    """`apply --locked` found something the lock file does not name."""
+
+    exit_code = 3

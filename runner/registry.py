@@ -1,0 +1,87 @@
+"""Step kinds register themselves here: a kind name, a version string, a params model, a run function.
+
+The engine looks kinds up by name and knows nothing else about them. Bump `version`
+whenever a change to `run` can change its output: that changes every key built with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from stores.cache import Artifact
+
+
+class StepError(Exception):
+    """A step could not run for a reason the user can fix; the message says which and how."""
+
+
+@dataclass
+class StepContext:
+    """What a step's run function gets: its params, its inputs, where to write, and how to report."""
+
+    name: str
+    params: Any
+    inputs: list[Artifact]
+    input_names: list[str]
+    files: dict[str, Path]
+    out: Path
+    rows: dict[str, int] = field(default_factory=dict)
+    tables: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    progress: Callable[[int | None, int], None] = lambda total, done: None
+
+    def input(self, name: str | None = None) -> Artifact:
+        """The one input, or the input built by step `name`."""
+        if name is None:
+            if len(self.inputs) != 1:
+                raise StepError(f"step {self.name} expects one input, got {len(self.inputs)}")
+            return self.inputs[0]
+        return self.inputs[self.input_names.index(name)]
+
+    def table(self, name: str, relpath: str, rows: int) -> Path:
+        """Declare a tabular output (a Parquet file under the artifact) with its row count."""
+        self.tables[name] = relpath
+        self.rows[name] = rows
+        return self.out / relpath
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    kind: str
+    version: str
+    params: type[BaseModel]
+    run: Callable[[StepContext], None]
+    libs: tuple[str, ...] = ()
+
+
+_REGISTRY: dict[str, StepSpec] = {}
+
+
+def step(
+    kind: str, *, version: str, params: type[BaseModel], libs: tuple[str, ...] = ()
+) -> Callable[[Callable[[StepContext], None]], Callable[[StepContext], None]]:
+    """Register `run` as the implementation of step kind `kind`."""
+
+    def register(run: Callable[[StepContext], None]) -> Callable[[StepContext], None]:
+        if kind in _REGISTRY:
+            raise ValueError(f"step kind {kind!r} registered twice")
+        _REGISTRY[kind] = StepSpec(kind, version, params, run, libs)
+        return run
+
+    return register
+
+
+def get(kind: str) -> StepSpec:
+    try:
+        return _REGISTRY[kind]
+    except KeyError:
+        raise KeyError(f"no step kind {kind!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def kinds() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,73 @@
+"""The recipe, as typed models. Sections are built from the step params models, so a
+recipe key and the step it configures can never disagree. README's recipe reference is
+generated from these models (`runner reference`).
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+from runner.params import Params
+from runner.steps.filters import Filter
+from runner.steps.prompts import PromptFormat
+from runner.steps.sources import NAME_PATTERN, TableSource
+from runner.steps.split import Split
+
+Source = TableSource
+
+
+class DataSection(Params):
+    """Where rows come from and what happens to them, in order."""
+
+    sources: list[Source] = Field(min_length=1, description="one or more sources; their rows are concatenated")
+    filters: list[Filter] = Field(default_factory=list, description="applied in order; each is a cached step")
+    prompt: PromptFormat = PromptFormat()
+    split: Split = Split()
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, sources: list[Source]) -> list[Source]:
+        names = [s.name for s in sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
+        return sources
+
+
+class Recipe(Params):
+    """A whole build. Paths are relative to the recipe file that names them."""
+
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="recipe name (default: the file name)")
+    vars: dict[str, Any] = Field(default_factory=dict, description="free values for `${vars.x}` interpolation")
+    data: DataSection
+
+
+def _models(model: type[BaseModel], seen: set[type[BaseModel]]) -> None:
+    if model in seen:
+        return
+    seen.add(model)
+    for field in model.model_fields.values():
+        for arg in _types(field.annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                _models(arg, seen)
+
+
+def _types(annotation: Any) -> list[Any]:
+    """The annotation and every type nested in it (unions, lists, Annotated)."""
+    out = [annotation]
+    for arg in typing.get_args(annotation):
+        out.extend(_types(arg))
+    return out
+
+
+def all_models() -> list[type[BaseModel]]:
+    seen: set[type[BaseModel]] = set()
+    _models(Recipe, seen)
+    return sorted(seen, key=lambda m: m.__name__)
+
+
+def all_field_names() -> list[str]:
+    return sorted({name for m in all_models() for name in m.model_fields})

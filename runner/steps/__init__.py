@@ -1,0 +1,9 @@
+"""Step implementations, one module per family. Importing this package registers every kind.
+
+Modules here import only pydantic and the standard library at import time; DuckDB, torch,
+transformers and friends are imported inside the run functions that need them.
+"""
+
+from runner.steps import filters, prompts, sources, split
+
+__all__ = ["filters", "prompts", "sources", "split"]

@@ -1,0 +1,269 @@
+"""The content-addressed artifact cache.
+
+Layout under the cache root::
+
+    artifacts/<key[:2]>/<key>/manifest.json   the manifest, written last
+    artifacts/<key[:2]>/<key>/data/...        the files a step wrote
+    tmp/<key>.<pid>.<random>/                 builds in progress
+    locks/<key>.lock                          one lock per key
+    refs/<name>.json                          named pointers to keys (what gc keeps)
+    stat-cache.sqlite                         file hashes by stat
+
+An artifact is built in a temp dir, every file fsynced, the manifest written last,
+then the dir is renamed into place: it exists whole or not at all. Files are made
+read-only. Before use an artifact is checked against its manifest (sizes, and hashes
+through the stat cache); `verify(deep=True)` re-reads every byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from stores.hashing import StatCache, hash_file_uncached, hash_json
+
+MANIFEST = "manifest.json"
+DATA = "data"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Artifact:
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def data(self) -> Path:
+        return self.path / DATA
+
+    @property
+    def output_hash(self) -> str:
+        return str(self.manifest["output_hash"])
+
+    def file(self, relpath: str) -> Path:
+        return self.data / relpath
+
+
+class CacheError(Exception):
+    pass
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("RUNNER_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "runner"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON next to `path`, fsync it, rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1, sort_keys=True, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ArtifactCache:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.artifacts = self.root / "artifacts"
+        self.tmp = self.root / "tmp"
+        self.locks = self.root / "locks"
+        self.refs = self.root / "refs"
+        for d in (self.artifacts, self.tmp, self.locks, self.refs):
+            d.mkdir(parents=True, exist_ok=True)
+        self.stat_cache = StatCache(self.root / "stat-cache.sqlite")
+
+    # -- lookup ------------------------------------------------------------
+    def path(self, key: str) -> Path:
+        return self.artifacts / key[:2] / key
+
+    def get(self, key: str) -> Artifact | None:
+        """The artifact under `key` if it is whole and matches its manifest."""
+        path = self.path(key)
+        manifest = self.read_manifest(path)
+        if manifest is None or self.problems(key, manifest=manifest):
+            return None
+        return Artifact(key, path, manifest)
+
+    def read_manifest(self, path: Path) -> dict[str, Any] | None:
+        try:
+            with open(path / MANIFEST, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return manifest if isinstance(manifest, dict) else None
+
+    def problems(self, key: str, *, manifest: dict[str, Any] | None = None, deep: bool = False) -> list[str]:
+        """What is wrong with the artifact under `key`; empty when it is sound."""
+        path = self.path(key)
+        if manifest is None:
+            manifest = self.read_manifest(path)
+        if manifest is None:
+            return ["manifest missing or unreadable"] if path.exists() else ["not in cache"]
+        if manifest.get("key") != key:
+            return [f"manifest names key {manifest.get('key')!r}"]
+        found = []
+        files = manifest.get("files", {})
+        for rel, meta in files.items():
+            f = path / DATA / rel
+            try:
+                size = f.stat().st_size
+            except OSError:
+                found.append(f"{rel}: missing")
+                continue
+            if size != meta["size"]:
+                found.append(f"{rel}: size {size} != {meta['size']}")
+                continue
+            digest = hash_file_uncached(f) if deep else self.stat_cache.hash_file(f)
+            if digest != meta["hash"]:
+                found.append(f"{rel}: content hash differs from manifest")
+        if hash_json({rel: m["hash"] for rel, m in files.items()}) != manifest.get("output_hash"):
+            found.append("output hash does not match file hashes")
+        data_dir = path / DATA
+        if data_dir.exists():
+            extra = {p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*") if p.is_file()} - set(files)
+            found.extend(f"{rel}: not in manifest" for rel in sorted(extra))
+        return found
+
+    def keys(self) -> Iterator[str]:
+        for shard in sorted(self.artifacts.iterdir()):
+            if shard.is_dir():
+                for d in sorted(shard.iterdir()):
+                    if d.is_dir() and not d.name.startswith("."):
+                        yield d.name
+
+    # -- building ----------------------------------------------------------
+    def lock(self, key: str, timeout: float = -1) -> FileLock:
+        return FileLock(str(self.locks / f"{key}.lock"), timeout=timeout)
+
+    def begin(self, key: str) -> Path:
+        """A fresh temp dir for building `key`; the step writes under `<dir>/data`."""
+        tmp = self.tmp / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        (tmp / DATA).mkdir(parents=True)
+        return tmp
+
+    def commit(self, key: str, tmp: Path, record: dict[str, Any]) -> Artifact:
+        """Hash, fsync and rename a finished build into place. Call with the key's lock held."""
+        data = tmp / DATA
+        files: dict[str, dict[str, Any]] = {}
+        for f in sorted(data.rglob("*")):
+            if f.is_symlink():
+                raise CacheError(f"step wrote a symlink {f.relative_to(data)}; artifacts hold plain files only")
+            if f.is_file():
+                _fsync_path(f)
+                files[f.relative_to(data).as_posix()] = {"hash": hash_file_uncached(f), "size": f.stat().st_size}
+                f.chmod(0o444)
+        manifest = {
+            **record,
+            "format": FORMAT,
+            "key": key,
+            "files": files,
+            "output_hash": hash_json({rel: m["hash"] for rel, m in files.items()}),
+        }
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=1, sort_keys=True, ensure_ascii=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        for d in sorted({p for p in data.rglob("*") if p.is_dir()} | {data, tmp}, key=lambda p: -len(p.parts)):
+            _fsync_path(d)
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():  # a corrupt leftover: we hold the lock, so replace it
+            self.remove(key)
+        os.rename(tmp, dest)
+        _fsync_path(dest.parent)
+        return Artifact(key, dest, manifest)
+
+    def abort(self, tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def remove(self, key: str) -> None:
+        """Move aside, then delete: a reader never sees a half-deleted artifact as whole."""
+        path = self.path(key)
+        if not path.exists():
+            return
+        trash = self.tmp / f"{key}.{os.getpid()}.{secrets.token_hex(4)}.trash"
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def clean_tmp(self) -> int:
+        """Remove builds left by processes that no longer run. Returns how many."""
+        removed = 0
+        for entry in self.tmp.iterdir():
+            parts = entry.name.split(".")
+            pid = int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
+            if pid is None or not _pid_alive(pid) or entry.name.endswith(".trash"):
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    # -- refs --------------------------------------------------------------
+    def ref_path(self, name: str) -> Path:
+        return self.refs / f"{name}.json"
+
+    def read_ref(self, name: str) -> dict[str, Any] | None:
+        try:
+            with open(self.ref_path(name), encoding="utf-8") as f:
+                value = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def write_ref(self, name: str, value: dict[str, Any]) -> None:
+        """A ref is {"steps": {step: {"key": ...}, ...}, ...}; gc keeps every key a ref names."""
+        write_json_atomic(self.ref_path(name), value)
+
+    def live_keys(self) -> set[str]:
+        live: set[str] = set()
+        for ref in self.refs.glob("*.json"):
+            value = self.read_ref(ref.stem) or {}
+            live.update(s["key"] for s in value.get("steps", {}).values() if isinstance(s, dict) and "key" in s)
+        return live
+
+    def gc(self, *, dry_run: bool = False, keep: set[str] | None = None) -> list[str]:
+        """Delete artifacts no ref names (and stale temp dirs). Returns the deleted keys."""
+        live = self.live_keys() | (keep or set())
+        dead = [k for k in self.keys() if k not in live]
+        if not dry_run:
+            self.clean_tmp()
+            for key in dead:
+                with self.lock(key):
+                    self.remove(key)
+                (self.locks / f"{key}.lock").unlink(missing_ok=True)
+        return dead
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.artifacts.rglob("*") if f.is_file())
+
