@@ -39,9 +39,12 @@ def compile_recipe(loaded: LoadedRecipe) -> Graph:
 
     used: dict[str, int] = {}
     for i, flt in enumerate(data.filters):
-        base = f"filter.{flt.name or flt.kind}"
-        used[base] = used.get(base, 0) + 1
-        name = base if used[base] == 1 else f"{base}-{used[base]}"
+        if flt.name:  # an explicit name is used as is (a clash is an error)
+            name = f"filter.{flt.name}"
+        else:  # the second unnamed dedup is filter.dedup-2, and so on
+            base = f"filter.{flt.kind}"
+            used[base] = used.get(base, 0) + 1
+            name = base if used[base] == 1 else f"{base}-{used[base]}"
         nodes.append(StepNode(name, f"filter.{flt.kind}", flt, (last,), {}, origin("data", "filters", i)))
         last = name
 

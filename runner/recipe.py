@@ -67,7 +67,8 @@ def _read_yaml(file: Path, shown: str) -> tuple[Any, dict[KeyPath, Where]]:
     except FileNotFoundError:
         raise RecipeError([Problem(Where(shown), "", "recipe file not found")], "Check the path.") from None
     except UnicodeDecodeError as exc:
-        raise _fail(Where(shown), (), f"not UTF-8 text (byte {exc.start})") from None
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise _fail(Where(shown, line), (), f"not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise _fail(Where(shown), (), f"cannot read ({exc.strerror})") from None
     loader = yaml.SafeLoader(text)
@@ -133,15 +134,16 @@ def _load_tree(file: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], dic
         parents = [parents]
     if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
         raise _fail(positions[("extends",)], ("extends",), "expected a recipe path or a list of recipe paths")
+    where = positions.pop(("extends",))
     merged: dict[str, Any] = {}
     merged_pos: dict[KeyPath, Where] = {}
     for parent in parents:
         target = (file.parent / parent).resolve()
         if target in stack:
             chain = " -> ".join(_display(p) for p in (*stack, target))
-            raise _fail(positions[("extends",)], ("extends",), f"recipes extend each other in a cycle: {chain}")
-        if not target.exists():
-            raise _fail(positions[("extends",)], ("extends",), f"base recipe {parent!r} not found (looked in {target.parent})")
+            raise _fail(where, ("extends",), f"recipes extend each other in a cycle: {chain}")
+        if not target.is_file():
+            raise _fail(where, ("extends",), f"base recipe {parent!r} not found (looked in {target.parent})")
         base, base_pos = _load_tree(target, (*stack, target))
         merged = _merge(merged, base)
         merged_pos.update(base_pos)
@@ -190,8 +192,10 @@ def apply_set(data: dict[str, Any], positions: dict[KeyPath, Where], override: s
                 node.append({} if not last else None)
         elif isinstance(node, dict):
             part = str(part)
-            if not last and not isinstance(node.get(part), (dict, list)):
+            if not last and node.get(part) is None:
                 node[part] = {}
+            elif not last and not isinstance(node[part], (dict, list)):
+                raise _fail(where, here, f"cannot set inside {type(node[part]).__name__} value {node[part]!r}")
         else:
             raise _fail(where, here, f"cannot set inside {type(node).__name__} value {node!r}")
         if last:
