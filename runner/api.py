@@ -103,11 +103,10 @@ def _record(build: Build, results: list[engine.StepResult]) -> None:
         new = {"recipe": os.path.abspath(build.loaded.path), "steps": steps}
         if new != old:
             build.cache.write_ref(build.ref, new)
-        tables = catalog_tables(build, {n: s["key"] for n, s in steps.items()})
         if new != old or not build.catalog.exists():
             from stores.datastore import write_catalog
 
-            write_catalog(build.catalog, tables)
+            write_catalog(build.catalog, catalog_tables(build, {n: s["key"] for n, s in steps.items()}))
 
 
 def catalog_tables(build: Build, keys: dict[str, str]) -> dict[str, Path]:

@@ -267,6 +267,7 @@ def _build_one(
             "rows": ctx.rows,
             "tables": ctx.tables,
             "metrics": ctx.metrics,
+            "side_files": ctx.side_files,
             "timings": {"started": started, "seconds": round(seconds, 6)},
             "lineage": {
                 **comps,

@@ -33,6 +33,7 @@ class StepContext:
     rows: dict[str, int] = field(default_factory=dict)
     tables: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    side_files: list[str] = field(default_factory=list)
     progress: Callable[[int | None, int], None] = lambda total, done: None
 
     def input(self, name: str | None = None) -> Artifact:
@@ -43,10 +44,16 @@ class StepContext:
             return self.inputs[0]
         return self.inputs[self.input_names.index(name)]
 
-    def table(self, name: str, relpath: str, rows: int) -> Path:
-        """Declare a tabular output (a Parquet file under the artifact) with its row count."""
+    def table(self, name: str, relpath: str, rows: int, *, side: bool = False) -> Path:
+        """Declare a tabular output (a Parquet file under the artifact) with its row count.
+
+        A side table (e.g. rejects) is kept and verified, but readers of this step do not
+        rebuild when only it changes (early cut-off looks at the other files).
+        """
         self.tables[name] = relpath
         self.rows[name] = rows
+        if side:
+            self.side_files.append(relpath)
         return self.out / relpath
 
 

@@ -53,6 +53,14 @@ class Artifact:
         return self.data / relpath
 
 
+def output_hash(files: dict[str, dict[str, Any]], side_files: list[str]) -> str:
+    """What readers of an artifact see: the hashes of its files, less side outputs (reports, rejects).
+
+    Side outputs are still verified; they just do not make readers rebuild when only they change.
+    """
+    return hash_json({rel: m["hash"] for rel, m in files.items() if rel not in side_files})
+
+
 class CacheError(Exception):
     pass
 
@@ -149,7 +157,7 @@ class ArtifactCache:
             digest = hash_file_uncached(f) if deep else self.stat_cache.hash_file(f)
             if digest != meta["hash"]:
                 found.append(f"{rel}: content hash differs from manifest")
-        if hash_json({rel: m["hash"] for rel, m in files.items()}) != manifest.get("output_hash"):
+        if output_hash(files, manifest.get("side_files", [])) != manifest.get("output_hash"):
             found.append("output hash does not match file hashes")
         data_dir = path / DATA
         if data_dir.exists():
@@ -190,7 +198,7 @@ class ArtifactCache:
             "format": FORMAT,
             "key": key,
             "files": files,
-            "output_hash": hash_json({rel: m["hash"] for rel, m in files.items()}),
+            "output_hash": output_hash(files, record.get("side_files", [])),
         }
         with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=1, sort_keys=True, ensure_ascii=False)

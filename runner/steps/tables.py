@@ -32,7 +32,7 @@ def finish(ctx: StepContext, con: duckdb.DuckDBPyConnection, rows_sql: str, reje
     kept = write_parquet(con, rows_sql, ctx.out / ROWS)
     rejected = write_parquet(con, rejects_sql, ctx.out / REJECTS)
     ctx.table("rows", ROWS, kept)
-    ctx.table("rejects", REJECTS, rejected)
+    ctx.table("rejects", REJECTS, rejected, side=True)
     ctx.rows["in"] = rows_in
     if rows_in != kept + rejected:
         raise RuntimeError(f"step {ctx.name} lost rows: in={rows_in} out={kept} rejected={rejected}")

@@ -1,0 +1,187 @@
+"""apply/plan/status/show/graph/sql/verify/gc end to end on a small recipe over real steps."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import duckdb
+
+from tests.conftest import run_subprocess
+
+
+def apply_json(cli, *args: str) -> dict:
+    code, out, err = cli("apply", *args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def states(summary: dict) -> dict[str, str]:
+    return {s["step"]: s["state"] for s in summary["steps"]}
+
+
+def test_apply_builds_then_does_nothing(cli, small_recipe: Path) -> None:
+    first = apply_json(cli, str(small_recipe))
+    assert set(states(first).values()) == {"built"}
+    rows = {s["step"]: s["rows"] for s in first["steps"]}
+    assert rows["source.s"] == {"in": 40, "rows": 40, "rejects": 0}
+    assert rows["filter.length"] == {"in": 40, "rows": 37, "rejects": 3}
+    assert rows["filter.dedup"] == {"in": 37, "rows": 35, "rejects": 2}
+    assert rows["split"]["train"] + rows["split"]["validation"] == 35
+    second = apply_json(cli, str(small_recipe))
+    assert set(states(second).values()) == {"cached"}
+
+
+def test_changing_one_filter_param_reruns_exactly_downstream(cli, small_recipe: Path) -> None:
+    apply_json(cli, str(small_recipe))
+    code, out, _ = cli("plan", str(small_recipe), "--set", "data.filters.0.min_chars=2", "--json")
+    plan = {p["step"]: p for p in json.loads(out)}
+    assert plan["source.s"]["state"] == "cached"
+    assert plan["filter.length"]["state"] == "run"
+    assert plan["filter.length"]["why"] == ["param min_chars: 5 -> 2"]
+    assert {plan[s]["state"] for s in ("filter.dedup", "format", "split")} == {"pending"}
+    after = apply_json(cli, str(small_recipe), "--set", "data.filters.0.min_chars=2")  # keeps the "no" replies
+    assert states(after) == {"source.s": "cached", "filter.length": "built", "filter.dedup": "built",
+                             "format": "built", "split": "built"}
+
+
+def test_a_param_change_that_changes_no_row_is_cut_off(cli, small_recipe: Path) -> None:
+    apply_json(cli, str(small_recipe))
+    after = apply_json(cli, str(small_recipe), "--set", "data.filters.0.min_chars=3")  # "no" is still too short
+    assert states(after) == {"source.s": "cached", "filter.length": "built", "filter.dedup": "cached",
+                             "format": "cached", "split": "cached"}
+
+
+def test_every_data_step_accounts_for_every_row(cli, small_recipe: Path) -> None:
+    summary = apply_json(cli, str(small_recipe))
+    for s in summary["steps"]:
+        rows = dict(s["rows"])
+        n_in = rows.pop("in")
+        assert n_in == sum(rows.values()), s
+
+
+def test_clean_caches_give_identical_keys_and_bytes(cli, small_recipe: Path, tmp_path: Path) -> None:
+    a = apply_json(cli, str(small_recipe), "--cache-dir", str(tmp_path / "ca"))
+    b = apply_json(cli, str(small_recipe), "--cache-dir", str(tmp_path / "cb"))
+    assert [s["key"] for s in a["steps"]] == [s["key"] for s in b["steps"]]
+    for s in a["steps"]:
+        da = tmp_path / "ca" / "artifacts" / s["key"][:2] / s["key"] / "data"
+        db = tmp_path / "cb" / "artifacts" / s["key"][:2] / s["key"] / "data"
+        files = sorted(p.relative_to(da) for p in da.rglob("*") if p.is_file())
+        assert files and files == sorted(p.relative_to(db) for p in db.rglob("*") if p.is_file())
+        for rel in files:
+            assert (da / rel).read_bytes() == (db / rel).read_bytes(), rel
+
+
+def test_sql_show_status_graph(cli, small_recipe: Path) -> None:
+    apply_json(cli, str(small_recipe))
+    code, out, _ = cli("sql", str(small_recipe), "select id, reason from filter_dedup__rejects order by id", "--json")
+    assert code == 0
+    assert [r["reason"] for r in json.loads(out)] == ["duplicate of s/2", "duplicate of s/3"]
+    code, out, _ = cli("sql", str(small_recipe), "select count(*) as n from split__train", "--json")
+    n_train = json.loads(out)[0]["n"]
+    code, out, _ = cli("show", str(small_recipe), "split")
+    manifest = json.loads(out)
+    assert manifest["rows"]["train"] == n_train and manifest["lineage"]["input_steps"] == ["format"]
+    code, out, _ = cli("status", str(small_recipe), "--json")
+    assert all(r["built"] for r in json.loads(out))
+    code, out, _ = cli("graph", str(small_recipe), "--mermaid")
+    assert out.startswith("graph TD") and "-->" in out
+
+
+def test_sql_error_is_one_clear_line(cli, small_recipe: Path) -> None:
+    code, _, err = cli("sql", str(small_recipe), "select 1")
+    assert code == 1 and "has not been applied yet" in err
+    apply_json(cli, str(small_recipe))
+    code, _, err = cli("sql", str(small_recipe), "select nope from split__train")
+    assert code == 1 and err.startswith("error: SQL failed") and "Traceback" not in err
+
+
+def test_catalog_is_a_duckdb_file_with_views(cli, small_recipe: Path, _isolated_cache: Path) -> None:
+    apply_json(cli, str(small_recipe))
+    [catalog] = (_isolated_cache / "catalogs").glob("*.duckdb")
+    con = duckdb.connect(str(catalog), read_only=True)
+    views = {r[0] for r in con.execute("select view_name from duckdb_views() where not internal").fetchall()}
+    assert {"source_s", "filter_length", "filter_length__rejects", "format", "split__train"} <= views
+
+
+def test_verify_finds_corruption_and_repair_rebuilds(cli, small_recipe: Path, _isolated_cache: Path) -> None:
+    summary = apply_json(cli, str(small_recipe))
+    assert cli("verify")[0] == 0
+    key = states_key(summary, "format")
+    f = _isolated_cache / "artifacts" / key[:2] / key / "data" / "rows.parquet"
+    f.chmod(0o644)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    code, out, _ = cli("verify")
+    assert code == 1 and key in out
+    assert cli("verify", "--repair")[0] == 1
+    assert cli("verify")[0] == 0
+    again = apply_json(cli, str(small_recipe))
+    assert states(again)["format"] == "built" and states(again)["split"] == "cached"
+
+
+def states_key(summary: dict, step: str) -> str:
+    return next(s["key"] for s in summary["steps"] if s["step"] == step)
+
+
+def test_gc_removes_only_unreferenced(cli, small_recipe: Path, _isolated_cache: Path) -> None:
+    old = apply_json(cli, str(small_recipe), "--set", "data.filters.0.min_chars=3")
+    new = apply_json(cli, str(small_recipe))
+    code, out, _ = cli("gc")
+    assert code == 0
+    remaining = {p.name for p in (_isolated_cache / "artifacts").glob("*/*")}
+    assert remaining == {s["key"] for s in new["steps"]}
+    assert states_key(old, "filter.length") not in remaining
+
+
+def test_malformed_rows_are_rejected_with_reasons(cli, tmp_path: Path) -> None:
+    (tmp_path / "rows.jsonl").write_bytes(
+        b'{"prompt": "fine", "response": "a good reply"}\n'
+        b'{"prompt": "broken", \n'
+        b'\xff\xfe not utf8\n'
+        b'[1, 2]\n'
+        b'{"prompt": "no reply"}\n'
+        b'{"prompt": 5, "response": "numeric prompt"}\n'
+        b'\n'
+    )
+    (tmp_path / "r.yaml").write_text("data:\n  sources:\n    - {name: s, format: jsonl, path: rows.jsonl}\n")
+    summary = apply_json(cli, str(tmp_path / "r.yaml"))
+    assert summary["steps"][0]["rows"] == {"in": 7, "rows": 1, "rejects": 6}
+    code, out, _ = cli("sql", str(tmp_path / "r.yaml"), "select id, reason from source_s__rejects", "--json")
+    reasons = {r["id"]: r["reason"] for r in json.loads(out)}
+    assert "invalid JSON" in reasons["s/2"] and "not UTF-8" in reasons["s/3"]
+    assert "not a JSON object" in reasons["s/4"] and "missing field 'response'" in reasons["s/5"]
+    assert "not text" in reasons["s/6"] and "empty line" in reasons["s/7"]
+
+
+def test_bad_sql_filter_fails_clearly(cli, small_recipe: Path) -> None:
+    code, _, err = cli("apply", str(small_recipe), "--set", "data.filters.0={kind: sql, where: 'nope > 1'}")
+    assert code == 1 and "filter.sql" in err and "the SQL failed" in err and "Traceback" not in err
+
+
+def test_plan_imports_no_ml_and_no_duckdb(small_recipe: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "c"
+    assert run_subprocess("apply", str(small_recipe), cache=cache).returncode == 0
+    code = (
+        "import sys; from runner.cli.main import main; main(['plan', sys.argv[1]]); main(['apply', sys.argv[1]]);"
+        "bad = [m for m in ('torch', 'transformers', 'peft', 'duckdb', 'sentence_transformers') if m in sys.modules];"
+        "print('IMPORTED', bad)"
+    )
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code, str(small_recipe)], capture_output=True, text=True,
+                          env={**os.environ, "RUNNER_CACHE": str(cache)})
+    assert "IMPORTED []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_every_command_has_help(cli) -> None:
+    from runner.cli.commands import ALL
+
+    for command in ALL:
+        name = command.__name__.rsplit(".", 1)[-1]
+        code, out, _ = cli(name, "--help")
+        assert code == 0 and "usage: runner" in out
