@@ -63,13 +63,40 @@ def recipe_reference() -> str:
 
 def cli_reference() -> str:
     import argparse
+    import os
 
     from runner.cli.main import build_parser
 
-    parser = build_parser()
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"  # help text wraps the same everywhere
+    try:
+        return _cli_reference(build_parser(), argparse)
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
+
+
+def _cli_reference(parser: Any, argparse: Any) -> str:
     out = ["```", parser.format_help().strip(), "```"]
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
                 out += ["", f"### runner {name}", "", "```", sub.format_help().strip(), "```"]
     return "\n".join(out)
+
+
+SECTIONS = {"recipe-reference": recipe_reference, "cli-reference": cli_reference}
+
+
+def update_readme(text: str) -> str:
+    """Replace what stands between `<!-- NAME:start -->` and `<!-- NAME:end -->` by the generated text."""
+    for name, make in SECTIONS.items():
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        if start not in text or end not in text:
+            raise ValueError(f"README lacks the markers {start} ... {end}")
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{make()}\n{end}{tail}"
+    return text

@@ -10,11 +10,18 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        description="Print the recipe reference generated from the recipe's typed models, or "
                                    "with --cli the help of every command. README.md embeds both.")
     p.add_argument("--cli", action="store_true", help="the CLI reference instead")
+    p.add_argument("--update", metavar="README", help="rewrite both references inside this README's markers")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from runner import docs
 
+    if args.update:
+        path = Path(args.update)
+        path.write_text(docs.update_readme(path.read_text()))
+        return 0
     print(docs.cli_reference() if args.cli else docs.recipe_reference())
     return 0

@@ -1,0 +1,58 @@
+"""README references cannot drift; the layers import only downward."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from runner import docs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_references_are_current() -> None:
+    text = (ROOT / "README.md").read_text()
+    assert docs.update_readme(text) == text, "run: runner reference --update README.md"
+
+
+def test_readme_names_the_ci_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    for line in ci.splitlines():
+        if line.startswith(("pip ", "python ")):
+            assert line in readme, f"CI runs {line!r}, which README does not show"
+
+
+def imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_stores_import_nothing_from_runner() -> None:
+    for path in (ROOT / "stores").rglob("*.py"):
+        assert "runner" not in imports(path), path
+
+
+def test_engine_knows_no_ml_and_no_duckdb() -> None:
+    banned = {"torch", "transformers", "peft", "datasets", "duckdb", "sentence_transformers", "bitsandbytes"}
+    for name in ("engine.py", "graph.py", "registry.py", "recipe.py", "compile.py"):
+        assert not imports(ROOT / "runner" / name) & banned, name
+
+
+def test_step_modules_import_heavy_libraries_lazily() -> None:
+    heavy = {"torch", "transformers", "peft", "datasets", "duckdb", "sentence_transformers", "bitsandbytes", "pyarrow"}
+    for path in (ROOT / "runner" / "steps").rglob("*.py"):
+        top = ast.parse(path.read_text()).body
+        names = set()
+        for node in top:
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.split(".")[0])
+        assert not names & heavy, f"{path.name} imports {names & heavy} at module level"
