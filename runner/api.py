@@ -84,10 +84,7 @@ class ApplyResult:
 
 def apply(build: Build, *, reporter: engine.Reporter | None = None, keep_going: bool = False) -> ApplyResult:
     """Build what is not cached, then record the recipe's ref and catalog. Failed steps keep their last ref."""
-    try:
-        results = engine.execute(build.graph, build.cache, reporter=reporter, keep_going=keep_going)
-    except engine.StepFailed as exc:
-        raise RunnerError(str(exc)) from None
+    results = engine.execute(build.graph, build.cache, reporter=reporter, keep_going=keep_going)
     _record(build, results)
     return ApplyResult(results, [r.name for r in results if r.state in ("failed", "skipped")])
 

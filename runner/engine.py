@@ -189,15 +189,21 @@ def execute(
     keep_going: bool = False,
     run_step: RunStep = _default_run,
 ) -> list[StepResult]:
-    """Build every step whose key is not cached, in order. Per-key locks make concurrent applies safe."""
+    """Build every step whose key is not cached, in order. Per-key locks make concurrent applies safe.
+
+    A failed step stops the build (the rest are skipped) unless `keep_going`, which still
+    builds every step that does not need the failed one. Never raises for a step's failure.
+    """
     reporter = reporter or Reporter()
     results: dict[str, StepResult] = {}
     cache.clean_tmp()
+    stopped = False
     for name in graph.order:
         node = graph.nodes[name]
         bad = [u for u in node.inputs if results[u].state in ("failed", "skipped")]
-        if bad:
-            results[name] = StepResult(name, "skipped", error=f"upstream {', '.join(bad)} did not build")
+        if bad or stopped:
+            why = f"upstream {', '.join(bad)} did not build" if bad else "not run: an earlier step failed"
+            results[name] = StepResult(name, "skipped", error=why)
             reporter.finished(node, results[name])
             continue
         ups = [results[u].artifact for u in node.inputs]
@@ -208,8 +214,7 @@ def execute(
         except StepFailed as exc:
             results[name] = StepResult(name, "failed", key=key, error=exc.message, components=comps)
             reporter.finished(node, results[name])
-            if not keep_going:
-                raise
+            stopped = not keep_going
             continue
         reporter.finished(node, results[name])
     return [results[n] for n in graph.order]

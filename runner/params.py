@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -9,3 +11,8 @@ class Params(BaseModel):
     """Unknown keys are errors; values never change after validation."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    DIR_FIELDS: ClassVar[frozenset[str]] = frozenset()  # external paths that must be directories
+
+    def external_paths(self) -> dict[str, str]:
+        """Files or directories this step reads, by field name; their content enters the step's key."""
+        return {}

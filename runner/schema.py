@@ -6,17 +6,30 @@ generated from these models (`runner reference`).
 from __future__ import annotations
 
 import typing
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_validator
 
 from runner.params import Params
+from runner.steps.export import Export
 from runner.steps.filters import Filter
+from runner.steps.oasst import OasstSource
 from runner.steps.prompts import PromptFormat
-from runner.steps.sources import NAME_PATTERN, TableSource
+from runner.steps.sources import (
+    NAME_PATTERN,
+    AlpacaSource,
+    DollySource,
+    H2oGptSource,
+    HfDiskSource,
+    ShareGptSource,
+    TableSource,
+)
 from runner.steps.split import Split
 
-Source = TableSource
+Source = Annotated[
+    TableSource | OasstSource | AlpacaSource | DollySource | ShareGptSource | H2oGptSource | HfDiskSource,
+    Field(discriminator="format"),
+]
 
 
 class DataSection(Params):
@@ -26,6 +39,8 @@ class DataSection(Params):
     filters: list[Filter] = Field(default_factory=list, description="applied in order; each is a cached step")
     prompt: PromptFormat = PromptFormat()
     split: Split = Split()
+    export: Export | None = Field(None, description="also write the split as JSONL / Parquet / a datasets dataset")
+    mix_seed: int = Field(0, description="seed for sampling sources whose weight is fractional")
 
     @field_validator("sources")
     @classmethod

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from rich.markup import escape
+
 from runner.cli.common import console, load, print_json, recipe_args, short
 from runner.engine import Reporter, StepResult
 from runner.graph import StepNode
@@ -55,9 +57,9 @@ class RichReporter(Reporter):
         if self.quiet:
             return
         if r.state == "failed":
-            self.out.print(f"[red]failed[/]  {node.name:<24} {r.error}")
+            self.out.print(f"[red]failed[/]  {node.name:<24} {escape(r.error or '')}")
         elif r.state == "skipped":
-            self.out.print(f"[red]skipped[/] {node.name:<24} {r.error}")
+            self.out.print(f"[red]skipped[/] {node.name:<24} {escape(r.error or '')}")
         else:
             color = "green" if r.state == "built" else "dim"
             took = f" {r.seconds:.2f}s" if r.state == "built" else ""

@@ -23,10 +23,12 @@ def plan_rows(steps: list[Any]) -> list[dict[str, Any]]:
 
 
 def render(steps: list[Any]) -> None:
+    from rich.markup import escape
+
     out = console()
     colors = {"cached": "green", "run": "yellow", "pending": "cyan"}
     for s in steps:
-        why = f"  [dim]{'; '.join(s.why)}[/]" if s.why else ""
+        why = f"  [dim]{escape('; '.join(s.why))}[/]" if s.why else ""
         out.print(f"[{colors[s.state]}]{s.state:>7}[/]  {s.name:<24} {short(s.key)}{why}")
     todo = sum(s.state != "cached" for s in steps)
     out.print(f"{todo} of {len(steps)} steps to run" if todo else f"all {len(steps)} steps cached: nothing to do")

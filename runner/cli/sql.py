@@ -28,13 +28,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json([dict(zip(columns, r)) for r in rows])
         return 0
+    from rich.markup import escape
     from rich.table import Table
 
     from runner.cli.common import console
 
-    table = Table(*columns)
+    table = Table(*(escape(c) for c in columns))
     for r in rows[: args.limit]:
-        table.add_row(*("NULL" if v is None else str(v) for v in r))
+        table.add_row(*("NULL" if v is None else escape(str(v)) for v in r))
     out = console()
     out.print(table)
     if len(rows) > args.limit:

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
             out = console()
             out.print(f"cache {info['cache']}: {info['artifacts']} artifacts, {info['bytes'] / 1e6:.1f} MB")
             for r in info["recipes"]:
-                out.print(f"  {r}")
+                out.print(f"  {r}", markup=False)
         return 0
     build = api.load(args.recipe, overrides=args.overrides, cache_dir=args.cache_dir)
     rows = []

@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print:
         import yaml
 
-        out.print(yaml.safe_dump(build.loaded.recipe.model_dump(mode="json", exclude_none=True), sort_keys=False))
+        out.print(yaml.safe_dump(build.loaded.recipe.model_dump(mode="json", exclude_none=True), sort_keys=False),
+                  markup=False)
     out.print(f"[green]ok[/]: {args.recipe} is valid ({len(build.graph.order)} steps: {', '.join(build.graph.order)})")
     return 0

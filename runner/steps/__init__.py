@@ -4,6 +4,6 @@ Modules here import only pydantic and the standard library at import time; DuckD
 transformers and friends are imported inside the run functions that need them.
 """
 
-from runner.steps import filters, prompts, sources, split
+from runner.steps import export, filters, oasst, prompts, sources, split
 
-__all__ = ["filters", "prompts", "sources", "split"]
+__all__ = ["export", "filters", "oasst", "prompts", "sources", "split"]

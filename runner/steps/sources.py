@@ -1,7 +1,12 @@
 """Source steps: read external files into the common conversation table.
 
-Every record read either becomes a row or a reject with its line/record number and why
-(bad JSON, bad UTF-8, a missing or non-text field). Row ids are `<source name>/<record number>`.
+Every record read either becomes a row or a reject with its record number and why
+(bad JSON, bad UTF-8, a missing or non-text field, no assistant reply). Row ids are
+`<source name>/<record number>` unless the source names an id field.
+
+Formats: generic tables (jsonl/json/csv/parquet with a column mapping), Alpaca, Dolly,
+ShareGPT (incl. tool roles), h2oGPT `<human>:/<bot>:` text, a `datasets` dataset saved to
+disk; OpenAssistant trees live in `oasst.py`.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ import csv
 import io
 import itertools
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,9 +24,20 @@ from pydantic import Field
 
 from runner.params import Params
 from runner.registry import StepContext, StepError, step
-from runner.steps.tables import REJECTS, ROWS
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+Record = tuple[int, dict[str, Any] | None, str | None]  # (record number, fields, error)
+Turn = dict[str, str]
+
+
+class SourceBase(Params):
+    name: str = Field(pattern=NAME_PATTERN, description="source name; row ids are NAME/N")
+    path: str = Field(description="file (or directory, for hf_disk) relative to the recipe that names it")
+    limit: int | None = Field(None, ge=1, description="read at most this many records")
+    weight: float = Field(1.0, gt=0, description="mixing weight: <1 keeps a seeded sample, >1 repeats rows")
+
+    def external_paths(self) -> dict[str, str]:
+        return {"path": self.path}
 
 
 class Columns(Params):
@@ -34,17 +51,52 @@ class Columns(Params):
     lang: str | None = Field(None, description="field with a language code")
 
 
-class TableSource(Params):
+class TableSource(SourceBase):
     """Rows from a JSONL, JSON (array of objects), CSV or Parquet file, mapped by `columns`."""
 
     format: Literal["jsonl", "json", "csv", "parquet"]
-    name: str = Field(pattern=NAME_PATTERN, description="source name; row ids are NAME/N")
-    path: str = Field(description="file path, relative to the recipe that names it")
     columns: Columns = Columns()
-    limit: int | None = Field(None, ge=1, description="read at most this many records")
 
 
-Record = tuple[int, dict[str, Any] | None, str | None]  # (record number, fields, error)
+class AlpacaSource(SourceBase):
+    """Alpaca JSON/JSONL: `instruction`, optional `input` (appended after a blank line), `output`."""
+
+    format: Literal["alpaca"]
+
+
+class DollySource(SourceBase):
+    """Dolly JSON/JSONL: `instruction`, optional `context`, `response`, `category`."""
+
+    format: Literal["dolly"]
+    categories: list[str] | None = Field(None, description="keep only these categories")
+
+
+class ShareGptSource(SourceBase):
+    """ShareGPT JSON/JSONL: `conversations: [{from, value}]`. Tool calls count as the assistant's,
+    observations as `tool` turns; trailing turns after the last assistant reply are dropped."""
+
+    format: Literal["sharegpt"]
+    field: str = Field("conversations", description="field holding the turn list")
+
+
+class H2oGptSource(SourceBase):
+    """h2oGPT text: one field holding `<human>: … <bot>: …` turns."""
+
+    format: Literal["h2ogpt"]
+    field: str = Field("input", description="field holding the text")
+
+
+class HfDiskSource(SourceBase):
+    """A Hugging Face `datasets` dataset saved with `save_to_disk`, mapped by `columns`."""
+
+    DIR_FIELDS = frozenset({"path"})
+
+    format: Literal["hf_disk"]
+    split: str | None = Field(None, description="split of a DatasetDict (required if it has several)")
+    columns: Columns = Columns()
+
+
+# -- reading records -----------------------------------------------------------
 
 
 def _jsonl(path: Path) -> Iterator[Record]:
@@ -77,6 +129,12 @@ def _json(path: Path) -> Iterator[Record]:
         yield (n, item, None) if isinstance(item, dict) else (n, None, f"record {n}: not a JSON object")
 
 
+def _json_or_jsonl(path: Path) -> Iterator[Record]:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return _json(path) if head.startswith(b"[") else _jsonl(path)
+
+
 def _csv(path: Path) -> Iterator[Record]:
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -92,11 +150,30 @@ def _csv(path: Path) -> Iterator[Record]:
 def _parquet(path: Path) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
-    for n, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise StepError(f"{path}: not a readable Parquet file ({exc})") from None
+    for n, row in enumerate(table.to_pylist(), start=1):
         yield n, row, None
 
 
-READERS = {"jsonl": _jsonl, "json": _json, "csv": _csv, "parquet": _parquet}
+def _hf_disk(path: Path, split: str | None) -> Iterator[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise StepError(f"{path}: not a dataset saved with save_to_disk ({exc})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None and len(ds) != 1:
+            raise StepError(f"{path} has splits {sorted(ds)}; choose one with `split:`")
+        ds = ds[split or next(iter(ds))]
+    for n, row in enumerate(ds, start=1):
+        yield n, dict(row), None
+
+
+# -- converting records to conversation rows ------------------------------------
 
 
 def _text(record: dict[str, Any], field: str | None, required: bool) -> str | None:
@@ -112,42 +189,104 @@ def _text(record: dict[str, Any], field: str | None, required: bool) -> str | No
     return value
 
 
-def to_row(source: str, n: int, record: dict[str, Any], cols: Columns) -> dict[str, Any]:
-    """One record as a conversation row; raises ValueError with the reason when it cannot be."""
-    turns = []
-    system = _text(record, cols.system, required=False)
+def _row(source: str, row_id: str, turns: list[Turn], score: Any = None, lang: str | None = None) -> dict[str, Any]:
+    if not any(t["role"] == "assistant" for t in turns):
+        raise ValueError("no assistant reply")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+        raise ValueError("score is not a number")
+    return {"id": f"{source}/{row_id}", "source": source, "turns": turns, "score": score, "lang": lang}
+
+
+def table_row(src: TableSource | HfDiskSource, n: int, rec: dict[str, Any]) -> dict[str, Any]:
+    cols = src.columns
+    turns: list[Turn] = []
+    system = _text(rec, cols.system, required=False)
     if system:
         turns.append({"role": "system", "text": system})
-    turns.append({"role": "user", "text": _text(record, cols.prompt, required=True)})
-    turns.append({"role": "assistant", "text": _text(record, cols.response, required=True)})
-    score = record.get(cols.score) if cols.score else None
-    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
-        raise ValueError(f"field {cols.score!r} is not a number")
-    row_id = f"{source}/{record[cols.id]}" if cols.id and record.get(cols.id) is not None else f"{source}/{n}"
-    return {"id": row_id, "source": source, "turns": turns, "score": score, "lang": _text(record, cols.lang, False)}
+    turns.append({"role": "user", "text": _text(rec, cols.prompt, required=True) or ""})
+    turns.append({"role": "assistant", "text": _text(rec, cols.response, required=True) or ""})
+    row_id = str(rec[cols.id]) if cols.id and rec.get(cols.id) is not None else str(n)
+    score = rec.get(cols.score) if cols.score else None
+    return _row(src.name, row_id, turns, score, _text(rec, cols.lang, False))
 
 
-def write_source(ctx: StepContext, source: str, records: Iterator[Record], convert: Any) -> None:
-    """Shared by every source format: convert records, keep rejects, write both tables."""
+def alpaca_row(src: AlpacaSource, n: int, rec: dict[str, Any]) -> dict[str, Any]:
+    prompt = _text(rec, "instruction", True) or ""
+    extra = _text(rec, "input", False)
+    if extra and extra.strip():
+        prompt = f"{prompt}\n\n{extra}"
+    return _row(src.name, str(n), [{"role": "user", "text": prompt},
+                                   {"role": "assistant", "text": _text(rec, "output", True) or ""}])
+
+
+def dolly_row(src: DollySource, n: int, rec: dict[str, Any]) -> dict[str, Any]:
+    category = _text(rec, "category", False)
+    if src.categories is not None and category not in src.categories:
+        raise ValueError(f"category {category!r} not in {src.categories}")
+    prompt = _text(rec, "instruction", True) or ""
+    context = _text(rec, "context", False)
+    if context and context.strip():
+        prompt = f"{prompt}\n\n{context}"
+    return _row(src.name, str(n), [{"role": "user", "text": prompt},
+                                   {"role": "assistant", "text": _text(rec, "response", True) or ""}])
+
+
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+    "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system",
+    "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool",
+}
+
+
+def sharegpt_row(src: ShareGptSource, n: int, rec: dict[str, Any]) -> dict[str, Any]:
+    convo = rec.get(src.field)
+    if not isinstance(convo, list):
+        raise ValueError(f"field {src.field!r} is missing or not a list")
+    turns: list[Turn] = []
+    if isinstance(rec.get("system"), str) and rec["system"].strip():
+        turns.append({"role": "system", "text": rec["system"]})
+    for i, t in enumerate(convo):
+        if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+            raise ValueError(f"turn {i} has no text `value`")
+        role = SHAREGPT_ROLES.get(str(t.get("from", "")).lower())
+        if role is None:
+            raise ValueError(f"turn {i} has unknown role {t.get('from')!r}")
+        turns.append({"role": role, "text": t["value"]})
+    while turns and turns[-1]["role"] != "assistant":
+        turns.pop()
+    row_id = str(rec["id"]) if isinstance(rec.get("id"), (str, int)) else str(n)
+    return _row(src.name, row_id, turns)
+
+
+_H2O_MARK = re.compile(r"<(human|bot)>:")
+
+
+def h2ogpt_row(src: H2oGptSource, n: int, rec: dict[str, Any]) -> dict[str, Any]:
+    text = _text(rec, src.field, True) or ""
+    parts = _H2O_MARK.split(text)
+    turns: list[Turn] = []
+    if parts[0].strip():
+        turns.append({"role": "system", "text": parts[0].strip()})
+    for who, body in zip(parts[1::2], parts[2::2]):
+        turns.append({"role": "user" if who == "human" else "assistant", "text": body.strip()})
+    while turns and (turns[-1]["role"] != "assistant" or not turns[-1]["text"]):
+        turns.pop()
+    return _row(src.name, str(n), turns)
+
+
+# -- writing ---------------------------------------------------------------------
+
+
+def write_tables(
+    ctx: StepContext, rows: list[dict[str, Any]], rejects: list[dict[str, Any]], n_in: int, *,
+    used: int | None = None, unit: str = "rows",
+) -> None:
+    """Write a source's rows and rejects (checking ids are unique and nothing was lost)."""
     import pyarrow as pa
 
     from runner.steps.tables import finish
     from stores.datastore import REJECT_COLUMNS, ROW_COLUMNS, connect
 
-    rows: list[dict[str, Any]] = []
-    rejects: list[dict[str, Any]] = []
-    seen = 0
-    for n, record, error in records:
-        seen += 1
-        if seen % 10000 == 0:
-            ctx.progress(None, seen)
-        if error is None:
-            try:
-                rows.append(convert(n, record))
-                continue
-            except ValueError as exc:
-                error = f"record {n}: {exc}"
-        rejects.append({"id": f"{source}/{n}", "source": source, "step": ctx.name, "reason": error})
     con = connect()
     try:
         con.execute(f"create table rows ({ROW_COLUMNS})")
@@ -157,48 +296,113 @@ def write_source(ctx: StepContext, source: str, records: Iterator[Record], conve
             con.execute("insert into rows select id, source, turns, score, lang from new_rows")
         if rejects:
             con.register("new_rejects", pa.Table.from_pylist(rejects))
-            con.execute("insert into rejects select * from new_rejects")
-        dupes = con.execute("select id, count(*) from rows group by id having count(*) > 1 limit 3").fetchall()
+            con.execute("insert into rejects select id, source, step, reason from new_rejects")
+        dupes = con.execute("select id from rows group by id having count(*) > 1 limit 1").fetchall()
         if dupes:
-            raise StepError(f"source {source}: row ids are not unique (e.g. {dupes[0][0]!r}); fix `columns.id`")
-        finish(ctx, con, "select * from rows", "select * from rejects", seen)
+            raise StepError(f"step {ctx.name}: row id {dupes[0][0]!r} is not unique; use an id field that is")
+        finish(ctx, con, "select * from rows", "select * from rejects", n_in, used=used, unit=unit)
     finally:
         con.close()
 
 
-@step("source.table", version="1", params=TableSource, libs=("duckdb", "pyarrow"))
-def read_table(ctx: StepContext) -> None:
-    p: TableSource = ctx.params
+def convert_records(ctx: StepContext, source: str, records: Iterator[Record],
+                    convert: Callable[[int, dict[str, Any]], dict[str, Any]]) -> None:
+    rows: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    seen = 0
+    for n, record, error in records:
+        seen += 1
+        if seen % 10000 == 0:
+            ctx.progress(None, seen)
+        if error is None:
+            try:
+                rows.append(convert(n, record))  # type: ignore[arg-type]
+                continue
+            except ValueError as exc:
+                error = f"record {n}: {exc}"
+        rejects.append({"id": f"{source}/{n}", "source": source, "step": ctx.name, "reason": error})
+    write_tables(ctx, rows, rejects, seen)
+
+
+READERS: dict[str, Callable[[Path], Iterator[Record]]] = {
+    "jsonl": _jsonl, "json": _json, "csv": _csv, "parquet": _parquet,
+}
+CONVERTERS: dict[type[SourceBase], Callable[[Any, int, dict[str, Any]], dict[str, Any]]] = {
+    TableSource: table_row, HfDiskSource: table_row, AlpacaSource: alpaca_row, DollySource: dolly_row,
+    ShareGptSource: sharegpt_row, H2oGptSource: h2ogpt_row,
+}
+
+
+def run_source(ctx: StepContext) -> None:
+    p = ctx.params
     path = ctx.files[p.path]
-    records = READERS[p.format](path)
+    if isinstance(p, TableSource):
+        records = READERS[p.format](path)
+    elif isinstance(p, HfDiskSource):
+        records = _hf_disk(path, p.split)
+    else:
+        records = _json_or_jsonl(path)
     if p.limit:
         records = itertools.islice(records, p.limit)
-    write_source(ctx, p.name, records, lambda n, rec: to_row(p.name, n, rec, p.columns))
+    convert = CONVERTERS[type(p)]
+    convert_records(ctx, p.name, records, lambda n, rec: convert(p, n, rec))
 
+
+SOURCE_KINDS = {
+    TableSource: ("source.table", ("duckdb", "pyarrow")),
+    AlpacaSource: ("source.alpaca", ("duckdb", "pyarrow")),
+    DollySource: ("source.dolly", ("duckdb", "pyarrow")),
+    ShareGptSource: ("source.sharegpt", ("duckdb", "pyarrow")),
+    H2oGptSource: ("source.h2ogpt", ("duckdb", "pyarrow")),
+    HfDiskSource: ("source.hf_disk", ("duckdb", "pyarrow", "datasets")),
+}
+for _model, (_kind, _libs) in SOURCE_KINDS.items():
+    step(_kind, version="1", params=_model, libs=_libs)(run_source)
 
 
 class Mix(Params):
-    """Concatenate several sources' rows, in the order the recipe lists them."""
+    """Concatenate sources in recipe order, each sampled or repeated by its weight."""
+
+    weights: list[float] = Field(default_factory=list)
+    seed: int = 0
 
 
 @step("mix", version="1", params=Mix, libs=("duckdb",))
 def mix_sources(ctx: StepContext) -> None:
-    from runner.steps.tables import finish, open_input
-    from stores.datastore import REJECT_COLUMNS, connect
+    """weight w: floor(w) copies of every row, plus a seeded (w - floor(w)) sample for one more.
 
+    Rows sampled out go to rejects; repeated copies get ids `ID#2`, `ID#3`, ….
+    """
+    import math
+
+    from runner.steps.tables import finish, open_input
+    from stores.datastore import connect
+
+    p: Mix = ctx.params
+    weights = p.weights or [1.0] * len(ctx.inputs)
     con = connect()
     try:
-        parts = [
-            f"select *, {i} as _part from {open_input(ctx, name, row_numbers=True)}"
-            for i, name in enumerate(ctx.input_names)
-        ]
+        parts = []
+        for i, name in enumerate(ctx.input_names):
+            w = weights[i]
+            full, frac = math.floor(w), w - math.floor(w)
+            pick = f"md5_number('{p.seed}:' || id) % 1000000 < {round(frac * 1_000_000)}"
+            copies = f"{full} + ({pick})::int" if frac else str(full)
+            parts.append(f"select *, {i} as _part, {copies} as _copies from {open_input(ctx, name, row_numbers=True)}")
         con.execute(f"create temp table t as {' union all '.join(parts)}")
-        con.execute(f"create temp table none ({REJECT_COLUMNS})")
         dupes = con.execute("select id from t group by id having count(*) > 1 limit 1").fetchall()
         if dupes:
             raise StepError(f"mix: row id {dupes[0][0]!r} comes from two sources; give the sources distinct names")
         n = sum(int(a.manifest["rows"]["rows"]) for a in ctx.inputs)
-        rows = "select * exclude (_part, file_row_number) from t order by _part, file_row_number"
-        finish(ctx, con, rows, "select * from none", n)
+        rows = (
+            "select case when c = 1 then id else id || '#' || c end as id, source, turns, score, lang "
+            "from t, generate_series(1, _copies) s(c) order by _part, file_row_number, c"
+        )
+        rejects = (
+            f"select id, source, '{ctx.name}' as step, 'not sampled (source weight < 1)' as reason "
+            "from t where _copies = 0 order by _part, file_row_number"
+        )
+        used = int(con.execute("select count(*) from t where _copies > 0").fetchone()[0])  # type: ignore[index]
+        finish(ctx, con, rows, rejects, n, used=used if any(w != 1 for w in weights) else None)
     finally:
         con.close()

@@ -25,8 +25,21 @@ def open_input(ctx: StepContext, name: str | None = None, table: str = "rows", r
     return f"read_parquet({quote_path(art.file(rel))}{extra})"
 
 
-def finish(ctx: StepContext, con: duckdb.DuckDBPyConnection, rows_sql: str, rejects_sql: str, rows_in: int) -> None:
-    """Write rows and rejects, record counts, and check that every input row is accounted for."""
+def finish(
+    ctx: StepContext,
+    con: duckdb.DuckDBPyConnection,
+    rows_sql: str,
+    rejects_sql: str,
+    rows_in: int,
+    *,
+    used: int | None = None,
+    unit: str = "rows",
+) -> None:
+    """Write rows and rejects, record counts, and check that every input unit is accounted for.
+
+    Usually one input row gives one output row (`used` = rows kept). A source that turns
+    units (e.g. oasst messages) into rows passes how many units the rows used, and `unit`.
+    """
     from stores.datastore import write_parquet
 
     kept = write_parquet(con, rows_sql, ctx.out / ROWS)
@@ -34,8 +47,11 @@ def finish(ctx: StepContext, con: duckdb.DuckDBPyConnection, rows_sql: str, reje
     ctx.table("rows", ROWS, kept)
     ctx.table("rejects", REJECTS, rejected, side=True)
     ctx.rows["in"] = rows_in
-    if rows_in != kept + rejected:
-        raise RuntimeError(f"step {ctx.name} lost rows: in={rows_in} out={kept} rejected={rejected}")
+    if used is not None:
+        ctx.rows[f"{unit}_used"] = used
+    accounted = kept if used is None else used
+    if rows_in != accounted + rejected:
+        raise RuntimeError(f"step {ctx.name} lost input: in={rows_in} used={accounted} rejected={rejected}")
 
 
 def scalar(con: duckdb.DuckDBPyConnection, sql: str) -> Any:

@@ -1,0 +1,43 @@
+"""The export step: the train/validation split as JSONL, Parquet and/or a `datasets` dataset on disk."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from runner.params import Params
+from runner.registry import StepContext, step
+
+
+class Export(Params):
+    """Formats to write the split in (inside the step's artifact; `runner show RECIPE export --path`)."""
+
+    formats: list[Literal["jsonl", "parquet", "datasets"]] = Field(
+        default_factory=lambda: ["jsonl"], min_length=1)
+
+
+@step("export", version="1", params=Export, libs=("duckdb", "datasets"))
+def export_split(ctx: StepContext) -> None:
+    from runner.steps.tables import open_input
+    from stores.datastore import connect, quote_path
+
+    p: Export = ctx.params
+    con = connect()
+    try:
+        for split in ("train", "validation"):
+            source = open_input(ctx, table=split)
+            if "jsonl" in p.formats:
+                con.execute(f"copy (select * from {source}) to {quote_path(ctx.out / f'{split}.jsonl')} (format json)")
+            if "parquet" in p.formats:
+                con.execute(f"copy (select * from {source}) to {quote_path(ctx.out / f'{split}.parquet')} "
+                            "(format parquet, compression zstd)")
+            ctx.rows[split] = int(con.execute(f"select count(*) from {source}").fetchone()[0])  # type: ignore[index]
+        if "datasets" in p.formats:
+            import datasets
+
+            datasets.disable_progress_bars()
+            parts = {s: datasets.Dataset.from_parquet(str(ctx.input().file(f"{s}.parquet"))) for s in ("train", "validation")}
+            datasets.DatasetDict(parts).save_to_disk(str(ctx.out / "datasets"))
+    finally:
+        con.close()

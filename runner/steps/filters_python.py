@@ -1,0 +1,143 @@
+"""Filters SQL cannot express: each computes one value per row in Python, and SQL judges it.
+
+Language identification (py3langid), near-duplicates (MinHash LSH, datasketch), zlib
+compression ratio (repetitive text), and prompt/response similarity with an embedding model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from runner.registry import StepContext
+from runner.steps.filter_base import FIELD_SQL, FieldName, FilterBase, sql_literal
+
+
+class LanguageFilter(FilterBase):
+    """Keep rows in the given languages: the row's `lang` column when set, else identified with py3langid."""
+
+    kind: Literal["language"]
+    keep: list[str] = Field(min_length=1, description="ISO 639-1 codes, e.g. [en, de]")
+    field: FieldName = "text"
+    use_column: bool = Field(True, description="trust a non-null `lang` column (oasst has one)")
+
+    def python_input(self) -> str:
+        return f"id, lang, {FIELD_SQL[self.field]} as text"
+
+    def python(self, ctx: StepContext, table: Any) -> list[Any]:
+        import py3langid
+
+        out = []
+        for i, (lang, text) in enumerate(zip(table.column("lang").to_pylist(), table.column("text").to_pylist())):
+            out.append(lang if (self.use_column and lang) else py3langid.classify(text or "")[0])
+            if i % 5000 == 0:
+                ctx.progress(table.num_rows, i)
+        return out
+
+    def reason(self) -> str:
+        keep = ", ".join(sql_literal(k) for k in self.keep)
+        listed = sql_literal(f" not in [{', '.join(self.keep)}]")
+        return f"case when _value in ({keep}) then null else 'language ' || _value || {listed} end"
+
+
+class NearDedupFilter(FilterBase):
+    """Drop near-duplicates: MinHash over word n-grams, LSH at a Jaccard threshold; the first row stays."""
+
+    kind: Literal["near_dedup"]
+    field: FieldName = "text"
+    threshold: float = Field(0.8, gt=0, lt=1, description="estimated Jaccard similarity that counts as a duplicate")
+    ngram: int = Field(3, ge=1, description="words per shingle")
+    num_perm: int = Field(128, ge=16, le=1024)
+    seed: int = 1
+
+    def python_input(self) -> str:
+        return f"id, {FIELD_SQL[self.field]} as text"
+
+    def python(self, ctx: StepContext, table: Any) -> list[Any]:
+        from datasketch import MinHash, MinHashLSH
+
+        lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
+        out: list[Any] = []
+        ids = table.column("id").to_pylist()
+        for i, text in enumerate(table.column("text").to_pylist()):
+            words = (text or "").lower().split()
+            shingles = {" ".join(words[j : j + self.ngram]) for j in range(max(1, len(words) - self.ngram + 1))}
+            m = MinHash(num_perm=self.num_perm, seed=self.seed)
+            m.update_batch([s.encode() for s in shingles])
+            hits = lsh.query(m)
+            if hits:
+                first = min(hits, key=lambda k: k[0])
+                out.append(f"near-duplicate of {first[1]}")
+            else:
+                lsh.insert((i, ids[i]), m)
+                out.append(None)
+            if i % 5000 == 0:
+                ctx.progress(table.num_rows, i)
+        return out
+
+    def reason(self) -> str:
+        return "_value"
+
+
+class CompressionFilter(FilterBase):
+    """Drop text whose zlib compression ratio (compressed / raw bytes) is out of bounds: a very low
+    ratio means repetitive text ("ha ha ha ha…"), a high one often means noise."""
+
+    kind: Literal["compression"]
+    field: FieldName = "text"
+    min_ratio: float | None = Field(0.15, gt=0)
+    max_ratio: float | None = Field(None, gt=0)
+    min_bytes: int = Field(64, ge=0, description="texts shorter than this are not judged (short text compresses badly)")
+
+    def python_input(self) -> str:
+        return f"id, {FIELD_SQL[self.field]} as text"
+
+    def python(self, ctx: StepContext, table: Any) -> list[Any]:
+        import zlib
+
+        out = []
+        for text in table.column("text").to_pylist():
+            raw = (text or "").encode()
+            out.append(len(zlib.compress(raw, 9)) / len(raw) if len(raw) >= self.min_bytes else None)
+        return out
+
+    def reason(self) -> str:
+        checks = []
+        if self.min_ratio is not None:
+            checks.append(f"when _value < {self.min_ratio} then 'compression ratio ' || round(_value, 3) || ' < {self.min_ratio} (repetitive)'")
+        if self.max_ratio is not None:
+            checks.append(f"when _value > {self.max_ratio} then 'compression ratio ' || round(_value, 3) || ' > {self.max_ratio}'")
+        return "case " + " ".join(checks) + " else null end" if checks else "null"
+
+
+class SimilarityFilter(FilterBase):
+    """Drop replies unrelated to their prompt: cosine similarity of prompt and response embeddings
+    (all-MiniLM-L6-v2 by default, offline) below `min_similarity`."""
+
+    DIR_FIELDS = frozenset({"model"})
+
+    kind: Literal["similarity"]
+    min_similarity: float = Field(0.1, ge=-1, le=1)
+    model: str = Field("all-MiniLM-L6-v2", description="the bundled all-MiniLM-L6-v2, or a local model directory")
+    batch_size: int = Field(64, ge=1)
+
+    def external_paths(self) -> dict[str, str]:
+        from runner.steps.embedding import BUNDLED
+
+        return {} if self.model in BUNDLED else {"model": self.model}
+
+    def python_input(self) -> str:
+        return "id, prompt_of(turns) as prompt, response_of(turns) as response"
+
+    def python(self, ctx: StepContext, table: Any) -> list[Any]:
+        from runner.steps.embedding import embed, load_embedder
+
+        model = load_embedder(self.model, ctx.files)
+        prompts = embed(model, [t or "" for t in table.column("prompt").to_pylist()], self.batch_size)
+        replies = embed(model, [t or "" for t in table.column("response").to_pylist()], self.batch_size)
+        return [float(x) for x in (prompts * replies).sum(axis=1)]
+
+    def reason(self) -> str:
+        return f"case when _value < {self.min_similarity} then 'prompt/response similarity ' || round(_value, 3) || ' < {self.min_similarity}' else null end"
+
