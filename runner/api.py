@@ -153,3 +153,40 @@ def verify(cache: ArtifactCache, *, keys: list[str] | None = None, repair: bool 
                 with cache.lock(key):
                     cache.remove(key)
     return bad
+
+
+def explain(build: Build, row_id: str) -> list[dict[str, Any]]:
+    """Follow one row id through the built steps: where it was kept, and which step dropped it and why.
+
+    Repeated copies from a weighted mix (`ID#2`) count as the row. Stops at the step that dropped it.
+    """
+    from stores.datastore import connect, quote_path
+
+    ref = build.cache.read_ref(build.ref) or {}
+    if not ref:
+        raise RunnerError(f"{build.loaded.path} has not been applied yet: run `runner apply {build.loaded.path}` first")
+    trail: list[dict[str, Any]] = []
+    con = connect()
+    try:
+        for name in build.graph.order:
+            entry = ref.get("steps", {}).get(name)
+            manifest = build.cache.read_manifest(build.cache.path(entry["key"])) if entry else None
+            if not manifest:
+                continue
+            for table, rel in manifest.get("tables", {}).items():
+                path = build.cache.path(entry["key"]) / "data" / rel  # type: ignore[index]
+                cols = "reason" if table == "rejects" else "null"
+                hits = con.execute(
+                    f"select {cols} from read_parquet({quote_path(path)}) where id = ? or id like ? || '#%' limit 1",
+                    [row_id, row_id],
+                ).fetchall()
+                if hits:
+                    trail.append({"step": name, "table": table, "reason": hits[0][0]})
+            if trail and trail[-1]["table"] == "rejects":
+                break
+    finally:
+        con.close()
+    if not trail:
+        raise RunnerError(f"no row {row_id!r} in any built step of {build.loaded.path}; row ids look like "
+                          "SOURCE/N (see `runner sql RECIPE \"select id from source_NAME limit 5\"`)")
+    return trail
