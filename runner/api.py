@@ -106,16 +106,20 @@ def _record(build: Build, results: list[engine.StepResult]) -> None:
             write_catalog(build.catalog, catalog_tables(build, {n: s["key"] for n, s in steps.items()}))
 
 
-def catalog_tables(build: Build, keys: dict[str, str]) -> dict[str, Path]:
+def table_sqls(cache: ArtifactCache, key: str) -> dict[str, str]:
+    """SQL for each table (files and masked views) of the artifact under `key`; empty if it is gone."""
+    from stores.datastore import table_sql
+
+    path = cache.path(key)
+    manifest = cache.read_manifest(path) or {}
+    names = list(manifest.get("tables", {})) + list(manifest.get("views", {}))
+    return {t: table_sql(path, manifest, t, cache.path) for t in names}
+
+
+def catalog_tables(build: Build, keys: dict[str, str]) -> dict[str, str]:
     from stores.datastore import view_name
 
-    tables: dict[str, Path] = {}
-    for name, key in keys.items():
-        path = build.cache.path(key)
-        manifest = build.cache.read_manifest(path) or {}
-        for table, rel in manifest.get("tables", {}).items():
-            tables[view_name(name, table)] = path / "data" / rel
-    return tables
+    return {view_name(name, t): sql for name, key in keys.items() for t, sql in table_sqls(build.cache, key).items()}
 
 
 def artifact(build: Build, step: str) -> Artifact | None:
@@ -160,7 +164,7 @@ def explain(build: Build, row_id: str) -> list[dict[str, Any]]:
 
     Repeated copies from a weighted mix (`ID#2`) count as the row. Stops at the step that dropped it.
     """
-    from stores.datastore import connect, quote_path
+    from stores.datastore import connect
 
     ref = build.cache.read_ref(build.ref) or {}
     if not ref:
@@ -170,16 +174,10 @@ def explain(build: Build, row_id: str) -> list[dict[str, Any]]:
     try:
         for name in build.graph.order:
             entry = ref.get("steps", {}).get(name)
-            manifest = build.cache.read_manifest(build.cache.path(entry["key"])) if entry else None
-            if not manifest:
-                continue
-            for table, rel in manifest.get("tables", {}).items():
-                path = build.cache.path(entry["key"]) / "data" / rel  # type: ignore[index]
+            for table, sql in (table_sqls(build.cache, entry["key"]) if entry else {}).items():
                 cols = "reason" if table == "rejects" else "null"
-                hits = con.execute(
-                    f"select {cols} from read_parquet({quote_path(path)}) where id = ? or id like ? || '#%' limit 1",
-                    [row_id, row_id],
-                ).fetchall()
+                hits = con.execute(f"select {cols} from {sql} where id = ? or id like ? || '#%' limit 1",
+                                   [row_id, row_id]).fetchall()
                 if hits:
                     trail.append({"step": name, "table": table, "reason": hits[0][0]})
             if trail and trail[-1]["table"] == "rejects":

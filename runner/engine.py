@@ -252,6 +252,7 @@ def _build_one(
             files=dict(node.files),
             out=tmp / "data",
             progress=lambda total, done: reporter.progress(node, total, done),
+            locate=cache.get,
         )
         started = time.time()
         try:
@@ -273,6 +274,8 @@ def _build_one(
             "tables": ctx.tables,
             "metrics": ctx.metrics,
             "side_files": ctx.side_files,
+            "views": ctx.views,
+            "requires": ctx.requires,
             "timings": {"started": started, "seconds": round(seconds, 6)},
             "lineage": {
                 **comps,

@@ -34,7 +34,10 @@ class StepContext:
     tables: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     side_files: list[str] = field(default_factory=list)
+    views: dict[str, dict[str, str]] = field(default_factory=dict)
+    requires: list[str] = field(default_factory=list)
     progress: Callable[[int | None, int], None] = lambda total, done: None
+    locate: Callable[[str], Artifact | None] = lambda key: None
 
     def input(self, name: str | None = None) -> Artifact:
         """The one input, or the input built by step `name`."""
@@ -43,6 +46,29 @@ class StepContext:
                 raise StepError(f"step {self.name} expects one input, got {len(self.inputs)}")
             return self.inputs[0]
         return self.inputs[self.input_names.index(name)]
+
+    def artifact(self, key: str) -> Artifact:
+        """Another artifact this step reads by key (e.g. the base of a view), verified."""
+        art = self.locate(key)
+        if art is None:
+            raise StepError(f"step {self.name}: artifact {key[:12]} it builds on is missing from the cache; "
+                            "run `runner verify --repair` and apply again")
+        return art
+
+    def view(self, name: str, base: Artifact, base_file: str, mask: str, rows: int) -> None:
+        """Declare a masked view: rows of `base_file` in artifact `base` where the boolean column in `mask` is true.
+
+        The base is recorded in `requires` (gc keeps it) and its output hash in a `view.json`
+        file, so the view's output hash changes whenever the rows it shows do.
+        """
+        import json
+
+        self.views[name] = {"base": base.key, "base_file": base_file, "mask": mask}
+        self.rows[name] = rows
+        if base.key not in self.requires:
+            self.requires.append(base.key)
+        (self.out / f"{name}.view.json").write_text(
+            json.dumps({"base_output_hash": base.output_hash, "base_file": base_file, "mask": mask}, sort_keys=True))
 
     def table(self, name: str, relpath: str, rows: int, *, side: bool = False) -> Path:
         """Declare a tabular output (a Parquet file under the artifact) with its row count.

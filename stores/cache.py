@@ -254,10 +254,17 @@ class ArtifactCache:
         write_json_atomic(self.ref_path(name), value)
 
     def live_keys(self) -> set[str]:
-        live: set[str] = set()
+        """Keys the refs name, and every artifact those require (a view's base), transitively."""
+        todo: list[str] = []
         for ref in self.refs.glob("*.json"):
             value = self.read_ref(ref.stem) or {}
-            live.update(s["key"] for s in value.get("steps", {}).values() if isinstance(s, dict) and "key" in s)
+            todo.extend(s["key"] for s in value.get("steps", {}).values() if isinstance(s, dict) and "key" in s)
+        live: set[str] = set()
+        while todo:
+            key = todo.pop()
+            if key not in live:
+                live.add(key)
+                todo.extend((self.read_manifest(self.path(key)) or {}).get("requires", []))
         return live
 
     def gc(self, *, dry_run: bool = False, keep: set[str] | None = None) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import duckdb
@@ -48,16 +49,42 @@ def quote_ident(name: str) -> str:
 def write_parquet(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> int:
     """Write the result of `query` to a Parquet file; returns its row count."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    con.execute(f"copy ({query}) to {quote_path(path)} (format parquet, compression zstd, row_group_size 100000)")
-    return int(con.execute(f"select count(*) from read_parquet({quote_path(path)})").fetchone()[0])  # type: ignore[index]
+    result = con.execute(f"copy ({query}) to {quote_path(path)} (format parquet, compression zstd, row_group_size 100000)")
+    return int(result.fetchall()[0][0])
 
 
 def count_rows(path: Path) -> int:
     con = duckdb.connect()
     try:
-        return int(con.execute(f"select count(*) from read_parquet({quote_path(path)})").fetchone()[0])  # type: ignore[index]
+        return int(con.execute(f"select count(*) from read_parquet({quote_path(path)})").fetchall()[0][0])
     finally:
         con.close()
+
+
+def table_sql(
+    artifact: Path, manifest: dict[str, Any], table: str, locate: Callable[[str], Path], *, row_numbers: bool = False
+) -> str:
+    """SQL reading one table of the artifact in directory `artifact`, given its manifest.
+
+    A table is either a Parquet file in the artifact (`manifest["tables"][table]`), or a *masked
+    view* (`manifest["views"][table]`): the rows of another artifact's Parquet table (`base`, a
+    key that `locate` turns into that artifact's directory) where a boolean `keep` column, one
+    value per base row and stored in this artifact, is true. Filters write views, so a chain of
+    filters stores each row once. With `row_numbers`, `file_row_number` (the row's position in
+    the Parquet file the row lives in) comes along; rows always come in that order.
+    """
+    view = manifest.get("views", {}).get(table)
+    if view is not None:
+        base_dir = locate(view["base"])
+        base = f"read_parquet({quote_path(base_dir / 'data' / view['base_file'])}, file_row_number = true)"
+        mask = f"read_parquet({quote_path(artifact / 'data' / view['mask'])})"
+        cols = "b.*" if row_numbers else "b.* exclude (file_row_number)"
+        return f"(select {cols} from {base} b positional join {mask} m where m.keep)"
+    rel = manifest.get("tables", {}).get(table)
+    if rel is None:
+        raise KeyError(f"artifact has no table {table!r}")
+    extra = ", file_row_number = true" if row_numbers else ""
+    return f"read_parquet({quote_path(artifact / 'data' / rel)}{extra})"
 
 
 def view_name(step: str, table: str) -> str:
@@ -66,8 +93,8 @@ def view_name(step: str, table: str) -> str:
     return base if table == "rows" else f"{base}__{table}"
 
 
-def write_catalog(path: Path, tables: dict[str, Path]) -> None:
-    """(Re)write a catalog database whose views read the given Parquet files in place.
+def write_catalog(path: Path, tables: dict[str, str]) -> None:
+    """(Re)write a catalog database with one view per table (name -> SQL from `table_sql`), read in place.
 
     Built in a temp file and renamed, so a reader never opens a half-written catalog.
     """
@@ -75,8 +102,8 @@ def write_catalog(path: Path, tables: dict[str, Path]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     con = connect(tmp)
     try:
-        for name, file in sorted(tables.items()):
-            con.execute(f"create view {quote_ident(name)} as select * from read_parquet({quote_path(file)})")
+        for name, sql in sorted(tables.items()):
+            con.execute(f"create view {quote_ident(name)} as select * from {sql}")
         con.execute("checkpoint")
     finally:
         con.close()

@@ -19,12 +19,13 @@ class Export(Params):
 
 @step("export", version="1", params=Export, libs=("duckdb", "datasets"))
 def export_split(ctx: StepContext) -> None:
-    from runner.steps.tables import open_input
+    from runner.steps.tables import open_input, scalar
     from stores.datastore import connect, quote_path
 
     p: Export = ctx.params
     con = connect()
     try:
+        parts = {}
         for split in ("train", "validation"):
             source = open_input(ctx, table=split)
             if "jsonl" in p.formats:
@@ -32,12 +33,14 @@ def export_split(ctx: StepContext) -> None:
             if "parquet" in p.formats:
                 con.execute(f"copy (select * from {source}) to {quote_path(ctx.out / f'{split}.parquet')} "
                             "(format parquet, compression zstd)")
-            ctx.rows[split] = int(con.execute(f"select count(*) from {source}").fetchone()[0])  # type: ignore[index]
+            ctx.rows[split] = int(scalar(con, f"select count(*) from {source}"))
+            if "datasets" in p.formats:
+                parts[split] = con.sql(f"select * from {source}").to_arrow_table()
         if "datasets" in p.formats:
             import datasets
 
             datasets.disable_progress_bars()
-            parts = {s: datasets.Dataset.from_parquet(str(ctx.input().file(f"{s}.parquet"))) for s in ("train", "validation")}
-            datasets.DatasetDict(parts).save_to_disk(str(ctx.out / "datasets"))
+            dd = datasets.DatasetDict({split: datasets.Dataset(table) for split, table in parts.items()})
+            dd.save_to_disk(str(ctx.out / "datasets"))
     finally:
         con.close()

@@ -273,10 +273,12 @@ LIBS = {"profanity": ("duckdb", "better-profanity"), "quality": ("duckdb", "torc
 
 
 def run_filter(ctx: StepContext) -> None:
+    """Filters that only drop rows write a masked view of their input (no copy of the rows);
+    filters that rewrite text (clean, truncate) write the rows they keep."""
     import duckdb
     import pyarrow as pa
 
-    from runner.steps.tables import finish, open_input, scalar
+    from runner.steps.tables import finish, finish_view, open_input, scalar
     from stores.datastore import connect
 
     p = ctx.params
@@ -292,18 +294,19 @@ def run_filter(ctx: StepContext) -> None:
             con.register("_py", pa.table({"_id": table.column("id"), "_value": pa.array(values)}))
             source = f"(select s.*, _py._value from {source} s join _py on s.id = _py._id)"
         try:
-            con.execute(f"create temp table t as select *, {reason} as _reason from {source}")
+            if p.transform():  # rows change: write them (a plain scan and filter keeps their order)
+                con.execute(f"create temp table t as select *, {reason} as _reason from {source}")
+                finish(ctx, con,
+                       "select * exclude (_reason, file_row_number) from t where _reason is null order by file_row_number",
+                       f"select id, source, {sql_literal(ctx.name)} as step, _reason as reason from t "
+                       "where _reason is not null order by file_row_number",
+                       scalar(con, "select count(*) from t"))
+            else:
+                # project only what the mask needs: a window (dedup) then never carries the text along
+                judged = f"select file_row_number as n, id, source, {reason} as reason from {source}"
+                finish_view(ctx, con, f"select * from ({judged}) where reason is not null")
         except duckdb.Error as exc:
             raise StepError(f"filter {ctx.name}: the SQL failed: {str(exc).splitlines()[0]}") from None
-        extra = ", _value" if p.python_input() else ""
-        finish(
-            ctx,
-            con,
-            f"select * exclude (_reason, file_row_number{extra}) from t where _reason is null order by file_row_number",
-            f"select id, source, {sql_literal(ctx.name)} as step, _reason as reason from t "
-            "where _reason is not null order by file_row_number",
-            scalar(con, "select count(*) from t"),
-        )
     finally:
         con.close()
 

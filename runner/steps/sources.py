@@ -375,7 +375,7 @@ def mix_sources(ctx: StepContext) -> None:
     """
     import math
 
-    from runner.steps.tables import finish, open_input
+    from runner.steps.tables import finish, open_input, scalar
     from stores.datastore import connect
 
     p: Mix = ctx.params
@@ -402,7 +402,7 @@ def mix_sources(ctx: StepContext) -> None:
             f"select id, source, '{ctx.name}' as step, 'not sampled (source weight < 1)' as reason "
             "from t where _copies = 0 order by _part, file_row_number"
         )
-        used = int(con.execute("select count(*) from t where _copies > 0").fetchone()[0])  # type: ignore[index]
+        used = int(scalar(con, "select count(*) from t where _copies > 0"))
         finish(ctx, con, rows, rejects, n, used=used if any(w != 1 for w in weights) else None)
     finally:
         con.close()

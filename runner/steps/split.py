@@ -1,11 +1,14 @@
-"""The split step: a deterministic train/validation split by hashing (seed, row id)."""
+"""The split step: a deterministic train/validation split by hashing (seed, row id).
+
+Both sides are masked views of the formatted rows: the split writes two boolean masks, not the rows.
+"""
 
 from __future__ import annotations
 
 from pydantic import Field
 
 from runner.params import Params
-from runner.registry import StepContext, step
+from runner.registry import StepContext, StepError, step
 
 
 class Split(Params):
@@ -17,22 +20,24 @@ class Split(Params):
 
 @step("split", version="1", params=Split, libs=("duckdb",))
 def split_rows(ctx: StepContext) -> None:
-    from runner.steps.tables import open_input, scalar
-    from stores.datastore import connect, write_parquet
+    from runner.steps.tables import check_balance, scalar
+    from stores.datastore import connect, quote_path
 
     p: Split = ctx.params
+    inp = ctx.input()
+    if "rows" not in inp.manifest.get("tables", {}):
+        raise StepError(f"split needs a materialized input table; {inp.manifest.get('built_as')} has none")
+    rows_file = inp.manifest["tables"]["rows"]
+    side = f"md5_number('{p.seed}:' || id) % 1000000 < {round(p.validation * 1_000_000)}"
     con = connect()
     try:
-        side = f"md5_number('{p.seed}:' || id) % 1000000 < {round(p.validation * 1_000_000)}"
-        con.execute(f"create temp table t as select *, {side} as _val from {open_input(ctx, row_numbers=True)}")
-        for name, cond in (("train", "not _val"), ("validation", "_val")):
-            n = write_parquet(
-                con, f"select * exclude (_val, file_row_number) from t where {cond} order by file_row_number",
-                ctx.out / f"{name}.parquet",
-            )
-            ctx.table(name, f"{name}.parquet", n)
-        ctx.rows["in"] = scalar(con, "select count(*) from t")
-        if ctx.rows["in"] != ctx.rows["train"] + ctx.rows["validation"]:
-            raise RuntimeError(f"split lost rows: {ctx.rows}")
+        counts = {}
+        for name, keep in (("train", f"not ({side})"), ("validation", side)):
+            mask = f"{name}.mask.parquet"
+            con.execute(f"copy (select {keep} as keep from read_parquet({quote_path(inp.file(rows_file))})) "
+                        f"to {quote_path(ctx.out / mask)} (format parquet, compression zstd)")
+            counts[name] = scalar(con, f"select count(*) from read_parquet({quote_path(ctx.out / mask)}) where keep")
+            ctx.view(name, inp, rows_file, mask, counts[name])
+        check_balance(ctx, int(inp.manifest["rows"]["rows"]), counts["train"] + counts["validation"], 0)
     finally:
         con.close()

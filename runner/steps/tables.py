@@ -1,4 +1,5 @@
-"""What every data step shares: the rows/rejects outputs and the `in = out + rejected` check."""
+"""What every data step shares: reading inputs (tables or masked views), writing rows/rejects/masks,
+and the `in = out + rejected` check."""
 
 from __future__ import annotations
 
@@ -11,18 +12,27 @@ if TYPE_CHECKING:
 
 ROWS = "rows.parquet"
 REJECTS = "rejects.parquet"
+MASK = "mask.parquet"
 
 
 def open_input(ctx: StepContext, name: str | None = None, table: str = "rows", row_numbers: bool = False) -> str:
-    """A SQL expression reading one table of an input artifact (with its `file_row_number` if asked)."""
-    from stores.datastore import quote_path
+    """SQL reading one table of an input artifact (a Parquet file or a masked view), in order.
+
+    With `row_numbers`, `file_row_number` gives each row's position in the Parquet file it lives in.
+    """
+    from stores.datastore import table_sql
 
     art = ctx.input(name)
-    rel = art.manifest.get("tables", {}).get(table)
-    if rel is None:
-        raise StepError(f"step {ctx.name}: input {art.manifest.get('built_as')} has no table {table!r}")
-    extra = ", file_row_number = true" if row_numbers else ""
-    return f"read_parquet({quote_path(art.file(rel))}{extra})"
+    try:
+        return table_sql(art.path, art.manifest, table, lambda key: ctx.artifact(key).path, row_numbers=row_numbers)
+    except KeyError:
+        raise StepError(f"step {ctx.name}: input {art.manifest.get('built_as')} has no table {table!r}") from None
+
+
+def check_balance(ctx: StepContext, rows_in: int, accounted: int, rejected: int) -> None:
+    ctx.rows["in"] = rows_in
+    if rows_in != accounted + rejected:
+        raise RuntimeError(f"step {ctx.name} lost input: in={rows_in} used={accounted} rejected={rejected}")
 
 
 def finish(
@@ -46,14 +56,38 @@ def finish(
     rejected = write_parquet(con, rejects_sql, ctx.out / REJECTS)
     ctx.table("rows", ROWS, kept)
     ctx.table("rejects", REJECTS, rejected, side=True)
-    ctx.rows["in"] = rows_in
     if used is not None:
         ctx.rows[f"{unit}_used"] = used
-    accounted = kept if used is None else used
-    if rows_in != accounted + rejected:
-        raise RuntimeError(f"step {ctx.name} lost input: in={rows_in} used={accounted} rejected={rejected}")
+    check_balance(ctx, rows_in, kept if used is None else used, rejected)
+
+
+def finish_view(ctx: StepContext, con: duckdb.DuckDBPyConnection, rejected_sql: str) -> None:
+    """A filter's output as a masked view of its input's base table: write only the mask and the rejects.
+
+    `rejected_sql` selects (n, id, source, reason) of the dropped rows, n being the base row number.
+    """
+    from stores.datastore import quote_path, write_parquet
+
+    inp = ctx.input()
+    view = inp.manifest.get("views", {}).get("rows")
+    if view is not None:
+        base, base_file = ctx.artifact(view["base"]), view["base_file"]
+        keep_in = f"read_parquet({quote_path(inp.file(view['mask']))}, file_row_number = true)"
+        keep_in = f"(select file_row_number as n, keep from {keep_in})"
+    else:
+        base, base_file = inp, inp.manifest["tables"]["rows"]
+        keep_in = f"(select i as n, true as keep from range({int(inp.manifest['rows']['rows'])}) t(i))"
+    con.execute(f"create temp table _rejected as {rejected_sql}")
+    rejected = write_parquet(
+        con, f"select id, source, '{ctx.name}' as step, reason from _rejected order by n", ctx.out / REJECTS)
+    con.execute(f"copy (select k.keep and r.n is null as keep from {keep_in} k left join _rejected r using (n) "
+                f"order by k.n) to {quote_path(ctx.out / MASK)} (format parquet, compression zstd)")
+    kept = scalar(con, f"select count(*) from read_parquet({quote_path(ctx.out / MASK)}) where keep")
+    ctx.view("rows", base, base_file, MASK, kept)
+    ctx.table("rejects", REJECTS, rejected, side=True)
+    check_balance(ctx, int(inp.manifest["rows"]["rows"]), kept, rejected)
 
 
 def scalar(con: duckdb.DuckDBPyConnection, sql: str) -> Any:
-    row = con.execute(sql).fetchone()
-    return row[0] if row else None
+    rows = con.execute(sql).fetchall()  # fetch all: DuckDB wants a result finished before the next query
+    return rows[0][0] if rows else None
