@@ -25,6 +25,10 @@ class FilterBase(Params):
         """SQL giving why a row is dropped (NULL keeps it). May read `_value` (see `python_input`)."""
         raise NotImplementedError
 
+    def derived(self) -> str | None:
+        """Extra SQL columns (`expr as _name, ...`) computed once per row before `reason` runs."""
+        return None
+
     def transform(self) -> str | None:
         """SQL for new `turns` (a filter that rewrites text); None leaves rows as they are."""
         return None

@@ -66,11 +66,15 @@ class DedupFilter(FilterBase):
     field: FieldName = "text"
     normalize: bool = True
 
-    def reason(self) -> str:
+    def derived(self) -> str:
         value = FIELD_SQL[self.field]
         if self.normalize:
             value = f"regexp_replace(lower(trim({value})), '\\s+', ' ', 'g')"
-        first = f"first(id) over (partition by {value} order by file_row_number)"
+        # a 128-bit hash of the text, computed once: the window then sorts numbers, not text
+        return f"md5_number({value}) as _dedup_key"
+
+    def reason(self) -> str:
+        first = "first(id) over (partition by _dedup_key order by file_row_number)"
         return f"case when {first} <> id then 'duplicate of ' || {first} else null end"
 
 
@@ -288,8 +292,10 @@ def run_filter(ctx: StepContext) -> None:
     con = connect()
     try:
         reason = p.reason() if not isinstance(p, ProfanityFilter) else _profanity_reason(p, ctx)
+        if p.derived():
+            source = f"(select *, {p.derived()} from {source})"
         if p.python_input():
-            table = con.sql(f"select {p.python_input()} from {source}").to_arrow_table()
+            table = con.sql(f"select {p.python_input()} from {source} order by file_row_number").to_arrow_table()
             values = p.python(ctx, table)
             con.register("_py", pa.table({"_id": table.column("id"), "_value": pa.array(values)}))
             source = f"(select s.*, _py._value from {source} s join _py on s.id = _py._id)"
