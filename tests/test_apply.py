@@ -185,3 +185,20 @@ def test_every_command_has_help(cli) -> None:
         name = command.__name__.rsplit(".", 1)[-1]
         code, out, _ = cli(name, "--help")
         assert code == 0 and "usage: runner" in out
+
+
+def test_parquet_source_is_typed_and_rejects_missing_text(cli, tmp_path: Path) -> None:
+    con = duckdb.connect()
+    con.execute(f"""copy (select * from (values ('u1', 'hi there', 'hello!', 0.5), ('u2', 'no reply', null, 0.1),
+                         ('u3', null, 'orphan reply', 0.9)) t(uid, q, a, s))
+                   to '{tmp_path / "d.parquet"}' (format parquet)""")
+    (tmp_path / "r.yaml").write_text("data:\n  sources:\n    - {name: p, format: parquet, path: d.parquet, "
+                                     "columns: {prompt: q, response: a, id: uid, score: s}}\n")
+    summary = apply_json(cli, str(tmp_path / "r.yaml"))
+    assert summary["steps"][0]["rows"] == {"in": 3, "rows": 1, "rejects": 2}
+    code, out, _ = cli("sql", str(tmp_path / "r.yaml"), "select id, score, prompt_of(turns) p from source_p", "--json")
+    assert json.loads(out) == [{"id": "p/u1", "score": 0.5, "p": "hi there"}]
+    code, out, _ = cli("sql", str(tmp_path / "r.yaml"), "select id, reason from source_p__rejects order by id", "--json")
+    assert [r["reason"] for r in json.loads(out)] == ["record 2: missing field a", "record 3: missing field q"]
+    code, _, err = cli("apply", str(tmp_path / "r.yaml"), "--set", "data.sources.0.columns.score=q")
+    assert code == 1 and "column 'q' (score) is VARCHAR, not a number" in err

@@ -147,17 +147,6 @@ def _csv(path: Path) -> Iterator[Record]:
             yield n, dict(row), None
 
 
-def _parquet(path: Path) -> Iterator[Record]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for a bad file
-        raise StepError(f"{path}: not a readable Parquet file ({exc})") from None
-    for n, row in enumerate(table.to_pylist(), start=1):
-        yield n, row, None
-
-
 def _hf_disk(path: Path, split: str | None) -> Iterator[Record]:
     import datasets
 
@@ -325,7 +314,7 @@ def convert_records(ctx: StepContext, source: str, records: Iterator[Record],
 
 
 READERS: dict[str, Callable[[Path], Iterator[Record]]] = {
-    "jsonl": _jsonl, "json": _json, "csv": _csv, "parquet": _parquet,
+    "jsonl": _jsonl, "json": _json, "csv": _csv,
 }
 CONVERTERS: dict[type[SourceBase], Callable[[Any, int, dict[str, Any]], dict[str, Any]]] = {
     TableSource: table_row, HfDiskSource: table_row, AlpacaSource: alpaca_row, DollySource: dolly_row,
@@ -333,9 +322,62 @@ CONVERTERS: dict[type[SourceBase], Callable[[Any, int, dict[str, Any]], dict[str
 }
 
 
+def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
+    """Parquet is typed, so it is converted in DuckDB without a Python loop; rows lacking text are rejects."""
+    from runner.steps.filter_base import sql_literal
+    from runner.steps.tables import finish, scalar
+    from stores.datastore import connect, quote_ident, quote_path
+
+    cols = p.columns
+    con = connect()
+    try:
+        source = f"read_parquet({quote_path(path)}, file_row_number = true)"
+        try:
+            types = dict(con.execute(f"select column_name, column_type from (describe select * from {source})").fetchall())
+        except Exception as exc:  # duckdb raises IOException/InvalidInputException for a bad file
+            raise StepError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        wanted = {"prompt": cols.prompt, "response": cols.response, "system": cols.system, "id": cols.id,
+                  "score": cols.score, "lang": cols.lang}
+        for role, column in wanted.items():
+            if column is None:
+                continue
+            if column not in types:
+                raise StepError(f"{path}: no column {column!r} (for {role}); columns: {', '.join(types)}")
+            numeric = types[column].split("(")[0] in ("DOUBLE", "FLOAT", "DECIMAL", "INTEGER", "BIGINT", "SMALLINT")
+            if role == "score" and not numeric:
+                raise StepError(f"{path}: column {column!r} (score) is {types[column]}, not a number")
+            if role in ("prompt", "response", "system", "lang") and types[column] != "VARCHAR":
+                raise StepError(f"{path}: column {column!r} ({role}) is {types[column]}, not text")
+        q = {k: quote_ident(v) for k, v in wanted.items() if v is not None}
+        turn = "{'role': %s, 'text': %s}"
+        turns = f"[{turn % (chr(39) + 'user' + chr(39), q['prompt'])}, {turn % (chr(39) + 'assistant' + chr(39), q['response'])}]"
+        if "system" in q:
+            sys_turn = turn % ("'system'", q["system"])
+            turns = f"case when coalesce({q['system']}, '') <> '' then [{sys_turn}] || {turns} else {turns} end"
+        row_id = f"coalesce({q['id']}::varchar, (file_row_number + 1)::varchar)" if "id" in q else "(file_row_number + 1)::varchar"
+        name = sql_literal(p.name)
+        limit = f"where file_row_number < {p.limit}" if p.limit else ""
+        con.execute(f"""create temp table t as select {name} || '/' || {row_id} as id, {name} as source,
+            {turns}::STRUCT(role VARCHAR, text VARCHAR)[] as turns,
+            {q.get('score', 'null')}::DOUBLE as score, {q.get('lang', 'null')}::VARCHAR as lang,
+            case when {q['prompt']} is null then 'record ' || (file_row_number + 1) || ': missing field {cols.prompt}'
+                 when {q['response']} is null then 'record ' || (file_row_number + 1) || ': missing field {cols.response}'
+            end as _reason, file_row_number from {source} {limit}""")
+        dupes = con.execute("select id from t where _reason is null group by id having count(*) > 1 limit 1").fetchall()
+        if dupes:
+            raise StepError(f"step {ctx.name}: row id {dupes[0][0]!r} is not unique; use an id field that is")
+        finish(ctx, con, "select id, source, turns, score, lang from t where _reason is null order by file_row_number",
+               f"select id, source, {sql_literal(ctx.name)} as step, _reason as reason from t where _reason is not null "
+               "order by file_row_number", int(scalar(con, "select count(*) from t")))
+    finally:
+        con.close()
+
+
 def run_source(ctx: StepContext) -> None:
     p = ctx.params
     path = ctx.files[p.path]
+    if isinstance(p, TableSource) and p.format == "parquet":
+        return parquet_source(ctx, p, path)
     if isinstance(p, TableSource):
         records = READERS[p.format](path)
     elif isinstance(p, HfDiskSource):
