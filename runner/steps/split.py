@@ -32,10 +32,11 @@ def split_rows(ctx: StepContext) -> None:
     con = connect()
     try:
         counts = {}
-        for name, keep in (("train", f"not ({side})"), ("validation", side)):
+        # md5, not hash(): a row's side must not move when DuckDB changes its hash function
+        con.execute(f"create temp table s as select {side} as val from read_parquet({quote_path(inp.file(rows_file))})")
+        for name, keep in (("train", "not val"), ("validation", "val")):
             mask = f"{name}.mask.parquet"
-            con.execute(f"copy (select {keep} as keep from read_parquet({quote_path(inp.file(rows_file))})) "
-                        f"to {quote_path(ctx.out / mask)} (format parquet, compression zstd)")
+            con.execute(f"copy (select {keep} as keep from s) to {quote_path(ctx.out / mask)} (format parquet, compression zstd)")
             counts[name] = scalar(con, f"select count(*) from read_parquet({quote_path(ctx.out / mask)}) where keep")
             ctx.view(name, inp, rows_file, mask, counts[name])
         check_balance(ctx, int(inp.manifest["rows"]["rows"]), counts["train"] + counts["validation"], 0)
