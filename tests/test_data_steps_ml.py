@@ -114,3 +114,38 @@ def test_explain_cli(tmp_path: Path, cli) -> None:
     assert trail[-1] == {"step": "filter.length", "table": "rejects", "reason": "response has 23 chars, below min_chars 25"}
     code, out, _ = cli("explain", str(tmp_path / "r.yaml"), "s/1")
     assert code == 0 and "kept    in split (train)" in out or "(validation)" in out
+
+
+def test_token_length_bounds(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok_dir = make_tokenizer(tmp_path / "tok", [r["prompt"] + " " + r["response"] for r in ROWS])
+    b = apply_recipe(tmp_path, "  filters: [{kind: length, field: response, min_tokens: 7, tokenizer: tok}]\n")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    expected = {f"s/{i + 1}" for i, r in enumerate(ROWS) if len(tok(r["response"], add_special_tokens=False)["input_ids"]) >= 7}
+    assert {r[0] for r in api.sql(b, "select id from filter_length")[1]} == expected
+    assert 0 < len(expected) < len(ROWS)
+
+
+def test_dolly_and_hf_disk_sources(tmp_path: Path) -> None:
+    import datasets
+
+    dolly = [
+        {"instruction": "Summarise the text.", "context": "Paris is the capital of France.", "response": "Paris is France's capital.", "category": "summarization"},
+        {"instruction": "Name a fruit.", "context": "", "response": "An apple.", "category": "brainstorming"},
+        {"instruction": "Classify.", "context": "", "category": "classification"},
+    ]
+    (tmp_path / "dolly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dolly))
+    datasets.Dataset.from_list([{"q": "hi", "a": "hello"}, {"q": "bye", "a": "goodbye"}]).save_to_disk(str(tmp_path / "ds"))
+    (tmp_path / "r.yaml").write_text(
+        "data:\n  sources:\n    - {name: d, format: dolly, path: dolly.jsonl, categories: [summarization, classification]}\n"
+        "    - {name: h, format: hf_disk, path: ds, columns: {prompt: q, response: a}}\n")
+    b = api.load(tmp_path / "r.yaml")
+    result = api.apply(b)
+    assert result.ok
+    got = dict((r[0], r[1:]) for r in api.sql(b, "select id, prompt_of(turns), response_of(turns) from mix")[1])
+    assert got == {"d/1": ("Summarise the text.\n\nParis is the capital of France.", "Paris is France's capital."),
+                   "h/1": ("hi", "hello"), "h/2": ("bye", "goodbye")}
+    reasons = dict(api.sql(b, "select id, reason from source_d__rejects")[1])
+    assert reasons == {"d/2": "record 2: category 'brainstorming' not in ['summarization', 'classification']",
+                       "d/3": "record 3: missing field 'response'"}

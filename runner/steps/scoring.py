@@ -1,4 +1,5 @@
-"""Reward-model scoring for the quality filter: a local sequence-classification model scores (prompt, reply)."""
+"""Model helpers for data steps: token counting and reward-model scoring (a local sequence-classification
+model scores (prompt, reply) pairs)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from runner.registry import StepContext, StepError
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise StepError(f"tokenizer {path} could not be loaded ({exc})") from None
 
 
 def reward_scores(model_dir: Path, table: Any, batch_size: int, ctx: StepContext) -> list[float]:
