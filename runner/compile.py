@@ -74,7 +74,47 @@ def compile_recipe(loaded: LoadedRecipe) -> Graph:
     nodes.append(StepNode("split", "split", data.split, ("format",), {}, origin("data", "split")))
     if data.export is not None:
         nodes.append(StepNode("export", "export", data.export, ("split",), {}, origin("data", "export")))
+    if loaded.recipe.model is not None:
+        nodes += _training_nodes(loaded, problems, origin)
     try:
         return Graph(nodes)
     except GraphError as exc:
         raise RecipeError([Problem(loaded.where(()), "", str(exc))]) from None
+
+
+def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) -> list[StepNode]:
+    """tokenizer -> [model.init] -> tokenize -> train -> [merge] -> [eval], when the recipe names a model."""
+    from runner.steps.evaluation import EvalParams
+    from runner.steps.models import BaseRef, hub_commit
+    from runner.steps.training import InitParams, TokenizeParams, TokenizerParams, TrainParams
+
+    r = loaded.recipe
+    spec = r.model
+    assert spec is not None
+    base_files = _files(loaded, spec, ("model",), problems)
+    tok_files = _files(loaded, spec.tokenizer, ("model", "tokenizer"), problems) if spec.tokenizer else {}
+    if problems:
+        raise RecipeError(problems, "Fix the path (relative paths are relative to the recipe file).")
+    hub = isinstance(spec.base, str) and not spec.is_local()
+    commit = hub_commit(spec.base, spec.revision) if hub else None  # type: ignore[arg-type]
+    at = origin("model")
+    trains_tokenizer = spec.tokenizer is not None and spec.tokenizer.train is not None
+    nodes = [StepNode("tokenizer", "tokenizer",
+                      TokenizerParams(tokenizer=spec.tokenizer, base=spec.base if isinstance(spec.base, str) else None,
+                                      commit=commit),
+                      ("split",) if trains_tokenizer else (), {**tok_files, **({} if spec.tokenizer else base_files)}, at)]
+    model_inputs: tuple[str, ...] = ("tokenizer",)
+    if isinstance(spec.base, BaseRef):
+        nodes.append(StepNode("model.init", "model.init", InitParams(from_config=spec.base.from_config),
+                              ("tokenizer",), {}, at))
+        model_inputs += ("model.init",)
+    nodes.append(StepNode("tokenize", "tokenize", TokenizeParams(seq_len=r.train.seq_len, packing=r.train.packing),
+                          ("split", "tokenizer"), {}, origin("train")))
+    train = TrainParams(model=spec, commit=commit, lora=r.lora, train=r.train)
+    nodes.append(StepNode("train", "train", train, ("tokenize",) + model_inputs, base_files, origin("train")))
+    if r.train.merge:
+        nodes.append(StepNode("merge", "merge", train, ("train",) + model_inputs, base_files, origin("train")))
+    if r.eval is not None:
+        ev = EvalParams(model=spec, commit=commit, template=r.data.prompt.template, eval=r.eval)
+        nodes.append(StepNode("eval", "eval", ev, ("train", "tokenize") + model_inputs, base_files, origin("eval")))
+    return nodes

@@ -8,6 +8,7 @@ early cut-off: a step that re-runs and writes the same bytes leaves its readers 
 
 from __future__ import annotations
 
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -251,6 +252,7 @@ def _build_one(
             input_names=list(node.inputs),
             files=dict(node.files),
             out=tmp / "data",
+            scratch=cache.root / "scratch" / key,
             progress=lambda total, done: reporter.progress(node, total, done),
             locate=cache.get,
         )
@@ -285,6 +287,7 @@ def _build_one(
             },
         }
         art = cache.commit(key, tmp, record)
+        shutil.rmtree(cache.root / "scratch" / key, ignore_errors=True)
         return StepResult(node.name, "built", key, art, seconds, components=comps)
     finally:
         lock.release()

@@ -30,6 +30,7 @@ class StepContext:
     input_names: list[str]
     files: dict[str, Path]
     out: Path
+    scratch: Path = Path("/nonexistent")  # survives a killed build of the same key (checkpoints); removed on success
     rows: dict[str, int] = field(default_factory=dict)
     tables: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)

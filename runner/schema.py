@@ -8,9 +8,10 @@ from __future__ import annotations
 import typing
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from runner.params import Params
+from runner.steps.evaluation import EvalConfig
 from runner.steps.export import Export
 from runner.steps.filters import Filter
 from runner.steps.oasst import OasstSource
@@ -24,7 +25,9 @@ from runner.steps.sources import (
     ShareGptSource,
     TableSource,
 )
+from runner.steps.models import ModelSpec
 from runner.steps.split import Split
+from runner.steps.training import Lora, TrainConfig
 
 Source = Annotated[
     TableSource | OasstSource | AlpacaSource | DollySource | ShareGptSource | H2oGptSource | HfDiskSource,
@@ -58,6 +61,16 @@ class Recipe(Params):
     name: str | None = Field(None, pattern=NAME_PATTERN, description="recipe name (default: the file name)")
     vars: dict[str, Any] = Field(default_factory=dict, description="free values for `${vars.x}` interpolation")
     data: DataSection
+    model: ModelSpec | None = Field(None, description="the base model; with it, the recipe tokenizes and trains")
+    lora: Lora = Lora()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig | None = Field(None, description="held-out loss and generations after training")
+
+    @model_validator(mode="after")
+    def _training_needs_a_model(self) -> Recipe:
+        if self.model is None and self.eval is not None:
+            raise ValueError("eval: needs model: (there is nothing to evaluate without a model)")
+        return self
 
 
 def _models(model: type[BaseModel], seen: set[type[BaseModel]]) -> None:

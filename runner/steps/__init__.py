@@ -4,6 +4,6 @@ Modules here import only pydantic and the standard library at import time; DuckD
 transformers and friends are imported inside the run functions that need them.
 """
 
-from runner.steps import export, filters, oasst, prompts, sources, split
+from runner.steps import evaluation, export, filters, oasst, prompts, sources, split, training
 
-__all__ = ["export", "filters", "oasst", "prompts", "sources", "split"]
+__all__ = ["evaluation", "export", "filters", "oasst", "prompts", "sources", "split", "training"]

@@ -1,0 +1,113 @@
+"""The eval step: held-out loss and perplexity (of the base model and of the tuned one), and greedy
+generations on a fixed prompt set, stored as a table so `runner sql` and `diff` can compare them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import Field
+
+from runner.params import Params
+from runner.registry import StepContext, step
+from runner.steps.models import ModelSpec
+
+DEFAULT_PROMPTS = [
+    "What is the capital of France?",
+    "How many legs does a spider have?",
+    "What is 12 plus 30?",
+    "How can I sleep better?",
+]
+
+
+class EvalConfig(Params):
+    """What the eval step measures."""
+
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="fixed prompt set")
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class EvalParams(Params):
+    model: ModelSpec
+    commit: str | None = None
+    template: Literal["human_bot", "plain", "chat"]
+    eval: EvalConfig
+
+
+def render_prompt(template: str, prompt: str, tok: Any) -> str:
+    if template == "human_bot":
+        return f"<human>: {prompt}\n<bot>: "
+    if template == "chat":
+        return str(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True))
+    return f"{prompt}\n"
+
+
+def held_out_loss(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> float | None:
+    """Mean cross-entropy per label token over the validation examples."""
+    import torch
+
+    from runner.steps.trainer import collator
+
+    total, count = 0.0, 0
+    collate = collator(pad_id)
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = collate([{"input_ids": a, "labels": b} for a, b in rows[i : i + batch_size]])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                                     shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+            total += float(loss)
+            count += int((shift_labels != -100).sum())
+    return total / count if count else None
+
+
+@step("eval", version="1", params=EvalParams, libs=("torch", "transformers", "peft", "duckdb"))
+def evaluate(ctx: StepContext) -> None:
+    from runner.steps.quiet import quiet_ml
+
+    quiet_ml()
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from runner.steps.models import load_model
+    from runner.steps.trainer import base_path
+
+    p: EvalParams = ctx.params
+    tok = AutoTokenizer.from_pretrained(ctx.input("tokenizer").file("tokenizer"))
+    tok.padding_side = "left"
+    tokenized = ctx.input("tokenize")
+    val = pq.read_table(tokenized.file(tokenized.manifest["tables"]["validation"]))
+    rows = list(zip(val.column("input_ids").to_pylist(), val.column("labels").to_pylist()))
+    precision = p.model.precision if p.model.precision in ("fp32", "bf16", "fp16") else "fp32"
+    model = load_model(base_path(ctx, p), precision, trust_remote_code=p.model.trust_remote_code)
+    base_loss = held_out_loss(model, rows, tok.pad_token_id, p.eval.batch_size)
+    model = PeftModel.from_pretrained(model, ctx.input("train").file("adapter"))
+    loss = held_out_loss(model, rows, tok.pad_token_id, p.eval.batch_size)
+    ctx.metrics.update({
+        "val_loss": loss, "val_perplexity": math.exp(loss) if loss is not None else None,
+        "val_loss_base": base_loss, "val_examples": len(rows),
+    })
+    prompts = [render_prompt(p.template, q, tok) for q in p.eval.prompts]
+    outputs = []
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for i in range(0, len(prompts), p.eval.batch_size):
+            enc = tok(prompts[i : i + p.eval.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = model.generate(**enc, max_new_tokens=p.eval.max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            for row in gen[:, enc["input_ids"].shape[1]:]:
+                text = tok.decode(row, skip_special_tokens=True)
+                outputs.append(text.split("<human>:")[0].strip() if p.template == "human_bot" else text.strip())
+    table = pa.table({"prompt": p.eval.prompts, "output": outputs})
+    con = duckdb.connect()
+    con.register("g", table)
+    con.execute(f"copy (select * from g) to '{ctx.out / 'generations.parquet'}' (format parquet)")
+    con.close()
+    ctx.table("generations", "generations.parquet", len(outputs))

@@ -1,0 +1,199 @@
+"""The training loop: a transformers Trainer over PEFT LoRA, checkpointing to the step's scratch dir.
+
+`run(job)` is called in-process, or by every torchrun worker (`python -m runner.steps.trainer JOB`)
+for distributed training; rank 0 writes the outputs, every rank records a hash of its LoRA
+weights so a test can check that they agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from runner.registry import StepContext, StepError
+
+
+def base_path(ctx: StepContext, p: Any) -> Path:
+    from runner.steps.models import BaseRef, base_dir
+
+    built = ctx.input("model.init").file("model") if isinstance(p.model.base, BaseRef) else None
+    spec = p.model.model_copy(update={"revision": p.commit or p.model.revision})
+    return base_dir(spec, ctx.files, built)
+
+
+def job_for(ctx: StepContext, p: Any) -> dict[str, Any]:
+    tokenized = ctx.input("tokenize")
+    return {
+        "params": p.model_dump(mode="json"),
+        "base": str(base_path(ctx, p)),
+        "tokenizer": str(ctx.input("tokenizer").file("tokenizer")),
+        "train_file": str(tokenized.file(tokenized.manifest["tables"]["train"])),
+        "out": str(ctx.out),
+        "scratch": str(ctx.scratch),
+    }
+
+
+def launch_distributed(job: dict[str, Any], nproc: int, scratch: Path) -> None:
+    job_file = scratch / "job.json"
+    job_file.write_text(json.dumps(job))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+           "-m", "runner.steps.trainer", str(job_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise StepError(f"distributed training ({nproc} processes) failed:\n{tail}")
+
+
+def _dataset(path: str) -> Any:
+    import pyarrow.parquet as pq
+    import torch
+
+    table = pq.read_table(path)
+    ids, labels = table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
+
+    class Rows(torch.utils.data.Dataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return len(ids)
+
+        def __getitem__(self, i: int) -> dict[str, list[int]]:
+            return {"input_ids": ids[i], "labels": labels[i]}
+
+    return Rows()
+
+
+def collator(pad_id: int) -> Any:
+    import torch
+
+    def collate(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return collate
+
+
+def last_checkpoint(scratch: Path) -> str | None:
+    points = sorted(scratch.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return str(points[-1]) if points else None
+
+
+def lora_digest(model: Any) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted((n, p) for n, p in model.named_parameters() if "lora_" in n):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run(job: dict[str, Any]) -> None:
+    from runner.steps.quiet import quiet_ml
+
+    quiet_ml()
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+    from runner.steps.models import load_model, lora_targets
+    from runner.steps.training import TrainParams
+
+    p = TrainParams.model_validate(job["params"])
+    t = p.train
+    out, scratch = Path(job["out"]), Path(job["scratch"])
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.manual_seed(t.seed)
+    tok = AutoTokenizer.from_pretrained(job["tokenizer"])
+    model = load_model(Path(job["base"]), p.model.precision, trust_remote_code=p.model.trust_remote_code)
+    if p.model.precision in ("int8", "int4"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = lora_targets(model, p.lora.target_modules)
+    model = get_peft_model(model, LoraConfig(r=p.lora.rank, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
+                                             target_modules=targets, task_type="CAUSAL_LM"))
+    trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
+    total = sum(x.numel() for x in model.parameters())
+    dataset = _dataset(job["train_file"])
+    if len(dataset) == 0:
+        raise StepError("no training examples after tokenisation")
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(scratch), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr, lr_scheduler_type=t.schedule, warmup_steps=t.warmup_steps, num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1, seed=t.seed, data_seed=t.seed, logging_steps=1, save_strategy="steps",
+        save_steps=t.checkpoint_every, save_total_limit=2, report_to=[], use_cpu=not cuda, disable_tqdm=True,
+        dataloader_num_workers=0, remove_unused_columns=False, eval_strategy="no", log_level="error",
+        ddp_backend=("nccl" if cuda else "gloo") if world > 1 else None,
+        fsdp="full_shard" if t.distributed.strategy == "fsdp" and world > 1 else "",
+    )
+    timing: dict[str, float] = {}
+
+    class Clock(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            timing["start"] = time.perf_counter()
+
+        def on_train_end(self, *a: Any, **k: Any) -> None:
+            timing["end"] = time.perf_counter()
+
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator(tok.pad_token_id),
+                      callbacks=[Clock()])
+    trainer.remove_callback(PrinterCallback)
+    resume = last_checkpoint(scratch)
+    result = trainer.train(resume_from_checkpoint=resume)
+    digest = lora_digest(model)
+    (out / "ranks").mkdir(parents=True, exist_ok=True)
+    (out / "ranks" / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "lora_sha256": digest}))
+    if rank != 0:
+        return
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
+    seconds = timing.get("end", 0) - timing.get("start", 0)
+    tokens = sum(sum(1 for x in dataset[i]["input_ids"]) for i in range(len(dataset)))
+    metrics = {
+        "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
+        "train_loss_mean": result.training_loss, "steps": trainer.state.global_step, "resumed_from": resume,
+        "trainable_params": trainable, "total_params": total, "trainable_percent": round(100 * trainable / total, 4),
+        "lora_targets": targets, "precision": p.model.precision, "world_size": world,
+        "train_seconds": seconds, "epochs_done": trainer.state.epoch,
+    }
+    if p.model.precision in ("int8", "int4"):
+        from runner.steps.models import count_quantized
+
+        metrics["quantized_layers"] = count_quantized(model)[0]
+    model.save_pretrained(out / "adapter", safe_serialization=True)
+    (out / "train_result.json").write_text(json.dumps({"metrics": metrics, "losses": losses, "steps": steps,
+                                                        "tokens_per_epoch": tokens}, sort_keys=True))
+    plot(steps, losses, out / "loss.png")
+
+
+def plot(steps: list[int], losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, linewidth=1.2)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    run(json.loads(Path(sys.argv[1]).read_text()))

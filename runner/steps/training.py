@@ -1,0 +1,224 @@
+"""Training steps: tokenizer, model.init (from_config), tokenize, train (LoRA/QLoRA), merge.
+
+Tokenizing is its own step, so changing a training param never re-tokenises. The heavy
+loop lives in `trainer.py` (also run by torchrun workers for `distributed.nproc > 1`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Literal
+
+from pydantic import Field
+
+from runner.params import Params
+from runner.registry import StepContext, StepError, step
+from runner.steps.models import FromConfig, ModelSpec, TokenizerRef
+
+
+class Lora(Params):
+    """LoRA adapters (PEFT). With precision int4 this is QLoRA."""
+
+    rank: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["auto"] = Field(
+        "auto", description="`auto`: Falcon/GPT-NeoX query_key_value, dense, dense_h_to_4h, dense_4h_to_h; "
+                            "Llama q/k/v/o/gate/up/down_proj")
+
+
+class Distributed(Params):
+    nproc: int = Field(1, ge=1, description="processes (torchrun; gloo on CPU, nccl on GPU)")
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
+class TrainConfig(Params):
+    """The optimisation. `seq_len` and `packing` belong to tokenisation (a separate cached step)."""
+
+    seq_len: int = Field(256, ge=8)
+    packing: bool = Field(False, description="concatenate examples into full seq_len blocks (no padding)")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (overrides epochs)")
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1, description="optimiser steps between checkpoints (resume after a kill)")
+    merge: bool = Field(False, description="also write the base model with the adapter merged in")
+    distributed: Distributed = Distributed()
+
+
+class TokenizerParams(Params):
+    tokenizer: TokenizerRef | None
+    base: str | None = None
+    commit: str | None = None
+
+
+class InitParams(Params):
+    from_config: FromConfig
+
+
+class TokenizeParams(Params):
+    seq_len: int
+    packing: bool
+
+
+class TrainParams(Params):
+    model: ModelSpec
+    commit: str | None = Field(None, description="resolved hub commit of the base (key material)")
+    lora: Lora
+    train: TrainConfig
+
+
+@step("tokenizer", version="1", params=TokenizerParams, libs=("tokenizers", "transformers"))
+def make_tokenizer(ctx: StepContext) -> None:
+    """Train a byte-level BPE on the training text, or copy the given / the base model's tokenizer."""
+    from runner.steps.quiet import quiet_ml
+
+    quiet_ml()
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    p: TokenizerParams = ctx.params
+    out = ctx.out / "tokenizer"
+    if p.tokenizer is not None and p.tokenizer.train is not None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        import duckdb
+
+        from runner.steps.tables import open_input
+
+        con = duckdb.connect()
+        texts = [r[0] for r in con.execute(f"select text from {open_input(ctx, table='train')}").fetchall()]
+        con.close()
+        if not texts:
+            raise StepError("no training rows to train a tokenizer on")
+        tok = Tokenizer(models.BPE(unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        special = ["<|endoftext|>", "<|pad|>"]
+        trainer = trainers.BpeTrainer(vocab_size=p.tokenizer.train.vocab_size, min_frequency=p.tokenizer.train.min_frequency,
+                                      special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                       pad_token="<|pad|>")
+    else:
+        from runner.steps.models import base_dir
+
+        source = ctx.files[p.tokenizer.path] if p.tokenizer is not None and p.tokenizer.path else \
+            base_dir(ModelSpec(base=p.base or "", revision=p.commit or "main"), ctx.files, None)
+        try:
+            fast = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise StepError(f"no tokenizer could be loaded from {source} ({exc})") from None
+        if fast.pad_token is None:
+            fast.pad_token = fast.eos_token
+    fast.save_pretrained(out)
+    ctx.metrics["vocab_size"] = len(fast)
+
+
+@step("model.init", version="1", params=InitParams, libs=("torch", "transformers", "safetensors"))
+def init_model(ctx: StepContext) -> None:
+    """A model from a config with seeded random init, saved as safetensors (no download)."""
+    from runner.steps.quiet import quiet_ml
+
+    quiet_ml()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from runner.steps.models import build_config
+
+    p: InitParams = ctx.params
+    tok = AutoTokenizer.from_pretrained(ctx.input("tokenizer").file("tokenizer"))
+    config = build_config(p.from_config, len(tok), tok.bos_token_id, tok.eos_token_id)
+    torch.manual_seed(p.from_config.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(ctx.out / "model", safe_serialization=True)
+    ctx.metrics["parameters"] = sum(t.numel() for t in model.parameters())
+
+
+@step("tokenize", version="1", params=TokenizeParams, libs=("duckdb", "tokenizers", "transformers"))
+def tokenize(ctx: StepContext) -> None:
+    """Token ids and labels (prompt tokens masked with -100) for train and validation; packed if asked."""
+    import duckdb
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from runner.steps.tables import open_input
+    from stores.datastore import quote_path
+
+    p: TokenizeParams = ctx.params
+    tok = AutoTokenizer.from_pretrained(ctx.input("tokenizer").file("tokenizer"))
+    con = duckdb.connect()
+    try:
+        for split in ("train", "validation"):
+            rows = con.execute(f"select prompt, completion from {open_input(ctx, 'split', table=split)}").fetchall()
+            prompts = tok([r[0] for r in rows], add_special_tokens=False)["input_ids"] if rows else []
+            replies = tok([r[1] for r in rows], add_special_tokens=False)["input_ids"] if rows else []
+            examples = []
+            for prompt_ids, reply_ids in zip(prompts, replies):
+                ids = prompt_ids + reply_ids + [tok.eos_token_id]
+                labels = [-100] * len(prompt_ids) + reply_ids + [tok.eos_token_id]
+                examples.append((ids[: p.seq_len], labels[: p.seq_len]))
+            if p.packing:
+                examples = pack(examples, p.seq_len)
+            table = pa.table({"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]})
+            con.register("t", table)
+            path = ctx.out / f"{split}.parquet"
+            con.execute(f"copy (select * from t) to {quote_path(path)} (format parquet)")
+            con.unregister("t")
+            ctx.table(split, f"{split}.parquet", len(examples))
+            ctx.metrics[f"{split}_tokens"] = sum(len(e[0]) for e in examples)
+            ctx.metrics[f"{split}_label_tokens"] = sum(sum(1 for x in e[1] if x != -100) for e in examples)
+    finally:
+        con.close()
+
+
+def pack(examples: list[tuple[list[int], list[int]]], seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Concatenate examples (each ends with EOS) and cut into seq_len blocks; the last partial block is kept."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for e_ids, e_labels in examples:
+        ids.extend(e_ids)
+        labels.extend(e_labels)
+    return [(ids[i : i + seq_len], labels[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
+
+
+@step("train", version="1", params=TrainParams, libs=("torch", "transformers", "peft", "bitsandbytes", "accelerate"))
+def train(ctx: StepContext) -> None:
+    """Fine-tune LoRA adapters; resumable from the checkpoints in the step's scratch dir."""
+    from runner.steps import trainer
+
+    p: TrainParams = ctx.params
+    ctx.scratch.mkdir(parents=True, exist_ok=True)
+    job = trainer.job_for(ctx, p)
+    if p.train.distributed.nproc > 1:
+        trainer.launch_distributed(job, p.train.distributed.nproc, ctx.scratch)
+    else:
+        trainer.run(job)
+    result = json.loads((ctx.out / "train_result.json").read_text())
+    ctx.metrics.update(result["metrics"])
+
+
+@step("merge", version="1", params=TrainParams, libs=("torch", "transformers", "peft", "safetensors"))
+def merge(ctx: StepContext) -> None:
+    """The base model with the trained adapter merged in (fp32 or bf16/fp16 weights), as safetensors."""
+    from runner.steps.quiet import quiet_ml
+
+    quiet_ml()
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from runner.steps.models import load_model
+    from runner.steps.trainer import base_path
+
+    p: TrainParams = ctx.params
+    precision = p.model.precision if p.model.precision in ("fp32", "bf16", "fp16") else "fp32"
+    model = load_model(base_path(ctx, p), precision, trust_remote_code=p.model.trust_remote_code)
+    model = PeftModel.from_pretrained(model, ctx.input("train").file("adapter")).merge_and_unload()
+    model.save_pretrained(ctx.out / "model", safe_serialization=True)
+    AutoTokenizer.from_pretrained(ctx.input("tokenizer").file("tokenizer")).save_pretrained(ctx.out / "model")
+    shutil.copy(ctx.input("train").file("train_result.json"), ctx.out / "train_result.json")
