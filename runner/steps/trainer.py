@@ -119,7 +119,11 @@ def run(job: dict[str, Any]) -> None:
     torch.manual_seed(t.seed)
     tok = AutoTokenizer.from_pretrained(job["tokenizer"])
     model = load_model(Path(job["base"]), p.model.precision, trust_remote_code=p.model.trust_remote_code)
+    quantized = None
     if p.model.precision in ("int8", "int4"):
+        from runner.steps.models import count_quantized
+
+        quantized = count_quantized(model)[0]  # before LoRA wraps the layers
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = lora_targets(model, p.lora.target_modules)
     model = get_peft_model(model, LoraConfig(r=p.lora.rank, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
@@ -169,10 +173,8 @@ def run(job: dict[str, Any]) -> None:
         "lora_targets": targets, "precision": p.model.precision, "world_size": world,
         "train_seconds": seconds, "epochs_done": trainer.state.epoch,
     }
-    if p.model.precision in ("int8", "int4"):
-        from runner.steps.models import count_quantized
-
-        metrics["quantized_layers"] = count_quantized(model)[0]
+    if quantized is not None:
+        metrics["quantized_layers"] = quantized
     model.save_pretrained(out / "adapter", safe_serialization=True)
     (out / "train_result.json").write_text(json.dumps({"metrics": metrics, "losses": losses, "steps": steps,
                                                         "tokens_per_epoch": tokens}, sort_keys=True))

@@ -1,0 +1,158 @@
+"""Training on tiny models built from a config: precisions, quantization checks, resume after kill,
+two-process torchrun, missing hub models, and that plan never imports the ML stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runner import api
+from tests.conftest import ROOT, run_subprocess
+
+SAMPLE = ROOT / "recipes" / "data" / "sample.oasst.jsonl"
+
+
+def recipe(tmp_path: Path, *, precision: str = "fp32", arch: str = "falcon", extra: str = "", steps: int = 12,
+           checkpoint_every: int = 50, nproc: int = 1) -> Path:
+    text = f"""
+data:
+  sources: [{{name: s, format: oasst, path: {SAMPLE}, lang: [en]}}]
+  split: {{validation: 0.1, seed: 1}}
+model:
+  base: {{from_config: {{architecture: {arch}, hidden_size: 64, layers: 2, heads: 4, seed: 0}}}}
+  tokenizer: {{train: {{vocab_size: 400}}}}
+  precision: {precision}
+lora: {{rank: 8, alpha: 16, dropout: 0.0}}
+train:
+  seq_len: 64
+  batch_size: 8
+  lr: 5.0e-3
+  schedule: constant
+  max_steps: {steps}
+  seed: 3
+  checkpoint_every: {checkpoint_every}
+  distributed: {{nproc: {nproc}}}
+{extra}"""
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    return path
+
+
+def train_metrics(path: Path, cache: Path | None = None) -> dict:
+    b = api.load(path, cache_dir=cache)
+    result = api.apply(b)
+    assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
+    return next(s for s in result.steps if s.name == "train").artifact.manifest["metrics"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_precision_trains_and_loss_falls(tmp_path: Path, precision: str) -> None:
+    m = train_metrics(recipe(tmp_path, precision=precision, steps=25))
+    assert m["steps"] == 25 and m["precision"] == precision
+    assert m["train_loss_last"] < m["train_loss_first"] - 0.3
+    assert m["lora_targets"] == ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    assert 0 < m["trainable_params"] < m["total_params"]
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("arch", ["falcon", "llama"])
+def test_quantized_training_really_quantizes(tmp_path: Path, precision: str, arch: str) -> None:
+    m = train_metrics(recipe(tmp_path, precision=precision, arch=arch, steps=20))
+    per_layer = 4 if arch == "falcon" else 7  # falcon: qkv, dense, h_to_4h, 4h_to_h; llama: q k v o gate up down
+    assert m["quantized_layers"] == 2 * per_layer  # every linear layer but the LM head, in both blocks
+    assert m["train_loss_last"] < m["train_loss_first"]
+
+
+def test_llama_and_gpt_neox_targets(tmp_path: Path) -> None:
+    m = train_metrics(recipe(tmp_path, arch="llama", steps=3))
+    assert m["lora_targets"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    (tmp_path / "n").mkdir()
+    m = train_metrics(recipe(tmp_path / "n", arch="gpt_neox", steps=3))
+    assert m["lora_targets"] == ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+
+def test_changing_a_train_param_does_not_retokenize(tmp_path: Path) -> None:
+    path = recipe(tmp_path, steps=3)
+    b = api.load(path)
+    api.apply(b)
+    b2 = api.load(path, overrides=["train.lr=0.001"])
+    states = {p.name: p.state for p in api.plan(b2)}
+    assert states["tokenize"] == "cached" and states["tokenizer"] == "cached" and states["train"] == "run"
+    b3 = api.load(path, overrides=["train.seq_len=32"])
+    assert {p.name: p.state for p in api.plan(b3)}["tokenize"] == "run"
+
+
+def test_eval_merge_and_outputs(tmp_path: Path) -> None:
+    path = recipe(tmp_path, steps=10, extra="eval: {prompts: ['What is the capital of France?'], max_new_tokens: 8}\n")
+    b = api.load(path, overrides=["train.merge=true"])
+    result = api.apply(b)
+    assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
+    steps = {s.name: s.artifact for s in result.steps}
+    ev = steps["eval"].manifest["metrics"]
+    assert ev["val_loss"] < ev["val_loss_base"] and ev["val_perplexity"] > 1
+    gens = api.sql(b, "select prompt, output from eval__generations")[1]
+    assert gens[0][0] == "What is the capital of France?" and isinstance(gens[0][1], str)
+    assert (steps["train"].file("loss.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (steps["train"].file("adapter") / "adapter_model.safetensors").exists()
+    assert (steps["merge"].file("model") / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "ref").mkdir()
+    reference = train_metrics(recipe(tmp_path / "ref", steps=60, checkpoint_every=10), tmp_path / "c1")
+    path = recipe(tmp_path, steps=60, checkpoint_every=10)
+    cache = tmp_path / "c2"
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "apply", str(path)], cwd=ROOT,
+                            env={**os.environ, "RUNNER_CACHE": str(cache)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((cache / "scratch").glob("*/checkpoint-20")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    points = sorted(int(p.name.split("-")[1]) for p in (cache / "scratch").glob("*/checkpoint-*"))
+    assert points and points[-1] < 60, "killed mid-training"
+    resumed = train_metrics(path, cache)
+    assert resumed["resumed_from"] is not None and resumed["resumed_from"].endswith(f"checkpoint-{points[-1]}")
+    assert resumed["steps"] == reference["steps"] == 60
+    assert abs(resumed["train_loss_last"] - reference["train_loss_last"]) < 0.05
+    assert not list((cache / "scratch").glob("*")), "scratch is removed once the step is built"
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_gives_identical_lora_weights(tmp_path: Path) -> None:
+    b = api.load(recipe(tmp_path, steps=6, nproc=2))
+    result = api.apply(b)
+    assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
+    art = next(s for s in result.steps if s.name == "train").artifact
+    assert art.manifest["metrics"]["world_size"] == 2
+    digests = {json.loads(art.file(f"ranks/rank{r}.json").read_text())["lora_sha256"] for r in (0, 1)}
+    assert len(digests) == 1
+
+
+def test_missing_hub_model_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    path = recipe(tmp_path)
+    text = path.read_text().replace("base: {from_config: {architecture: falcon, hidden_size: 64, layers: 2, heads: 4, seed: 0}}",
+                                    "base: tiiuae/falcon-7b").replace("  tokenizer: {train: {vocab_size: 400}}\n", "")
+    path.write_text(text)
+    proc = run_subprocess("apply", str(path), "--target", "tokenizer", cache=tmp_path / "c")
+    assert proc.returncode == 1
+    assert "model tiiuae/falcon-7b (revision main) is not in the Hugging Face cache" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_plan_of_a_training_recipe_imports_no_ml(tmp_path: Path) -> None:
+    code = ("import sys; from runner.cli.main import main; main(['plan', sys.argv[1]]);"
+            "print('IMPORTED', [m for m in ('torch', 'transformers', 'peft', 'duckdb') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "recipes" / "quickstart.yaml")], capture_output=True,
+                          text=True, env={**os.environ, "RUNNER_CACHE": str(tmp_path / "c")})
+    assert "IMPORTED []" in proc.stdout, proc.stdout + proc.stderr
