@@ -139,6 +139,7 @@ def run(job: dict[str, Any]) -> None:
         learning_rate=t.lr, lr_scheduler_type=t.schedule, warmup_steps=t.warmup_steps, num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1, seed=t.seed, data_seed=t.seed, logging_steps=1, save_strategy="steps",
         save_steps=t.checkpoint_every, save_total_limit=2, report_to=[], use_cpu=not cuda, disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if t.group_by_length and not t.packing else "random",
         dataloader_num_workers=0, remove_unused_columns=False, eval_strategy="no", log_level="error",
         ddp_backend=("nccl" if cuda else "gloo") if world > 1 else None,
         fsdp="full_shard" if t.distributed.strategy == "fsdp" and world > 1 else "",

@@ -39,6 +39,7 @@ class TrainConfig(Params):
     seq_len: int = Field(256, ge=8)
     packing: bool = Field(False, description="concatenate examples into full seq_len blocks (no padding)")
     batch_size: int = Field(8, ge=1)
+    group_by_length: bool = Field(True, description="batch examples of similar length (less padding); no effect when packed")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-4, gt=0)
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
