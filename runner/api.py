@@ -188,3 +188,16 @@ def explain(build: Build, row_id: str) -> list[dict[str, Any]]:
         raise RunnerError(f"no row {row_id!r} in any built step of {build.loaded.path}; row ids look like "
                           "SOURCE/N (see `runner sql RECIPE \"select id from source_NAME limit 5\"`)")
     return trail
+
+
+def retriever(build: Build, *, model: str | None = None, ef_search: int | None = None) -> Any:
+    """A Retriever over the recipe's built index (`runner apply` first)."""
+    from runner.retrieval import Retriever
+
+    if "index" not in build.graph.nodes:
+        raise RunnerError(f"{build.loaded.path} has no index: section")
+    art = artifact(build, "index")
+    if art is None:
+        raise RunnerError(f"the index of {build.loaded.path} is not built for the current recipe; run "
+                          f"`runner apply {build.loaded.path}` first")
+    return Retriever(art, build.graph.nodes["embed"].files, model=model, ef_search=ef_search)

@@ -31,13 +31,34 @@ def _files(loaded: LoadedRecipe, params: Any, at: tuple[str | int, ...], problem
 
 
 def compile_recipe(loaded: LoadedRecipe) -> Graph:
-    data = loaded.recipe.data
     nodes: list[StepNode] = []
     problems: list[Problem] = []
 
     def origin(*path: str | int) -> str:
         return str(loaded.where(tuple(path)))
 
+    if loaded.recipe.data is not None:
+        nodes += _data_nodes(loaded, problems, origin)
+    if loaded.recipe.index is not None:
+        nodes += _index_nodes(loaded, problems, origin)
+    if loaded.recipe.model is not None:
+        nodes += _training_nodes(loaded, problems, origin)
+    try:
+        return Graph(nodes)
+    except GraphError as exc:
+        raise RecipeError([Problem(loaded.where(()), "", str(exc))]) from None
+
+
+def _check(problems: list[Problem]) -> None:
+    if problems:
+        raise RecipeError(problems, "Fix the path (relative paths are relative to the recipe file).")
+
+
+def _data_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) -> list[StepNode]:
+    """sources -> [mix] -> filters... -> format -> split -> [export]"""
+    data = loaded.recipe.data
+    assert data is not None
+    nodes: list[StepNode] = []
     sources = []
     for i, src in enumerate(data.sources):
         files = _files(loaded, src, ("data", "sources", i), problems)
@@ -46,8 +67,8 @@ def compile_recipe(loaded: LoadedRecipe) -> Graph:
         nodes.append(StepNode(name, kind, src, (), files, origin("data", "sources", i)))
         sources.append(name)
     filter_files = [_files(loaded, f, ("data", "filters", i), problems) for i, f in enumerate(data.filters)]
-    if problems:
-        raise RecipeError(problems, "Fix the path (relative paths are relative to the recipe file).")
+    prompt_files = _files(loaded, data.prompt, ("data", "prompt"), problems)
+    _check(problems)
 
     last = sources[0]
     weights = [s.weight for s in data.sources]
@@ -67,19 +88,38 @@ def compile_recipe(loaded: LoadedRecipe) -> Graph:
         nodes.append(StepNode(name, f"filter.{flt.kind}", flt, (last,), filter_files[i], origin("data", "filters", i)))
         last = name
 
-    prompt_files = _files(loaded, data.prompt, ("data", "prompt"), problems)
-    if problems:
-        raise RecipeError(problems, "Fix the path (relative paths are relative to the recipe file).")
     nodes.append(StepNode("format", "format", data.prompt, (last,), prompt_files, origin("data", "prompt")))
     nodes.append(StepNode("split", "split", data.split, ("format",), {}, origin("data", "split")))
     if data.export is not None:
         nodes.append(StepNode("export", "export", data.export, ("split",), {}, origin("data", "export")))
-    if loaded.recipe.model is not None:
-        nodes += _training_nodes(loaded, problems, origin)
-    try:
-        return Graph(nodes)
-    except GraphError as exc:
-        raise RecipeError([Problem(loaded.where(()), "", str(exc))]) from None
+    return nodes
+
+
+def _index_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) -> list[StepNode]:
+    """docs -> chunk -> embed -> index"""
+    from runner.steps.documents import ChunkParams, DocsParams
+    from runner.steps.indexing import IndexParams
+
+    ix = loaded.recipe.index
+    assert ix is not None
+    doc_files: dict[str, Path] = {}
+    for i, src in enumerate(ix.documents):
+        at = ("index", "documents", i, "path")
+        resolved = (loaded.base_dir(at) / src.path).resolve()
+        if not resolved.exists():
+            problems.append(Problem(loaded.where(at), show_path(at), f"{src.path!r} not found (looked for {resolved})"))
+        doc_files[src.path] = resolved
+    model_files = _files(loaded, ix.embed, ("index", "embed"), problems)
+    _check(problems)
+    at = origin("index")
+    return [
+        StepNode("docs", "docs", DocsParams(sources=ix.documents), (), doc_files, at),
+        StepNode("chunk", "chunk", ChunkParams(chunk=ix.chunk, model=ix.embed.model), ("docs",),
+                 model_files if ix.chunk.by == "tokens" else {}, origin("index", "chunk")),
+        StepNode("embed", "embed", ix.embed, ("chunk",), model_files, origin("index", "embed")),
+        StepNode("index", "index", IndexParams(embed=ix.embed, hnsw=ix.hnsw, exact_below=ix.exact_below, hybrid=ix.hybrid),
+                 ("embed", "chunk"), {}, origin("index")),
+    ]
 
 
 def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) -> list[StepNode]:
@@ -90,11 +130,10 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
 
     r = loaded.recipe
     spec = r.model
-    assert spec is not None
+    assert spec is not None and r.data is not None
     base_files = _files(loaded, spec, ("model",), problems)
     tok_files = _files(loaded, spec.tokenizer, ("model", "tokenizer"), problems) if spec.tokenizer else {}
-    if problems:
-        raise RecipeError(problems, "Fix the path (relative paths are relative to the recipe file).")
+    _check(problems)
     hub = isinstance(spec.base, str) and not spec.is_local()
     commit = hub_commit(spec.base, spec.revision) if hub else None  # type: ignore[arg-type]
     at = origin("model")

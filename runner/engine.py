@@ -255,6 +255,7 @@ def _build_one(
             scratch=cache.root / "scratch" / key,
             progress=lambda total, done: reporter.progress(node, total, done),
             locate=cache.get,
+            memo_root=cache.root / "memo",
         )
         started = time.time()
         try:

@@ -301,7 +301,7 @@ def _message(err: Any, path: KeyPath) -> str:
         return f"missing required key {path[-1]!r}" if path else "missing required key"
     if kind in _EXPECT:
         return f"{_EXPECT[kind]}, got {value!r}"
-    msg = str(err["msg"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
     msg = msg[0].lower() + msg[1:] if msg else msg
     if isinstance(value, (str, int, float, bool)) and kind != "value_error":
         msg += f", got {value!r}"

@@ -39,6 +39,7 @@ class StepContext:
     requires: list[str] = field(default_factory=list)
     progress: Callable[[int | None, int], None] = lambda total, done: None
     locate: Callable[[str], Artifact | None] = lambda key: None
+    memo_root: Path = Path("/nonexistent")  # content-addressed memos shared by builds (e.g. embeddings)
 
     def input(self, name: str | None = None) -> Artifact:
         """The one input, or the input built by step `name`."""
@@ -47,6 +48,12 @@ class StepContext:
                 raise StepError(f"step {self.name} expects one input, got {len(self.inputs)}")
             return self.inputs[0]
         return self.inputs[self.input_names.index(name)]
+
+    def memo(self, namespace: str) -> Path:
+        """A directory shared by every build that computes the same thing (e.g. vectors of one model)."""
+        path = self.memo_root / namespace
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def artifact(self, key: str) -> Artifact:
         """Another artifact this step reads by key (e.g. the base of a view), verified."""

@@ -14,6 +14,7 @@ from runner.params import Params
 from runner.steps.evaluation import EvalConfig
 from runner.steps.export import Export
 from runner.steps.filters import Filter
+from runner.steps.indexing import IndexSection
 from runner.steps.oasst import OasstSource
 from runner.steps.prompts import PromptFormat
 from runner.steps.sources import (
@@ -60,16 +61,21 @@ class Recipe(Params):
 
     name: str | None = Field(None, pattern=NAME_PATTERN, description="recipe name (default: the file name)")
     vars: dict[str, Any] = Field(default_factory=dict, description="free values for `${vars.x}` interpolation")
-    data: DataSection
+    data: DataSection | None = Field(None, description="training data (needed to train)")
+    index: IndexSection | None = Field(None, description="documents for retrieval / document chat")
     model: ModelSpec | None = Field(None, description="the base model; with it, the recipe tokenizes and trains")
     lora: Lora = Lora()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig | None = Field(None, description="held-out loss and generations after training")
 
     @model_validator(mode="after")
-    def _training_needs_a_model(self) -> Recipe:
+    def _sections_fit(self) -> Recipe:
         if self.model is None and self.eval is not None:
             raise ValueError("eval: needs model: (there is nothing to evaluate without a model)")
+        if self.model is not None and self.data is None:
+            raise ValueError("model: needs data: to train on")
+        if self.data is None and self.index is None:
+            raise ValueError("a recipe needs data: (to train) and/or index: (documents to retrieve from)")
         return self
 
 

@@ -32,7 +32,7 @@ CASES: list[tuple[str, str | bytes, list[str], str]] = [
     ("undefined-alias", "name: *nope\n" + OK_SOURCES, [], "invalid YAML"),
     # schema: top level and sources
     ("unknown-top-key", "datta: 1\n" + OK_SOURCES, [], "unknown key 'datta'"),
-    ("missing-data", "name: x\n", [], "missing required key 'data'"),
+    ("missing-data", "name: x\n", [], "a recipe needs data: (to train) and/or index:"),
     ("no-sources", "data:\n  sources: []\n", [], "at least 1"),
     ("sources-not-list", "data:\n  sources: rows.jsonl\n", [], "expected a list"),
     ("source-no-name", "data:\n  sources:\n    - format: jsonl\n      path: rows.jsonl\n", [], "'name'"),

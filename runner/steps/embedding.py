@@ -25,9 +25,9 @@ def model_dir(name: str, files: dict[str, Path]) -> Path:
 
 
 def load_embedder(name: str, files: dict[str, Path]) -> Any:
-    import os
+    from runner.steps.quiet import quiet_ml
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_ml()
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(model_dir(name, files)), device="cpu", local_files_only=True)

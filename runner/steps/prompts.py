@@ -88,6 +88,10 @@ def format_rows(ctx: StepContext) -> None:
 
 def _register_chat(con: Any, ctx: StepContext, table: Any) -> None:
     import pyarrow as pa
+
+    from runner.steps.quiet import quiet_ml
+
+    quiet_ml()
     from transformers import AutoTokenizer
 
     path = ctx.files[ctx.params.tokenizer]

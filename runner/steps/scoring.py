@@ -10,6 +10,9 @@ from runner.registry import StepContext, StepError
 
 
 def load_tokenizer(path: Path) -> Any:
+    from runner.steps.quiet import quiet_ml
+
+    quiet_ml()
     from transformers import AutoTokenizer
 
     try:
@@ -19,6 +22,9 @@ def load_tokenizer(path: Path) -> Any:
 
 
 def reward_scores(model_dir: Path, table: Any, batch_size: int, ctx: StepContext) -> list[float]:
+    from runner.steps.quiet import quiet_ml
+
+    quiet_ml()
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -1,0 +1,96 @@
+"""Retrieval over a recipe's index: the Python API behind `runner query` and document chat.
+
+A `Retriever` holds the index, its chunk table and the embedding model it was built with;
+asking it to use another model is an error (mixing embedding spaces silently gives garbage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from runner.errors import RunnerError
+from stores.cache import Artifact
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: str
+    doc_id: str
+    source: str
+    title: str
+    position: int
+    text: str
+    score: float
+
+
+class Retriever:
+    def __init__(self, artifact: Artifact, embed_files: dict[str, Any], *, model: str | None = None,
+                 ef_search: int | None = None) -> None:
+        import pyarrow.parquet as pq
+
+        from stores.vectors import VectorIndex
+
+        self.index = VectorIndex.open(artifact.file("index"), ef_search=ef_search)
+        self.model_name = self.index.info["model"]
+        if model is not None and model != self.model_name:
+            raise RunnerError(f"this index was built with embedding model {self.model_name!r}; querying it with "
+                              f"{model!r} would compare vectors from different spaces. Rebuild the index with "
+                              f"{model!r} or query with {self.model_name!r}")
+        self.chunks = pq.read_table(artifact.file("chunks.parquet")).to_pylist()
+        self._files = embed_files
+        self._model: Any = None
+        self._bm25: Any = None
+        self._artifact = artifact
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from runner.steps.embedding import load_embedder
+
+            self._model = load_embedder(self.model_name, self._files)
+        return self._model
+
+    def embed(self, texts: list[str]) -> Any:
+        from runner.steps.embedding import embed
+
+        return embed(self.model, texts, 64)
+
+    def search(self, question: str, k: int = 5, *, hybrid: bool | None = None) -> list[Hit]:
+        return self.search_vectors(self.embed([question]), [question], k, hybrid=hybrid)[0]
+
+    def search_vectors(self, vectors: Any, questions: list[str], k: int, *, hybrid: bool | None = None) -> list[list[Hit]]:
+        use_bm25 = self.index.info.get("hybrid", False) if hybrid is None else hybrid
+        if use_bm25 and not self.index.info.get("hybrid", False):
+            raise RunnerError("this index has no BM25 part; set index.hybrid: true and apply to use hybrid search")
+        labels, scores = self.index.search(vectors, k * 4 if use_bm25 else k)
+        out = []
+        for qi, question in enumerate(questions):
+            ranked = [(int(label), float(score)) for label, score in zip(labels[qi], scores[qi])]
+            if use_bm25:
+                ranked = self._fuse(ranked, self._bm25_rank(question, k * 4))[:k]
+            out.append([self._hit(label, score) for label, score in ranked[:k]])
+        return out
+
+    def _bm25_rank(self, question: str, k: int) -> list[tuple[int, float]]:
+        import bm25s
+
+        if self._bm25 is None:
+            self._bm25 = bm25s.BM25.load(str(self._artifact.file("bm25")))
+        k = min(k, len(self.chunks))
+        docs, scores = self._bm25.retrieve(bm25s.tokenize([question], stopwords="en", show_progress=False), k=k,
+                                           show_progress=False)
+        return [(int(d), float(s)) for d, s in zip(docs[0], scores[0]) if s > 0]
+
+    @staticmethod
+    def _fuse(*rankings: list[tuple[int, float]], c: int = 60) -> list[tuple[int, float]]:
+        """Reciprocal rank fusion: score = sum of 1 / (c + rank) over the rankings a chunk appears in."""
+        fused: dict[int, float] = {}
+        for ranking in rankings:
+            for rank, (label, _) in enumerate(ranking, start=1):
+                fused[label] = fused.get(label, 0.0) + 1.0 / (c + rank)
+        return sorted(fused.items(), key=lambda x: (-x[1], x[0]))
+
+    def _hit(self, label: int, score: float) -> Hit:
+        c = self.chunks[label]
+        return Hit(c["id"], c["doc_id"], c["source"], c["title"], c["position"], c["text"], score)
