@@ -15,8 +15,11 @@ from stores.cache import Artifact, ArtifactCache, default_cache_dir
 from stores.hashing import hash_bytes
 
 
-def open_cache(cache_dir: str | Path | None = None) -> ArtifactCache:
-    return ArtifactCache(Path(cache_dir) if cache_dir else default_cache_dir())
+def open_cache(cache_dir: str | Path | None = None, remote: str | Path | None = None) -> ArtifactCache:
+    """The local cache (default: $RUNNER_CACHE or ~/.cache/runner), with an optional shared one
+    ($RUNNER_CACHE_REMOTE or `remote`: a directory on a shared or network filesystem)."""
+    remote = remote or os.environ.get("RUNNER_CACHE_REMOTE") or None
+    return ArtifactCache(Path(cache_dir) if cache_dir else default_cache_dir(), remote=Path(remote) if remote else None)
 
 
 @dataclass
@@ -48,6 +51,7 @@ def load(
     *,
     overrides: list[str] | tuple[str, ...] = (),
     cache_dir: str | Path | None = None,
+    cache_remote: str | Path | None = None,
     targets: list[str] | tuple[str, ...] = (),
 ) -> Build:
     """Load and validate a recipe and compile its graph (optionally only what `targets` need)."""
@@ -59,7 +63,7 @@ def load(
         graph = full.select(targets) if targets else full
     except GraphError as exc:
         raise RunnerError(str(exc)) from None
-    return Build(loaded, graph, open_cache(cache_dir), frozenset(full.nodes))
+    return Build(loaded, graph, open_cache(cache_dir, cache_remote), frozenset(full.nodes))
 
 
 def plan(build: Build) -> list[engine.StepPlan]:
@@ -82,11 +86,30 @@ class ApplyResult:
         return out
 
 
-def apply(build: Build, *, reporter: engine.Reporter | None = None, keep_going: bool = False) -> ApplyResult:
-    """Build what is not cached, then record the recipe's ref and catalog. Failed steps keep their last ref."""
-    results = engine.execute(build.graph, build.cache, reporter=reporter, keep_going=keep_going)
+def apply(build: Build, *, reporter: engine.Reporter | None = None, keep_going: bool = False,
+          locked: bool = False) -> ApplyResult:
+    """Build what is not cached, then record the recipe's ref, catalog and lock file.
+
+    `locked`: refuse (before building anything) when the recipe, its inputs or the libraries
+    have drifted from `<recipe>.lock`, and never build a key the lock does not name.
+    """
+    from runner import lock
+
+    lock_file = lock.lock_path(build.loaded.path)
+    refuse = None
+    if locked:
+        lock.check(build.graph, lock_file, build.loaded.data, build.cache.stat_cache)
+        named = {s["key"] for s in (lock.read(lock_file) or {}).get("steps", {}).values()}
+        refuse = lambda node, key: None if key in named else f"key {key[:12]} is not in {lock_file.name}"  # noqa: E731
+    results = engine.execute(build.graph, build.cache, reporter=reporter, keep_going=keep_going, refuse=refuse)
     _record(build, results)
-    return ApplyResult(results, [r.name for r in results if r.state in ("failed", "skipped")])
+    result = ApplyResult(results, [r.name for r in results if r.state in ("failed", "skipped")])
+    for r in results:
+        if r.key and r.artifact is not None:
+            build.cache.push(r.key)
+    if result.ok and set(build.graph.nodes) == build.all_steps:
+        lock.write(lock_file, lock.make_lock(build.loaded.data, build.graph, results))
+    return result
 
 
 def _record(build: Build, results: list[engine.StepResult]) -> None:

@@ -140,9 +140,13 @@ def plan(graph: Graph, cache: ArtifactCache, previous: dict[str, Any]) -> list[S
         comps = components(node, [hashes[u] for u in node.inputs], cache.stat_cache)
         key = key_of(comps)
         art = cache.get(key)
+        remote = cache.remote.read_manifest(cache.remote.path(key)) if art is None and cache.remote else None
         if art is not None:
             hashes[name] = art.output_hash
             out[name] = StepPlan(name, node.kind, "cached", key, [], comps)
+        elif remote is not None and "output_hash" in remote:
+            hashes[name] = remote["output_hash"]
+            out[name] = StepPlan(name, node.kind, "cached", key, ["in the shared cache: will be pulled"], comps)
         else:
             out[name] = StepPlan(name, node.kind, "run", key, reasons(node, comps, previous.get(name)), comps)
     return [out[n] for n in graph.order]
@@ -176,6 +180,7 @@ class StepFailed(Exception):
 
 
 RunStep = Callable[[StepNode, StepContext], None]
+Refuse = Callable[[StepNode, str], str | None]  # a reason not to build this key (e.g. not in the lock), or None
 
 
 def _default_run(node: StepNode, ctx: StepContext) -> None:
@@ -189,6 +194,7 @@ def execute(
     reporter: Reporter | None = None,
     keep_going: bool = False,
     run_step: RunStep = _default_run,
+    refuse: Refuse | None = None,
 ) -> list[StepResult]:
     """Build every step whose key is not cached, in order. Per-key locks make concurrent applies safe.
 
@@ -211,7 +217,7 @@ def execute(
         comps = components(node, [a.output_hash for a in ups if a is not None], cache.stat_cache)
         key = key_of(comps)
         try:
-            results[name] = _build_one(node, key, comps, ups, cache, reporter, run_step)  # type: ignore[arg-type]
+            results[name] = _build_one(node, key, comps, ups, cache, reporter, run_step, refuse)  # type: ignore[arg-type]
         except StepFailed as exc:
             results[name] = StepResult(name, "failed", key=key, error=exc.message, components=comps)
             reporter.finished(node, results[name])
@@ -229,10 +235,13 @@ def _build_one(
     cache: ArtifactCache,
     reporter: Reporter,
     run_step: RunStep,
+    refuse: Refuse | None,
 ) -> StepResult:
-    art = cache.get(key)
+    art = cache.get(key) or cache.pull(key)
     if art is not None:
         return StepResult(node.name, "cached", key, art, components=comps)
+    if refuse is not None and (why := refuse(node, key)):
+        raise StepFailed(node.name, why)
     lock = cache.lock(key)
     try:
         lock.acquire(timeout=0)

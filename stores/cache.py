@@ -103,7 +103,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 class ArtifactCache:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, remote: Path | None = None, stat_db: bool = True) -> None:
         self.root = Path(os.path.abspath(root))
         self.artifacts = self.root / "artifacts"
         self.tmp = self.root / "tmp"
@@ -111,7 +111,8 @@ class ArtifactCache:
         self.refs = self.root / "refs"
         for d in (self.artifacts, self.tmp, self.locks, self.refs):
             d.mkdir(parents=True, exist_ok=True)
-        self.stat_cache = StatCache(self.root / "stat-cache.sqlite")
+        self.stat_cache = StatCache(self.root / "stat-cache.sqlite" if stat_db else None)
+        self.remote = ArtifactCache(remote, stat_db=False) if remote is not None else None
 
     # -- lookup ------------------------------------------------------------
     def path(self, key: str) -> Path:
@@ -236,6 +237,62 @@ class ArtifactCache:
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+    # -- a shared (remote) cache -------------------------------------------
+    def pull(self, key: str) -> Artifact | None:
+        """Copy `key` (and what it requires) from the remote cache, verify every byte, rename into place."""
+        if self.remote is None:
+            return None
+        src = self.remote.path(key)
+        manifest = self.remote.read_manifest(src)
+        if manifest is None or manifest.get("key") != key:
+            return None
+        for dep in manifest.get("requires", []):
+            if self.get(dep) is None and self.pull(dep) is None:
+                return None
+        tmp = self.tmp / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            shutil.copytree(src, tmp)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return None
+        for f in (tmp / DATA).rglob("*"):
+            if f.is_file():
+                f.chmod(0o444)
+        with self.lock(key):
+            art = self.get(key)
+            if art is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return art
+            dest = self.path(key)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                self.remove(key)
+            os.rename(tmp, dest)
+            if self.problems(key, deep=True):  # corrupt on the remote: never use it
+                self.remove(key)
+                return None
+        return self.get(key)
+
+    def push(self, key: str) -> bool:
+        """Copy a local artifact to the remote cache (atomically there too) unless it has it. True if copied."""
+        if self.remote is None or self.remote.read_manifest(self.remote.path(key)) is not None:
+            return False
+        art = self.get(key)
+        if art is None:
+            return False
+        for dep in art.manifest.get("requires", []):
+            self.push(dep)
+        tmp = self.remote.tmp / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        shutil.copytree(art.path, tmp)
+        with self.remote.lock(key):
+            dest = self.remote.path(key)
+            if dest.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return False
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, dest)
+        return True
 
     # -- refs --------------------------------------------------------------
     def ref_path(self, name: str) -> Path:
