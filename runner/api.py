@@ -224,3 +224,9 @@ def retriever(build: Build, *, model: str | None = None, ef_search: int | None =
         raise RunnerError(f"the index of {build.loaded.path} is not built for the current recipe; run "
                           f"`runner apply {build.loaded.path}` first")
     return Retriever(art, build.graph.nodes["embed"].files, model=model, ef_search=ef_search)
+
+
+def cached_results(build: Build, steps: list[engine.StepPlan]) -> list[engine.StepResult]:
+    """StepResults for a fully cached plan (what a lock is made from without building)."""
+    return [engine.StepResult(s.name, "cached", s.key, build.cache.get(s.key) if s.key else None,
+                              components=s.components) for s in steps]

@@ -15,6 +15,7 @@ from typing import Any
 from runner import engine
 from runner.errors import LockedError
 from runner.graph import Graph
+from runner.recipe import flatten
 from stores.cache import write_json_atomic
 from stores.hashing import StatCache
 
@@ -75,9 +76,7 @@ def drift(graph: Graph, lock: dict[str, Any] | None, recipe_data: dict[str, Any]
     if lock is None:
         return ["there is no lock file: run `runner apply` (or `runner lock`) and commit the .lock next to the recipe"]
     why: list[str] = []
-    from runner.engine import _flatten  # key paths of the effective recipe
-
-    old, new = _flatten(lock.get("recipe", {})), _flatten(recipe_data)
+    old, new = flatten(lock.get("recipe", {})), flatten(recipe_data)
     for path in sorted(set(old) | set(new)):
         if old.get(path, "<unset>") != new.get(path, "<unset>"):
             why.append(f"recipe value {path}: {old.get(path, '<unset>')!r} -> {new.get(path, '<unset>')!r}")

@@ -15,11 +15,14 @@ from runner.graph import StepNode
 def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("apply", help="build what is not cached (only what changed)",
                        description="Build the recipe's steps in order, reusing every cached artifact. Safe to "
-                                   "interrupt (nothing half-built is ever kept) and to run twice at once.")
+                                   "interrupt (nothing half-built is ever kept) and to run twice at once. A complete "
+                                   "apply writes RECIPE.lock (step keys, input hashes, library versions): commit it.")
     recipe_args(p, targets=True)
     p.add_argument("--dry-run", action="store_true", help="show the plan, build nothing")
     p.add_argument("--keep-going", action="store_true", help="after a failure, still build steps that do not need it")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.add_argument("--locked", action="store_true",
+                   help="fail if the recipe, its inputs or libraries drifted from RECIPE.lock; build only keys it names")
     p.set_defaults(run=run)
 
 
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         steps = api.plan(build)
         print_json(plan.plan_rows(steps)) if args.json else plan.render(steps)
         return 0
-    result = api.apply(build, reporter=RichReporter(quiet=args.json), keep_going=args.keep_going)
+    result = api.apply(build, reporter=RichReporter(quiet=args.json), keep_going=args.keep_going, locked=args.locked)
     if args.json:
         print_json({
             "ok": result.ok,

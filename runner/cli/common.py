@@ -23,12 +23,15 @@ def recipe_args(p: argparse.ArgumentParser, *, targets: bool = False) -> None:
 def cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="artifact cache (default: $RUNNER_CACHE or ~/.cache/runner)")
+    p.add_argument("--cache-remote", default=None, metavar="DIR",
+                   help="shared cache on a shared/network filesystem: pull artifacts by key before building, push "
+                        "after (default: $RUNNER_CACHE_REMOTE); pulled artifacts are verified byte for byte")
 
 
 def load(args: argparse.Namespace) -> Any:
     from runner import api
 
-    return api.load(args.recipe, overrides=args.overrides, cache_dir=args.cache_dir,
+    return api.load(args.recipe, overrides=args.overrides, cache_dir=args.cache_dir, cache_remote=args.cache_remote,
                     targets=getattr(args, "targets", ()))
 
 

@@ -21,7 +21,7 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     from runner import api
 
-    cache = api.open_cache(args.cache_dir)
+    cache = api.open_cache(args.cache_dir, args.cache_remote)
     for ref in sorted(cache.refs.glob("*.json")):
         recipe = (cache.read_ref(ref.stem) or {}).get("recipe")
         if recipe and not os.path.exists(recipe) and not args.dry_run:

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from runner import api
 
     if args.recipe is None:
-        cache = api.open_cache(args.cache_dir)
+        cache = api.open_cache(args.cache_dir, args.cache_remote)
         refs = sorted(p.stem for p in cache.refs.glob("*.json"))
         info = {"cache": str(cache.root), "artifacts": len(list(cache.keys())), "bytes": cache.size_bytes(),
                 "recipes": [(cache.read_ref(r) or {}).get("recipe") for r in refs]}
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
             for r in info["recipes"]:
                 out.print(f"  {r}", markup=False)
         return 0
-    build = api.load(args.recipe, overrides=args.overrides, cache_dir=args.cache_dir)
+    build = api.load(args.recipe, overrides=args.overrides, cache_dir=args.cache_dir, cache_remote=args.cache_remote)
     rows = []
     for s in api.plan(build):
         art = build.cache.get(s.key) if s.state == "cached" and s.key else None

@@ -22,10 +22,10 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     from runner import api
 
-    cache = api.open_cache(args.cache_dir)
+    cache = api.open_cache(args.cache_dir, args.cache_remote)
     keys = None
     if args.recipe:
-        build = api.load(args.recipe, cache_dir=args.cache_dir)
+        build = api.load(args.recipe, cache_dir=args.cache_dir, cache_remote=args.cache_remote)
         ref = cache.read_ref(build.ref) or {}
         keys = [s["key"] for s in ref.get("steps", {}).values()]
     bad = api.verify(cache, keys=keys, repair=args.repair)

@@ -1,0 +1,188 @@
+"""Compare two recipes (or one recipe at two git revisions): changed values, changed step keys, and for
+outputs built on both sides: row counts per step, which rows were added or removed (and which step
+decided), metric changes, and generations side by side."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from runner.errors import RunnerError
+from runner.recipe import flatten
+
+DATA_KINDS = ("source.", "mix", "filter.")
+
+
+@contextmanager
+def recipe_at(arg: str) -> Iterator[Path]:
+    """`path.yaml` as is, or `path.yaml@REV`: the recipe as committed at REV, written beside the current one
+    (so its relative paths resolve to the same files) and removed afterwards."""
+    path, sep, rev = arg.partition("@")
+    if not sep:
+        yield Path(path)
+        return
+    p = Path(path).resolve()
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=p.parent, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        text = subprocess.run(["git", "show", f"{rev}:{p.relative_to(top).as_posix()}"], cwd=top,
+                              capture_output=True, text=True, check=True).stdout
+    except (subprocess.CalledProcessError, FileNotFoundError, ValueError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        raise RunnerError(f"cannot read {path} at git revision {rev}: {detail.strip()}") from None
+    tmp = p.with_name(f".{p.stem}@{rev.replace('/', '_').replace('~', '-')}{p.suffix}")
+    tmp.write_text(text)
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def compare(a: Any, b: Any) -> dict[str, Any]:
+    """The whole comparison as plain data (for --json); `a` and `b` are api.Build objects."""
+    from runner import api
+
+    fa, fb = flatten(a.loaded.data), flatten(b.loaded.data)
+    params = [{"path": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+    plan_a = {p.name: p for p in api.plan(a)}
+    plan_b = {p.name: p for p in api.plan(b)}
+    names = list(dict.fromkeys(list(plan_a) + list(plan_b)))
+    steps = []
+    for n in names:
+        pa, pb = plan_a.get(n), plan_b.get(n)
+        steps.append({"step": n, "a": pa.key if pa else None, "b": pb.key if pb else None,
+                      "a_built": bool(pa and pa.state == "cached"), "b_built": bool(pb and pb.state == "cached"),
+                      "changed": (pa.key if pa else None) != (pb.key if pb else None) or not (pa and pb)})
+    arts_a = {n: a.cache.get(p.key) for n, p in plan_a.items() if p.state == "cached" and p.key}
+    arts_b = {n: b.cache.get(p.key) for n, p in plan_b.items() if p.state == "cached" and p.key}
+    counts = [{"step": n, "a": arts_a[n].manifest.get("rows") if n in arts_a else None,
+               "b": arts_b[n].manifest.get("rows") if n in arts_b else None}
+              for n in names if (n in arts_a or n in arts_b) and (arts_a.get(n) or arts_b.get(n)).manifest.get("rows")]
+    metrics = []
+    for n in names:
+        ma = arts_a[n].manifest.get("metrics", {}) if n in arts_a else {}
+        mb = arts_b[n].manifest.get("metrics", {}) if n in arts_b else {}
+        for k in sorted(set(ma) | set(mb)):
+            va, vb = ma.get(k), mb.get(k)
+            if isinstance(va, (int, float)) or isinstance(vb, (int, float)):
+                if va != vb:
+                    metrics.append({"step": n, "metric": k, "a": va, "b": vb})
+    return {"a": str(a.loaded.path), "b": str(b.loaded.path), "params": params, "steps": steps, "rows": counts,
+            "row_changes": _row_changes(a, b, plan_a, plan_b, arts_a, arts_b), "metrics": metrics,
+            "generations": _generations(arts_a.get("eval"), arts_b.get("eval"), a, b)}
+
+
+def _last_data_step(names: list[str]) -> str | None:
+    data = [n for n in names if n.startswith(DATA_KINDS)]
+    return data[-1] if data else None
+
+
+def _ids(build: Any, key: str, table: str = "rows") -> set[str]:
+    from runner import api
+    from stores.datastore import connect
+
+    sql = api.table_sqls(build.cache, key).get(table)
+    if sql is None:
+        return set()
+    con = connect()
+    try:
+        return {r[0] for r in con.execute(f"select id from {sql}").fetchall()}
+    finally:
+        con.close()
+
+
+def _rejections(build: Any, plan: dict[str, Any], arts: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """id -> (step, reason) over every data step's rejects."""
+    from runner import api
+    from stores.datastore import connect
+
+    out: dict[str, tuple[str, str]] = {}
+    con = connect()
+    try:
+        for n in plan:
+            if n in arts and n.startswith(DATA_KINDS):
+                sql = api.table_sqls(build.cache, arts[n].key).get("rejects")
+                if sql:
+                    for rid, reason in con.execute(f"select id, reason from {sql}").fetchall():
+                        out.setdefault(rid, (n, reason))
+    finally:
+        con.close()
+    return out
+
+
+def _row_changes(a: Any, b: Any, plan_a: dict[str, Any], plan_b: dict[str, Any], arts_a: dict[str, Any],
+                 arts_b: dict[str, Any]) -> dict[str, Any] | None:
+    last_a, last_b = _last_data_step(list(plan_a)), _last_data_step(list(plan_b))
+    if last_a is None or last_b is None or last_a not in arts_a or last_b not in arts_b:
+        return None
+    ids_a, ids_b = _ids(a, arts_a[last_a].key), _ids(b, arts_b[last_b].key)
+    rej_a, rej_b = _rejections(a, plan_a, arts_a), _rejections(b, plan_b, arts_b)
+    removed = [{"id": i, "step": rej_b.get(i, ("?", ""))[0], "reason": rej_b.get(i, ("?", "not in B's sources"))[1]}
+               for i in sorted(ids_a - ids_b)]
+    added = [{"id": i, "step": rej_a.get(i, ("?", ""))[0], "reason": rej_a.get(i, ("?", "not in A's sources"))[1]}
+             for i in sorted(ids_b - ids_a)]
+    return {"a_step": last_a, "b_step": last_b, "a_rows": len(ids_a), "b_rows": len(ids_b),
+            "removed": removed, "added": added}
+
+
+def _generations(ea: Any, eb: Any, a: Any, b: Any) -> list[dict[str, Any]]:
+    from runner import api
+    from stores.datastore import connect
+
+    if ea is None or eb is None:
+        return []
+    con = connect()
+    try:
+        ga = dict(con.execute(f"select prompt, output from {api.table_sqls(a.cache, ea.key)['generations']}").fetchall())
+        gb = dict(con.execute(f"select prompt, output from {api.table_sqls(b.cache, eb.key)['generations']}").fetchall())
+    finally:
+        con.close()
+    return [{"prompt": p, "a": ga.get(p), "b": gb.get(p)} for p in dict.fromkeys(list(ga) + list(gb))]
+
+
+def markdown(d: dict[str, Any], limit: int = 50) -> str:
+    """A pull-request comment."""
+    out = [f"### runner diff: `{os.path.basename(d['a'])}` → `{os.path.basename(d['b'])}`", ""]
+    if d["params"]:
+        out += ["**Changed values**", "", "| key | A | B |", "|---|---|---|"]
+        out += [f"| `{p['path']}` | `{p['a']}` | `{p['b']}` |" for p in d["params"]]
+        out.append("")
+    changed = [s for s in d["steps"] if s["changed"]]
+    out += [f"**Steps**: {len(changed)} of {len(d['steps'])} change key", ""]
+    if changed:
+        out += ["| step | A | B |", "|---|---|---|"]
+        out += [f"| {s['step']} | `{(s['a'] or '-')[:12]}` | `{(s['b'] or '-')[:12]}` |" for s in changed]
+        out.append("")
+    if d["rows"]:
+        out += ["**Rows per step** (A → B)", "", "| step | A | B |", "|---|---|---|"]
+        out += [f"| {r['step']} | {_rows(r['a'])} | {_rows(r['b'])} |" for r in d["rows"] if r["a"] != r["b"]]
+        out.append("")
+    rc = d["row_changes"]
+    if rc:
+        out += [f"**Rows**: {rc['a_rows']} → {rc['b_rows']} ({len(rc['removed'])} removed, {len(rc['added'])} added)", ""]
+        for kind in ("removed", "added"):
+            for r in rc[kind][:limit]:
+                out.append(f"- {kind} `{r['id']}` by {r['step']}: {r['reason']}")
+            if len(rc[kind]) > limit:
+                out.append(f"- … {len(rc[kind]) - limit} more {kind}")
+        out.append("")
+    if d["metrics"]:
+        out += ["**Metrics**", "", "| step | metric | A | B |", "|---|---|---|---|"]
+        out += [f"| {m['step']} | {m['metric']} | {_num(m['a'])} | {_num(m['b'])} |" for m in d["metrics"]]
+        out.append("")
+    if d["generations"]:
+        out += ["**Generations**", "", "| prompt | A | B |", "|---|---|---|"]
+        out += [f"| {g['prompt']} | {g['a']} | {g['b']} |" for g in d["generations"]]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _rows(r: dict[str, int] | None) -> str:
+    return "-" if not r else ", ".join(f"{k} {v}" for k, v in r.items())
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
