@@ -53,7 +53,7 @@ def main() -> None:
         full = time.perf_counter() - t
         steps = {s.name: s for s in result.steps}
         n_chunks = steps["embed"].artifact.manifest["rows"]["vectors"]
-        embed_s = steps["embed"].seconds
+        embed_s = steps["embed"].artifact.manifest["metrics"]["encode_seconds"]  # model load excluded, as below
 
         # 2. direct encode of the same chunk texts with the same model and batch size
         from runner.steps.embedding import load_embedder
@@ -75,14 +75,17 @@ def main() -> None:
         raw.set_ef(64)
         rng = np.random.default_rng(1)
         queries = (vecs[rng.integers(0, len(vecs), args.queries)] + rng.normal(0, 0.02, (args.queries, vecs.shape[1]))).astype(np.float32)
-        t = time.perf_counter()
-        for q in queries:
-            raw.knn_query(q, k=5)
-        raw_qps = args.queries / (time.perf_counter() - t)
-        t = time.perf_counter()
-        for q in queries:
-            retriever.search_vectors(q[None, :], [""], 5)
-        ours_qps = args.queries / (time.perf_counter() - t)
+        texts_by_label = [c[5] for c in retriever.chunks]  # what a raw-hnswlib user keeps to turn labels into text
+        def timed(f) -> float:
+            t = time.perf_counter()
+            f()
+            return args.queries / (time.perf_counter() - t)
+        # one query at a time: raw knn_query + looking the texts up, vs runner's hits (text, source, score)
+        raw_qps = timed(lambda: [[texts_by_label[i] for i in raw.knn_query(q, k=5)[0][0]] for q in queries])
+        ours_qps = timed(lambda: [retriever.search_vectors(q[None, :], [""], 5) for q in queries])
+        # all queries in one call (hnswlib parallelises a batch)
+        raw_batch = timed(lambda: [[texts_by_label[i] for i in row] for row in raw.knn_query(queries, k=5)[0]])
+        ours_batch = timed(lambda: retriever.search_vectors(queries, [""] * len(queries), 5))
 
         # 3. change 1% of the documents and re-apply
         changed = list(texts)
@@ -95,8 +98,11 @@ def main() -> None:
         m = next(s for s in again.steps if s.name == "embed").artifact.manifest["metrics"]
 
     print(f"{len(texts)} documents, {n_chunks} chunks; full build {full:.1f} s")
-    print(f"query: runner {ours_qps:,.0f} q/s, raw hnswlib {raw_qps:,.0f} q/s -> ratio {ours_qps / raw_qps:.2f}x (target >= 0.9x)")
-    print(f"embedding: step {n_chunks / embed_s:,.0f} chunks/s, direct encode {n_chunks / direct_s:,.0f} chunks/s "
+    print(f"query, one at a time: runner {ours_qps:,.0f} q/s, raw hnswlib + text lookup {raw_qps:,.0f} q/s "
+          f"-> ratio {ours_qps / raw_qps:.2f}x (target >= 0.9x)")
+    print(f"query, one batch of {args.queries}: runner {ours_batch:,.0f} q/s, raw hnswlib + text lookup "
+          f"{raw_batch:,.0f} q/s -> ratio {ours_batch / raw_batch:.2f}x")
+    print(f"embedding (model load excluded on both sides): step {n_chunks / embed_s:,.0f} chunks/s, direct encode {n_chunks / direct_s:,.0f} chunks/s "
           f"-> ratio {direct_s / embed_s:.2f}x (target >= 0.9x)")
     print(f"re-index after changing 1% ({m['embedded']} chunks embedded, {m['reused']} reused): {reindex:.2f} s "
           f"= {100 * reindex / full:.1f}% of the full build (target <= 5%)")

@@ -59,16 +59,21 @@ class VectorIndex:
         return cls(info, hnsw=index)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(labels, similarities) of the k nearest, best first; similarity = 1 - distance for cosine/ip."""
+        """(labels, similarities) of the k nearest, best first; similarity = 1 - distance (cosine, ip) or -distance (l2)."""
+        labels, distances = self.nearest(queries, k)
+        return labels, (-distances if self.info["metric"] == "l2" else 1.0 - distances)
+
+    def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, distances) in hnswlib's conventions, nearest first. The hot path: no conversions."""
+        if self.hnsw is not None and k <= self.info["count"]:
+            return self.hnsw.knn_query(queries, k=k)  # type: ignore[no-any-return]
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         k = min(k, self.info["count"])
         if k == 0:
             return np.zeros((len(queries), 0), dtype=np.int64), np.zeros((len(queries), 0), dtype=np.float32)
         if self.hnsw is not None:
-            labels, distances = self.hnsw.knn_query(queries, k=k)
-        else:
-            labels, distances = exact_search(self.vectors, queries, k, self.info["metric"])  # type: ignore[arg-type]
-        return labels, (-distances if self.info["metric"] == "l2" else 1.0 - distances)
+            return self.hnsw.knn_query(queries, k=k)  # type: ignore[no-any-return]
+        return exact_search(self.vectors, queries, k, self.info["metric"])  # type: ignore[arg-type]
 
 
 def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:

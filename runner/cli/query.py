@@ -23,15 +23,13 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from rich.markup import escape
 
     from runner import api
 
     hits = api.retriever(load(args), model=args.model).search(args.question, args.k, hybrid=args.hybrid)
     if args.json:
-        print_json([asdict(h) for h in hits])
+        print_json([h._asdict() for h in hits])
         return 0
     out = console()
     for i, h in enumerate(hits, start=1):
