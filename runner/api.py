@@ -230,3 +230,21 @@ def cached_results(build: Build, steps: list[engine.StepPlan]) -> list[engine.St
     """StepResults for a fully cached plan (what a lock is made from without building)."""
     return [engine.StepResult(s.name, "cached", s.key, build.cache.get(s.key) if s.key else None,
                               components=s.components) for s in steps]
+
+
+def serve_app(builds: list[Build], *, token: str | None = None) -> tuple[Any, Any]:
+    """The OpenAI-compatible app over one or more built recipes (their models side by side); the first
+    recipe's `serve:` section sets host, port and limits, and its index (if any) answers document chat."""
+    from runner.server import create_app
+    from runner.serving import load_models
+
+    config = builds[0].loaded.recipe.serve
+    models = {}
+    for b in builds:
+        models.update(load_models(b, b.loaded.recipe.serve.models))
+    index = retriever(builds[0]) if "index" in builds[0].graph.nodes else None
+    if token is None and config.token_env:
+        token = os.environ.get(config.token_env)
+        if not token:
+            raise RunnerError(f"serve.token_env is {config.token_env!r} but that variable is empty; set it")
+    return create_app(models, config, retriever=index, token=token), config

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from runner.params import Params
+from runner.serving import ServeConfig
 from runner.steps.evaluation import EvalConfig
 from runner.steps.export import Export
 from runner.steps.filters import Filter
@@ -67,6 +68,7 @@ class Recipe(Params):
     lora: Lora = Lora()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig | None = Field(None, description="held-out loss and generations after training")
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _sections_fit(self) -> Recipe:

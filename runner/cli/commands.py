@@ -1,5 +1,22 @@
 """The subcommands, in the order `runner --help` lists them."""
 
-from runner.cli import apply, diff, explain, gc, graph, lock, plan, query, reference, show, sql, status, validate, verify
+from runner.cli import (
+    apply,
+    chat,
+    diff,
+    explain,
+    gc,
+    graph,
+    lock,
+    plan,
+    query,
+    reference,
+    serve,
+    show,
+    sql,
+    status,
+    validate,
+    verify,
+)
 
-ALL = [validate, plan, apply, lock, diff, status, show, graph, sql, explain, query, verify, gc, reference]
+ALL = [validate, plan, apply, lock, diff, status, show, graph, sql, explain, query, serve, chat, verify, gc, reference]
