@@ -153,6 +153,13 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
     nodes.append(StepNode("train", "train", train, ("tokenize",) + model_inputs, base_files, origin("train")))
     if r.train.merge:
         nodes.append(StepNode("merge", "merge", train, ("train",) + model_inputs, base_files, origin("train")))
+    if r.package is not None:
+        from runner.steps.packaging import PackageParams
+
+        pkg_files = _files(loaded, r.package, ("package",), problems)
+        _check(problems)
+        nodes.append(StepNode("package", "package", PackageParams(train=train, package=r.package),
+                              ("train",) + model_inputs, {**base_files, **pkg_files}, origin("package")))
     if r.eval is not None:
         ev = EvalParams(model=spec, commit=commit, template=r.data.prompt.template, eval=r.eval)
         nodes.append(StepNode("eval", "eval", ev, ("train", "tokenize") + model_inputs, base_files, origin("eval")))

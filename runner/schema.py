@@ -28,6 +28,7 @@ from runner.steps.sources import (
     TableSource,
 )
 from runner.steps.models import ModelSpec
+from runner.steps.packaging import PackageConfig
 from runner.steps.split import Split
 from runner.steps.training import Lora, TrainConfig
 
@@ -68,12 +69,15 @@ class Recipe(Params):
     lora: Lora = Lora()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig | None = Field(None, description="held-out loss and generations after training")
+    package: PackageConfig | None = Field(None, description="deployable forms of the tuned model (adapter, merged, GGUF)")
     serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _sections_fit(self) -> Recipe:
         if self.model is None and self.eval is not None:
             raise ValueError("eval: needs model: (there is nothing to evaluate without a model)")
+        if self.package is not None and self.model is None:
+            raise ValueError("package: needs model: (there is no tuned model to package)")
         if self.model is not None and self.data is None:
             raise ValueError("model: needs data: to train on")
         if self.data is None and self.index is None:

@@ -156,3 +156,35 @@ def test_plan_of_a_training_recipe_imports_no_ml(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "recipes" / "quickstart.yaml")], capture_output=True,
                           text=True, env={**os.environ, "RUNNER_CACHE": str(tmp_path / "c")})
     assert "IMPORTED []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_package_adapter_merged_and_gguf_errors(tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    # a stand-in for llama.cpp's converter that refuses the architecture, as the real one does for unknown ones
+    refuse = tmp_path / "refuse.py"
+    refuse.write_text("import sys\nprint('ERROR: Model FalconForCausalLM is not supported', file=sys.stderr)\nsys.exit(1)\n")
+    path = recipe(tmp_path, steps=5, extra=f"package: {{formats: [adapter, merged, gguf], gguf_converter: {refuse}}}\n")
+    b = api.load(path)
+    result = api.apply(b, keep_going=True)
+    failed = next(s for s in result.steps if s.name == "package")
+    assert failed.state == "failed" and "GGUF conversion failed" in failed.error and "is not supported" in failed.error
+    b = api.load(path, overrides=["package.formats=[adapter, merged]"])
+    result = api.apply(b)
+    assert result.ok
+    art = next(s for s in result.steps if s.name == "package").artifact
+    assert (art.file("adapter") / "adapter_model.safetensors").exists()
+    merged = AutoModelForCausalLM.from_pretrained(art.file("merged")).eval()
+    base = AutoModelForCausalLM.from_pretrained(api.artifact(b, "model.init").file("model"))
+    tuned = PeftModel.from_pretrained(base, api.artifact(b, "train").file("adapter")).eval()
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, tuned(ids).logits, atol=1e-4)
+
+
+def test_gguf_without_a_converter_is_a_recipe_error(tmp_path: Path, cli) -> None:
+    path = recipe(tmp_path, extra="package: {formats: [gguf]}\n")
+    code, _, err = cli("validate", str(path))
+    assert code == 2 and "gguf needs gguf_converter" in err

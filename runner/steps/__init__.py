@@ -4,8 +4,20 @@ Modules here import only pydantic and the standard library at import time; DuckD
 transformers and friends are imported inside the run functions that need them.
 """
 
-from runner.steps import documents, evaluation, export, filters, indexing, oasst, prompts, sources, split, training
+from runner.steps import (
+    documents,
+    evaluation,
+    export,
+    filters,
+    indexing,
+    oasst,
+    packaging,
+    prompts,
+    sources,
+    split,
+    training,
+)
 
 __all__ = [
-    "documents", "evaluation", "export", "filters", "indexing", "oasst", "prompts", "sources", "split", "training",
+    "documents", "evaluation", "export", "filters", "indexing", "oasst", "packaging", "prompts", "sources", "split", "training",
 ]
