@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
-from runner.recipe import flatten
+from runner.keypaths import flatten
 
 DATA_KINDS = ("source.", "mix", "filter.")
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from runner import registry
 from runner.graph import Graph, StepNode
+from runner.keypaths import flatten
 from runner.registry import StepContext, StepError
 from stores.cache import Artifact, ArtifactCache
 from stores.hashing import StatCache, hash_json
@@ -62,15 +63,6 @@ def key_of(comps: dict[str, Any]) -> str:
     return hash_json(comps)
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
-
-
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -83,7 +75,7 @@ def reasons(node: StepNode, now: dict[str, Any], before: dict[str, Any] | None) 
     why: list[str] = []
     if now["version"] != before.get("version"):
         why.append(f"implementation of {node.kind} changed (version {before.get('version')} -> {now['version']})")
-    new, old = _flatten(now["params"]), _flatten(before.get("params", {}))
+    new, old = flatten(now["params"]), flatten(before.get("params", {}))
     for path in sorted(set(new) | set(old)):
         if new.get(path, "<unset>") != old.get(path, "<unset>"):
             why.append(f"param {path}: {_short(old.get(path, '<unset>'))} -> {_short(new.get(path, '<unset>'))}")

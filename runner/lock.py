@@ -15,7 +15,7 @@ from typing import Any
 from runner import engine
 from runner.errors import LockedError
 from runner.graph import Graph
-from runner.recipe import flatten
+from runner.keypaths import flatten
 from stores.cache import write_json_atomic
 from stores.hashing import StatCache
 

@@ -28,21 +28,6 @@ def show_path(path: KeyPath) -> str:
     return out
 
 
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Every leaf of a recipe by its key path (`data.filters[0].min_chars`)."""
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if isinstance(value, list) and value:
-        out = {}
-        for i, v in enumerate(value):
-            out.update(flatten(v, f"{prefix}[{i}]"))
-        return out
-    return {prefix: value}
-
-
 @dataclass
 class LoadedRecipe:
     recipe: Recipe

@@ -110,10 +110,8 @@ def _read(path: Path, src: DocumentSource) -> Iterator[tuple[str, str, str]]:
 
 @step("docs", version="1", params=DocsParams, libs=("duckdb", "pypdf", "beautifulsoup4"))
 def read_docs(ctx: StepContext) -> None:
-    import pyarrow as pa
-
-    from runner.steps.tables import finish
-    from stores.datastore import connect
+    from runner.steps.tables import finish, load_table
+    from stores.datastore import REJECT_COLUMNS, connect
 
     p: DocsParams = ctx.params
     docs: list[dict[str, Any]] = []
@@ -143,14 +141,8 @@ def read_docs(ctx: StepContext) -> None:
         ctx.progress(None, n_in)
     con = connect()
     try:
-        con.execute("create table d (id VARCHAR, source VARCHAR, title VARCHAR, text VARCHAR, hash VARCHAR)")
-        con.execute("create table r (id VARCHAR, source VARCHAR, step VARCHAR, reason VARCHAR)")
-        if docs:
-            con.register("nd", pa.Table.from_pylist(docs))
-            con.execute("insert into d select id, source, title, text, hash from nd")
-        if rejects:
-            con.register("nr", pa.Table.from_pylist(rejects))
-            con.execute("insert into r select * from nr")
+        load_table(con, "d", "id VARCHAR, source VARCHAR, title VARCHAR, text VARCHAR, hash VARCHAR", docs)
+        load_table(con, "r", REJECT_COLUMNS, rejects)
         finish(ctx, con, "select * from d", "select * from r", n_in)
     finally:
         con.close()
@@ -205,10 +197,8 @@ def _tail(text: str, overlap: int, length: Callable[[str], int]) -> str:
 
 @step("chunk", version="1", params=ChunkParams, libs=("duckdb",))
 def chunk_docs(ctx: StepContext) -> None:
-    import pyarrow as pa
-
-    from runner.steps.tables import finish, open_input
-    from stores.datastore import connect
+    from runner.steps.tables import finish, load_table, open_input
+    from stores.datastore import REJECT_COLUMNS, connect
 
     p: ChunkParams = ctx.params
     length: Callable[[str], int] = len
@@ -227,12 +217,9 @@ def chunk_docs(ctx: StepContext) -> None:
                             "position": pos, "text": chunk, "hash": hash_bytes(chunk.encode())})
             if i % 100 == 0:
                 ctx.progress(len(docs), i)
-        con.execute("create table c (id VARCHAR, doc_id VARCHAR, source VARCHAR, title VARCHAR, position INTEGER, "
-                    "text VARCHAR, hash VARCHAR)")
-        if out:
-            con.register("nc", pa.Table.from_pylist(out))
-            con.execute("insert into c select id, doc_id, source, title, position, text, hash from nc")
-        con.execute("create table none (id VARCHAR, source VARCHAR, step VARCHAR, reason VARCHAR)")
+        load_table(con, "c", "id VARCHAR, doc_id VARCHAR, source VARCHAR, title VARCHAR, position INTEGER, "
+                             "text VARCHAR, hash VARCHAR", out)
+        load_table(con, "none", REJECT_COLUMNS, [])
         used = len({c["doc_id"] for c in out})
         finish(ctx, con, "select * from c", "select * from none", len(docs), used=used, unit="documents")
     finally:

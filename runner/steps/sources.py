@@ -199,25 +199,25 @@ def table_row(src: TableSource | HfDiskSource, n: int, rec: dict[str, Any]) -> d
     return _row(src.name, row_id, turns, score, _text(rec, cols.lang, False))
 
 
-def alpaca_row(src: AlpacaSource, n: int, rec: dict[str, Any]) -> dict[str, Any]:
+def _instruction_row(src: SourceBase, n: int, rec: dict[str, Any], extra_field: str, reply_field: str) -> dict[str, Any]:
+    """Alpaca and Dolly: an instruction, optional extra text after a blank line, a reply."""
     prompt = _text(rec, "instruction", True) or ""
-    extra = _text(rec, "input", False)
+    extra = _text(rec, extra_field, False)
     if extra and extra.strip():
         prompt = f"{prompt}\n\n{extra}"
     return _row(src.name, str(n), [{"role": "user", "text": prompt},
-                                   {"role": "assistant", "text": _text(rec, "output", True) or ""}])
+                                   {"role": "assistant", "text": _text(rec, reply_field, True) or ""}])
+
+
+def alpaca_row(src: AlpacaSource, n: int, rec: dict[str, Any]) -> dict[str, Any]:
+    return _instruction_row(src, n, rec, "input", "output")
 
 
 def dolly_row(src: DollySource, n: int, rec: dict[str, Any]) -> dict[str, Any]:
     category = _text(rec, "category", False)
     if src.categories is not None and category not in src.categories:
         raise ValueError(f"category {category!r} not in {src.categories}")
-    prompt = _text(rec, "instruction", True) or ""
-    context = _text(rec, "context", False)
-    if context and context.strip():
-        prompt = f"{prompt}\n\n{context}"
-    return _row(src.name, str(n), [{"role": "user", "text": prompt},
-                                   {"role": "assistant", "text": _text(rec, "response", True) or ""}])
+    return _instruction_row(src, n, rec, "context", "response")
 
 
 SHAREGPT_ROLES = {
@@ -271,21 +271,13 @@ def write_tables(
     used: int | None = None, unit: str = "rows",
 ) -> None:
     """Write a source's rows and rejects (checking ids are unique and nothing was lost)."""
-    import pyarrow as pa
-
-    from runner.steps.tables import finish
+    from runner.steps.tables import finish, load_table
     from stores.datastore import REJECT_COLUMNS, ROW_COLUMNS, connect
 
     con = connect()
     try:
-        con.execute(f"create table rows ({ROW_COLUMNS})")
-        con.execute(f"create table rejects ({REJECT_COLUMNS})")
-        if rows:
-            con.register("new_rows", pa.Table.from_pylist(rows))
-            con.execute("insert into rows select id, source, turns, score, lang from new_rows")
-        if rejects:
-            con.register("new_rejects", pa.Table.from_pylist(rejects))
-            con.execute("insert into rejects select id, source, step, reason from new_rejects")
+        load_table(con, "rows", ROW_COLUMNS, rows)
+        load_table(con, "rejects", REJECT_COLUMNS, rejects)
         dupes = con.execute("select id from rows group by id having count(*) > 1 limit 1").fetchall()
         if dupes:
             raise StepError(f"step {ctx.name}: row id {dupes[0][0]!r} is not unique; use an id field that is")

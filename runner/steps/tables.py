@@ -88,6 +88,17 @@ def finish_view(ctx: StepContext, con: duckdb.DuckDBPyConnection, rejected_sql: 
     check_balance(ctx, int(inp.manifest["rows"]["rows"]), kept, rejected)
 
 
+def load_table(con: duckdb.DuckDBPyConnection, name: str, columns: str, rows: list[dict[str, Any]]) -> None:
+    """Create table `name` (DuckDB column DDL) holding `rows` (dicts keyed by column name)."""
+    con.execute(f"create table {name} ({columns})")
+    if rows:
+        import pyarrow as pa
+
+        con.register(f"_{name}_in", pa.Table.from_pylist(rows))
+        con.execute(f"insert into {name} by name select * from _{name}_in")
+        con.unregister(f"_{name}_in")
+
+
 def scalar(con: duckdb.DuckDBPyConnection, sql: str) -> Any:
     rows = con.execute(sql).fetchall()  # fetch all: DuckDB wants a result finished before the next query
     return rows[0][0] if rows else None
