@@ -86,8 +86,19 @@ def collator(pad_id: int) -> Any:
 
 
 def last_checkpoint(scratch: Path) -> str | None:
-    points = sorted(scratch.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return str(points[-1]) if points else None
+    """The newest *complete* checkpoint. The Trainer writes trainer_state.json last, so a checkpoint whose
+    state does not parse was cut off by a kill: it is removed, and the one before is used."""
+    import shutil
+
+    points = sorted(scratch.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    for point in points:
+        try:
+            json.loads((point / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            shutil.rmtree(point, ignore_errors=True)
+            continue
+        return str(point)
+    return None
 
 
 def lora_digest(model: Any) -> str:
