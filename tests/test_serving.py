@@ -17,6 +17,7 @@ from runner import api
 from tests.conftest import ROOT
 
 TOKEN = "s3cret"
+SERVED: dict[str, Path] = {}
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +38,13 @@ model:
 train: {{seq_len: 64, batch_size: 8, lr: 5.0e-3, max_steps: 20, seed: 1}}
 index:
   documents: [{{path: docs}}]
-serve: {{max_tokens: 32, max_body_bytes: 4096, top_k: 1}}
+serve: {{max_tokens: 32, max_body_bytes: 4096, top_k: 1, models: [tuned, base]}}
 """)
     build = api.load(work / "r.yaml", cache_dir=work / "cache")
     assert api.apply(build).ok
     app, _ = api.serve_app([build], token=TOKEN)
+    SERVED["recipe"] = work / "r.yaml"
+    SERVED["cache"] = work / "cache"
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -68,7 +71,14 @@ def chat_body(**extra: object) -> dict:
 def test_models_lists_the_tuned_model_and_document_chat(server: str) -> None:
     r = httpx.get(f"{server}/v1/models", headers=auth())
     assert r.status_code == 200
-    assert [m["id"] for m in r.json()["data"]] == ["tiny-tuned", "tiny-tuned+docs"]
+    assert [m["id"] for m in r.json()["data"]] == ["tiny-tuned", "tiny-base", "tiny-tuned+docs", "tiny-base+docs"]
+
+
+def test_two_models_side_by_side(server: str) -> None:
+    tuned = httpx.post(f"{server}/v1/chat/completions", json=chat_body(), headers=auth(), timeout=60).json()
+    base = httpx.post(f"{server}/v1/chat/completions", json=chat_body(model="tiny-base"), headers=auth(), timeout=60).json()
+    assert tuned["model"] == "tiny-tuned" and base["model"] == "tiny-base"
+    assert all(isinstance(r["choices"][0]["message"]["content"], str) for r in (tuned, base))
 
 
 def test_chat_streaming_matches_non_streaming(server: str) -> None:
@@ -151,3 +161,23 @@ model:
 """)
     with pytest.raises(RunnerError, match="is not built"):
         api.serve_app([api.load(tmp_path / "r.yaml")])
+
+
+def test_terminal_chat_carries_the_conversation(server: str) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "runner", "chat", str(SERVED["recipe"]), "--docs", "--max-tokens", "6"],
+                          input="Which river is longest?\nAnd the second?\n/reset\n/quit\n", capture_output=True,
+                          text=True, timeout=300, env={**__import__("os").environ, "RUNNER_CACHE": str(SERVED["cache"])})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("bot>") == 2 and "docs/rivers.md" in proc.stdout
+
+
+def test_a_conversation_becomes_one_prompt_with_its_history() -> None:
+    from runner.serving import Model
+
+    m = Model("m", "human_bot", None, None)
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+               {"role": "user", "content": "Capital of France?"}]
+    assert m.prompt(history) == "<human>: Hi\n<bot>: Hello!\n<human>: Capital of France?\n<bot>: "
