@@ -54,7 +54,7 @@ def expected_conversations(path: Path, keep, top: bool = False) -> tuple[set[str
 
         def walk(m: dict[str, Any], path: list[dict[str, Any]]) -> None:
             path = path + [m]
-            kids = [c for c in m.get("replies") or [] if keep(c, state)]
+            kids = [c for c in m.get("replies") or [] if keep(c, state)]  # noqa: B023 (called at once)
             if top and m["role"] == "prompter" and kids:
                 best = min(c.get("rank") if c.get("rank") is not None else 99 for c in kids)
                 kids = [next(c for c in kids if (c.get("rank") if c.get("rank") is not None else 99) == best)]
