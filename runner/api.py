@@ -9,7 +9,7 @@ from typing import Any
 
 from runner import engine, recipe
 from runner.compile import compile_recipe
-from runner.errors import RunnerError
+from runner.errors import RunnerError, UsageError
 from runner.graph import Graph, GraphError
 from stores.cache import Artifact, ArtifactCache, default_cache_dir
 from stores.hashing import hash_bytes
@@ -62,7 +62,7 @@ def load(
     try:
         graph = full.select(targets) if targets else full
     except GraphError as exc:
-        raise RunnerError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     return Build(loaded, graph, open_cache(cache_dir, cache_remote), frozenset(full.nodes))
 
 
@@ -148,7 +148,7 @@ def catalog_tables(build: Build, keys: dict[str, str]) -> dict[str, str]:
 def artifact(build: Build, step: str) -> Artifact | None:
     """The current artifact of `step`, if built and sound."""
     if step not in build.graph.nodes:
-        raise RunnerError(f"no step {step!r} in {build.loaded.path}; steps: {', '.join(build.graph.order)}")
+        raise UsageError(f"no step {step!r} in {build.loaded.path}; steps: {', '.join(build.graph.order)}")
     for p in plan(build):
         if p.name == step and p.state == "cached" and p.key:
             return build.cache.get(p.key)

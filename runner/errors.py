@@ -51,6 +51,12 @@ class RecipeError(RunnerError):
         return "\n".join(lines)
 
 
+class UsageError(RunnerError):
+    """A command was asked for something that does not exist (a step, a target). Exit code 2."""
+
+    exit_code = 2
+
+
 class LockedError(RunnerError):
     """`apply --locked` found something the lock file does not name."""
 

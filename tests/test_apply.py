@@ -178,6 +178,13 @@ def test_plan_imports_no_ml_and_no_duckdb(small_recipe: Path, tmp_path: Path) ->
     assert "IMPORTED []" in proc.stdout, proc.stdout + proc.stderr
 
 
+def test_unknown_step_or_target_is_a_usage_error(cli, small_recipe: Path) -> None:
+    code, _, err = cli("apply", str(small_recipe), "--target", "filter.nope")
+    assert code == 2 and "no step 'filter.nope'" in err
+    code, _, err = cli("show", str(small_recipe), "nope")
+    assert code == 2 and "steps: source.s" in err
+
+
 def test_every_command_has_help(cli) -> None:
     from runner.cli.commands import ALL
 
