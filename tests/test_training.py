@@ -128,6 +128,16 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert not list((cache / "scratch").glob("*")), "scratch is removed once the step is built"
 
 
+def test_fsdp_without_gpus_is_refused_not_silently_ddp(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the refusal is for CPU-only machines")
+    b = api.load(recipe(tmp_path, steps=2, nproc=2), overrides=["train.distributed.strategy=fsdp"])
+    train = next(s for s in api.apply(b).steps if s.name == "train")
+    assert train.state == "failed" and "strategy fsdp needs GPUs" in (train.error or "")
+
+
 def _complete(checkpoint: Path) -> bool:
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
@@ -154,7 +164,7 @@ def test_two_process_torchrun_gives_identical_lora_weights(tmp_path: Path) -> No
     result = api.apply(b)
     assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
     art = next(s for s in result.steps if s.name == "train").artifact
-    assert art.manifest["metrics"]["world_size"] == 2
+    assert art.manifest["metrics"]["world_size"] == 2 and art.manifest["metrics"]["fsdp"] is False
     digests = {json.loads(art.file(f"ranks/rank{r}.json").read_text())["lora_sha256"] for r in (0, 1)}
     assert len(digests) == 1
 

@@ -167,6 +167,8 @@ def run(job: dict[str, Any]) -> None:
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator(tok.pad_token_id),
                       callbacks=[Clock()])
     trainer.remove_callback(PrinterCallback)
+    if args.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
+        raise StepError("FSDP was asked for but accelerate did not enable it on this hardware; use strategy: ddp")
     resume = last_checkpoint(scratch)
     result = trainer.train(resume_from_checkpoint=resume)
     digest = lora_digest(model)
@@ -183,6 +185,7 @@ def run(job: dict[str, Any]) -> None:
         "train_loss_mean": result.training_loss, "steps": trainer.state.global_step, "resumed_from": resume,
         "trainable_params": trainable, "total_params": total, "trainable_percent": round(100 * trainable / total, 4),
         "lora_targets": targets, "precision": p.model.precision, "world_size": world,
+        "fsdp": bool(getattr(trainer, "is_fsdp_enabled", False)),
         "train_seconds": seconds, "epochs_done": trainer.state.epoch,
     }
     if quantized is not None:

@@ -194,6 +194,12 @@ def train(ctx: StepContext) -> None:
     from runner.steps import trainer
 
     p: TrainParams = ctx.params
+    if p.train.distributed.strategy == "fsdp" and p.train.distributed.nproc > 1:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise StepError("strategy fsdp needs GPUs: on CPU, accelerate silently falls back to plain data "
+                            "parallelism, so runner refuses; use train.distributed.strategy: ddp here")
     ctx.scratch.mkdir(parents=True, exist_ok=True)
     job = trainer.job_for(ctx, p)
     if p.train.distributed.nproc > 1:
