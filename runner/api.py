@@ -30,6 +30,7 @@ class Build:
     graph: Graph
     cache: ArtifactCache
     all_steps: frozenset[str]
+    overrides: tuple[str, ...] = ()
 
     @property
     def ref(self) -> str:
@@ -63,7 +64,7 @@ def load(
         graph = full.select(targets) if targets else full
     except GraphError as exc:
         raise UsageError(str(exc)) from None
-    return Build(loaded, graph, open_cache(cache_dir, cache_remote), frozenset(full.nodes))
+    return Build(loaded, graph, open_cache(cache_dir, cache_remote), frozenset(full.nodes), tuple(overrides))
 
 
 def plan(build: Build) -> list[engine.StepPlan]:
@@ -107,7 +108,8 @@ def apply(build: Build, *, reporter: engine.Reporter | None = None, keep_going: 
     for r in results:
         if r.key and r.artifact is not None:
             build.cache.push(r.key)
-    if result.ok and set(build.graph.nodes) == build.all_steps:
+    if result.ok and set(build.graph.nodes) == build.all_steps and not build.overrides:
+        # the lock describes the recipe file: an apply with --set overrides (or a --target subset) leaves it be
         lock.write(lock_file, lock.make_lock(build.loaded.data, build.graph, results))
     return result
 

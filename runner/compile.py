@@ -119,7 +119,18 @@ def _index_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) -> 
         StepNode("embed", "embed", ix.embed, ("chunk",), model_files, origin("index", "embed")),
         StepNode("index", "index", IndexParams(embed=ix.embed, hnsw=ix.hnsw, exact_below=ix.exact_below, hybrid=ix.hybrid),
                  ("embed", "chunk"), {}, origin("index")),
-    ]
+    ] + ([] if ix.eval is None else [_index_eval_node(loaded, problems, origin, model_files)])
+
+
+def _index_eval_node(loaded: LoadedRecipe, problems: list[Problem], origin: Any, model_files: dict[str, Path]) -> StepNode:
+    from runner.steps.indexing import RetrievalEvalParams
+
+    ix = loaded.recipe.index
+    assert ix is not None and ix.eval is not None
+    files = _files(loaded, ix.eval, ("index", "eval"), problems)
+    _check(problems)
+    params = RetrievalEvalParams(eval=ix.eval, embed=ix.embed, ef_search=ix.hnsw.ef_search)
+    return StepNode("index.eval", "index.eval", params, ("index",), {**model_files, **files}, origin("index", "eval"))
 
 
 def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) -> list[StepNode]:

@@ -64,13 +64,14 @@ def compare(a: Any, b: Any) -> dict[str, Any]:
               for n in names if (n in arts_a or n in arts_b) and (arts_a.get(n) or arts_b.get(n)).manifest.get("rows")]
     metrics = []
     for n in names:
-        ma = arts_a[n].manifest.get("metrics", {}) if n in arts_a else {}
-        mb = arts_b[n].manifest.get("metrics", {}) if n in arts_b else {}
+        if n not in arts_a or n not in arts_b:  # compared only where both sides are built
+            continue
+        ma, mb = arts_a[n].manifest.get("metrics", {}), arts_b[n].manifest.get("metrics", {})
         for k in sorted(set(ma) | set(mb)):
             va, vb = ma.get(k), mb.get(k)
-            if isinstance(va, (int, float)) or isinstance(vb, (int, float)):
-                if va != vb:
-                    metrics.append({"step": n, "metric": k, "a": va, "b": vb})
+            numeric = any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (va, vb))
+            if numeric and va != vb and not k.endswith("_seconds"):  # timings are not results
+                metrics.append({"step": n, "metric": k, "a": va, "b": vb})
     return {"a": str(a.loaded.path), "b": str(b.loaded.path), "params": params, "steps": steps, "rows": counts,
             "row_changes": _row_changes(a, b, plan_a, plan_b, arts_a, arts_b), "metrics": metrics,
             "generations": _generations(arts_a.get("eval"), arts_b.get("eval"), a, b)}

@@ -167,3 +167,24 @@ def test_index_without_a_built_recipe_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "docs" / "a.md").write_text("text")
     with pytest.raises(RunnerError, match="not built"):
         api.retriever(api.load(index_recipe(tmp_path)))
+
+
+def test_retrieval_eval_records_recall_and_mrr(tmp_path: Path, cli) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "cats.md").write_text("Cats are small domestic felines that purr and chase mice.")
+    (docs / "rockets.md").write_text("Rockets burn fuel to produce thrust and reach orbit around the Earth.")
+    (docs / "bread.md").write_text("Bread is baked from flour, water, yeast and salt in an oven.")
+    questions = [{"question": "what do felines chase?", "document": "docs/cats.md"},
+                 {"question": "how is bread made?", "document": "docs/bread.md"},
+                 {"question": "what produces thrust?", "document": "docs/rockets.md"},
+                 {"question": "who wrote Hamlet?", "document": "docs/missing.md"}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    path = index_recipe(tmp_path, "  eval: {questions: q.jsonl, k: 1}\n")
+    b = api.load(path)
+    result = api.apply(b)
+    assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
+    m = next(s for s in result.steps if s.name == "index.eval").artifact.manifest["metrics"]
+    assert m["questions"] == 4 and m["recall@1"] == 0.75 and m["mrr"] == 0.75
+    ranks = dict(api.sql(b, "select gold, rank from index_eval__results")[1])
+    assert ranks["docs/missing.md"] is None and ranks["docs/cats.md"] == 1

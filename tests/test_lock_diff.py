@@ -117,3 +117,11 @@ def test_a_corrupt_shared_artifact_is_never_used(cli, small_recipe: Path, tmp_pa
     second = apply_json(cli, str(small_recipe), "--cache-dir", str(tmp_path / "m2"), "--cache-remote", str(shared))
     states = {s["step"]: s["state"] for s in second["steps"]}
     assert states["format"] == "built" and states["source.s"] == "cached"
+
+
+def test_an_apply_with_overrides_leaves_the_lock_alone(cli, small_recipe: Path) -> None:
+    apply_json(cli, str(small_recipe))
+    before = (small_recipe.parent / "t.yaml.lock").read_text()
+    apply_json(cli, str(small_recipe), "--set", "data.filters.0.min_chars=2")
+    assert (small_recipe.parent / "t.yaml.lock").read_text() == before
+    assert cli("lock", str(small_recipe), "--check")[0] == 0

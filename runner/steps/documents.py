@@ -68,6 +68,17 @@ def _files(root: Path, glob: str) -> list[Path]:
     return sorted(p for p in root.glob(glob) if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
+def read_table_rows(path: Path) -> list[Any]:
+    """The rows of a .csv, .jsonl or .json file (a JSON file holds a list, or one object)."""
+    text = path.read_bytes().decode("utf-8")
+    if path.suffix.lower() == ".csv":
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    if path.suffix.lower() == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = json.loads(text)
+    return rows if isinstance(rows, list) else [rows]
+
+
 def _read(path: Path, src: DocumentSource) -> Iterator[tuple[str, str, str]]:
     """(suffix id, title, text) for each document in the file; raises ValueError with the reason."""
     suffix = path.suffix.lower()
@@ -91,15 +102,7 @@ def _read(path: Path, src: DocumentSource) -> Iterator[tuple[str, str, str]]:
             raise ValueError(f"unreadable PDF ({exc})") from None
         yield "", path.stem, "\n\n".join(pages)
     elif suffix in TABLE_SUFFIXES:
-        text = path.read_bytes().decode("utf-8")
-        if suffix == ".csv":
-            rows: list[Any] = list(csv.DictReader(io.StringIO(text, newline="")))
-        elif suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            rows = json.loads(text)
-            rows = rows if isinstance(rows, list) else [rows]
-        for n, row in enumerate(rows, start=1):
+        for n, row in enumerate(read_table_rows(path), start=1):
             if not isinstance(row, dict) or not isinstance(row.get(src.text), str):
                 raise ValueError(f"row {n} has no text column {src.text!r}")
             title = str(row.get(src.title, "")) if src.title else f"{path.stem} #{n}"

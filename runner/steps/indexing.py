@@ -36,6 +36,18 @@ class HnswConfig(Params):
     threads: int = Field(1, ge=1, description="build threads (1 keeps the index file byte-identical run to run)")
 
 
+class RetrievalEval(Params):
+    """Retrieval quality on a fixed question set: recall@k and MRR, recorded as metrics (so `diff` compares them)."""
+
+    questions: str = Field(description="JSONL/JSON/CSV file of questions, relative to the recipe")
+    question_field: str = "question"
+    gold_field: str = Field("document", description="field holding the id of the document that answers it")
+    k: int = Field(5, ge=1)
+
+    def external_paths(self) -> dict[str, str]:
+        return {"questions": self.questions}
+
+
 class IndexSection(Params):
     """Documents for retrieval: read, chunked, embedded (offline), indexed with HNSW."""
 
@@ -45,6 +57,7 @@ class IndexSection(Params):
     hnsw: HnswConfig = HnswConfig()
     exact_below: int = Field(1000, ge=0, description="collections smaller than this use exact search")
     hybrid: bool = Field(False, description="also keep a BM25 index; queries fuse both rankings (RRF)")
+    eval: RetrievalEval | None = Field(None, description="measure recall@k on a question set after indexing")
 
 
 class IndexParams(Params):
@@ -147,3 +160,43 @@ def build_index(ctx: StepContext) -> None:
         retriever.save(str(ctx.out / "bm25"))
     ctx.table("chunks", "chunks.parquet", len(ids))
     ctx.metrics.update({"chunks": len(ids), "exact": len(ids) < p.exact_below, **info})
+
+
+class RetrievalEvalParams(Params):
+    eval: RetrievalEval
+    embed: EmbedConfig
+    ef_search: int
+
+
+@step("index.eval", version="1", params=RetrievalEvalParams, libs=EMBED_LIBS + ("hnswlib", "duckdb"))
+def evaluate_retrieval(ctx: StepContext) -> None:
+    import json
+
+    import pyarrow as pa
+
+    from runner.retrieval import Retriever
+    from runner.registry import StepError
+    from runner.steps.documents import read_table_rows
+    from stores.datastore import connect, quote_path
+
+    p: RetrievalEvalParams = ctx.params
+    rows = read_table_rows(ctx.files[p.eval.questions])
+    pairs = []
+    for n, row in enumerate(rows, start=1):
+        q, gold = row.get(p.eval.question_field), row.get(p.eval.gold_field)
+        if not isinstance(q, str) or gold is None:
+            raise StepError(f"{p.eval.questions} row {n}: needs text {p.eval.question_field!r} and {p.eval.gold_field!r}")
+        pairs.append((q, str(gold)))
+    retriever = Retriever(ctx.input("index"), ctx.files, ef_search=p.ef_search)
+    hits = retriever.search_vectors(retriever.embed([q for q, _ in pairs]), [q for q, _ in pairs], p.eval.k)
+    ranks = [next((i for i, h in enumerate(hs, start=1) if h.doc_id == gold), None) for hs, (_, gold) in zip(hits, pairs)]
+    found = [r for r in ranks if r is not None]
+    ctx.metrics.update({f"recall@{p.eval.k}": len(found) / len(pairs) if pairs else None,
+                        "mrr": sum(1 / r for r in found) / len(pairs) if pairs else None, "questions": len(pairs)})
+    table = pa.table({"question": [q for q, _ in pairs], "gold": [g for _, g in pairs], "rank": ranks,
+                      "top": [json.dumps([h.doc_id for h in hs]) for hs in hits]})
+    con = connect()
+    con.register("r", table)
+    con.execute(f"copy (select * from r) to {quote_path(ctx.out / 'results.parquet')} (format parquet)")
+    con.close()
+    ctx.table("results", "results.parquet", len(pairs))
