@@ -48,7 +48,7 @@ def run_runner(work: Path, seq_len: int, epochs: float, packing: bool) -> tuple[
 
     train = json.loads(arts["train"].file("train_result.json").read_text())
     tokens = int(train["tokens_per_epoch"] * epochs)
-    return train["metrics"]["train_seconds"], tokens, arts
+    return arts["train"].manifest["metrics"]["train_seconds"], tokens, arts
 
 
 def run_plain(arts: dict, seq_len: int, epochs: float) -> tuple[float, int]:

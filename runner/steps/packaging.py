@@ -52,7 +52,7 @@ def package(ctx: StepContext) -> None:
     from transformers import AutoTokenizer
 
     from runner.steps.models import load_model
-    from runner.steps.trainer import base_path
+    from runner.steps.trainer import base_name, base_path
 
     p: PackageParams = ctx.params
     adapter = ctx.input("train").file("adapter")
@@ -62,6 +62,7 @@ def package(ctx: StepContext) -> None:
         precision = p.train.model.precision if p.train.model.precision in ("fp32", "bf16", "fp16") else "fp32"
         model = load_model(base_path(ctx, p.train), precision, trust_remote_code=p.train.model.trust_remote_code)
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        merged.config._name_or_path = base_name(p.train)
         merged.save_pretrained(ctx.out / "merged", safe_serialization=True)
         AutoTokenizer.from_pretrained(ctx.input("tokenizer").file("tokenizer")).save_pretrained(ctx.out / "merged")
     if "gguf" in p.package.formats:

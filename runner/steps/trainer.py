@@ -26,6 +26,11 @@ def base_path(ctx: StepContext, p: Any) -> Path:
     return base_dir(spec, ctx.files, built)
 
 
+def base_name(p: Any) -> str:
+    """How artifacts name their base model: the hub id or path as the recipe writes it, never a cache path."""
+    return p.model.base if isinstance(p.model.base, str) else "runner:model.init"
+
+
 def job_for(ctx: StepContext, p: Any) -> dict[str, Any]:
     tokenized = ctx.input("tokenize")
     return {
@@ -130,6 +135,8 @@ def run(job: dict[str, Any]) -> None:
     torch.manual_seed(t.seed)
     tok = AutoTokenizer.from_pretrained(job["tokenizer"])
     model = load_model(Path(job["base"]), p.model.precision, trust_remote_code=p.model.trust_remote_code)
+    # PEFT writes the base's name into the adapter and its model card: no cache paths in the bytes
+    model.config._name_or_path = base_name(p)
     quantized = None
     if p.model.precision in ("int8", "int4"):
         from runner.steps.models import count_quantized
@@ -178,19 +185,26 @@ def run(job: dict[str, Any]) -> None:
         return
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
-    seconds = timing.get("end", 0) - timing.get("start", 0)
     tokens = sum(sum(1 for x in dataset[i]["input_ids"]) for i in range(len(dataset)))
+    # facts about this run (how long, resumed or not) go to the manifest only, never into the artifact's
+    # files: the files are the result, and the result must not change with the clock
+    (scratch / "run.json").write_text(json.dumps({"train_seconds": timing.get("end", 0) - timing.get("start", 0),
+                                                  "resumed_from": Path(resume).name if resume else None}))
     metrics = {
         "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
-        "train_loss_mean": result.training_loss, "steps": trainer.state.global_step, "resumed_from": resume,
+        "train_loss_mean": result.training_loss, "steps": trainer.state.global_step,
         "trainable_params": trainable, "total_params": total, "trainable_percent": round(100 * trainable / total, 4),
         "lora_targets": targets, "precision": p.model.precision, "world_size": world,
         "fsdp": bool(getattr(trainer, "is_fsdp_enabled", False)),
-        "train_seconds": seconds, "epochs_done": trainer.state.epoch,
+        "epochs_done": trainer.state.epoch,
     }
     if quantized is not None:
         metrics["quantized_layers"] = quantized
+    for cfg in model.peft_config.values():
+        cfg.base_model_name_or_path = base_name(p)
+        cfg.target_modules = sorted(cfg.target_modules)  # a set: its order would change with the hash seed
     model.save_pretrained(out / "adapter", safe_serialization=True)
+    (out / "adapter" / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub names local paths
     (out / "train_result.json").write_text(json.dumps({"metrics": metrics, "losses": losses, "steps": steps,
                                                         "tokens_per_epoch": tokens}, sort_keys=True))
     plot(steps, losses, out / "loss.png")

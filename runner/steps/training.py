@@ -208,6 +208,7 @@ def train(ctx: StepContext) -> None:
         trainer.run(job)
     result = json.loads((ctx.out / "train_result.json").read_text())
     ctx.metrics.update(result["metrics"])
+    ctx.metrics.update(json.loads((ctx.scratch / "run.json").read_text()))
 
 
 @step("merge", version="1", params=TrainParams, libs=("torch", "transformers", "peft", "safetensors"))
@@ -220,12 +221,13 @@ def merge(ctx: StepContext) -> None:
     from transformers import AutoTokenizer
 
     from runner.steps.models import load_model
-    from runner.steps.trainer import base_path
+    from runner.steps.trainer import base_name, base_path
 
     p: TrainParams = ctx.params
     precision = p.model.precision if p.model.precision in ("fp32", "bf16", "fp16") else "fp32"
     model = load_model(base_path(ctx, p), precision, trust_remote_code=p.model.trust_remote_code)
     model = PeftModel.from_pretrained(model, ctx.input("train").file("adapter")).merge_and_unload()
+    model.config._name_or_path = base_name(p)
     model.save_pretrained(ctx.out / "model", safe_serialization=True)
     AutoTokenizer.from_pretrained(ctx.input("tokenizer").file("tokenizer")).save_pretrained(ctx.out / "model")
     shutil.copy(ctx.input("train").file("train_result.json"), ctx.out / "train_result.json")
