@@ -151,10 +151,17 @@ def artifact(build: Build, step: str) -> Artifact | None:
     """The current artifact of `step`, if built and sound."""
     if step not in build.graph.nodes:
         raise UsageError(f"no step {step!r} in {build.loaded.path}; steps: {', '.join(build.graph.order)}")
+    return built(build).get(step)
+
+
+def built(build: Build) -> dict[str, Artifact]:
+    """Every step of the current recipe that is built, with its artifact (one plan for all of them)."""
+    out = {}
     for p in plan(build):
-        if p.name == step and p.state == "cached" and p.key:
-            return build.cache.get(p.key)
-    return None
+        art = build.cache.get(p.key) if p.state == "cached" and p.key else None
+        if art is not None:
+            out[p.name] = art
+    return out
 
 
 def sql(build: Build, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:

@@ -22,6 +22,12 @@ class Hit(NamedTuple):
     score: float
 
 
+def docs_prompt(question: str, hits: list[Hit]) -> str:
+    """The user turn for document chat: the retrieved chunks, numbered for citation, then the question."""
+    context = "\n\n".join(f"[{i}] {h.text}" for i, h in enumerate(hits, start=1))
+    return f"Answer using the context below; cite it as [n].\n\n{context}\n\nQuestion: {question}"
+
+
 class Retriever:
     def __init__(self, artifact: Artifact, embed_files: dict[str, Any], *, model: str | None = None,
                  ef_search: int | None = None) -> None:

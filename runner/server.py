@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runner.retrieval import docs_prompt
 from runner.serving import Model, ServeConfig
 
 
@@ -106,11 +107,9 @@ def create_app(models: dict[str, Model], config: ServeConfig, *, retriever: Any 
     def with_docs(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
         question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         hits = retriever.search(question, config.top_k)
-        context = "\n\n".join(f"[{i}] {h.text}" for i, h in enumerate(hits, start=1))
         sources = [{"id": h.chunk_id, "document": h.doc_id, "title": h.title, "score": round(h.score, 4),
                     "text": h.text} for h in hits]
-        instruction = f"Answer using the context below; cite it as [n].\n\n{context}\n\nQuestion: {question}"
-        return messages[:-1] + [{"role": "user", "content": instruction}], sources
+        return messages[:-1] + [{"role": "user", "content": docs_prompt(question, hits)}], sources
 
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:

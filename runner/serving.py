@@ -148,8 +148,9 @@ def load_models(build: Any, variants: list[Variant]) -> dict[str, Model]:
         raise RunnerError(f"{build.loaded.path} has no model: section to serve")
     needed = ["tokenizer", "train"] + (["merge"] if "merged" in variants else [])
     arts = {}
+    have = api.built(build)
     for step in needed + (["model.init"] if "model.init" in build.graph.nodes else []):
-        art = api.artifact(build, step) if step in build.graph.nodes else None
+        art = have.get(step)
         if art is None:
             what = "set train.merge: true and apply" if step == "merge" else f"run `runner apply {build.loaded.path}`"
             raise RunnerError(f"step {step} of {build.loaded.path} is not built: {what}")

@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from runner import api
+    from runner.retrieval import docs_prompt
     from runner.serving import load_models
 
     build = load(args)
@@ -47,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
         turn = line
         if index is not None:
             hits = index.search(line, build.loaded.recipe.serve.top_k)
-            context = "\n\n".join(f"[{i}] {h.text}" for i, h in enumerate(hits, start=1))
-            turn = f"Answer using the context below; cite it as [n].\n\n{context}\n\nQuestion: {line}"
+            turn = docs_prompt(line, hits)
         answer = "".join(model.stream(model.prompt(history + [{"role": "user", "content": turn}]),
                                       max_tokens=args.max_tokens))
         out.print(f"[bold]bot>[/] {escape(answer)}")
