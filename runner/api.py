@@ -207,11 +207,11 @@ def explain(build: Build, row_id: str) -> list[dict[str, Any]]:
         for name in build.graph.order:
             entry = ref.get("steps", {}).get(name)
             for table, sql in (table_sqls(build.cache, entry["key"]) if entry else {}).items():
-                cols = "reason" if table == "rejects" else "null"
+                cols = "reason, detail" if table == "rejects" else "null, null"
                 hits = con.execute(f"select {cols} from {sql} where id = ? or id like ? || '#%' limit 1",
                                    [row_id, row_id]).fetchall()
                 if hits:
-                    trail.append({"step": name, "table": table, "reason": hits[0][0]})
+                    trail.append({"step": name, "table": table, "reason": hits[0][0], "detail": hits[0][1]})
             if trail and trail[-1]["table"] == "rejects":
                 break
     finally:

@@ -11,7 +11,8 @@ from typing import Any
 from runner.errors import Problem, RecipeError
 from runner.graph import Graph, GraphError, StepNode
 from runner.recipe import LoadedRecipe, show_path
-from runner.steps.sources import Mix
+from runner.steps.sources import HfDiskSource, Mix, TableSource
+from runner.steps.split import GROUP_KEYS
 
 TABLE_FORMATS = {"jsonl", "json", "csv", "parquet"}
 
@@ -25,7 +26,12 @@ def _files(loaded: LoadedRecipe, params: Any, at: tuple[str | int, ...], problem
         want_dir = key in params.DIR_FIELDS
         if not (resolved.is_dir() if want_dir else resolved.is_file()):
             what = "directory" if want_dir else "file"
-            problems.append(Problem(loaded.where(where), show_path(where), f"{what} {rel!r} not found (looked for {resolved})"))
+            if resolved.exists():
+                found = "a directory" if resolved.is_dir() else "not a regular file"
+                message = f"{rel!r} is {found} ({resolved}); expected a {what}"
+            else:
+                message = f"{what} {rel!r} not found (looked for {resolved})"
+            problems.append(Problem(loaded.where(where), show_path(where), message))
         files[rel] = resolved
     return files
 
@@ -60,7 +66,19 @@ def _data_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) -> l
     assert data is not None
     nodes: list[StepNode] = []
     sources = []
+    group_column = data.split.group_by if data.split.group_by not in GROUP_KEYS else None
+    tables = [s for s in data.sources if isinstance(s, (TableSource, HfDiskSource))]
+    if group_column and not tables:
+        problems.append(Problem(loaded.where(("data", "split", "group_by")), "data.split.group_by",
+                                f"{group_column!r} is not one of {', '.join(GROUP_KEYS)}, and there is no table source "
+                                "(jsonl/json/csv/parquet/hf_disk) whose column it could name"))
     for i, src in enumerate(data.sources):
+        if group_column and isinstance(src, (TableSource, HfDiskSource)):
+            if src.columns.group not in (None, group_column):
+                problems.append(Problem(loaded.where(("data", "sources", i, "columns", "group")),
+                                        f"data.sources[{i}].columns.group",
+                                        f"{src.columns.group!r} disagrees with data.split.group_by {group_column!r}"))
+            src = src.model_copy(update={"columns": src.columns.model_copy(update={"group": group_column})})
         files = _files(loaded, src, ("data", "sources", i), problems)
         name = f"source.{src.name}"
         kind = "source.table" if src.format in TABLE_FORMATS else f"source.{src.format}"

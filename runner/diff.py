@@ -96,20 +96,20 @@ def _ids(build: Any, key: str, table: str = "rows") -> set[str]:
         con.close()
 
 
-def _rejections(build: Any, plan: dict[str, Any], arts: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    """id -> (step, reason) over every data step's rejects."""
+def _rejections(build: Any, plan: dict[str, Any], arts: dict[str, Any]) -> dict[str, tuple[str, str, str]]:
+    """id -> (step, reason, detail) over every data step's rejects."""
     from runner import api
     from stores.datastore import connect
 
-    out: dict[str, tuple[str, str]] = {}
+    out: dict[str, tuple[str, str, str]] = {}
     con = connect()
     try:
         for n in plan:
             if n in arts and n.startswith(DATA_KINDS):
                 sql = api.table_sqls(build.cache, arts[n].key).get("rejects")
                 if sql:
-                    for rid, reason in con.execute(f"select id, reason from {sql}").fetchall():
-                        out.setdefault(rid, (n, reason))
+                    for rid, reason, detail in con.execute(f"select id, reason, detail from {sql}").fetchall():
+                        out.setdefault(rid, (n, reason, detail or ""))
     finally:
         con.close()
     return out
@@ -122,10 +122,12 @@ def _row_changes(a: Any, b: Any, plan_a: dict[str, Any], plan_b: dict[str, Any],
         return None
     ids_a, ids_b = _ids(a, arts_a[last_a].key), _ids(b, arts_b[last_b].key)
     rej_a, rej_b = _rejections(a, plan_a, arts_a), _rejections(b, plan_b, arts_b)
-    removed = [{"id": i, "step": rej_b.get(i, ("?", ""))[0], "reason": rej_b.get(i, ("?", "not in B's sources"))[1]}
-               for i in sorted(ids_a - ids_b)]
-    added = [{"id": i, "step": rej_a.get(i, ("?", ""))[0], "reason": rej_a.get(i, ("?", "not in A's sources"))[1]}
-             for i in sorted(ids_b - ids_a)]
+    def change(i: str, rejects: dict[str, tuple[str, str, str]], side: str) -> dict[str, str]:
+        step, reason, detail = rejects.get(i, ("?", "not_in_sources", f"not in {side}'s sources"))
+        return {"id": i, "step": step, "reason": reason, "detail": detail}
+
+    removed = [change(i, rej_b, "B") for i in sorted(ids_a - ids_b)]
+    added = [change(i, rej_a, "A") for i in sorted(ids_b - ids_a)]
     return {"a_step": last_a, "b_step": last_b, "a_rows": len(ids_a), "b_rows": len(ids_b),
             "removed": removed, "added": added}
 
@@ -167,7 +169,7 @@ def markdown(d: dict[str, Any], limit: int = 50) -> str:
         out += [f"**Rows**: {rc['a_rows']} → {rc['b_rows']} ({len(rc['removed'])} removed, {len(rc['added'])} added)", ""]
         for kind in ("removed", "added"):
             for r in rc[kind][:limit]:
-                out.append(f"- {kind} `{r['id']}` by {r['step']}: {r['reason']}")
+                out.append(f"- {kind} `{r['id']}` by {r['step']}: {r['reason']}" + (f" ({r['detail']})" if r["detail"] else ""))
             if len(rc[kind]) > limit:
                 out.append(f"- … {len(rc[kind]) - limit} more {kind}")
         out.append("")

@@ -87,16 +87,28 @@ def _cli_reference(parser: Any, argparse: Any) -> str:
     return "\n".join(out)
 
 
-SECTIONS = {"recipe-reference": recipe_reference, "cli-reference": cli_reference}
+def reject_reasons() -> str:
+    from runner.steps.reasons import markdown
+
+    return markdown()
 
 
-def update_readme(text: str) -> str:
-    """Replace what stands between `<!-- NAME:start -->` and `<!-- NAME:end -->` by the generated text."""
+SECTIONS = {"recipe-reference": recipe_reference, "cli-reference": cli_reference, "reject-reasons": reject_reasons}
+
+
+def update_markers(text: str) -> str:
+    """Replace what stands between `<!-- NAME:start -->` and `<!-- NAME:end -->` by the generated text,
+    for every section whose markers the text has."""
     for name, make in SECTIONS.items():
         start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
         if start not in text or end not in text:
-            raise ValueError(f"README lacks the markers {start} ... {end}")
+            continue
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
         text = f"{head}{start}\n{make()}\n{end}{tail}"
     return text
+
+
+def markers(text: str) -> set[str]:
+    """The generated sections a document holds."""
+    return {name for name in SECTIONS if f"<!-- {name}:start -->" in text and f"<!-- {name}:end -->" in text}

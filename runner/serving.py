@@ -12,6 +12,7 @@ from pydantic import Field
 
 from runner.errors import RunnerError
 from runner.params import Params
+from runner.steps.prompts import render_prompt
 
 Variant = Literal["tuned", "base", "merged"]
 
@@ -43,17 +44,7 @@ class Model:
 
     def prompt(self, messages: list[dict[str, str]]) -> str:
         """A conversation (history carried across turns, as h2oGPT does) as the model's prompt text."""
-        if self.template == "chat":
-            return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        parts = []
-        for m in messages:
-            role, text = m["role"], m["content"]
-            if self.template == "human_bot":
-                parts.append({"user": f"<human>: {text}", "assistant": f"<bot>: {text}"}.get(role, text))
-            else:
-                parts.append(text)
-        opener = "<bot>: " if self.template == "human_bot" else ""
-        return "\n".join(parts) + "\n" + opener
+        return render_prompt(self.template, messages, self.tokenizer)
 
     @property
     def stops(self) -> list[str]:

@@ -1,6 +1,8 @@
 """The DuckDB data store: Parquet tables inside artifacts, queried in place, and a catalog of views.
 
-Rows of conversation data share one schema (see `ROW_COLUMNS`). Macros every connection
+Rows of conversation data share one schema (see `ROW_COLUMNS`): `group_id` keeps rows that
+share a conversation (an oasst tree, a record) on one side of the split, `tools` is the JSON
+list of tool schemas a conversation may call. Macros every connection
 has, for filters and for `runner sql`:
 
     prompt_of(turns)    text of the first user turn
@@ -18,8 +20,9 @@ from typing import Any
 
 import duckdb
 
-ROW_COLUMNS = "id VARCHAR, source VARCHAR, turns STRUCT(role VARCHAR, text VARCHAR)[], score DOUBLE, lang VARCHAR"
-REJECT_COLUMNS = "id VARCHAR, source VARCHAR, step VARCHAR, reason VARCHAR"
+ROW_COLUMNS = ("id VARCHAR, source VARCHAR, turns STRUCT(role VARCHAR, text VARCHAR)[], score DOUBLE, lang VARCHAR, "
+               "group_id VARCHAR, tools VARCHAR")
+REJECT_COLUMNS = "id VARCHAR, source VARCHAR, step VARCHAR, reason VARCHAR, detail VARCHAR"
 
 _MACROS = [
     "create or replace macro prompt_of(turns) as list_filter(turns, lambda t: t.role = 'user')[1].text",

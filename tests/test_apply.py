@@ -76,9 +76,9 @@ def test_clean_caches_give_identical_keys_and_bytes(cli, small_recipe: Path, tmp
 
 def test_sql_show_status_graph(cli, small_recipe: Path) -> None:
     apply_json(cli, str(small_recipe))
-    code, out, _ = cli("sql", str(small_recipe), "select id, reason from filter_dedup__rejects order by id", "--json")
+    code, out, _ = cli("sql", str(small_recipe), "select id, reason, detail from filter_dedup__rejects order by id", "--json")
     assert code == 0
-    assert [r["reason"] for r in json.loads(out)] == ["duplicate of s/2", "duplicate of s/3"]
+    assert [(r["reason"], r["detail"]) for r in json.loads(out)] == [("duplicate", "of s/2"), ("duplicate", "of s/3")]
     code, out, _ = cli("sql", str(small_recipe), "select count(*) as n from split__train", "--json")
     n_train = json.loads(out)[0]["n"]
     code, out, _ = cli("show", str(small_recipe), "split")
@@ -150,11 +150,13 @@ def test_malformed_rows_are_rejected_with_reasons(cli, tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text("data:\n  sources:\n    - {name: s, format: jsonl, path: rows.jsonl}\n")
     summary = apply_json(cli, str(tmp_path / "r.yaml"))
     assert summary["steps"][0]["rows"] == {"in": 7, "rows": 1, "rejects": 6}
-    code, out, _ = cli("sql", str(tmp_path / "r.yaml"), "select id, reason from source_s__rejects", "--json")
-    reasons = {r["id"]: r["reason"] for r in json.loads(out)}
-    assert "invalid JSON" in reasons["s/2"] and "not UTF-8" in reasons["s/3"]
-    assert "not a JSON object" in reasons["s/4"] and "missing field 'response'" in reasons["s/5"]
-    assert "not text" in reasons["s/6"] and "empty line" in reasons["s/7"]
+    code, out, _ = cli("sql", str(tmp_path / "r.yaml"), "select id, reason, detail from source_s__rejects", "--json")
+    got = {r["id"]: (r["reason"], r["detail"]) for r in json.loads(out)}
+    assert {i: r for i, (r, _) in got.items()} == {"s/2": "unreadable", "s/3": "unreadable", "s/4": "unreadable",
+                                                    "s/5": "missing_field", "s/6": "missing_field", "s/7": "unreadable"}
+    assert "invalid JSON" in got["s/2"][1] and "not UTF-8" in got["s/3"][1]
+    assert "not a JSON object" in got["s/4"][1] and "missing field 'response'" in got["s/5"][1]
+    assert "not text" in got["s/6"][1] and "empty line" in got["s/7"][1]
 
 
 def test_bad_sql_filter_fails_clearly(cli, small_recipe: Path) -> None:
@@ -205,7 +207,9 @@ def test_parquet_source_is_typed_and_rejects_missing_text(cli, tmp_path: Path) -
     assert summary["steps"][0]["rows"] == {"in": 3, "rows": 1, "rejects": 2}
     code, out, _ = cli("sql", str(tmp_path / "r.yaml"), "select id, score, prompt_of(turns) p from source_p", "--json")
     assert json.loads(out) == [{"id": "p/u1", "score": 0.5, "p": "hi there"}]
-    code, out, _ = cli("sql", str(tmp_path / "r.yaml"), "select id, reason from source_p__rejects order by id", "--json")
-    assert [r["reason"] for r in json.loads(out)] == ["record 2: missing field a", "record 3: missing field q"]
+    code, out, _ = cli("sql", str(tmp_path / "r.yaml"), "select id, reason, detail from source_p__rejects order by id",
+                       "--json")
+    assert [(r["id"], r["reason"], r["detail"]) for r in json.loads(out)] == [
+        ("p/u2", "missing_field", "record 2: missing field a"), ("p/u3", "missing_field", "record 3: missing field q")]
     code, _, err = cli("apply", str(tmp_path / "r.yaml"), "--set", "data.sources.0.columns.score=q")
     assert code == 1 and "column 'q' (score) is VARCHAR, not a number" in err

@@ -75,7 +75,7 @@ def test_reward_model_quality_filter(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_embedding_similarity_drops_unrelated_answers(tmp_path: Path) -> None:
     b = apply_recipe(tmp_path, "  filters: [{kind: similarity, min_similarity: 0.2}]\n")
-    dropped = dict(api.sql(b, "select id, reason from filter_similarity__rejects")[1])
+    dropped = dict(api.sql(b, "select id, detail from filter_similarity__rejects")[1])
     assert list(dropped) == ["s/3"] and dropped["s/3"].startswith("prompt/response similarity")
 
 
@@ -104,14 +104,15 @@ def test_export_formats(tmp_path: Path) -> None:
     train = [json.loads(line) for line in art.file("train.jsonl").read_text().splitlines()]
     ds = datasets.load_from_disk(str(art.file("datasets")))
     assert len(train) + len(ds["validation"]) == 4 and len(ds["train"]) == len(train)
-    assert set(train[0]) == {"id", "source", "prompt", "completion", "text"}
+    assert set(train[0]) == {"id", "source", "group_id", "prompt", "completion", "text"}
 
 
 def test_explain_cli(tmp_path: Path, cli) -> None:
     apply_recipe(tmp_path, "  filters: [{kind: length, min_chars: 25}]\n")
     code, out, _ = cli("explain", str(tmp_path / "r.yaml"), "s/4", "--json")
     trail = json.loads(out)
-    assert trail[-1] == {"step": "filter.length", "table": "rejects", "reason": "response has 23 chars, below min_chars 25"}
+    assert trail[-1] == {"step": "filter.length", "table": "rejects", "reason": "too_short",
+                         "detail": "response has 23 chars, below min_chars 25"}
     code, out, _ = cli("explain", str(tmp_path / "r.yaml"), "s/1")
     assert code == 0 and "kept    in split (train)" in out or "(validation)" in out
 
@@ -146,6 +147,6 @@ def test_dolly_and_hf_disk_sources(tmp_path: Path) -> None:
     got = dict((r[0], r[1:]) for r in api.sql(b, "select id, prompt_of(turns), response_of(turns) from mix")[1])
     assert got == {"d/1": ("Summarise the text.\n\nParis is the capital of France.", "Paris is France's capital."),
                    "h/1": ("hi", "hello"), "h/2": ("bye", "goodbye")}
-    reasons = dict(api.sql(b, "select id, reason from source_d__rejects")[1])
+    reasons = dict(api.sql(b, "select id, detail from source_d__rejects")[1])
     assert reasons == {"d/2": "record 2: category 'brainstorming' not in ['summarization', 'classification']",
                        "d/3": "record 3: missing field 'response'"}

@@ -10,9 +10,13 @@ from runner import docs
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_references_are_current() -> None:
-    text = (ROOT / "README.md").read_text()
-    assert docs.update_readme(text) == text, "run: runner reference --update README.md"
+def test_generated_docs_are_current() -> None:
+    found: set[str] = set()
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        found |= docs.markers(text)
+        assert docs.update_markers(text) == text, f"run: runner reference --update {path.relative_to(ROOT)}"
+    assert found == set(docs.SECTIONS), f"no document holds {set(docs.SECTIONS) - found}"
 
 
 def test_readme_names_the_ci_commands() -> None:

@@ -69,8 +69,8 @@ def test_profanity_with_a_shared_word_list(tmp_path: Path) -> None:
 
 def test_default_profanity_list_and_extra_words(tmp_path: Path) -> None:
     b, _ = run(tmp_path, "[{kind: profanity, extra_words: [photosynthesis]}]")
-    reasons = {r[0] for r in api.sql(b, "select reason from filter_profanity__rejects")[1]}
-    assert "profanity: photosynthesis" in reasons
+    reasons = set(api.sql(b, "select reason, detail from filter_profanity__rejects")[1])
+    assert ("profanity", "photosynthesis") in reasons
 
 
 def test_unhelpful_and_dedup_and_sql(tmp_path: Path) -> None:
@@ -124,9 +124,9 @@ def test_near_dedup_finds_edited_copies(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "rows.jsonl", rows)
     b, counts = run(tmp_path, "[{kind: near_dedup, field: response, threshold: 0.7}]",
                     f"{{name: s, format: jsonl, path: {tmp_path / 'rows.jsonl'}}}")
-    dropped = dict(api.sql(b, "select id, reason from filter_near_dedup__rejects")[1])
+    dropped = dict(api.sql(b, "select id, detail from filter_near_dedup__rejects")[1])
     assert set(dropped) >= {f"s/{51 + i}" for i in range(10)}
-    assert dropped["s/51"] == "near-duplicate of s/1"
+    assert dropped["s/51"].startswith("of s/1 (jaccard 0.")
 
 
 def test_compression_drops_repetitive_text(tmp_path: Path) -> None:
@@ -144,4 +144,5 @@ def test_language_identification(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "rows.jsonl", rows)
     b, _ = run(tmp_path, "[{kind: language, keep: [en, es]}]", f"{{name: s, format: jsonl, path: {tmp_path / 'rows.jsonl'}}}")
     assert kept_ids(b, "filter_language") == {"s/1", "s/2"}
-    assert api.sql(b, "select reason from filter_language__rejects")[1] == [("language de not in [en, es]",)]
+    assert api.sql(b, "select reason, detail from filter_language__rejects")[1] == [
+        ("language", "language de not in [en, es]")]

@@ -62,7 +62,7 @@ def test_every_document_type_and_rejects(tmp_path: Path) -> None:
     assert "x()" not in texts["docs/c.html"]
     assert texts["docs/d.pdf"] == "PDF about deserts"
     assert texts["docs/e.jsonl#2"] == "Row two about seas." and texts["docs/f.csv#1"] == "CSV row about islands."
-    rejects = dict(api.sql(b, "select id, reason from docs__rejects")[1])
+    rejects = dict(api.sql(b, "select id, detail from docs__rejects")[1])
     assert rejects == {"docs/g.bin": "unsupported file type .bin", "docs/h.txt": "not UTF-8", "docs/i.md": "no text"}
     docs_rows = next(s for s in result.steps if s.name == "docs").artifact.manifest["rows"]
     assert docs_rows == {"in": 10, "rows": 7, "rejects": 3}

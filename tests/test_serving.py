@@ -180,4 +180,4 @@ def test_a_conversation_becomes_one_prompt_with_its_history() -> None:
     m = Model("m", "human_bot", None, None)
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                {"role": "user", "content": "Capital of France?"}]
-    assert m.prompt(history) == "<human>: Hi\n<bot>: Hello!\n<human>: Capital of France?\n<bot>: "
+    assert m.prompt(history) == "<human>: Hi\n<bot>: Hello!\n<human>: Capital of France?\n<bot>:"

@@ -89,10 +89,10 @@ def test_oasst_en100_trees_all_paths(tmp_path: Path) -> None:
                                   "rejects": 1167 - len(used)}
     # synthetic trees are rejected: each root as synthetic, the messages below as its children
     trees = [r for r, _ in read_trees(path) if r.get("synthetic")]
-    reasons = rows(b, "select reason, count(*) n from source_o__rejects group by reason")
-    by_reason = {r["reason"]: r["n"] for r in reasons}
-    assert by_reason["synthetic"] == len(trees) == 5
-    assert by_reason["parent dropped (synthetic)"] == sum(count_messages(r) - 1 for r in trees) == 17
+    reasons = rows(b, "select reason, detail, count(*) n from source_o__rejects group by all")
+    by_reason = {(r["reason"], r["detail"]): r["n"] for r in reasons}
+    assert by_reason[("synthetic", "model_name chip20b")] == len(trees) == 5
+    assert by_reason[("parent_dropped", "synthetic: model_name chip20b")] == sum(count_messages(r) - 1 for r in trees) == 17
     assert all(r["turns"][-1]["role"] == "assistant" and r["turns"][0]["role"] == "user" for r in got)
 
 
@@ -125,7 +125,8 @@ def test_oasst_top_ranked_mode(tmp_path: Path) -> None:
     leaves, used = expected_conversations(path, default_keep, top=True)
     assert {r["id"] for r in rows(b, "select id from source_o")} == {f"o/{leaf}" for leaf in leaves}
     assert counts["source.o"]["messages_used"] == len(used)
-    n_not_top = rows(b, "select count(*) n from source_o__rejects where reason like 'not the top-ranked%'")[0]["n"]
+    n_not_top = rows(b, "select count(*) n from source_o__rejects where reason = 'rank' "
+                        "and detail like 'not the top-ranked%'")[0]["n"]
     assert n_not_top > 0
 
 
@@ -155,7 +156,7 @@ def test_oasst2_deleted_languages_states_and_repeated_trees(tmp_path: Path) -> N
     got = rows(b, "select count(*) n from source_o__rejects where reason = 'deleted'")[0]["n"]
     assert got == expected_deleted > 0
     repeated = sum(count_messages(r) for r, _ in trees) - sum(count_messages(r) for r in first.values())
-    got = rows(b, "select count(*) n from source_o__rejects where reason like 'duplicate of the tree on line%'")[0]["n"]
+    got = rows(b, "select count(*) n from source_o__rejects where reason = 'duplicate_tree'")[0]["n"]
     assert got == repeated == 52
     langs = {r["lang"] for r in rows(b, "select distinct lang from source_o")}
     assert len(langs) > 5
@@ -212,9 +213,10 @@ def test_sharegpt_ids_and_prompt_only_file(tmp_path: Path) -> None:
     ids = {f"f/{r['id']}" for r in json.loads(fastchat.read_text())}
     assert {r["id"] for r in rows(b, "select id from source_f")} == ids
     assert counts["source.s"] == {"in": 500, "rows": 0, "rejects": 500}
-    reasons = {r["reason"] for r in rows(b, "select distinct reason from source_s__rejects")}
-    assert reasons == {f"record {n}: no assistant reply" for n in range(1, 501)} or all(
-        r.endswith("no assistant reply") for r in reasons)
+    got = rows(b, "select id, reason, detail from source_s__rejects")
+    assert {r["reason"] for r in got} == {"no_reply"}
+    assert {r["id"] for r in got} == {f"s/{r['id']}" for r in json.loads(first_turn.read_text())}
+    assert {r["detail"] for r in got} == {f"record {n}: no assistant reply" for n in range(1, 501)}
     assert counts["mix"] == {"in": 500, "rows": 500, "rejects": 0}
 
 

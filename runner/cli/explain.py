@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     out = console()
     for t in trail:
         if t["table"] == "rejects":
-            out.print(f"[red]dropped[/] by {t['step']}: {escape(str(t['reason']))}")
+            detail = f" ({escape(str(t['detail']))})" if t["detail"] else ""
+            out.print(f"[red]dropped[/] by {t['step']}: {escape(str(t['reason']))}{detail}")
         else:
             out.print(f"[green]kept[/]    in {t['step']}" + (f" ({t['table']})" if t["table"] != "rows" else ""))
     return 0

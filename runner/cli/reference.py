@@ -1,4 +1,4 @@
-"""runner reference: the recipe reference, generated from the typed models (README embeds it)."""
+"""runner reference: the recipe reference, generated from the typed models (the docs embed it)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        description="Print the recipe reference generated from the recipe's typed models, or "
                                    "with --cli the help of every command. README.md embeds both.")
     p.add_argument("--cli", action="store_true", help="the CLI reference instead")
-    p.add_argument("--update", metavar="README", help="rewrite both references inside this README's markers")
+    p.add_argument("--update", metavar="FILE", nargs="+",
+                   help="rewrite the generated sections (recipe and CLI references, reject reasons) inside these "
+                        "Markdown files' <!-- NAME:start/end --> markers")
     p.set_defaults(run=run)
 
 
@@ -20,8 +22,9 @@ def run(args: argparse.Namespace) -> int:
     from runner import docs
 
     if args.update:
-        path = Path(args.update)
-        path.write_text(docs.update_readme(path.read_text()))
+        for name in args.update:
+            path = Path(name)
+            path.write_text(docs.update_markers(path.read_text()))
         return 0
     print(docs.cli_reference() if args.cli else docs.recipe_reference())
     return 0

@@ -111,7 +111,7 @@ def _read(path: Path, src: DocumentSource) -> Iterator[tuple[str, str, str]]:
         raise ValueError(f"unsupported file type {suffix or '(none)'}")
 
 
-@step("docs", version="1", params=DocsParams, libs=("duckdb", "pypdf", "beautifulsoup4"))
+@step("docs", version="2", params=DocsParams, libs=("duckdb", "pypdf", "beautifulsoup4"))
 def read_docs(ctx: StepContext) -> None:
     from runner.steps.tables import finish, load_table
     from stores.datastore import REJECT_COLUMNS, connect
@@ -129,15 +129,16 @@ def read_docs(ctx: StepContext) -> None:
                 found = list(_read(f, src))
             except (ValueError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 n_in += 1
-                reason = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
-                rejects.append({"id": shown, "source": src.path, "step": ctx.name, "reason": reason})
+                detail = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
+                rejects.append({"id": shown, "source": src.path, "step": ctx.name, "reason": "unreadable", "detail": detail})
                 continue
             for suffix, title, text in found:
                 n_in += 1
                 text = re.sub(r"[ \t]+\n", "\n", text.replace("\r\n", "\n")).strip()
                 doc_id = shown + suffix
                 if not text:
-                    rejects.append({"id": doc_id, "source": src.path, "step": ctx.name, "reason": "no text"})
+                    rejects.append({"id": doc_id, "source": src.path, "step": ctx.name, "reason": "empty_text",
+                                    "detail": "no text"})
                     continue
                 docs.append({"id": doc_id, "source": src.path, "title": title, "text": text,
                              "hash": hash_bytes(text.encode())})

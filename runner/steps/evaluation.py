@@ -11,6 +11,7 @@ from pydantic import Field
 from runner.params import Params
 from runner.registry import StepContext, step
 from runner.steps.models import ModelSpec
+from runner.steps.prompts import render_prompt
 
 DEFAULT_PROMPTS = [
     "What is the capital of France?",
@@ -35,14 +36,6 @@ class EvalParams(Params):
     eval: EvalConfig
 
 
-def render_prompt(template: str, prompt: str, tok: Any) -> str:
-    if template == "human_bot":
-        return f"<human>: {prompt}\n<bot>: "
-    if template == "chat":
-        return str(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True))
-    return f"{prompt}\n"
-
-
 def held_out_loss(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> float | None:
     """Mean cross-entropy per label token over the validation examples."""
     import torch
@@ -64,7 +57,7 @@ def held_out_loss(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: i
     return total / count if count else None
 
 
-@step("eval", version="1", params=EvalParams, libs=("torch", "transformers", "peft", "duckdb"))
+@step("eval", version="2", params=EvalParams, libs=("torch", "transformers", "peft", "duckdb"))
 def evaluate(ctx: StepContext) -> None:
     from runner.steps.quiet import quiet_ml
 
@@ -94,7 +87,7 @@ def evaluate(ctx: StepContext) -> None:
         "val_loss": loss, "val_perplexity": math.exp(loss) if loss is not None else None,
         "val_loss_base": base_loss, "val_examples": len(rows),
     })
-    prompts = [render_prompt(p.template, q, tok) for q in p.eval.prompts]
+    prompts = [render_prompt(p.template, [{"role": "user", "content": q}], tok) for q in p.eval.prompts]
     outputs = []
     torch.manual_seed(0)
     with torch.no_grad():

@@ -1,6 +1,7 @@
-"""Filter steps. Each is SQL in DuckDB: an expression giving the reason a row is dropped (NULL keeps it).
+"""Filter steps. Each is SQL in DuckDB: an expression giving why a row is dropped (NULL keeps it),
+a struct of a stable `reason` (see `reasons.py`) and the row's `detail`.
 
-Kept rows go on in input order; dropped rows go to the step's rejects table with the reason.
+Kept rows go on in input order; dropped rows go to the step's rejects table with reason and detail.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ from pydantic import Field, model_validator
 from runner.registry import StepContext, StepError, step
 from runner.steps.filter_base import FIELD_SQL, FieldName, FilterBase, sql_literal
 from runner.steps.filters_python import CompressionFilter, LanguageFilter, NearDedupFilter, SimilarityFilter
+from runner.steps.reasons import why
 
 class SqlFilter(FilterBase):
-    """Keep rows for which a DuckDB SQL predicate is true (columns: id, source, turns, score, lang)."""
+    """Keep rows for which a DuckDB SQL predicate is true (columns: id, source, turns, score, lang, group_id, tools)."""
 
     kind: Literal["sql"]
     where: str = Field(min_length=1, description="predicate, e.g. `score >= 0.5 and lang = 'en'`")
 
     def reason(self) -> str:
-        return f"case when coalesce(({self.where}), false) then null else {sql_literal('not: ' + self.where)} end"
+        return f"case when coalesce(({self.where}), false) then null else {why('sql_predicate', sql_literal('not: ' + self.where))} end"
 
 
 class LengthFilter(FilterBase):
@@ -80,10 +82,8 @@ class LengthFilter(FilterBase):
         ):
             if bound is not None:
                 word = "below min" if op == "<" else "above max"
-                checks.append(
-                    f"when {measure} {op} {bound} then "
-                    f"{sql_literal(self.field + ' has ')} || ({measure}) || {sql_literal(f' {unit}, {word}_{unit} {bound}')}"
-                )
+                detail = f"{sql_literal(self.field + ' has ')} || ({measure}) || {sql_literal(f' {unit}, {word}_{unit} {bound}')}"
+                checks.append(f"when {measure} {op} {bound} then {why('too_short' if op == '<' else 'too_long', detail)}")
         return "case " + " ".join(checks) + " else null end"
 
 
@@ -103,7 +103,7 @@ class DedupFilter(FilterBase):
 
     def reason(self) -> str:
         first = "first(id) over (partition by _dedup_key order by file_row_number)"
-        return f"case when {first} <> id then 'duplicate of ' || {first} else null end"
+        return f"case when {first} <> id then {why('duplicate', f'{chr(39)}of {chr(39)} || {first}')} else null end"
 
 
 class CleanFilter(FilterBase):
@@ -120,7 +120,9 @@ class CleanFilter(FilterBase):
         return f"list_transform(turns, lambda t: {{'role': t.role, 'text': trim({text})}})"
 
     def reason(self) -> str:
-        return "case when list_bool_or(list_transform(turns, lambda t: t.text = '')) then 'a turn is empty after cleaning' else null end"
+        empty = "list_position(list_transform(turns, lambda t: t.text = ''), true)"
+        return (f"case when {empty} > 0 then {why('empty_after_clean', f'{chr(39)}turn {chr(39)} || {empty} || {chr(39)} is empty{chr(39)}')} "
+                "else null end")
 
 
 class RegexFilter(FilterBase):
@@ -134,8 +136,8 @@ class RegexFilter(FilterBase):
     def reason(self) -> str:
         hit = f"regexp_matches(coalesce({FIELD_SQL[self.field]}, ''), {sql_literal(self.pattern)})"
         if self.action == "drop":
-            return f"case when {hit} then {sql_literal(f'{self.field} matches /{self.pattern}/')} else null end"
-        return f"case when {hit} then null else {sql_literal(f'{self.field} does not match /{self.pattern}/')} end"
+            return f"case when {hit} then {why('regex', sql_literal(f'{self.field} matches /{self.pattern}/'))} else null end"
+        return f"case when {hit} then null else {why('regex', sql_literal(f'{self.field} does not match /{self.pattern}/'))} end"
 
 
 class SampleFilter(FilterBase):
@@ -147,7 +149,7 @@ class SampleFilter(FilterBase):
 
     def reason(self) -> str:
         rank = f"row_number() over (order by md5_number({sql_literal(str(self.seed) + ':')} || id), id)"
-        return f"case when {rank} > {self.n} then {sql_literal(f'not in the sample of {self.n} (seed {self.seed})')} else null end"
+        return f"case when {rank} > {self.n} then {why('not_sampled', sql_literal(f'not in the sample of {self.n} (seed {self.seed})'))} else null end"
 
 
 class ProfanityFilter(FilterBase):
@@ -217,8 +219,8 @@ class UnhelpfulFilter(FilterBase):
             return "null"
         pattern = "(" + "|".join(re.escape(p) for p in phrases) + ")"
         value = f"lower(coalesce({FIELD_SQL[self.field]}, ''))"
-        return (f"case when regexp_matches({value}, {sql_literal(pattern)}) then 'unhelpful phrase: ' || "
-                f"regexp_extract({value}, {sql_literal(pattern)}, 1) else null end")
+        detail = f"regexp_extract({value}, {sql_literal(pattern)}, 1)"
+        return f"case when regexp_matches({value}, {sql_literal(pattern)}) then {why('unhelpful', detail)} else null end"
 
 
 class QualityFilter(FilterBase):
@@ -253,11 +255,13 @@ class QualityFilter(FilterBase):
 
     def reason(self) -> str:
         score = "_value" if self.model else "score"
-        checks = [f"when {score} is null then " + ("'no score'" if self.missing == "drop" else "null")]
+        checks = [f"when {score} is null then " + (why("no_score") if self.missing == "drop" else "null")]
         if self.min_score is not None:
-            checks.append(f"when {score} < {self.min_score} then 'score ' || round({score}, 4) || ' < {self.min_score}'")
+            detail = f"'score ' || round({score}, 4) || ' < {self.min_score}'"
+            checks.append(f"when {score} < {self.min_score} then {why('score_out_of_range', detail)}")
         if self.max_score is not None:
-            checks.append(f"when {score} > {self.max_score} then 'score ' || round({score}, 4) || ' > {self.max_score}'")
+            detail = f"'score ' || round({score}, 4) || ' > {self.max_score}'"
+            checks.append(f"when {score} > {self.max_score} then {why('score_out_of_range', detail)}")
         return "case " + " ".join(checks) + " else null end"
 
 
@@ -268,7 +272,8 @@ class LimitFilter(FilterBase):
     n: int = Field(ge=0)
 
     def reason(self) -> str:
-        return f"case when row_number() over (order by file_row_number) > {self.n} then 'beyond the first {self.n}' else null end"
+        return (f"case when row_number() over (order by file_row_number) > {self.n} "
+                f"then {why('beyond_limit', sql_literal(f'beyond the first {self.n}'))} else null end")
 
 
 class TruncateFilter(FilterBase):
@@ -332,8 +337,8 @@ def run_filter(ctx: StepContext) -> None:
                 con.execute(f"create temp table t as select *, {reason} as _reason from {source}")
                 finish(ctx, con,
                        "select * exclude (_reason, file_row_number) from t where _reason is null order by file_row_number",
-                       f"select id, source, {sql_literal(ctx.name)} as step, _reason as reason from t "
-                       "where _reason is not null order by file_row_number",
+                       f"select id, source, {sql_literal(ctx.name)} as step, _reason.reason as reason, "
+                       "_reason.detail as detail from t where _reason is not null order by file_row_number",
                        scalar(con, "select count(*) from t"))
             else:
                 # project only what the mask needs: a window (dedup) then never carries the text along
@@ -351,9 +356,9 @@ def _profanity_reason(p: ProfanityFilter, ctx: StepContext) -> str:
         return "null"
     pattern = sql_literal(words_regex(words))
     value = f"coalesce({FIELD_SQL[p.field]}, '')"
-    return (f"case when regexp_matches({value}, {pattern}) then 'profanity: ' || "
-            f"lower(regexp_extract({value}, {pattern}, 1)) else null end")
+    return (f"case when regexp_matches({value}, {pattern}) then "
+            f"{why('profanity', f'lower(regexp_extract({value}, {pattern}, 1))')} else null end")
 
 for _model in FILTERS:
     _kind = _model.model_fields["kind"].annotation.__args__[0]  # type: ignore[union-attr]
-    step(f"filter.{_kind}", version="1", params=_model, libs=LIBS.get(_kind, ("duckdb",)))(run_filter)
+    step(f"filter.{_kind}", version="2", params=_model, libs=LIBS.get(_kind, ("duckdb",)))(run_filter)

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from runner.registry import StepContext
 from runner.steps.filter_base import FIELD_SQL, FieldName, FilterBase, sql_literal
+from runner.steps.reasons import why
 
 
 class LanguageFilter(FilterBase):
@@ -38,15 +39,18 @@ class LanguageFilter(FilterBase):
     def reason(self) -> str:
         keep = ", ".join(sql_literal(k) for k in self.keep)
         listed = sql_literal(f" not in [{', '.join(self.keep)}]")
-        return f"case when _value in ({keep}) then null else 'language ' || _value || {listed} end"
+        return f"case when _value in ({keep}) then null else {why('language', f'{chr(39)}language {chr(39)} || _value || {listed}')} end"
 
 
 class NearDedupFilter(FilterBase):
-    """Drop near-duplicates: MinHash over word n-grams, LSH at a Jaccard threshold; the first row stays."""
+    """Drop near-duplicates: rows whose word n-gram Jaccard similarity with an earlier kept row is at least
+    `threshold`. MinHash LSH (datasketch) proposes candidates; every candidate is checked with the exact
+    Jaccard of the same shingles before a row is dropped, so no reject is below the threshold. Pairs above
+    it are found with LSH's recall (the S-curve of its bands and rows at `num_perm`)."""
 
     kind: Literal["near_dedup"]
     field: FieldName = "text"
-    threshold: float = Field(0.8, gt=0, lt=1, description="estimated Jaccard similarity that counts as a duplicate")
+    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity of word n-grams that counts as a duplicate")
     ngram: int = Field(3, ge=1, description="words per shingle")
     num_perm: int = Field(128, ge=16, le=1024)
     seed: int = 1
@@ -54,30 +58,39 @@ class NearDedupFilter(FilterBase):
     def python_input(self) -> str:
         return f"id, {FIELD_SQL[self.field]} as text"
 
+    def shingles(self, text: str | None) -> set[str]:
+        """Word n-grams of the lower-cased text (a shorter text is one shingle)."""
+        words = (text or "").lower().split()
+        return {" ".join(words[j : j + self.ngram]) for j in range(max(1, len(words) - self.ngram + 1))}
+
     def python(self, ctx: StepContext, table: Any) -> list[Any]:
         from datasketch import MinHash, MinHashLSH
 
         lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
         out: list[Any] = []
         ids = table.column("id").to_pylist()
-        for i, text in enumerate(table.column("text").to_pylist()):
-            words = (text or "").lower().split()
-            shingles = {" ".join(words[j : j + self.ngram]) for j in range(max(1, len(words) - self.ngram + 1))}
+        texts = table.column("text").to_pylist()
+        for i, text in enumerate(texts):
+            shingles = self.shingles(text)
             m = MinHash(num_perm=self.num_perm, seed=self.seed)
             m.update_batch([s.encode() for s in shingles])
-            hits = lsh.query(m)
-            if hits:
-                first = min(hits, key=lambda k: k[0])
-                out.append(f"near-duplicate of {first[1]}")
-            else:
-                lsh.insert((i, ids[i]), m)
+            best: tuple[float, int] | None = None
+            for j in lsh.query(m):  # candidates only: confirm each with the exact Jaccard
+                other = self.shingles(texts[j])
+                jaccard = len(shingles & other) / len(shingles | other)
+                if jaccard >= self.threshold and (best is None or (jaccard, -j) > (best[0], -best[1])):
+                    best = (jaccard, j)
+            if best is None:
+                lsh.insert(i, m)
                 out.append(None)
+            else:
+                out.append(f"of {ids[best[1]]} (jaccard {best[0]:.3f})")
             if i % 5000 == 0:
                 ctx.progress(table.num_rows, i)
         return out
 
     def reason(self) -> str:
-        return "_value"
+        return f"case when _value is not null then {why('near_duplicate', '_value')} else null end"
 
 
 class CompressionFilter(FilterBase):
@@ -105,9 +118,11 @@ class CompressionFilter(FilterBase):
     def reason(self) -> str:
         checks = []
         if self.min_ratio is not None:
-            checks.append(f"when _value < {self.min_ratio} then 'compression ratio ' || round(_value, 3) || ' < {self.min_ratio} (repetitive)'")
+            detail = f"'compression ratio ' || round(_value, 3) || ' < {self.min_ratio}'"
+            checks.append(f"when _value < {self.min_ratio} then {why('repetitive', detail)}")
         if self.max_ratio is not None:
-            checks.append(f"when _value > {self.max_ratio} then 'compression ratio ' || round(_value, 3) || ' > {self.max_ratio}'")
+            detail = f"'compression ratio ' || round(_value, 3) || ' > {self.max_ratio}'"
+            checks.append(f"when _value > {self.max_ratio} then {why('compression', detail)}")
         return "case " + " ".join(checks) + " else null end" if checks else "null"
 
 
@@ -139,5 +154,6 @@ class SimilarityFilter(FilterBase):
         return [float(x) for x in (prompts * replies).sum(axis=1)]
 
     def reason(self) -> str:
-        return f"case when _value < {self.min_similarity} then 'prompt/response similarity ' || round(_value, 3) || ' < {self.min_similarity}' else null end"
+        detail = f"'prompt/response similarity ' || round(_value, 3) || ' < {self.min_similarity}'"
+        return f"case when _value < {self.min_similarity} then {why('off_topic', detail)} else null end"
 

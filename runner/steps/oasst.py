@@ -19,6 +19,7 @@ from pydantic import Field
 
 from runner.params import Params
 from runner.registry import StepContext, step
+from runner.steps.reasons import Rejected
 from runner.steps.sources import SourceBase, _jsonl, write_tables
 
 
@@ -51,7 +52,8 @@ class Msg:
     raw: dict[str, Any]
     tree_state: str | None
     children: list[Msg] = field(default_factory=list)
-    reason: str | None = None
+    reason: Rejected | None = None
+    root: str = ""  # the id of its tree's root message: rows of one tree share it as their group
 
     @property
     def role(self) -> str:
@@ -66,32 +68,34 @@ def _label(raw: dict[str, Any], name: str) -> float | None:
     return None
 
 
-def _own_reason(m: Msg, p: OasstSource) -> str | None:
+def _own_reason(m: Msg, p: OasstSource) -> Rejected | None:
     """Why this message alone is dropped, or None."""
     raw = m.raw
     if not isinstance(raw.get("text"), str) or raw.get("role") not in ("prompter", "assistant"):
-        return "malformed message (needs text and role prompter|assistant)"
+        return Rejected("malformed_message", "needs text and role prompter|assistant")
     if p.tree_states is not None and m.tree_state is not None and m.tree_state not in p.tree_states:
-        return f"tree_state {m.tree_state} not in {p.tree_states}"
+        return Rejected("tree_state", f"tree_state {m.tree_state} not in {p.tree_states}")
     if raw.get("deleted") and not p.include_deleted:
-        return "deleted"
+        return Rejected("deleted")
     if p.lang is not None and raw.get("lang") not in p.lang:
-        return f"lang {raw.get('lang')} not in {p.lang}"
+        return Rejected("language", f"lang {raw.get('lang')} not in {p.lang}")
     if p.require_review and raw.get("review_result") is not True:
-        return f"review_result {raw.get('review_result')}"
+        return Rejected("not_reviewed", f"review_result {raw.get('review_result')}")
     if raw.get("synthetic") and not p.include_synthetic:
-        return "synthetic"
+        return Rejected("synthetic", f"model_name {raw.get('model_name')}" if raw.get("model_name") else "")
+    if not raw["text"].strip():
+        return Rejected("empty_text", f"the {m.role} message is empty")
     rank = raw.get("rank")
     if p.max_rank is not None and m.role == "assistant" and isinstance(rank, int) and rank > p.max_rank:
-        return f"rank {rank} > max_rank {p.max_rank}"
+        return Rejected("rank", f"rank {rank} > max_rank {p.max_rank}")
     for name, bound in p.labels.items():
         value = _label(raw, name)
         if value is None:
             continue
         if bound.min is not None and value < bound.min:
-            return f"label {name} {value:.3g} < {bound.min}"
+            return Rejected("label", f"label {name} {value:.3g} < {bound.min}")
         if bound.max is not None and value > bound.max:
-            return f"label {name} {value:.3g} > {bound.max}"
+            return Rejected("label", f"label {name} {value:.3g} > {bound.max}")
     return None
 
 
@@ -105,24 +109,25 @@ def _nested(raw: dict[str, Any], tree_state: str | None, out: list[Msg]) -> Msg:
     return m
 
 
-def read_trees(lines: Iterator[tuple[int, dict[str, Any] | None, str | None]]) -> tuple[list[Msg], list[Msg], list[tuple[int, str]]]:
+def read_trees(lines: Iterator[tuple[int, dict[str, Any] | None, Rejected | None]]
+               ) -> tuple[list[Msg], list[Msg], list[tuple[int, Rejected]]]:
     """(roots, every message, bad lines). Flat messages are linked by parent_id after reading."""
     roots: list[Msg] = []
     every: list[Msg] = []
-    bad: list[tuple[int, str]] = []
+    bad: list[tuple[int, Rejected]] = []
     flat: list[Msg] = []
     first_line: dict[str, int] = {}  # message id -> line that brought it (exports do repeat trees)
 
     def add_root(root: Msg, n: int) -> None:
         if root.id in first_line:
-            _mark(root, f"duplicate of the tree on line {first_line[root.id]}")
+            _mark(root, Rejected("duplicate_tree", f"line {n} repeats the tree on line {first_line[root.id]}"))
         else:
             first_line[root.id] = n
             roots.append(root)
 
     for n, rec, error in lines:
         if rec is None:
-            bad.append((n, error or "unreadable"))
+            bad.append((n, error or Rejected("unreadable", f"line {n}")))
         elif isinstance(rec.get("prompt"), dict):
             add_root(_nested(rec["prompt"], rec.get("tree_state"), every), n)
         elif "message_id" in rec and isinstance(rec.get("replies"), list):
@@ -131,12 +136,12 @@ def read_trees(lines: Iterator[tuple[int, dict[str, Any] | None, str | None]]) -
             m = Msg(str(rec["message_id"]), rec, rec.get("tree_state"))
             every.append(m)
             if m.id in first_line:
-                m.reason = f"duplicate of the message on line {first_line[m.id]}"
+                m.reason = Rejected("duplicate_tree", f"line {n} repeats the message on line {first_line[m.id]}")
             else:
                 first_line[m.id] = n
                 flat.append(m)
         else:
-            bad.append((n, f"line {n}: neither a tree nor a message (no prompt or message_id)"))
+            bad.append((n, Rejected("unreadable", f"line {n}: neither a tree nor a message (no prompt or message_id)")))
     by_id = {m.id: m for m in flat}
     for m in flat:
         parent = m.raw.get("parent_id")
@@ -145,38 +150,42 @@ def read_trees(lines: Iterator[tuple[int, dict[str, Any] | None, str | None]]) -
         elif parent in by_id:
             by_id[parent].children.append(m)
         else:
-            m.reason = f"parent {parent} not in the file"
+            m.reason = Rejected("orphan", f"parent {parent} not in the file")
     for m in flat:
         if m.reason is not None:
             for c in m.children:
-                _mark(c, f"parent dropped ({m.reason})")
+                _mark(c, _parent_dropped(m.reason))
     for root in roots:  # a flat tree's state lives on its messages; the root's is the tree's
-        _inherit_state(root, root.tree_state)
+        _inherit(root, root.tree_state, root.id)
     return roots, every, bad
 
 
-def _mark(m: Msg, reason: str) -> None:
+def _parent_dropped(why: Rejected) -> Rejected:
+    return why if why.reason == "parent_dropped" else Rejected("parent_dropped", str(why))
+
+
+def _mark(m: Msg, reason: Rejected) -> None:
     m.reason = reason
     for c in m.children:
         _mark(c, reason)
 
 
-def _inherit_state(m: Msg, state: str | None) -> None:
-    m.tree_state = state
+def _inherit(m: Msg, state: str | None, root: str) -> None:
+    m.tree_state, m.root = state, root
     for c in m.children:
-        _inherit_state(c, state)
+        _inherit(c, state, root)
 
 
-def _prune(m: Msg, p: OasstSource, parent_reason: str | None) -> None:
+def _prune(m: Msg, p: OasstSource, parent_reason: Rejected | None) -> None:
     """Set `reason` on every dropped message (a dropped message takes its subtree with it)."""
-    m.reason = m.reason or (f"parent dropped ({parent_reason})" if parent_reason else _own_reason(m, p))
+    m.reason = m.reason or (_parent_dropped(parent_reason) if parent_reason else _own_reason(m, p))
     if p.mode == "top" and m.role == "user" and m.reason is None:
         live = [c for c in m.children if c.role == "assistant" and _own_reason(c, p) is None]
         if live:
             best = min(live, key=lambda c: (c.raw.get("rank") if isinstance(c.raw.get("rank"), int) else 1 << 30))
             for c in live:
                 if c is not best:
-                    c.reason = f"not the top-ranked reply (rank {c.raw.get('rank')})"
+                    c.reason = Rejected("rank", f"not the top-ranked reply (rank {c.raw.get('rank')})")
     for c in m.children:
         _prune(c, p, parent_reason or m.reason)
 
@@ -196,7 +205,7 @@ def conversations(roots: list[Msg], p: OasstSource) -> Iterator[list[Msg]]:
     """Root-to-leaf paths cut after their last assistant message, each once; a root must be a prompt."""
     for root in roots:
         if root.reason is None and root.role != "user":
-            root.reason = "tree root is not a prompter message"
+            root.reason = Rejected("not_a_prompt", f"the root is an {root.raw.get('role')} message")
         _prune(root, p, None)
         seen: set[str] = set()
         for path in _paths(root, []):
@@ -207,7 +216,7 @@ def conversations(roots: list[Msg], p: OasstSource) -> Iterator[list[Msg]]:
                 yield path
 
 
-@step("source.oasst", version="1", params=OasstSource, libs=("duckdb", "pyarrow"))
+@step("source.oasst", version="2", params=OasstSource, libs=("duckdb", "pyarrow"))
 def read_oasst(ctx: StepContext) -> None:
     import itertools
 
@@ -227,10 +236,15 @@ def read_oasst(ctx: StepContext) -> None:
             "turns": [{"role": m.role, "text": m.raw["text"]} for m in path],
             "score": _label(leaf.raw, p.score_label),
             "lang": path[0].raw.get("lang"),
+            "group_id": f"{p.name}/{path[0].root or path[0].id}",
+            "tools": None,
         })
-    rejects = [{"id": f"{p.name}/line-{n}", "source": p.name, "step": ctx.name, "reason": why} for n, why in bad]
+    rejects = [{"id": f"{p.name}/line-{n}", "source": p.name, "step": ctx.name, "reason": why.reason,
+                "detail": why.detail} for n, why in bad]
     for m in every:
         if id(m) not in used:
-            why = m.reason or ("prompt has no assistant reply" if m.role == "user" else "no conversation reaches it")
-            rejects.append({"id": f"{p.name}/{m.id}", "source": p.name, "step": ctx.name, "reason": why})
+            why = m.reason or (Rejected("unanswered", "no kept assistant reply follows this prompt") if m.role == "user"
+                               else Rejected("parent_dropped", "no kept conversation reaches it"))
+            rejects.append({"id": f"{p.name}/{m.id}", "source": p.name, "step": ctx.name, "reason": why.reason,
+                            "detail": why.detail})
     write_tables(ctx, rows, rejects, len(every) + len(bad), used=len(used), unit="messages")

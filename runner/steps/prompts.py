@@ -1,31 +1,70 @@
 """The format step: conversation rows become training text (prompt + completion).
 
 `human_bot` is h2oGPT's format: turns as `<human>: …` and `<bot>: …` lines (tool results
-on the human side), and the completion ends with the `<human>:` terminator so a tuned
-model learns where to stop. `plain` joins the texts. `chat` uses a tokenizer's own chat
-template (a local tokenizer directory): the prompt is the template applied to every turn
-but the last with the generation prompt added, the completion the rest.
+on the human side). The prompt ends with `<bot>:` and the completion starts with one space,
+exactly as h2oGPT trains and prompts, so the first reply token is the same token at training
+and at inference; the completion ends with the `<human>:` terminator so a tuned model learns
+where to stop. `plain` joins the texts. `chat` uses a tokenizer's own chat template (a local
+tokenizer directory): the prompt is the template applied to every turn but the last with the
+generation prompt added, the completion the rest.
+
+Tools: a conversation's tool schemas (`tools`, a JSON list) open its prompt as one line,
+`Available tools (JSON schemas): [...]`, in `human_bot` and `plain`; a chat template that
+takes `tools` gets them as such, any other gets that line in its system message.
+
+`render_prompt` renders an inference prompt the same way (serving and evaluation use it); a
+test holds it equal to the SQL here on real data.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from runner.params import Params
 from runner.registry import StepContext, StepError, step
+from runner.steps.reasons import why
 
+TOOLS_LINE = "Available tools (JSON schemas): "
+HUMAN, BOT, NEWLINE = "<human>: ", "<bot>:", "\n"
 TEMPLATES = {
     # SQL building one turn's text from t.text; what opens the reply; what closes it
     "human_bot": (
-        "case t.role when 'user' then '<human>: ' || t.text when 'tool' then '<human>: ' || t.text "
-        "when 'assistant' then '<bot>: ' || t.text else t.text end",
-        "'<bot>: '",
-        "chr(10) || '<human>:'",
+        f"case t.role when 'user' then '{HUMAN}' || t.text when 'tool' then '{HUMAN}' || t.text "
+        f"when 'assistant' then '{BOT} ' || t.text else t.text end",
+        f"'{BOT}'", "' '",
+        f"chr(10) || '{HUMAN.strip()}'",
     ),
-    "plain": ("t.text", "''", "''"),
+    "plain": ("t.text", "''", "''", "''"),
 }
+
+
+def render_prompt(template: str, messages: list[dict[str, str]], tokenizer: Any = None, tools: str | None = None) -> str:
+    """The prompt a model continues with its reply: `messages` ({role, content}) rendered as the format step
+    renders the turns before a training reply. `tools` is a JSON list of tool schemas."""
+    if template == "chat":
+        return str(_apply_chat(tokenizer, messages, tools, add_generation_prompt=True))
+    lines = [TOOLS_LINE + tools] if tools else []
+    for m in messages:
+        role, text = m["role"], m["content"]
+        if template == "human_bot":
+            text = {"user": HUMAN + text, "tool": HUMAN + text, "assistant": f"{BOT} {text}"}.get(role, text)
+        lines.append(text)
+    return NEWLINE.join(lines) + NEWLINE + (BOT if template == "human_bot" else "")
+
+
+def _apply_chat(tok: Any, messages: list[dict[str, str]], tools: str | None, **kw: Any) -> Any:
+    if tools and "tools" in str(tok.chat_template):
+        return tok.apply_chat_template(messages, tools=json.loads(tools), tokenize=False, **kw)
+    if tools:  # a template that knows no tools: the schemas go into the system message
+        line = TOOLS_LINE + tools
+        if messages and messages[0]["role"] == "system":
+            messages = [{"role": "system", "content": messages[0]["content"] + NEWLINE + line}] + messages[1:]
+        else:
+            messages = [{"role": "system", "content": line}] + messages
+    return tok.apply_chat_template(messages, tokenize=False, **kw)
 
 
 class PromptFormat(Params):
@@ -47,7 +86,7 @@ class PromptFormat(Params):
         return {"tokenizer": self.tokenizer} if self.tokenizer else {}
 
 
-@step("format", version="1", params=PromptFormat, libs=("duckdb", "transformers"))
+@step("format", version="2", params=PromptFormat, libs=("duckdb", "transformers"))
 def format_rows(ctx: StepContext) -> None:
     from runner.steps.tables import finish, open_input, scalar
     from stores.datastore import connect
@@ -55,30 +94,33 @@ def format_rows(ctx: StepContext) -> None:
     p: PromptFormat = ctx.params
     con = connect()
     try:
-        problem = ("case when len(turns) < 2 then 'needs a prompt turn before the reply' "
-                   "when turns[-1].role <> 'assistant' then 'does not end with an assistant turn' else null end")
+        problem = (f"case when len(turns) < 2 then {why('bad_shape', chr(39) + 'needs a prompt turn before the reply' + chr(39))} "
+                   f"when turns[-1].role <> 'assistant' then {why('bad_shape', chr(39) + 'does not end with an assistant turn' + chr(39))} "
+                   "else null end")
         if p.template == "chat":
             source = open_input(ctx, row_numbers=True)
-            table = con.sql(f"select id, turns from {source}").to_arrow_table()
+            table = con.sql(f"select id, turns, tools from {source}").to_arrow_table()
             _register_chat(con, ctx, table)
-            con.execute(f"""create temp table t as select s.id, s.source, s.file_row_number, c.prompt, c.completion,
-                coalesce({problem}, c.problem) as _reason from {source} s join _chat c on s.id = c.id""")
+            problem_chat = f"case when c.problem is not null then {why('template_failed', 'c.problem')} end"
+            con.execute(f"""create temp table t as select s.id, s.source, s.group_id, s.file_row_number, c.prompt,
+                c.completion, coalesce({problem}, {problem_chat}) as _reason from {source} s join _chat c on s.id = c.id""")
         else:
-            turn, opener, closer = TEMPLATES[p.template]
+            turn, opener, reply_start, closer = TEMPLATES[p.template]
+            tools = f"case when tools is null then '' else '{TOOLS_LINE}' || tools || chr(10) end"
             con.execute(
-                f"""create temp table t as select id, source, file_row_number,
-                    array_to_string(list_transform(turns[1:len(turns) - 1], lambda t: {turn}), chr(10))
+                f"""create temp table t as select id, source, group_id, file_row_number,
+                    {tools} || array_to_string(list_transform(turns[1:len(turns) - 1], lambda t: {turn}), chr(10))
                         || chr(10) || {opener} as prompt,
-                    turns[-1].text || {closer} as completion,
+                    {reply_start} || turns[-1].text || {closer} as completion,
                     {problem} as _reason
                 from {open_input(ctx, row_numbers=True)}"""
             )
         finish(
             ctx,
             con,
-            "select id, source, prompt, completion, prompt || completion as text from t "
+            "select id, source, group_id, prompt, completion, prompt || completion as text from t "
             "where _reason is null order by file_row_number",
-            f"select id, source, '{ctx.name}' as step, _reason as reason from t "
+            f"select id, source, '{ctx.name}' as step, _reason.reason as reason, _reason.detail as detail from t "
             "where _reason is not null order by file_row_number",
             scalar(con, "select count(*) from t"),
         )
@@ -102,13 +144,14 @@ def _register_chat(con: Any, ctx: StepContext, table: Any) -> None:
     if not getattr(tok, "chat_template", None):
         raise StepError(f"tokenizer {path} has no chat template; use template: human_bot or plain")
     out: dict[str, list[Any]] = {"id": [], "prompt": [], "completion": [], "problem": []}
-    for row_id, turns in zip(table.column("id").to_pylist(), table.column("turns").to_pylist()):
+    columns = (table.column(c).to_pylist() for c in ("id", "turns", "tools"))
+    for row_id, turns, tools in zip(*columns):
         messages = [{"role": t["role"], "content": t["text"]} for t in turns]
         prompt = completion = problem = None
         if len(messages) >= 2 and messages[-1]["role"] == "assistant":
             try:
-                prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-                full = tok.apply_chat_template(messages, tokenize=False)
+                prompt = _apply_chat(tok, messages[:-1], tools, add_generation_prompt=True)
+                full = _apply_chat(tok, messages, tools)
             except Exception as exc:  # a Jinja template raises anything, e.g. on a role it does not know
                 problem = f"chat template failed: {exc}"
             else:

@@ -24,9 +24,10 @@ from pydantic import Field
 
 from runner.params import Params
 from runner.registry import StepContext, StepError, step
+from runner.steps.reasons import Rejected
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
-Record = tuple[int, dict[str, Any] | None, str | None]  # (record number, fields, error)
+Record = tuple[int, dict[str, Any] | None, "Rejected | None"]  # (record number, fields, why it cannot be read)
 Turn = dict[str, str]
 
 
@@ -49,6 +50,8 @@ class Columns(Params):
     id: str | None = Field(None, description="field with a stable row id (default: record number)")
     score: str | None = Field(None, description="field with a numeric quality score")
     lang: str | None = Field(None, description="field with a language code")
+    group: str | None = Field(None, description="field grouping rows for the split (e.g. a conversation id): "
+                                                "rows sharing it land on one side (default: each record alone)")
 
 
 class TableSource(SourceBase):
@@ -105,28 +108,28 @@ def _jsonl(path: Path) -> Iterator[Record]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield n, None, f"line {n}: not UTF-8 (byte {exc.start})"
+                yield n, None, Rejected("unreadable", f"line {n}: not UTF-8 (byte {exc.start})")
                 continue
             if not text.strip():
-                yield n, None, f"line {n}: empty line"
+                yield n, None, Rejected("unreadable", f"line {n}: empty line")
                 continue
             try:
                 value = json.loads(text)
-            except ValueError as exc:
-                yield n, None, f"line {n}: invalid JSON ({exc})"
+            except (ValueError, RecursionError) as exc:
+                yield n, None, Rejected("unreadable", f"line {n}: invalid JSON ({exc})")
                 continue
-            yield (n, value, None) if isinstance(value, dict) else (n, None, f"line {n}: not a JSON object")
+            yield (n, value, None) if isinstance(value, dict) else (n, None, Rejected("unreadable", f"line {n}: not a JSON object"))
 
 
 def _json(path: Path) -> Iterator[Record]:
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise StepError(f"{path}: not a valid UTF-8 JSON file ({exc}); fix the file or use format: jsonl") from None
     if not isinstance(value, list):
         raise StepError(f"{path}: expected a JSON array of objects, got {type(value).__name__}")
     for n, item in enumerate(value, start=1):
-        yield (n, item, None) if isinstance(item, dict) else (n, None, f"record {n}: not a JSON object")
+        yield (n, item, None) if isinstance(item, dict) else (n, None, Rejected("unreadable", f"record {n}: not a JSON object"))
 
 
 def _json_or_jsonl(path: Path) -> Iterator[Record]:
@@ -140,9 +143,9 @@ def _csv(path: Path) -> Iterator[Record]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     for n, row in enumerate(reader, start=1):
         if None in row or any(v is None for v in row.values()):
-            yield n, None, f"row {n}: wrong number of fields"
+            yield n, None, Rejected("unreadable", f"row {n}: wrong number of fields")
         elif any("\udc80" <= ch <= "\udcff" for v in row.values() for ch in v):
-            yield n, None, f"row {n}: not UTF-8"
+            yield n, None, Rejected("unreadable", f"row {n}: not UTF-8")
         else:
             yield n, dict(row), None
 
@@ -170,20 +173,49 @@ def _text(record: dict[str, Any], field: str | None, required: bool) -> str | No
         return None
     if field not in record or record[field] is None:
         if required:
-            raise ValueError(f"missing field {field!r}")
+            raise Rejected("missing_field", f"missing field {field!r}")
         return None
     value = record[field]
     if not isinstance(value, str):
-        raise ValueError(f"field {field!r} is {type(value).__name__}, not text")
+        raise Rejected("missing_field", f"field {field!r} is {type(value).__name__}, not text")
     return value
 
 
-def _row(source: str, row_id: str, turns: list[Turn], score: Any = None, lang: str | None = None) -> dict[str, Any]:
+def _tools(value: Any) -> str | None:
+    """A record's tool schemas as canonical JSON text (a list), or None when it has none."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise Rejected("bad_value", "tools is not valid JSON") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise Rejected("bad_value", "tools is not a list of tool schemas")
+    return json.dumps(value, sort_keys=True, ensure_ascii=False) if value else None
+
+
+def _row(source: str, row_id: str, turns: list[Turn], score: Any = None, lang: str | None = None, *,
+         group: str | None = None, tools: str | None = None) -> dict[str, Any]:
     if not any(t["role"] == "assistant" for t in turns):
-        raise ValueError("no assistant reply")
+        raise Rejected("no_reply", "no assistant reply")
+    for i, t in enumerate(turns):
+        if t["role"] in ("user", "assistant") and not t["text"].strip():
+            raise Rejected("empty_text", f"turn {i + 1} ({t['role']}) is empty")
     if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
-        raise ValueError("score is not a number")
-    return {"id": f"{source}/{row_id}", "source": source, "turns": turns, "score": score, "lang": lang}
+        raise Rejected("bad_value", "score is not a number")
+    row_id = f"{source}/{row_id}"
+    return {"id": row_id, "source": source, "turns": turns, "score": score, "lang": lang,
+            "group_id": f"{source}/{group}" if group is not None else row_id, "tools": tools}
+
+
+def record_id(src: SourceBase, n: int, rec: dict[str, Any] | None) -> str:
+    """A record's own id (its id field, where the format has one), else its record number."""
+    field = src.columns.id if isinstance(src, (TableSource, HfDiskSource)) else "id" if isinstance(src, ShareGptSource) else None
+    value = rec.get(field) if field and rec is not None else None
+    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else str(n)
 
 
 def table_row(src: TableSource | HfDiskSource, n: int, rec: dict[str, Any]) -> dict[str, Any]:
@@ -194,9 +226,10 @@ def table_row(src: TableSource | HfDiskSource, n: int, rec: dict[str, Any]) -> d
         turns.append({"role": "system", "text": system})
     turns.append({"role": "user", "text": _text(rec, cols.prompt, required=True) or ""})
     turns.append({"role": "assistant", "text": _text(rec, cols.response, required=True) or ""})
-    row_id = str(rec[cols.id]) if cols.id and rec.get(cols.id) is not None else str(n)
     score = rec.get(cols.score) if cols.score else None
-    return _row(src.name, row_id, turns, score, _text(rec, cols.lang, False))
+    group = rec.get(cols.group) if cols.group else None
+    return _row(src.name, record_id(src, n, rec), turns, score, _text(rec, cols.lang, False),
+                group=None if group is None else str(group))
 
 
 def _instruction_row(src: SourceBase, n: int, rec: dict[str, Any], extra_field: str, reply_field: str) -> dict[str, Any]:
@@ -205,8 +238,9 @@ def _instruction_row(src: SourceBase, n: int, rec: dict[str, Any], extra_field: 
     extra = _text(rec, extra_field, False)
     if extra and extra.strip():
         prompt = f"{prompt}\n\n{extra}"
-    return _row(src.name, str(n), [{"role": "user", "text": prompt},
-                                   {"role": "assistant", "text": _text(rec, reply_field, True) or ""}])
+    turns = [{"role": "user", "text": prompt}, {"role": "assistant", "text": _text(rec, reply_field, True) or ""}]
+    system = _text(rec, "system", False)
+    return _row(src.name, str(n), ([{"role": "system", "text": system}] if system and system.strip() else []) + turns)
 
 
 def alpaca_row(src: AlpacaSource, n: int, rec: dict[str, Any]) -> dict[str, Any]:
@@ -216,7 +250,7 @@ def alpaca_row(src: AlpacaSource, n: int, rec: dict[str, Any]) -> dict[str, Any]
 def dolly_row(src: DollySource, n: int, rec: dict[str, Any]) -> dict[str, Any]:
     category = _text(rec, "category", False)
     if src.categories is not None and category not in src.categories:
-        raise ValueError(f"category {category!r} not in {src.categories}")
+        raise Rejected("not_in_category", f"category {category!r} not in {src.categories}")
     return _instruction_row(src, n, rec, "context", "response")
 
 
@@ -230,21 +264,20 @@ SHAREGPT_ROLES = {
 def sharegpt_row(src: ShareGptSource, n: int, rec: dict[str, Any]) -> dict[str, Any]:
     convo = rec.get(src.field)
     if not isinstance(convo, list):
-        raise ValueError(f"field {src.field!r} is missing or not a list")
+        raise Rejected("missing_field", f"field {src.field!r} is missing or not a list")
     turns: list[Turn] = []
     if isinstance(rec.get("system"), str) and rec["system"].strip():
         turns.append({"role": "system", "text": rec["system"]})
     for i, t in enumerate(convo):
         if not isinstance(t, dict) or not isinstance(t.get("value"), str):
-            raise ValueError(f"turn {i} has no text `value`")
+            raise Rejected("missing_field", f"turn {i + 1} has no text `value`")
         role = SHAREGPT_ROLES.get(str(t.get("from", "")).lower())
         if role is None:
-            raise ValueError(f"turn {i} has unknown role {t.get('from')!r}")
+            raise Rejected("bad_value", f"turn {i + 1} has unknown role {t.get('from')!r}")
         turns.append({"role": role, "text": t["value"]})
     while turns and turns[-1]["role"] != "assistant":
         turns.pop()
-    row_id = str(rec["id"]) if isinstance(rec.get("id"), (str, int)) else str(n)
-    return _row(src.name, row_id, turns)
+    return _row(src.name, record_id(src, n, rec), turns, tools=_tools(rec.get("tools")))
 
 
 _H2O_MARK = re.compile(r"<(human|bot)>:")
@@ -266,11 +299,16 @@ def h2ogpt_row(src: H2oGptSource, n: int, rec: dict[str, Any]) -> dict[str, Any]
 # -- writing ---------------------------------------------------------------------
 
 
+def reject(source: str, step: str, row_id: str, why: Rejected, n: int | None = None) -> dict[str, Any]:
+    detail = why.detail if n is None or why.detail.startswith(("line ", "row ", "record ")) else f"record {n}: {why.detail}"
+    return {"id": f"{source}/{row_id}", "source": source, "step": step, "reason": why.reason, "detail": detail}
+
+
 def write_tables(
     ctx: StepContext, rows: list[dict[str, Any]], rejects: list[dict[str, Any]], n_in: int, *,
     used: int | None = None, unit: str = "rows",
 ) -> None:
-    """Write a source's rows and rejects (checking ids are unique and nothing was lost)."""
+    """Write a source's rows (ids unique) and rejects, checking nothing was lost."""
     from runner.steps.tables import finish, load_table
     from stores.datastore import REJECT_COLUMNS, ROW_COLUMNS, connect
 
@@ -278,18 +316,17 @@ def write_tables(
     try:
         load_table(con, "rows", ROW_COLUMNS, rows)
         load_table(con, "rejects", REJECT_COLUMNS, rejects)
-        dupes = con.execute("select id from rows group by id having count(*) > 1 limit 1").fetchall()
-        if dupes:
-            raise StepError(f"step {ctx.name}: row id {dupes[0][0]!r} is not unique; use an id field that is")
         finish(ctx, con, "select * from rows", "select * from rejects", n_in, used=used, unit=unit)
     finally:
         con.close()
 
 
-def convert_records(ctx: StepContext, source: str, records: Iterator[Record],
+def convert_records(ctx: StepContext, src: SourceBase, records: Iterator[Record],
                     convert: Callable[[int, dict[str, Any]], dict[str, Any]]) -> None:
+    """Each record becomes a row or a reject; a record repeating an earlier row's id is a `duplicate_id` reject."""
     rows: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
+    first: dict[str, int] = {}  # row id -> the record that brought it
     seen = 0
     for n, record, error in records:
         seen += 1
@@ -297,11 +334,15 @@ def convert_records(ctx: StepContext, source: str, records: Iterator[Record],
             ctx.progress(None, seen)
         if error is None:
             try:
-                rows.append(convert(n, record))  # type: ignore[arg-type]
+                row = convert(n, record)  # type: ignore[arg-type]
+                if row["id"] in first:
+                    raise Rejected("duplicate_id", f"record {n} repeats the id of record {first[row['id']]}, which is kept")
+                first[row["id"]] = n
+                rows.append(row)
                 continue
-            except ValueError as exc:
-                error = f"record {n}: {exc}"
-        rejects.append({"id": f"{source}/{n}", "source": source, "step": ctx.name, "reason": error})
+            except Rejected as exc:
+                error = exc
+        rejects.append(reject(src.name, ctx.name, record_id(src, n, record), error, n))
     write_tables(ctx, rows, rejects, seen)
 
 
@@ -315,7 +356,8 @@ CONVERTERS: dict[type[SourceBase], Callable[[Any, int, dict[str, Any]], dict[str
 
 
 def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
-    """Parquet is typed, so it is converted in DuckDB without a Python loop; rows lacking text are rejects."""
+    """Parquet is typed, so it is converted in DuckDB without a Python loop, with the same rejects as
+    the other table formats (missing or empty text, a repeated id)."""
     from runner.steps.filter_base import sql_literal
     from runner.steps.tables import finish, scalar
     from stores.datastore import connect, quote_ident, quote_path
@@ -329,7 +371,7 @@ def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
         except Exception as exc:  # duckdb raises IOException/InvalidInputException for a bad file
             raise StepError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
         wanted = {"prompt": cols.prompt, "response": cols.response, "system": cols.system, "id": cols.id,
-                  "score": cols.score, "lang": cols.lang}
+                  "score": cols.score, "lang": cols.lang, "group": cols.group}
         for role, column in wanted.items():
             if column is None:
                 continue
@@ -346,21 +388,32 @@ def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
         if "system" in q:
             sys_turn = turn % ("'system'", q["system"])
             turns = f"case when coalesce({q['system']}, '') <> '' then [{sys_turn}] || {turns} else {turns} end"
-        row_id = f"coalesce({q['id']}::varchar, (file_row_number + 1)::varchar)" if "id" in q else "(file_row_number + 1)::varchar"
+        n = "(file_row_number + 1)"
+        row_id = f"coalesce({q['id']}::varchar, {n}::varchar)" if "id" in q else f"{n}::varchar"
         name = sql_literal(p.name)
+        group = f"coalesce({name} || '/' || {q['group']}::varchar, id)" if "group" in q else "id"
         limit = f"where file_row_number < {p.limit}" if p.limit else ""
-        con.execute(f"""create temp table t as select {name} || '/' || {row_id} as id, {name} as source,
+        empty = "regexp_full_match({0}, '\\s*')"
+        con.execute(f"""create temp table r as select {name} || '/' || {row_id} as id, {name} as source,
             {turns}::STRUCT(role VARCHAR, text VARCHAR)[] as turns,
             {q.get('score', 'null')}::DOUBLE as score, {q.get('lang', 'null')}::VARCHAR as lang,
-            case when {q['prompt']} is null then 'record ' || (file_row_number + 1) || ': missing field {cols.prompt}'
-                 when {q['response']} is null then 'record ' || (file_row_number + 1) || ': missing field {cols.response}'
-            end as _reason, file_row_number from {source} {limit}""")
-        dupes = con.execute("select id from t where _reason is null group by id having count(*) > 1 limit 1").fetchall()
-        if dupes:
-            raise StepError(f"step {ctx.name}: row id {dupes[0][0]!r} is not unique; use an id field that is")
-        finish(ctx, con, "select id, source, turns, score, lang from t where _reason is null order by file_row_number",
-               f"select id, source, {sql_literal(ctx.name)} as step, _reason as reason from t where _reason is not null "
-               "order by file_row_number", int(scalar(con, "select count(*) from t")))
+            case when {q['prompt']} is null then {{'reason': 'missing_field', 'detail': 'missing field {cols.prompt}'}}
+                 when {q['response']} is null then {{'reason': 'missing_field', 'detail': 'missing field {cols.response}'}}
+                 when {empty.format(q['prompt'])} then {{'reason': 'empty_text', 'detail': 'turn 1 (user) is empty'}}
+                 when {empty.format(q['response'])} then {{'reason': 'empty_text', 'detail': 'turn 2 (assistant) is empty'}}
+            end as _why, file_row_number from {source} {limit}""")
+        con.execute(f"""create temp table t as select * exclude (_why),
+            {group} as group_id, null::varchar as tools,
+            case when _why is null and row_number() over (partition by id, _why is null order by file_row_number) > 1
+                 then {{'reason': 'duplicate_id', 'detail': 'repeats the id of record ' ||
+                        (min(file_row_number) over (partition by id, _why is null) + 1) || ', which is kept'}}
+                 else _why end as _why
+            from r""")
+        finish(ctx, con, "select id, source, turns, score, lang, group_id, tools from t where _why is null "
+                         "order by file_row_number",
+               f"select id, source, {sql_literal(ctx.name)} as step, _why.reason as reason, "
+               f"'record ' || {n} || ': ' || _why.detail as detail from t where _why is not null order by file_row_number",
+               int(scalar(con, "select count(*) from t")))
     finally:
         con.close()
 
@@ -379,7 +432,7 @@ def run_source(ctx: StepContext) -> None:
     if p.limit:
         records = itertools.islice(records, p.limit)
     convert = CONVERTERS[type(p)]
-    convert_records(ctx, p.name, records, lambda n, rec: convert(p, n, rec))
+    convert_records(ctx, p, records, lambda n, rec: convert(p, n, rec))
 
 
 SOURCE_KINDS = {
@@ -391,7 +444,7 @@ SOURCE_KINDS = {
     HfDiskSource: ("source.hf_disk", ("duckdb", "pyarrow", "datasets")),
 }
 for _model, (_kind, _libs) in SOURCE_KINDS.items():
-    step(_kind, version="1", params=_model, libs=_libs)(run_source)
+    step(_kind, version="2", params=_model, libs=_libs)(run_source)
 
 
 class Mix(Params):
@@ -401,7 +454,7 @@ class Mix(Params):
     seed: int = 0
 
 
-@step("mix", version="1", params=Mix, libs=("duckdb",))
+@step("mix", version="2", params=Mix, libs=("duckdb",))
 def mix_sources(ctx: StepContext) -> None:
     """weight w: floor(w) copies of every row, plus a seeded (w - floor(w)) sample for one more.
 
@@ -429,11 +482,12 @@ def mix_sources(ctx: StepContext) -> None:
             raise StepError(f"mix: row id {dupes[0][0]!r} comes from two sources; give the sources distinct names")
         n = sum(int(a.manifest["rows"]["rows"]) for a in ctx.inputs)
         rows = (
-            "select case when c = 1 then id else id || '#' || c end as id, source, turns, score, lang "
+            "select case when c = 1 then id else id || '#' || c end as id, source, turns, score, lang, group_id, tools "
             "from t, generate_series(1, _copies) s(c) order by _part, file_row_number, c"
         )
         rejects = (
-            f"select id, source, '{ctx.name}' as step, 'not sampled (source weight < 1)' as reason "
+            f"select id, source, '{ctx.name}' as step, 'not_sampled' as reason, "
+            f"'source weight ' || [{', '.join(map(str, weights))}][_part + 1] || ' < 1, seed {p.seed}' as detail "
             "from t where _copies = 0 order by _part, file_row_number"
         )
         used = int(scalar(con, "select count(*) from t where _copies > 0"))
