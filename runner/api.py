@@ -9,7 +9,7 @@ from typing import Any
 
 from runner import engine, recipe
 from runner.compile import compile_recipe
-from runner.errors import RunnerError, UsageError
+from runner.errors import LockedError, RunnerError, UsageError
 from runner.graph import Graph, GraphError
 from stores.cache import Artifact, ArtifactCache, default_cache_dir
 from stores.hashing import hash_bytes
@@ -17,9 +17,16 @@ from stores.hashing import hash_bytes
 
 def open_cache(cache_dir: str | Path | None = None, remote: str | Path | None = None) -> ArtifactCache:
     """The local cache (default: $RUNNER_CACHE or ~/.cache/runner), with an optional shared one
-    ($RUNNER_CACHE_REMOTE or `remote`: a directory on a shared or network filesystem)."""
+    ($RUNNER_CACHE_REMOTE or `remote`: `s3://bucket/prefix`, `gs://…`, `az://…`, `file://…` or a directory
+    on a shared disk; it must exist)."""
+    from stores.remote import Remote, RemoteError
+
     remote = remote or os.environ.get("RUNNER_CACHE_REMOTE") or None
-    return ArtifactCache(Path(cache_dir) if cache_dir else default_cache_dir(), remote=Path(remote) if remote else None)
+    try:
+        shared = Remote(str(remote)) if remote else None
+    except RemoteError as exc:
+        raise RunnerError(str(exc)) from None
+    return ArtifactCache(Path(cache_dir) if cache_dir else default_cache_dir(), remote=shared)
 
 
 @dataclass
@@ -75,6 +82,7 @@ def plan(build: Build) -> list[engine.StepPlan]:
 class ApplyResult:
     steps: list[engine.StepResult]
     failed: list[str] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)  # --rebuild-nondeterministic: what differs from the lock
 
     @property
     def ok(self) -> bool:
@@ -87,31 +95,105 @@ class ApplyResult:
         return out
 
 
-def apply(build: Build, *, reporter: engine.Reporter | None = None, keep_going: bool = False,
-          locked: bool = False) -> ApplyResult:
-    """Build what is not cached, then record the recipe's ref, catalog and lock file.
+def reproducible(node: Any) -> bool:
+    """Whether a step writes the same bytes on any machine (see `registry.StepSpec`)."""
+    from runner import registry
 
-    `locked`: refuse (before building anything) when the recipe, its inputs or the libraries
-    have drifted from `<recipe>.lock`, and never build a key the lock does not name.
+    return registry.get(node.kind).is_reproducible(node.params)
+
+
+def apply(build: Build, *, reporter: engine.Reporter | None = None, keep_going: bool = False,
+          locked: bool = False, rebuild_nondeterministic: bool = False) -> ApplyResult:
+    """Build what is not cached, then record the recipe's ref and catalog, push to the shared cache, and
+    (unless `locked`) write the lock file.
+
+    `locked`: refuse (before building anything) when the recipe, its inputs or the libraries have
+    drifted from `<recipe>.lock`; then every step must come out with the lock's key and output hash,
+    and a step that is not reproducible across machines is taken from the local or shared cache,
+    never rebuilt (unless `rebuild_nondeterministic`, which builds it and reports what moved).
+    Never writes the lock. A refusal raises `LockedError` (exit 3) after recording what was built.
     """
     from runner import lock
 
     lock_file = lock.lock_path(build.loaded.path)
-    refuse = None
+    moved: list[str] = []
+    refuse = accept = None
     if locked:
         lock.check(build.graph, lock_file, build.loaded.data, build.cache.stat_cache)
-        named = {s["key"] for s in (lock.read(lock_file) or {}).get("steps", {}).values()}
-        refuse = lambda node, key: None if key in named else f"key {key[:12]} is not in {lock_file.name}"  # noqa: E731
-    results = engine.execute(build.graph, build.cache, reporter=reporter, keep_going=keep_going, refuse=refuse)
+        refuse, accept = _lock_policy(build, (lock.read(lock_file) or {}).get("steps", {}), lock_file.name,
+                                      rebuild_nondeterministic, moved)
+    results = engine.execute(build.graph, build.cache, reporter=reporter, keep_going=keep_going, refuse=refuse,
+                             accept=accept)
     _record(build, results)
-    result = ApplyResult(results, [r.name for r in results if r.state in ("failed", "skipped")])
+    result = ApplyResult(results, [r.name for r in results if r.state in ("failed", "skipped")], moved)
+    refused = [r for r in results if r.refused]
+    pushed = _push(build, results)
+    if refused:
+        raise LockedError("apply --locked stopped: " + "; ".join(r.error or "" for r in refused))
+    if pushed:
+        raise RunnerError(pushed)
+    if not locked and result.ok and set(build.graph.nodes) == build.all_steps and not build.overrides:
+        # the lock describes the recipe file: an apply with --set overrides (or a --target subset) leaves it be
+        try:
+            lock.write(lock_file, lock.make_lock(build.loaded.data, build.graph, results))
+        except OSError as exc:
+            raise RunnerError(f"built, but the lock file {lock_file} could not be written ({exc.strerror}); "
+                              "the artifacts are in the cache: run `runner lock` where the recipe is writable") from None
+    return result
+
+
+def _push(build: Build, results: list[engine.StepResult]) -> str | None:
+    """Push what this apply has to the shared cache; a message if that failed (the local build stands)."""
+    from stores.errors import StoreError
+
     for r in results:
         if r.key and r.artifact is not None:
-            build.cache.push(r.key)
-    if result.ok and set(build.graph.nodes) == build.all_steps and not build.overrides:
-        # the lock describes the recipe file: an apply with --set overrides (or a --target subset) leaves it be
-        lock.write(lock_file, lock.make_lock(build.loaded.data, build.graph, results))
-    return result
+            try:
+                build.cache.push(r.key)
+            except StoreError as exc:
+                return f"built, but pushing to the shared cache failed: {exc}"
+    return None
+
+
+def _lock_policy(build: Build, locked: dict[str, Any], lock_name: str, rebuild: bool,
+                 moved: list[str]) -> tuple[engine.Refuse, engine.Accept]:
+    """What `apply --locked` refuses: keys the lock does not name, outputs that are not the lock's, and
+    building a step that is not reproducible across machines (unless `rebuild`, which records what moved)."""
+    fix = (f"if the change is intended, re-lock on purpose (`runner apply` without --locked, or `runner lock`) and "
+           f"commit {lock_name}; if not, `runner verify --repair` removes a damaged local copy")
+
+    def refuse(node: Any, key: str) -> str | None:
+        entry = locked.get(node.name, {})
+        if entry.get("key") != key:
+            if rebuild and moved:  # downstream of a rebuilt step: `accept` records it
+                return None
+            return f"{node.name}: key {key[:12]} is not the one {lock_name} names ({str(entry.get('key'))[:12]})"
+        if not reproducible(node) and not rebuild:
+            where = build.cache.pull_problems.get(key) or (
+                "in neither the local nor the shared cache" if build.cache.remote else
+                "not in the local cache and no shared cache is set (--cache-remote / $RUNNER_CACHE_REMOTE)")
+            return (f"{node.name} is not reproducible across machines, so its locked artifact {key[:12]} must come "
+                    f"from a cache, but it is {where}. Push it from the machine that made the lock (apply there "
+                    "with --cache-remote), or build it here with --rebuild-nondeterministic (the lock stays as it is)")
+        return None
+
+    def accept(node: Any, key: str, art: Artifact, how: str) -> str | None:
+        entry = locked.get(node.name, {})
+        if entry.get("key") != key:
+            if rebuild and moved:
+                moved.append(f"{node.name}: key {str(entry.get('key'))[:12]} -> {key[:12]} (an input moved)")
+                return None
+            return f"{node.name}: key {key[:12]} is not the one {lock_name} names ({str(entry.get('key'))[:12]})"
+        if art.output_hash == entry.get("output_hash"):
+            return None
+        if how == "built" and rebuild and not reproducible(node):
+            moved.append(f"{node.name}: output {str(entry.get('output_hash'))[:12]} -> {art.output_hash[:12]} "
+                         "(rebuilt here; not reproducible across machines)")
+            return None
+        return (f"{node.name}: the output of key {key[:12]} ({how}) has hash {art.output_hash[:12]}, but {lock_name} "
+                f"records {str(entry.get('output_hash'))[:12]}; {fix}")
+
+    return refuse, accept
 
 
 def _record(build: Build, results: list[engine.StepResult]) -> None:

@@ -23,7 +23,7 @@ from runner import registry
 from runner.graph import Graph, StepNode
 from runner.keypaths import flatten
 from runner.registry import StepContext, StepError
-from stores.cache import Artifact, ArtifactCache
+from stores.cache import Artifact, ArtifactCache, CacheError
 from stores.hashing import StatCache, hash_json
 
 State = Literal["cached", "run", "pending"]
@@ -132,7 +132,7 @@ def plan(graph: Graph, cache: ArtifactCache, previous: dict[str, Any]) -> list[S
         comps = components(node, [hashes[u] for u in node.inputs], cache.stat_cache)
         key = key_of(comps)
         art = cache.get(key)
-        remote = cache.remote.read_manifest(cache.remote.path(key)) if art is None and cache.remote else None
+        remote = cache.remote.read_manifest(key) if art is None and cache.remote else None
         if art is not None:
             hashes[name] = art.output_hash
             out[name] = StepPlan(name, node.kind, "cached", key, [], comps)
@@ -162,17 +162,23 @@ class StepResult:
     seconds: float = 0.0
     error: str | None = None
     components: dict[str, Any] | None = None
+    refused: bool = False  # failed because a policy (the lock) refused it, not because the step broke
+    pulled: bool = False  # cached: taken from the shared cache by this apply
 
 
 class StepFailed(Exception):
-    def __init__(self, name: str, message: str) -> None:
+    def __init__(self, name: str, message: str, *, refused: bool = False) -> None:
         super().__init__(f"step {name} failed: {message}")
         self.name = name
         self.message = message
+        self.refused = refused
 
 
 RunStep = Callable[[StepNode, StepContext], None]
 Refuse = Callable[[StepNode, str], str | None]  # a reason not to build this key (e.g. not in the lock), or None
+# a reason not to use this artifact (e.g. its output is not the lock's); the str says how it was had:
+# "cached", "pulled" or "built"
+Accept = Callable[[StepNode, str, Artifact, str], str | None]
 
 
 def _default_run(node: StepNode, ctx: StepContext) -> None:
@@ -187,11 +193,13 @@ def execute(
     keep_going: bool = False,
     run_step: RunStep = _default_run,
     refuse: Refuse | None = None,
+    accept: Accept | None = None,
 ) -> list[StepResult]:
     """Build every step whose key is not cached, in order. Per-key locks make concurrent applies safe.
 
     A failed step stops the build (the rest are skipped) unless `keep_going`, which still
-    builds every step that does not need the failed one. Never raises for a step's failure.
+    builds every step that does not need the failed one. A refusal (by `refuse` before building,
+    or `accept` after an artifact is had) always stops it. Never raises for a step's failure.
     """
     reporter = reporter or Reporter()
     results: dict[str, StepResult] = {}
@@ -210,10 +218,14 @@ def execute(
         key = key_of(comps)
         try:
             results[name] = _build_one(node, key, comps, ups, cache, reporter, run_step, refuse)  # type: ignore[arg-type]
+            got = results[name]
+            how = "built" if got.state == "built" else "pulled" if got.pulled else "cached"
+            if accept is not None and got.artifact is not None and (why := accept(node, key, got.artifact, how)):
+                raise StepFailed(name, why, refused=True)
         except StepFailed as exc:
-            results[name] = StepResult(name, "failed", key=key, error=exc.message, components=comps)
+            results[name] = StepResult(name, "failed", key=key, error=exc.message, components=comps, refused=exc.refused)
             reporter.finished(node, results[name])
-            stopped = not keep_going
+            stopped = not keep_going or exc.refused
             continue
         reporter.finished(node, results[name])
     return [results[n] for n in graph.order]
@@ -229,11 +241,12 @@ def _build_one(
     run_step: RunStep,
     refuse: Refuse | None,
 ) -> StepResult:
-    art = cache.get(key) or cache.pull(key)
+    art = cache.get(key)
+    pulled = art is None and (art := cache.pull(key)) is not None
     if art is not None:
-        return StepResult(node.name, "cached", key, art, components=comps)
+        return StepResult(node.name, "cached", key, art, components=comps, pulled=pulled)
     if refuse is not None and (why := refuse(node, key)):
-        raise StepFailed(node.name, why)
+        raise StepFailed(node.name, why, refused=True)
     lock = cache.lock(key)
     try:
         lock.acquire(timeout=0)
@@ -288,7 +301,11 @@ def _build_one(
                 "file_paths": {label: str(p) for label, p in node.files.items()},
             },
         }
-        art = cache.commit(key, tmp, record)
+        try:
+            art = cache.commit(key, tmp, record)
+        except CacheError as exc:
+            cache.abort(tmp)
+            raise StepFailed(node.name, str(exc)) from None
         shutil.rmtree(cache.root / "scratch" / key, ignore_errors=True)
         return StepResult(node.name, "built", key, art, seconds, components=comps)
     finally:

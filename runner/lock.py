@@ -2,7 +2,9 @@
 hash, model revisions, library versions and the effective recipe after a successful apply.
 
 `apply --locked` and `lock --check` recompute every key (taking upstream outputs from the lock, so
-nothing needs building) and refuse any drift, saying exactly what moved.
+nothing needs building) and refuse any drift, saying exactly what moved; neither ever writes the lock.
+Each step records whether it is reproducible across machines: `apply --locked` takes the artifacts
+of those that are not from a cache (by key, checked against the locked output hash).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from runner import engine
+from runner import engine, registry
 from runner.errors import LockedError
 from runner.graph import Graph
 from runner.keypaths import flatten
@@ -33,7 +35,9 @@ def make_lock(recipe_data: dict[str, Any], graph: Graph, results: list[engine.St
     for name in graph.order:
         r = by_name[name]
         comps = r.components or {}
-        steps[name] = {"kind": graph.nodes[name].kind, "key": r.key, "output_hash": r.artifact.output_hash if r.artifact else None}
+        node = graph.nodes[name]
+        steps[name] = {"kind": node.kind, "key": r.key, "output_hash": r.artifact.output_hash if r.artifact else None,
+                       "reproducible": registry.get(node.kind).is_reproducible(node.params)}
         inputs.update(comps.get("files", {}))
         libs.update(comps.get("libs", {}))
         commit = comps.get("params", {}).get("commit")

@@ -91,27 +91,39 @@ class StepContext:
         return self.out / relpath
 
 
+Reproducible = bool | Callable[[Any], bool]
+
+
 @dataclass(frozen=True)
 class StepSpec:
+    """`reproducible`: the step writes the same bytes on any machine (True for data steps). Float
+    work whose kernels or thread reductions differ across CPUs and GPUs (training, embeddings,
+    evaluation) is not: under `apply --locked` its artifact is taken from a cache, never rebuilt.
+    A function of the params where it depends on them."""
+
     kind: str
     version: str
     params: type[BaseModel]
     run: Callable[[StepContext], None]
     libs: tuple[str, ...] = ()
+    reproducible: Reproducible = True
+
+    def is_reproducible(self, params: Any) -> bool:
+        return self.reproducible if isinstance(self.reproducible, bool) else bool(self.reproducible(params))
 
 
 _REGISTRY: dict[str, StepSpec] = {}
 
 
 def step(
-    kind: str, *, version: str, params: type[BaseModel], libs: tuple[str, ...] = ()
+    kind: str, *, version: str, params: type[BaseModel], libs: tuple[str, ...] = (), reproducible: Reproducible = True,
 ) -> Callable[[Callable[[StepContext], None]], Callable[[StepContext], None]]:
     """Register `run` as the implementation of step kind `kind`."""
 
     def register(run: Callable[[StepContext], None]) -> Callable[[StepContext], None]:
         if kind in _REGISTRY:
             raise ValueError(f"step kind {kind!r} registered twice")
-        _REGISTRY[kind] = StepSpec(kind, version, params, run, libs)
+        _REGISTRY[kind] = StepSpec(kind, version, params, run, libs, reproducible)
         return run
 
     return register

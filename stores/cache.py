@@ -28,7 +28,9 @@ from typing import Any
 
 from filelock import FileLock
 
+from stores.errors import StoreError
 from stores.hashing import StatCache, hash_file_uncached, hash_json
+from stores.remote import Remote
 
 MANIFEST = "manifest.json"
 DATA = "data"
@@ -61,7 +63,7 @@ def output_hash(files: dict[str, dict[str, Any]], side_files: list[str]) -> str:
     return hash_json({rel: m["hash"] for rel, m in files.items() if rel not in side_files})
 
 
-class CacheError(Exception):
+class CacheError(StoreError):
     pass
 
 
@@ -103,7 +105,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 class ArtifactCache:
-    def __init__(self, root: Path, *, remote: Path | None = None, stat_db: bool = True) -> None:
+    def __init__(self, root: Path, *, remote: Remote | None = None, stat_db: bool = True) -> None:
         self.root = Path(os.path.abspath(root))
         self.artifacts = self.root / "artifacts"
         self.tmp = self.root / "tmp"
@@ -112,7 +114,8 @@ class ArtifactCache:
         for d in (self.artifacts, self.tmp, self.locks, self.refs):
             d.mkdir(parents=True, exist_ok=True)
         self.stat_cache = StatCache(self.root / "stat-cache.sqlite" if stat_db else None)
-        self.remote = ArtifactCache(remote, stat_db=False) if remote is not None else None
+        self.remote = remote
+        self.pull_problems: dict[str, str] = {}  # key -> why the shared copy was refused
 
     # -- lookup ------------------------------------------------------------
     def path(self, key: str) -> Path:
@@ -240,59 +243,54 @@ class ArtifactCache:
 
     # -- a shared (remote) cache -------------------------------------------
     def pull(self, key: str) -> Artifact | None:
-        """Copy `key` (and what it requires) from the remote cache, verify every byte, rename into place."""
+        """Copy `key` (and what it requires) from the shared cache, verify every byte, rename into place."""
         if self.remote is None:
             return None
-        src = self.remote.path(key)
-        manifest = self.remote.read_manifest(src)
-        if manifest is None or manifest.get("key") != key:
+        manifest = self.remote.read_manifest(key)
+        if manifest is None:
             return None
         for dep in manifest.get("requires", []):
             if self.get(dep) is None and self.pull(dep) is None:
+                self.pull_problems[key] = f"it builds on {dep[:12]}, which could not be pulled"
                 return None
         tmp = self.tmp / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        (tmp / DATA).mkdir(parents=True)
         try:
-            shutil.copytree(src, tmp)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return None
-        for f in (tmp / DATA).rglob("*"):
-            if f.is_file():
-                f.chmod(0o444)
-        with self.lock(key):
-            art = self.get(key)
-            if art is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-                return art
-            dest = self.path(key)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if dest.exists():
-                self.remove(key)
-            os.rename(tmp, dest)
-            if self.problems(key, deep=True):  # corrupt on the remote: never use it
-                self.remove(key)
+            got = self.remote.fetch(key, tmp)
+            if isinstance(got, str):
+                self.pull_problems[key] = got
                 return None
-        return self.get(key)
+            for f in (tmp / DATA).rglob("*"):
+                if f.is_file():
+                    f.chmod(0o444)
+            with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
+                json.dump(got, fh, indent=1, sort_keys=True, ensure_ascii=False)
+            with self.lock(key):
+                art = self.get(key)
+                if art is not None:
+                    return art
+                dest = self.path(key)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if dest.exists():
+                    self.remove(key)
+                os.rename(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        art = self.get(key)
+        if art is None:
+            self.pull_problems[key] = "the pulled copy does not match its manifest"
+        return art
 
     def push(self, key: str) -> bool:
-        """Copy a local artifact to the remote cache (atomically there too) unless it has it. True if copied."""
-        if self.remote is None or self.remote.read_manifest(self.remote.path(key)) is not None:
+        """Copy a local artifact (and what it requires) to the shared cache unless it has it. True if copied."""
+        if self.remote is None:
             return False
         art = self.get(key)
         if art is None:
             return False
         for dep in art.manifest.get("requires", []):
             self.push(dep)
-        tmp = self.remote.tmp / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
-        shutil.copytree(art.path, tmp)
-        with self.remote.lock(key):
-            dest = self.remote.path(key)
-            if dest.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-                return False
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(tmp, dest)
-        return True
+        return self.remote.push(art.path, art.manifest)
 
     # -- refs --------------------------------------------------------------
     def ref_path(self, name: str) -> Path:

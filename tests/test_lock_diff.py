@@ -93,6 +93,9 @@ def test_diff_against_a_git_revision(cli, small_recipe: Path) -> None:
 
 def test_a_second_machine_pulls_from_the_shared_cache(cli, small_recipe: Path, tmp_path: Path) -> None:
     shared = tmp_path / "shared"
+    code, _, err = cli("apply", str(small_recipe), "--cache-remote", str(shared))
+    assert code == 1 and "does not exist" in err and not shared.exists(), "a remote is never created"
+    shared.mkdir()
     first = apply_json(cli, str(small_recipe), "--cache-dir", str(tmp_path / "m1"), "--cache-remote", str(shared))
     assert {s["state"] for s in first["steps"]} == {"built"}
     second = apply_json(cli, str(small_recipe), "--cache-dir", str(tmp_path / "m2"), "--cache-remote", str(shared))
@@ -107,10 +110,11 @@ def test_a_second_machine_pulls_from_the_shared_cache(cli, small_recipe: Path, t
 
 def test_a_corrupt_shared_artifact_is_never_used(cli, small_recipe: Path, tmp_path: Path) -> None:
     shared = tmp_path / "shared"
+    shared.mkdir()
     first = apply_json(cli, str(small_recipe), "--cache-dir", str(tmp_path / "m1"), "--cache-remote", str(shared))
     key = next(s["key"] for s in first["steps"] if s["step"] == "format")
-    f = shared / "artifacts" / key[:2] / key / "data" / "rows.parquet"
-    f.chmod(0o644)
+    digest = json.loads((shared / "artifacts" / f"{key}.json").read_text())["files"]["rows.parquet"]["hash"]
+    f = shared / "blobs" / digest[:2] / digest
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))

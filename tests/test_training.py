@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,11 +46,15 @@ train:
     return path
 
 
-def train_metrics(path: Path, cache: Path | None = None) -> dict:
+def train_artifact(path: Path, cache: Path | None = None) -> Any:
     b = api.load(path, cache_dir=cache)
     result = api.apply(b)
     assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
-    return next(s for s in result.steps if s.name == "train").artifact.manifest["metrics"]
+    return next(s for s in result.steps if s.name == "train").artifact
+
+
+def train_metrics(path: Path, cache: Path | None = None) -> dict:
+    return train_artifact(path, cache).manifest["metrics"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
@@ -107,7 +112,8 @@ def test_eval_merge_and_outputs(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "ref").mkdir()
-    reference = train_metrics(recipe(tmp_path / "ref", steps=60, checkpoint_every=10), tmp_path / "c1")
+    reference_art = train_artifact(recipe(tmp_path / "ref", steps=60, checkpoint_every=10), tmp_path / "c1")
+    reference = reference_art.manifest["metrics"]
     path = recipe(tmp_path, steps=60, checkpoint_every=10)
     cache = tmp_path / "c2"
     proc = subprocess.Popen([sys.executable, "-m", "runner", "apply", str(path)], cwd=ROOT,
@@ -121,7 +127,10 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     points = sorted(int(p.name.split("-")[1]) for p in (cache / "scratch").glob("*/checkpoint-*")
                     if _complete(p))  # a kill can land while a checkpoint is being written
     assert points and points[-1] < 60, "killed mid-training"
-    resumed = train_metrics(path, cache)
+    resumed_art = train_artifact(path, cache)
+    resumed = resumed_art.manifest["metrics"]
+    # the same weights and the same result files: run facts (resumed or not) stay out of the output
+    assert resumed_art.output_hash == reference_art.output_hash
     assert resumed["resumed_from"] == f"checkpoint-{points[-1]}"
     assert resumed["steps"] == reference["steps"] == 60
     assert abs(resumed["train_loss_last"] - reference["train_loss_last"]) < 0.05

@@ -22,7 +22,13 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--keep-going", action="store_true", help="after a failure, still build steps that do not need it")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.add_argument("--locked", action="store_true",
-                   help="fail if the recipe, its inputs or libraries drifted from RECIPE.lock; build only keys it names")
+                   help="CI mode: exit 3 if the recipe, its inputs or libraries drifted from RECIPE.lock, or any step "
+                        "comes out with another key or output hash than the lock's; steps not reproducible across "
+                        "machines (train, eval, embed, ...) are taken from the local or shared cache, never rebuilt. "
+                        "Never writes the lock")
+    p.add_argument("--rebuild-nondeterministic", action="store_true",
+                   help="with --locked: build a non-reproducible step the caches lack, and report its output hash "
+                        "and every downstream key that moved (the lock is still not written)")
     p.set_defaults(run=run)
 
 
@@ -91,7 +97,14 @@ def run(args: argparse.Namespace) -> int:
         steps = api.plan(build)
         print_json(plan.plan_rows(steps)) if args.json else plan.render(steps)
         return 0
-    result = api.apply(build, reporter=RichReporter(quiet=args.json), keep_going=args.keep_going, locked=args.locked)
+    if args.rebuild_nondeterministic and not args.locked:
+        from runner.errors import UsageError
+
+        raise UsageError("--rebuild-nondeterministic only applies with --locked")
+    result = api.apply(build, reporter=RichReporter(quiet=args.json), keep_going=args.keep_going, locked=args.locked,
+                       rebuild_nondeterministic=args.rebuild_nondeterministic)
+    for line in result.moved:
+        console(stderr=True).print(f"[yellow]moved from the lock[/]: {escape(line)}")
     if args.json:
         print_json({
             "ok": result.ok,

@@ -23,9 +23,11 @@ def recipe_args(p: argparse.ArgumentParser, *, targets: bool = False) -> None:
 def cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="artifact cache (default: $RUNNER_CACHE or ~/.cache/runner)")
-    p.add_argument("--cache-remote", default=None, metavar="DIR",
-                   help="shared cache on a shared/network filesystem: pull artifacts by key before building, push "
-                        "after (default: $RUNNER_CACHE_REMOTE); pulled artifacts are verified byte for byte")
+    p.add_argument("--cache-remote", default=None, metavar="URL",
+                   help="shared cache: s3://bucket/prefix, gs://…, az://…, file://… or a directory on a shared disk "
+                        "(it must exist). Artifacts are pulled by key before building and pushed after (default: "
+                        "$RUNNER_CACHE_REMOTE); pulled ones are verified byte for byte. Credentials come from the "
+                        "store's usual environment/profiles (e.g. AWS_PROFILE, AWS_ENDPOINT_URL), never the URL")
 
 
 def load(args: argparse.Namespace) -> Any:

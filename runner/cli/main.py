@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from runner.errors import RunnerError
+    from stores.errors import StoreError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -51,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunnerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: nothing half-built was kept; run the command again to continue", file=sys.stderr)
         return 130

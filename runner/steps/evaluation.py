@@ -57,7 +57,7 @@ def held_out_loss(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: i
     return total / count if count else None
 
 
-@step("eval", version="2", params=EvalParams, libs=("torch", "transformers", "peft", "duckdb"))
+@step("eval", version="2", params=EvalParams, libs=("torch", "transformers", "peft", "duckdb"), reproducible=False)
 def evaluate(ctx: StepContext) -> None:
     from runner.steps.quiet import quiet_ml
 

@@ -78,7 +78,7 @@ def model_identity(ctx: StepContext, model: str) -> str:
     return hash_json({"model": ident, "libs": {lib: lib_version(lib) for lib in EMBED_LIBS}})[:32]
 
 
-@step("embed", version="1", params=EmbedConfig, libs=EMBED_LIBS)
+@step("embed", version="1", params=EmbedConfig, libs=EMBED_LIBS, reproducible=False)
 def embed_chunks(ctx: StepContext) -> None:
     import numpy as np
     import pyarrow as pa
@@ -124,7 +124,8 @@ def embed_chunks(ctx: StepContext) -> None:
                         "encode_seconds": round(encode_seconds, 3)})
 
 
-@step("index", version="1", params=IndexParams, libs=("hnswlib", "numpy", "bm25s"))
+@step("index", version="1", params=IndexParams, libs=("hnswlib", "numpy", "bm25s"),
+      reproducible=lambda p: p.hnsw.threads == 1)  # hnswlib builds with threads insert in any order
 def build_index(ctx: StepContext) -> None:
     import numpy as np
     import pyarrow.parquet as pq
@@ -168,7 +169,8 @@ class RetrievalEvalParams(Params):
     ef_search: int
 
 
-@step("index.eval", version="1", params=RetrievalEvalParams, libs=EMBED_LIBS + ("hnswlib", "duckdb"))
+@step("index.eval", version="1", params=RetrievalEvalParams, libs=EMBED_LIBS + ("hnswlib", "duckdb"),
+      reproducible=False)
 def evaluate_retrieval(ctx: StepContext) -> None:
     import json
 

@@ -43,7 +43,8 @@ class PackageParams(Params):
     package: PackageConfig
 
 
-@step("package", version="1", params=PackageParams, libs=("torch", "transformers", "peft", "safetensors"))
+@step("package", version="1", params=PackageParams, libs=("torch", "transformers", "peft", "safetensors"),
+      reproducible=False)
 def package(ctx: StepContext) -> None:
     from runner.steps.quiet import quiet_ml
 

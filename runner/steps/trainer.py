@@ -177,7 +177,7 @@ def run(job: dict[str, Any]) -> None:
     if args.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         raise StepError("FSDP was asked for but accelerate did not enable it on this hardware; use strategy: ddp")
     resume = last_checkpoint(scratch)
-    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume)
     digest = lora_digest(model)
     (out / "ranks").mkdir(parents=True, exist_ok=True)
     (out / "ranks" / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "lora_sha256": digest}))
@@ -192,7 +192,9 @@ def run(job: dict[str, Any]) -> None:
                                                   "resumed_from": Path(resume).name if resume else None}))
     metrics = {
         "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
-        "train_loss_mean": result.training_loss, "steps": trainer.state.global_step,
+        # the mean of the logged losses, not result.training_loss: that one covers only this run's steps, so a
+        # resumed run would write a different number (and a different artifact) for the same training
+        "train_loss_mean": sum(losses) / len(losses) if losses else None, "steps": trainer.state.global_step,
         "trainable_params": trainable, "total_params": total, "trainable_percent": round(100 * trainable / total, 4),
         "lora_targets": targets, "precision": p.model.precision, "world_size": world,
         "fsdp": bool(getattr(trainer, "is_fsdp_enabled", False)),

@@ -188,7 +188,8 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int) -> list[tupl
     return [(ids[i : i + seq_len], labels[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
 
 
-@step("train", version="1", params=TrainParams, libs=("torch", "transformers", "peft", "bitsandbytes", "accelerate"))
+@step("train", version="2", params=TrainParams, libs=("torch", "transformers", "peft", "bitsandbytes", "accelerate"),
+      reproducible=False)
 def train(ctx: StepContext) -> None:
     """Fine-tune LoRA adapters; resumable from the checkpoints in the step's scratch dir."""
     from runner.steps import trainer
@@ -211,7 +212,7 @@ def train(ctx: StepContext) -> None:
     ctx.metrics.update(json.loads((ctx.scratch / "run.json").read_text()))
 
 
-@step("merge", version="1", params=TrainParams, libs=("torch", "transformers", "peft", "safetensors"))
+@step("merge", version="1", params=TrainParams, libs=("torch", "transformers", "peft", "safetensors"), reproducible=False)
 def merge(ctx: StepContext) -> None:
     """The base model with the trained adapter merged in (fp32 or bf16/fp16 weights), as safetensors."""
     from runner.steps.quiet import quiet_ml
