@@ -122,9 +122,12 @@ def apply(build: Build, *, reporter: engine.Reporter | None = None, keep_going: 
         lock.check(build.graph, lock_file, build.loaded.data, build.cache.stat_cache)
         refuse, accept = _lock_policy(build, (lock.read(lock_file) or {}).get("steps", {}), lock_file.name,
                                       rebuild_nondeterministic, moved)
-    results = engine.execute(build.graph, build.cache, reporter=reporter, keep_going=keep_going, refuse=refuse,
-                             accept=accept)
-    _record(build, results)
+    try:
+        results = engine.execute(build.graph, build.cache, reporter=reporter, keep_going=keep_going, refuse=refuse,
+                                 accept=accept)
+        _record(build, results)
+    finally:
+        build.cache.unpin()  # the ref now names what gc must keep
     result = ApplyResult(results, [r.name for r in results if r.state in ("failed", "skipped")], moved)
     refused = [r for r in results if r.refused]
     pushed = _push(build, results)
@@ -207,26 +210,32 @@ def _record(build: Build, results: list[engine.StepResult]) -> None:
         new = {"recipe": os.path.abspath(build.loaded.path), "steps": steps}
         if new != old:
             build.cache.write_ref(build.ref, new)
-        if new != old or not build.catalog.exists():
+        keys = {n: s["key"] for n, s in steps.items()}
+        if not build.cache.catalog_current(build.catalog, keys):  # missing, stale or touched since written
             from stores.datastore import write_catalog
 
-            write_catalog(build.catalog, catalog_tables(build, {n: s["key"] for n, s in steps.items()}))
+            write_catalog(build.catalog, catalog_tables(build, keys), build.cache.root)
+            build.cache.catalog_written(build.catalog, keys)
 
 
-def table_sqls(cache: ArtifactCache, key: str) -> dict[str, str]:
-    """SQL for each table (files and masked views) of the artifact under `key`; empty if it is gone."""
+def table_sqls(cache: ArtifactCache, key: str, *, relative: bool = False) -> dict[str, str]:
+    """SQL for each table (files and masked views) of the artifact under `key`; empty if it is gone.
+    `relative`: file paths relative to the cache root (for catalogs, so a moved cache still reads)."""
     from stores.datastore import table_sql
 
-    path = cache.path(key)
-    manifest = cache.read_manifest(path) or {}
+    def where(k: str) -> Path:
+        return cache.path(k).relative_to(cache.root) if relative else cache.path(k)
+
+    manifest = cache.read_manifest(cache.path(key)) or {}
     names = list(manifest.get("tables", {})) + list(manifest.get("views", {}))
-    return {t: table_sql(path, manifest, t, cache.path) for t in names}
+    return {t: table_sql(where(key), manifest, t, where) for t in names}
 
 
 def catalog_tables(build: Build, keys: dict[str, str]) -> dict[str, str]:
     from stores.datastore import view_name
 
-    return {view_name(name, t): sql for name, key in keys.items() for t, sql in table_sqls(build.cache, key).items()}
+    return {view_name(name, t): sql for name, key in keys.items()
+            for t, sql in table_sqls(build.cache, key, relative=True).items()}
 
 
 def artifact(build: Build, step: str) -> Artifact | None:
@@ -255,9 +264,54 @@ def sql(build: Build, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
     if not build.catalog.exists():
         raise RunnerError(f"{build.loaded.path} has not been applied yet: run `runner apply {build.loaded.path}` first")
     try:
-        return run_query(build.catalog, query)
+        return run_query(build.catalog, query, build.cache.root)
+    except PermissionError as exc:
+        raise UsageError(str(exc)) from None
+    except duckdb.PermissionException as exc:
+        raise UsageError(f"SQL refused: {str(exc).splitlines()[0]}; runner sql reads only the recipe's step "
+                         "tables") from None
     except duckdb.Error as exc:
         raise RunnerError(f"SQL failed: {str(exc).splitlines()[0]}") from None
+
+
+def lock_keys(roots: list[Path]) -> tuple[set[str], list[Path]]:
+    """Every step key named by a runner lock file (`*.lock`) under `roots`, and the files found."""
+    import json
+
+    keys: set[str] = set()
+    found: list[Path] = []
+    for root in roots:
+        files = [root] if root.is_file() else root.rglob("*.lock") if root.is_dir() else []
+        for f in files:
+            if any(part in (".git", "node_modules", ".venv") for part in f.parts):
+                continue
+            try:
+                value = json.loads(f.read_text())
+            except (OSError, ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(value, dict) and "lock_version" in value and isinstance(value.get("steps"), dict):
+                found.append(f)
+                keys.update(s["key"] for s in value["steps"].values() if isinstance(s, dict) and s.get("key"))
+    return keys, found
+
+
+def gc(cache: ArtifactCache, *, roots: list[Path] | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """Delete artifacts that nothing keeps: a ref of a recipe that still exists, a lock file under `roots`
+    (default: the directories of the recipes the refs name), or a running apply. `dry_run` reports exactly
+    what would go."""
+    drop = set()
+    dirs: set[Path] = set()
+    for ref in sorted(cache.refs.glob("*.json")):
+        recipe_file = (cache.read_ref(ref.stem) or {}).get("recipe")
+        if recipe_file and not os.path.exists(recipe_file):
+            drop.add(ref.stem)
+        elif recipe_file:
+            dirs.add(Path(recipe_file).parent)
+    keep, locks = lock_keys(list(roots) if roots is not None else sorted(dirs))
+    before = cache.size_bytes()
+    dead = cache.gc(dry_run=dry_run, keep=keep, drop_refs=drop)
+    return {"deleted": dead, "dropped_refs": sorted(drop), "lock_files": [str(f) for f in locks],
+            "freed_bytes": 0 if dry_run else before - cache.size_bytes()}
 
 
 def verify(cache: ArtifactCache, *, keys: list[str] | None = None, repair: bool = False) -> dict[str, list[str]]:

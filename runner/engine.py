@@ -216,6 +216,7 @@ def execute(
         ups = [results[u].artifact for u in node.inputs]
         comps = components(node, [a.output_hash for a in ups if a is not None], cache.stat_cache)
         key = key_of(comps)
+        cache.pin(key)  # before it is read or built: gc keeps what a running apply uses
         try:
             results[name] = _build_one(node, key, comps, ups, cache, reporter, run_step, refuse)  # type: ignore[arg-type]
             got = results[name]

@@ -20,6 +20,12 @@ from runner.schema import Recipe, all_field_names
 KeyPath = tuple[str | int, ...]
 _REF = re.compile(r"\$\{([^}]*)\}")
 
+# bounds that keep a hostile or broken recipe from taking unbounded time or memory
+MAX_RECIPE_BYTES = 1_000_000  # a recipe names its data; it does not hold it
+MAX_VALUES = 100_000  # values after YAML aliases are expanded ("billion laughs")
+MAX_DEPTH = 64  # nesting of mappings and lists
+MAX_TEXT = 1_000_000  # characters of one string after ${...} interpolation
+
 
 def show_path(path: KeyPath) -> str:
     out = ""
@@ -63,6 +69,10 @@ def _fail(where: Where, path: KeyPath, message: str) -> RecipeError:
 
 def _read_yaml(file: Path, shown: str) -> tuple[Any, dict[KeyPath, Where]]:
     try:
+        size = file.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise _fail(Where(shown, 1), (), f"the recipe is {size:,} bytes; a recipe over {MAX_RECIPE_BYTES:,} bytes "
+                                          "is not accepted (put data in the files it names)")
         text = file.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise RecipeError([Problem(Where(shown), "", "recipe file not found")], "Check the path.") from None
@@ -74,6 +84,8 @@ def _read_yaml(file: Path, shown: str) -> tuple[Any, dict[KeyPath, Where]]:
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
+    except RecursionError:
+        raise _fail(Where(shown, 1), (), f"nested too deeply (more than {MAX_DEPTH} levels)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -84,14 +96,40 @@ def _read_yaml(file: Path, shown: str) -> tuple[Any, dict[KeyPath, Where]]:
     if node is None:
         raise _fail(Where(shown, 1), (), "the recipe is empty; expected a mapping with at least `data:`")
     positions: dict[KeyPath, Where] = {}
+    count = [0]
+    open_nodes: set[int] = set()  # nodes being converted: an alias to one of them is a cycle
 
     def convert(n: yaml.Node, path: KeyPath) -> Any:
-        positions[path] = Where(shown, n.start_mark.line + 1)
+        here = Where(shown, n.start_mark.line + 1)
+        positions[path] = here
+        count[0] += 1
+        if count[0] > MAX_VALUES:
+            raise _fail(here, path, f"the recipe expands to more than {MAX_VALUES:,} values (YAML aliases repeating "
+                                    "aliases?); a recipe is not that big")
+        if len(path) > MAX_DEPTH:
+            raise _fail(here, path, f"nested too deeply (more than {MAX_DEPTH} levels)")
+        if id(n) in open_nodes:
+            raise _fail(here, path, "a YAML alias refers to a value that contains it (an endless recursion)")
+        if isinstance(n, (yaml.MappingNode, yaml.SequenceNode)):
+            open_nodes.add(id(n))
+            try:
+                return _collection(n, path)
+            finally:
+                open_nodes.discard(id(n))
+        try:
+            return loader.construct_object(n)
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. an integer of thousands of digits
+            raise _fail(here, path, f"invalid value: {str(exc).splitlines()[0][:200]}") from None
+
+    def _collection(n: yaml.Node, path: KeyPath) -> Any:
         if isinstance(n, yaml.MappingNode):
             out: dict[str, Any] = {}
             for k, v in n.value:
-                key = loader.construct_object(k) if isinstance(k, yaml.ScalarNode) else None
                 where = Where(shown, k.start_mark.line + 1)
+                try:
+                    key = loader.construct_object(k) if isinstance(k, yaml.ScalarNode) else None
+                except (yaml.YAMLError, ValueError):
+                    key = None
                 if not isinstance(key, str):
                     raise _fail(where, path, f"keys must be plain strings, got {k.value!r}")
                 if key in out:
@@ -99,12 +137,7 @@ def _read_yaml(file: Path, shown: str) -> tuple[Any, dict[KeyPath, Where]]:
                 out[key] = convert(v, path + (key,))
                 positions[path + (key,)] = where
             return out
-        if isinstance(n, yaml.SequenceNode):
-            return [convert(v, path + (i,)) for i, v in enumerate(n.value)]
-        try:
-            return loader.construct_object(n)
-        except yaml.YAMLError as exc:
-            raise _fail(positions[path], path, f"invalid value: {exc}") from None
+        return [convert(v, path + (i,)) for i, v in enumerate(n.value)]
 
     data = convert(node, ())
     if not isinstance(data, dict):
@@ -135,6 +168,7 @@ def _load_tree(file: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], dic
     if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
         raise _fail(positions[("extends",)], ("extends",), "expected a recipe path or a list of recipe paths")
     where = positions.pop(("extends",))
+    positions = {p: w for p, w in positions.items() if p[:1] != ("extends",)}
     merged: dict[str, Any] = {}
     merged_pos: dict[KeyPath, Where] = {}
     for parent in parents:
@@ -176,11 +210,13 @@ def apply_set(data: dict[str, Any], positions: dict[KeyPath, Where], override: s
     for part in key.strip().split("."):
         if not part:
             raise _fail(where, (), f"empty segment in key path {key!r}")
-        parts.append(int(part) if part.isdigit() else part)
+        parts.append(int(part) if part.isdigit() and len(part) < 10 else part)
+    if len(raw) > MAX_TEXT:
+        raise _fail(where, tuple(parts), f"value is longer than {MAX_TEXT:,} characters")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise _fail(where, tuple(parts), f"value is not valid YAML ({str(exc).splitlines()[0]})") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise _fail(where, tuple(parts), f"value is not valid YAML ({str(exc).splitlines()[0][:200]})") from None
     node: Any = data
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -209,8 +245,11 @@ def apply_set(data: dict[str, Any], positions: dict[KeyPath, Where], override: s
 
 
 def interpolate(data: dict[str, Any], positions: dict[KeyPath, Where]) -> dict[str, Any]:
-    """Replace `${a.b}` by the value at key path a.b. A whole-string reference keeps the value's type."""
+    """Replace `${a.b}` by the value at key path a.b. A whole-string reference keeps the value's type.
+    Each path is resolved once (references that double text cost linear time), and no string may grow
+    past MAX_TEXT characters."""
     resolving: list[KeyPath] = []
+    done: dict[KeyPath, Any] = {}
 
     def lookup(ref: str, at: KeyPath) -> Any:
         node: Any = data
@@ -227,9 +266,12 @@ def interpolate(data: dict[str, Any], positions: dict[KeyPath, Where]) -> dict[s
         if tpath in resolving:
             chain = " -> ".join(show_path(p) for p in (*resolving, tpath))
             raise _fail(positions.get(at, Where("recipe")), at, f"interpolation cycle: {chain}")
+        if tpath in done:
+            return done[tpath]
         resolving.append(tpath)
         try:
-            return walk(node, tpath)
+            done[tpath] = walk(node, tpath)
+            return done[tpath]
         finally:
             resolving.pop()
 
@@ -249,7 +291,11 @@ def interpolate(data: dict[str, Any], positions: dict[KeyPath, Where]) -> dict[s
                     raise _fail(positions.get(path, Where("recipe")), path, f"${{{m.group(1)}}} is a {type(value).__name__}; only scalars can be embedded in text")
                 return str(value)
 
-            return _REF.sub(text, node)
+            out = _REF.sub(text, node)
+            if len(out) > MAX_TEXT:
+                raise _fail(positions.get(path, Where("recipe")), path,
+                            f"interpolation makes a string of {len(out):,} characters (more than {MAX_TEXT:,})")
+            return out
         return node
 
     result = walk(data, ())

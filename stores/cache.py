@@ -7,12 +7,19 @@ Layout under the cache root::
     tmp/<key>.<pid>.<random>/                 builds in progress
     locks/<key>.lock                          one lock per key
     refs/<name>.json                          named pointers to keys (what gc keeps)
+    pins/<pid>.<random>.json                  keys a running apply uses (gc keeps them too)
     stat-cache.sqlite                         file hashes by stat
 
 An artifact is built in a temp dir, every file fsynced, the manifest written last,
 then the dir is renamed into place: it exists whole or not at all. Files are made
-read-only. Before use an artifact is checked against its manifest (sizes, and hashes
-through the stat cache); `verify(deep=True)` re-reads every byte.
+read-only. The manifest seals itself (`manifest_hash` covers every other field: row
+counts, tables, metrics, lineage, file hashes).
+
+What is checked when: every use of an artifact (plan, apply, sql, serve) checks the
+manifest's seal, that every file is there with its size, that no file is extra, and
+each file's hash through the stat cache (re-read whenever size, mtime, inode or ctime
+changed, so any write is noticed). `deep=True` (`runner verify`, `apply --verify`)
+re-reads every byte instead of trusting the stat cache.
 """
 
 from __future__ import annotations
@@ -55,6 +62,11 @@ class Artifact:
         return self.data / relpath
 
 
+def seal(manifest: dict[str, Any]) -> str:
+    """The manifest's own hash: every field but this one."""
+    return hash_json({k: v for k, v in manifest.items() if k != "manifest_hash"})
+
+
 def output_hash(files: dict[str, dict[str, Any]], side_files: list[str]) -> str:
     """What readers of an artifact see: the hashes of its files, less side outputs (reports, rejects).
 
@@ -83,14 +95,16 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON next to `path`, fsync it, rename it over `path`."""
+def write_json_atomic(path: Path, value: Any, *, durable: bool = True) -> None:
+    """Write JSON next to `path`, fsync it (unless not `durable`: state that dies with the process),
+    rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=1, sort_keys=True, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -105,14 +119,22 @@ def _pid_alive(pid: int) -> bool:
 
 
 class ArtifactCache:
-    def __init__(self, root: Path, *, remote: Remote | None = None, stat_db: bool = True) -> None:
+    def __init__(self, root: Path, *, remote: Remote | None = None, stat_db: bool = True, deep: bool = False) -> None:
         self.root = Path(os.path.abspath(root))
         self.artifacts = self.root / "artifacts"
         self.tmp = self.root / "tmp"
         self.locks = self.root / "locks"
         self.refs = self.root / "refs"
-        for d in (self.artifacts, self.tmp, self.locks, self.refs):
-            d.mkdir(parents=True, exist_ok=True)
+        self.pins = self.root / "pins"
+        self.deep = deep  # re-read every byte of an artifact before use (apply --verify)
+        self._pinned: set[str] = set()
+        self._pin_file = self.pins / f"{os.getpid()}.{secrets.token_hex(4)}.json"
+        try:
+            for d in (self.artifacts, self.tmp, self.locks, self.refs, self.pins):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"the cache {self.root} cannot be used: {exc.strerror} ({exc.filename}); "
+                             "give a writable --cache-dir or $RUNNER_CACHE") from None
         self.stat_cache = StatCache(self.root / "stat-cache.sqlite" if stat_db else None)
         self.remote = remote
         self.pull_problems: dict[str, str] = {}  # key -> why the shared copy was refused
@@ -125,7 +147,7 @@ class ArtifactCache:
         """The artifact under `key` if it is whole and matches its manifest."""
         path = self.path(key)
         manifest = self.read_manifest(path)
-        if manifest is None or self.problems(key, manifest=manifest):
+        if manifest is None or self.problems(key, manifest=manifest, deep=self.deep):
             return None
         return Artifact(key, path, manifest)
 
@@ -147,6 +169,8 @@ class ArtifactCache:
         if manifest.get("key") != key:
             return [f"manifest names key {manifest.get('key')!r}"]
         found = []
+        if manifest.get("manifest_hash") != seal(manifest):
+            found.append("the manifest was edited (its fields do not match its manifest_hash)")
         files = manifest.get("files", {})
         for rel, meta in files.items():
             f = path / DATA / rel
@@ -204,6 +228,7 @@ class ArtifactCache:
             "files": files,
             "output_hash": output_hash(files, record.get("side_files", [])),
         }
+        manifest["manifest_hash"] = seal(manifest)
         with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=1, sort_keys=True, ensure_ascii=False)
             fh.flush()
@@ -308,13 +333,52 @@ class ArtifactCache:
         """A ref is {"steps": {step: {"key": ...}, ...}, ...}; gc keeps every key a ref names."""
         write_json_atomic(self.ref_path(name), value)
 
-    def live_keys(self) -> set[str]:
-        """Keys the refs name, and every artifact those require (a view's base), transitively."""
-        todo: list[str] = []
-        for ref in self.refs.glob("*.json"):
-            value = self.read_ref(ref.stem) or {}
-            todo.extend(s["key"] for s in value.get("steps", {}).values() if isinstance(s, dict) and "key" in s)
-        live: set[str] = set()
+    # -- catalogs ------------------------------------------------------------
+    def catalog_current(self, catalog: Path, keys: dict[str, str]) -> bool:
+        """Whether `catalog` was written for the artifacts `keys` (step -> key) and is untouched since (checked
+        by stat, without opening it: a cached apply stays free of DuckDB)."""
+        try:
+            with open(catalog.with_suffix(".json"), encoding="utf-8") as f:
+                note = json.load(f)
+            st = catalog.stat()
+        except (OSError, ValueError):
+            return False
+        return isinstance(note, dict) and note.get("keys") == hash_json(keys) and \
+            note.get("stat") == [st.st_size, st.st_mtime_ns, st.st_ino]
+
+    def catalog_written(self, catalog: Path, keys: dict[str, str]) -> None:
+        st = catalog.stat()
+        write_json_atomic(catalog.with_suffix(".json"),
+                          {"keys": hash_json(keys), "stat": [st.st_size, st.st_mtime_ns, st.st_ino]})
+
+    # -- what gc keeps ------------------------------------------------------
+    def pin(self, key: str) -> None:
+        """Protect `key` from gc while this process runs (call before building or reading it)."""
+        if key not in self._pinned:
+            self._pinned.add(key)
+            write_json_atomic(self._pin_file, sorted(self._pinned), durable=False)  # a pin dies with its process
+
+    def unpin(self) -> None:
+        self._pinned.clear()
+        self._pin_file.unlink(missing_ok=True)
+
+    def pinned_keys(self) -> set[str]:
+        """Keys pinned by running processes; pins of dead processes are removed."""
+        keys: set[str] = set()
+        for f in self.pins.glob("*.json"):
+            pid = f.name.split(".")[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                f.unlink(missing_ok=True)
+                continue
+            try:
+                keys.update(json.loads(f.read_text()))
+            except (OSError, ValueError):
+                continue  # being rewritten: its keys are in the next read
+        return keys
+
+    def closure(self, keys: set[str]) -> set[str]:
+        """`keys` and every artifact they require (a view's base), transitively."""
+        todo, live = list(keys), set()
         while todo:
             key = todo.pop()
             if key not in live:
@@ -322,17 +386,37 @@ class ArtifactCache:
                 todo.extend((self.read_manifest(self.path(key)) or {}).get("requires", []))
         return live
 
-    def gc(self, *, dry_run: bool = False, keep: set[str] | None = None) -> list[str]:
-        """Delete artifacts no ref names (and stale temp dirs). Returns the deleted keys."""
-        live = self.live_keys() | (keep or set())
-        dead = [k for k in self.keys() if k not in live]
-        if not dry_run:
-            self.clean_tmp()
-            for key in dead:
-                with self.lock(key):
-                    self.remove(key)
-                (self.locks / f"{key}.lock").unlink(missing_ok=True)
-        return dead
+    def ref_keys(self, skip: set[str] = frozenset()) -> set[str]:  # type: ignore[assignment]
+        """Keys the refs name (but those in `skip`, refs about to be dropped)."""
+        keys: set[str] = set()
+        for ref in self.refs.glob("*.json"):
+            if ref.stem in skip:
+                continue
+            value = self.read_ref(ref.stem) or {}
+            keys.update(s["key"] for s in value.get("steps", {}).values() if isinstance(s, dict) and "key" in s)
+        return keys
+
+    def gc(self, *, dry_run: bool = False, keep: set[str] | None = None, drop_refs: set[str] = frozenset()
+           ) -> list[str]:  # type: ignore[assignment]
+        """Delete artifacts that no ref (but `drop_refs`), no running apply's pin and nothing in `keep` names,
+        nor anything those require. Returns the deleted (or, with `dry_run`, the doomed) keys."""
+        listed = list(self.keys())  # listed before the pins are read: a build commits only after pinning
+        live = self.closure(self.ref_keys(drop_refs) | self.pinned_keys() | (keep or set()))
+        dead = [k for k in listed if k not in live]
+        if dry_run:
+            return dead
+        for ref in drop_refs:
+            self.ref_path(ref).unlink(missing_ok=True)
+        self.clean_tmp()
+        deleted = []
+        for key in dead:
+            with self.lock(key):
+                if key in self.closure(self.pinned_keys()):  # pinned since: an apply has started to use it
+                    continue
+                self.remove(key)
+            (self.locks / f"{key}.lock").unlink(missing_ok=True)
+            deleted.append(key)
+        return deleted
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.artifacts.rglob("*") if f.is_file())

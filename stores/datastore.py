@@ -31,8 +31,11 @@ _MACROS = [
 ]
 
 
-def connect(database: str | Path = ":memory:", *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect(str(database), read_only=read_only)
+def connect(database: str | Path = ":memory:", *, read_only: bool = False,
+            search_path: Path | None = None) -> duckdb.DuckDBPyConnection:
+    """A connection with runner's macros; relative file paths resolve against `search_path` when given."""
+    config = {"file_search_path": str(search_path)} if search_path is not None else {}
+    con = duckdb.connect(str(database), read_only=read_only, config=config)
     # insertion order is what keeps outputs byte-identical run to run
     con.execute("set preserve_insertion_order = true")
     if not read_only:
@@ -100,17 +103,22 @@ def view_name(step: str, table: str) -> str:
     return base if table == "rows" else f"{base}__{table}"
 
 
-def write_catalog(path: Path, tables: dict[str, str]) -> None:
-    """(Re)write a catalog database with one view per table (name -> SQL from `table_sql`), read in place.
+def write_catalog(path: Path, tables: dict[str, str], root: Path) -> None:
+    """(Re)write a catalog database with one view per table (name -> SQL from `table_sql`, with paths
+    relative to `root`, the cache), read in place. A view `_runner_catalog` holds the hash of what the
+    catalog says.
 
     Built in a temp file and renamed, so a reader never opens a half-written catalog.
     """
+    from stores.hashing import hash_json
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    con = connect(tmp)
+    con = connect(tmp, search_path=root)
     try:
         for name, sql in sorted(tables.items()):
             con.execute(f"create view {quote_ident(name)} as select * from {sql}")
+        con.execute(f"create view _runner_catalog as select '{hash_json(tables)}' as tables_hash")
         con.execute("checkpoint")
     finally:
         con.close()
@@ -118,10 +126,24 @@ def write_catalog(path: Path, tables: dict[str, str]) -> None:
     Path(str(tmp) + ".wal").unlink(missing_ok=True)
 
 
-def query(catalog: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Run `sql` against a catalog (its macros are stored in it); returns column names and rows."""
-    con = connect(catalog, read_only=True)
+READ_STATEMENTS = ("SELECT", "EXPLAIN")
+
+
+def query(catalog: Path, sql: str, root: Path) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run read-only `sql` against a catalog whose views read the cache at `root`: the database is opened
+    read-only, statements other than SELECT/EXPLAIN are refused, and files outside the cache's artifacts
+    cannot be read or written. Returns column names and rows."""
+    con = connect(catalog, read_only=True, search_path=root)
     try:
+        for statement in con.extract_statements(sql):
+            kind = statement.type.name
+            if kind not in READ_STATEMENTS:
+                raise PermissionError(f"{kind} statements are not allowed: runner sql only reads (SELECT, EXPLAIN); "
+                                      "to export rows, use the recipe's export: step or --json")
+        # the views' paths are relative (resolved by file_search_path); absolute ones name the same files
+        con.execute(f"set allowed_directories = [{quote_path(str(root / 'artifacts') + os.sep)}, 'artifacts/']")
+        con.execute("set enable_external_access = false")
+        con.execute("set lock_configuration = true")
         result = con.execute(sql)
         columns = [d[0] for d in result.description or []]
         return columns, result.fetchall()

@@ -1,8 +1,8 @@
 """Content hashing: BLAKE3 over bytes, files and canonical JSON, with a stat cache.
 
 Knows nothing about pipelines. A file is read once: its hash is remembered against
-(path, size, mtime_ns, inode) in a small SQLite table, and re-read only when one of
-those changes.
+(path, size, mtime_ns, inode, ctime_ns) in a small SQLite table, and re-read only when one
+of those changes.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ def hash_file_uncached(path: Path) -> str:
     return hasher.hexdigest()
 
 
-def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    # ctime too: any write changes it and no one can set it back, so a byte flipped under a restored
+    # mtime is still re-read (as git's index does)
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 class StatCache:
@@ -48,15 +50,14 @@ class StatCache:
 
     def __init__(self, db_path: Path | None) -> None:
         self._db: sqlite3.Connection | None = None
-        self._memo: dict[tuple[str, tuple[int, int, int]], str] = {}
+        self._memo: dict[tuple[str, tuple[int, int, int, int]], str] = {}
         if db_path is not None:
             db_path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 self._db = sqlite3.connect(db_path, timeout=30, isolation_level=None)
                 self._db.execute("pragma journal_mode=wal")
-                self._db.execute(
-                    "create table if not exists hashes (path text primary key, size int, mtime int, ino int, hash text)"
-                )
+                self._db.execute("create table if not exists hashes2 (path text primary key, size int, mtime int, "
+                                 "ino int, ctime int, hash text)")
             except sqlite3.Error:
                 self._db = None  # a broken stat cache only costs speed
 
@@ -83,22 +84,22 @@ class StatCache:
         }
         return hash_json(entries)
 
-    def _lookup(self, path: str, stat: tuple[int, int, int]) -> str | None:
+    def _lookup(self, path: str, stat: tuple[int, int, int, int]) -> str | None:
         if self._db is None:
             return None
         try:
-            row = self._db.execute("select size, mtime, ino, hash from hashes where path = ?", (path,)).fetchone()
+            row = self._db.execute("select size, mtime, ino, ctime, hash from hashes2 where path = ?", (path,)).fetchone()
         except sqlite3.Error:
             return None
-        if row is not None and tuple(row[:3]) == stat:
-            return str(row[3])
+        if row is not None and tuple(row[:4]) == stat:
+            return str(row[4])
         return None
 
-    def _store(self, path: str, stat: tuple[int, int, int], digest: str) -> None:
+    def _store(self, path: str, stat: tuple[int, int, int, int], digest: str) -> None:
         if self._db is None:
             return
         try:
-            self._db.execute("insert or replace into hashes values (?, ?, ?, ?, ?)", (path, *stat, digest))
+            self._db.execute("insert or replace into hashes2 values (?, ?, ?, ?, ?, ?)", (path, *stat, digest))
         except sqlite3.Error:
             pass
 

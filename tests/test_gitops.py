@@ -60,7 +60,7 @@ def unchanged(path: Path) -> tuple[bytes, int]:
 
 def repoison(cache: Path, key: str, change: dict[str, bytes]) -> None:
     """Replace files of an artifact and make its manifest consistent again (what a tamperer would do)."""
-    from stores.cache import ArtifactCache, output_hash
+    from stores.cache import ArtifactCache, output_hash, seal
     from stores.hashing import hash_file_uncached
 
     path = ArtifactCache(cache).path(key)
@@ -71,6 +71,7 @@ def repoison(cache: Path, key: str, change: dict[str, bytes]) -> None:
         f.write_bytes(data)
         manifest["files"][rel] = {"hash": hash_file_uncached(f), "size": len(data)}
     manifest["output_hash"] = output_hash(manifest["files"], manifest.get("side_files", []))
+    manifest["manifest_hash"] = seal(manifest)
     (path / "manifest.json").chmod(0o644)
     (path / "manifest.json").write_text(json.dumps(manifest))
 
@@ -152,14 +153,15 @@ def test_ci_story_with_a_shared_cache(cli, tmp_path: Path) -> None:
     key = json.loads(lock_a.read_text())["steps"]["train"]["key"]
     manifest = json.loads((remote / "artifacts" / f"{key}.json").read_text())
     fake = b'{"poisoned": true}'
+    from stores.cache import output_hash, seal
     from stores.hashing import hash_bytes
-    from stores.cache import output_hash
 
     digest = hash_bytes(fake)
     (remote / "blobs" / digest[:2]).mkdir(parents=True, exist_ok=True)
     (remote / "blobs" / digest[:2] / digest).write_bytes(fake)
     manifest["files"]["train_result.json"] = {"hash": digest, "size": len(fake)}
     manifest["output_hash"] = output_hash(manifest["files"], manifest.get("side_files", []))
+    manifest["manifest_hash"] = seal(manifest)
     (remote / "artifacts" / f"{key}.json").write_text(json.dumps(manifest))
     c = clone(tmp_path, "c", lock_a)
     code, _, err = run(cli, c, tmp_path / "cc", "--locked", "--cache-remote", str(remote))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,21 @@ CASES: list[tuple[str, str | bytes, list[str], str]] = [
     ("set-into-scalar", "name: x\n" + OK_SOURCES, ["name.y=1"], "cannot set inside"),
     ("set-empty-segment", OK_SOURCES, ["data..x=1"], "empty segment"),
     ("set-missing-file", OK_SOURCES, ["data.sources.0.path=gone.jsonl"], "not found"),
+    # extends as a list
+    ("extends-list-missing", "extends: [gone.yaml]\n" + OK_SOURCES, [], "base recipe 'gone.yaml' not found"),
+    ("extends-list-of-numbers", "extends: [1, 2]\n" + OK_SOURCES, [], "expected a recipe path"),
+    # hostile recipes: bounded in time and memory, one clear message
+    ("yaml-billion-laughs", "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else ', '.join(['x'] * 9)}]\n"
+                                    for i in range(8)) + OK_SOURCES, [], "more than 100,000 values"),
+    ("yaml-recursive-alias", "vars: {a: &a [*a]}\n" + OK_SOURCES, [], "refers to a value that contains it"),
+    ("yaml-recursive-mapping", "vars: &v {self: *v}\n" + OK_SOURCES, [], "refers to a value that contains it"),
+    ("yaml-deep-nesting", "vars: {x: " + "[" * 600 + "]" * 600 + "}\n" + OK_SOURCES, [], "nested too deeply"),
+    ("yaml-huge-integer", "vars: {n: " + "9" * 5000 + "}\n" + OK_SOURCES, [], "invalid value"),
+    ("set-huge-integer", OK_SOURCES, ["data.split.seed=" + "9" * 5000], "not valid YAML"),
+    ("interp-doubling", "vars:\n  v0: ab\n" + "".join(f"  v{i}: ${{vars.v{i - 1}}}${{vars.v{i - 1}}}\n" for i in range(1, 27))
+     + OK_SOURCES, [], "interpolation makes a string"),
+    ("recipe-too-big", OK_SOURCES + "vars:\n" + "".join(f"  k{i}: {'x' * 80}\n" for i in range(130_000)), [],
+     "a recipe over 1,000,000 bytes"),
 ]
 
 LOCATION = re.compile(r"(bad|other)\.yaml:\d+|--set ")
@@ -105,7 +121,9 @@ def test_malformed_recipe(tmp_path: Path, cli, text: str | bytes, overrides: lis
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(text if isinstance(text, bytes) else text.encode())
     args = ["validate", str(bad.name)] + [x for o in overrides for x in ("--set", o)]
+    started = time.perf_counter()
     code, out, err = cli(*args)
+    assert time.perf_counter() - started < 5, "bounded: a hostile recipe is refused quickly"
     assert code == 2, err
     assert err.startswith("error: ")
     assert "Traceback" not in err and "Traceback" not in out

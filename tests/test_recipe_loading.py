@@ -57,6 +57,19 @@ def test_extends_merges_mappings_and_replaces_lists(tmp_path: Path) -> None:
     assert str(loaded.where(("data", "split", "validation"))).endswith("base.yaml:12")
 
 
+def test_extends_as_a_list_and_nested(tmp_path: Path) -> None:
+    write(tmp_path, "base/base.yaml", BASE)
+    write(tmp_path, "seed.yaml", "data:\n  split:\n    seed: 11\n")
+    one = recipe.load(write(tmp_path, "one.yaml", "extends: [base/base.yaml]\n")).recipe
+    assert one.data.split.seed == 3
+    # later bases win over earlier ones, the recipe over both
+    two = recipe.load(write(tmp_path, "two.yaml", "extends: [base/base.yaml, seed.yaml]\nvars: {minimum: 2}\n"))
+    assert two.recipe.data.split.seed == 11 and two.recipe.data.filters[0].min_chars == 2
+    assert str(two.where(("data", "split", "seed"))).endswith("seed.yaml:3")
+    nested = recipe.load(write(tmp_path, "nested.yaml", "extends: two.yaml\ndata: {split: {validation: 0.5}}\n")).recipe
+    assert nested.data.split.seed == 11 and nested.data.split.validation == 0.5
+
+
 def test_set_overrides_with_yaml_values(tmp_path: Path) -> None:
     r = recipe.load(write(tmp_path, "r.yaml", BASE), ["data.filters.0.min_chars=11", "data.split.seed=8"]).recipe
     assert r.data.filters[0].min_chars == 11 and r.data.split.seed == 8

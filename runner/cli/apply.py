@@ -26,6 +26,9 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "comes out with another key or output hash than the lock's; steps not reproducible across "
                         "machines (train, eval, embed, ...) are taken from the local or shared cache, never rebuilt. "
                         "Never writes the lock")
+    p.add_argument("--verify", action="store_true",
+                   help="re-read every byte of every artifact the build uses (CI); by default each use checks "
+                        "sizes, the manifest's seal and file hashes through the stat cache")
     p.add_argument("--rebuild-nondeterministic", action="store_true",
                    help="with --locked: build a non-reproducible step the caches lack, and report its output hash "
                         "and every downstream key that moved (the lock is still not written)")
@@ -93,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from runner.cli import plan
 
     build = load(args)
+    build.cache.deep = args.verify
     if args.dry_run:
         steps = api.plan(build)
         print_json(plan.plan_rows(steps)) if args.json else plan.render(steps)
