@@ -135,7 +135,8 @@ def _index_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) -> 
         StepNode("chunk", "chunk", ChunkParams(chunk=ix.chunk, model=ix.embed.model), ("docs",),
                  model_files if ix.chunk.by == "tokens" else {}, origin("index", "chunk")),
         StepNode("embed", "embed", ix.embed, ("chunk",), model_files, origin("index", "embed")),
-        StepNode("index", "index", IndexParams(embed=ix.embed, hnsw=ix.hnsw, exact_below=ix.exact_below, hybrid=ix.hybrid),
+        StepNode("index", "index", IndexParams(embed=ix.embed, hnsw=ix.hnsw, exact_below=ix.exact_below, hybrid=ix.hybrid,
+                                               group_by=ix.group_by, depth=ix.depth),
                  ("embed", "chunk"), {}, origin("index")),
     ] + ([] if ix.eval is None else [_index_eval_node(loaded, problems, origin, model_files)])
 
@@ -147,7 +148,7 @@ def _index_eval_node(loaded: LoadedRecipe, problems: list[Problem], origin: Any,
     assert ix is not None and ix.eval is not None
     files = _files(loaded, ix.eval, ("index", "eval"), problems)
     _check(problems)
-    params = RetrievalEvalParams(eval=ix.eval, embed=ix.embed, ef_search=ix.hnsw.ef_search)
+    params = RetrievalEvalParams(eval=ix.eval, embed=ix.embed)
     return StepNode("index.eval", "index.eval", params, ("index",), {**model_files, **files}, origin("index", "eval"))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from runner.errors import RunnerError
+from runner.errors import RunnerError, UsageError
 from stores.cache import Artifact
 
 
@@ -29,6 +29,10 @@ def docs_prompt(question: str, hits: list[Hit]) -> str:
 
 
 class Retriever:
+    """Search: the question's vector against the index (and BM25 when hybrid), `depth` candidates from each
+    ranking, fused, grouped to documents (each with its best chunk) unless asked for chunks, then cut to k.
+    The first results do not depend on k (for k up to `depth`)."""
+
     def __init__(self, artifact: Artifact, embed_files: dict[str, Any], *, model: str | None = None,
                  ef_search: int | None = None) -> None:
         import pyarrow.parquet as pq
@@ -38,7 +42,9 @@ class Retriever:
         self.index = VectorIndex.open(artifact.file("index"), ef_search=ef_search)
         self.model_name = self.index.info["model"]
         self.has_bm25 = bool(self.index.info.get("hybrid", False))
-        if model is not None and model != self.model_name:
+        self.group_by = self.index.info.get("group_by", "chunk")
+        self.depth = int(self.index.info.get("depth", 100))
+        if model is not None and not self._same_model(model, embed_files):
             raise RunnerError(f"this index was built with embedding model {self.model_name!r}; querying it with "
                               f"{model!r} would compare vectors from different spaces. Rebuild the index with "
                               f"{model!r} or query with {self.model_name!r}")
@@ -48,6 +54,25 @@ class Retriever:
         self._model: Any = None
         self._bm25: Any = None
         self._artifact = artifact
+
+    def _same_model(self, model: str, files: dict[str, Any]) -> bool:
+        """The same model by identity (bundled package or files' hash), whatever name it goes by."""
+        from runner.steps.indexing import model_files
+
+        built = self.index.info.get("model_files")
+        return model_files(model, files) == built if built else model == self.model_name
+
+    @property
+    def count(self) -> int:
+        return int(self.index.info["count"])
+
+    def truncated(self, question: str) -> int | None:
+        """The model's window in tokens if `question` is longer (only that much of it is embedded), else None."""
+        window = getattr(self.model, "max_seq_length", None)
+        if not window:
+            return None
+        n = len(self.model.tokenizer(question, add_special_tokens=True)["input_ids"])
+        return int(window) if n > window else None
 
     @property
     def model(self) -> Any:
@@ -62,25 +87,46 @@ class Retriever:
 
         return embed(self.model, texts, 64)
 
-    def search(self, question: str, k: int = 5, *, hybrid: bool | None = None) -> list[Hit]:
-        return self.search_vectors(self.embed([question]), [question], k, hybrid=hybrid)[0]
+    def search(self, question: str, k: int = 5, *, hybrid: bool | None = None, group_by: str | None = None) -> list[Hit]:
+        if not question.strip():
+            raise UsageError("the question is empty; ask something")
+        return self.search_vectors(self.embed([question]), [question], k, hybrid=hybrid, group_by=group_by)[0]
 
-    def search_vectors(self, vectors: Any, questions: list[str], k: int, *, hybrid: bool | None = None) -> list[list[Hit]]:
+    def search_vectors(self, vectors: Any, questions: list[str], k: int, *, hybrid: bool | None = None,
+                       group_by: str | None = None) -> list[list[Hit]]:
+        if k < 1:
+            raise UsageError(f"k must be at least 1, got {k}")
+        if self.count == 0:
+            raise RunnerError("the index is empty: its documents gave no chunks (see the docs step's rejects)")
         use_bm25 = self.has_bm25 if hybrid is None else hybrid
         if use_bm25 and not self.has_bm25:
             raise RunnerError("this index has no BM25 part; set index.hybrid: true and apply to use hybrid search")
+        grouped = (group_by or self.group_by) == "document"
         chunks = self.chunks
-        if not use_bm25:  # the hot path: hnswlib's answer straight into hits
-            labels, distances = self.index.nearest(vectors, k)
+        if not use_bm25 and not grouped:  # the hot path: hnswlib's answer straight into hits
+            labels, distances = self.index.nearest(vectors, min(k, self.count))
             offset = 0.0 if self.index.info["metric"] == "l2" else 1.0  # similarity = offset - distance
             make = tuple.__new__  # a Hit without NamedTuple's Python-level __new__: half the cost per hit
             return [[make(Hit, chunks[lb] + (offset - d,)) for lb, d in zip(ls, ds)]
                     for ls, ds in zip(labels.tolist(), distances.tolist())]
-        labels, scores = self.index.search(vectors, k * 4)
+        depth = min(max(self.depth, k), self.count)  # a fixed candidate depth: the order does not depend on k
+        labels, scores = self.index.search(vectors, depth)
         out = []
         for question, row_labels, row_scores in zip(questions, labels.tolist(), scores.tolist()):
-            ranked = self._fuse(list(zip(row_labels, row_scores)), self._bm25_rank(question, k * 4))
-            out.append([Hit(*chunks[label], score) for label, score in ranked[:k]])
+            ranked = list(zip(row_labels, row_scores))
+            if use_bm25:
+                ranked = self._fuse(ranked, self._bm25_rank(question, depth))
+            hits: list[Hit] = []
+            seen: set[str] = set()
+            for label, score in ranked:
+                doc = chunks[label][1]
+                if grouped and doc in seen:
+                    continue
+                seen.add(doc)
+                hits.append(Hit(*chunks[label], score))
+                if len(hits) == k:
+                    break
+            out.append(hits)
         return out
 
     def _bm25_rank(self, question: str, k: int) -> list[tuple[int, float]]:

