@@ -98,7 +98,7 @@ def main() -> None:
               f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, {tokens / wall:.0f} generated tokens/s")
 
         # streaming through HTTP vs model.generate in-process, same prompts, one at a time
-        from runner.serving import load_models
+        from runner.serving import Sampling, load_models
 
         model = next(iter(load_models(build, ["tuned"]).values()))
         prompts = [model.prompt([{"role": "user", "content": p}]) for p in PROMPTS] * 3
@@ -106,7 +106,7 @@ def main() -> None:
         for p in prompts:
             enc = model.tokenizer(p, return_tensors="pt", add_special_tokens=False)
             with torch.no_grad():
-                model.model.generate(**enc, **model._kwargs(args.max_tokens, 0.0))
+                model.model.generate(**enc, **model._kwargs(Sampling(max_tokens=args.max_tokens), threading.Event()))
         direct = time.perf_counter() - t
         with httpx.Client() as client:
             t = time.perf_counter()

@@ -386,8 +386,12 @@ def serve_app(builds: list[Build], *, token: str | None = None) -> tuple[Any, An
     config = builds[0].loaded.recipe.serve
     models = {}
     for b in builds:
-        models.update(load_models(b, b.loaded.recipe.serve.models))
+        if b.loaded.recipe.model is not None:
+            models.update(load_models(b, b.loaded.recipe.serve.models))
     index = retriever(builds[0]) if "index" in builds[0].graph.nodes else None
+    if not models and index is None:
+        raise RunnerError(f"{builds[0].loaded.path} has neither a model: nor an index: section; nothing to serve")
+    token = token or os.environ.get("RUNNER_SERVE_TOKEN") or None
     if token is None and config.token_env:
         token = os.environ.get(config.token_env)
         if not token:

@@ -33,8 +33,43 @@ class ServeConfig(Params):
 
 
 @dataclass
+class Sampling:
+    """How to pick tokens: greedy unless temperature > 0; `seed` makes sampling repeatable."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # alternatives per token to report (0: only the chosen token's); None: none
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-4  # a tiny temperature is greedy (dividing logits by 1e-300 overflows)
+
+
+@dataclass
+class Output:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # stop | length
+    logprobs: list[dict[str, Any]] | None = None
+
+
+class ContextTooLong(ValueError):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context: int) -> None:
+        super().__init__(f"this model's context is {context} tokens; the prompt has {prompt_tokens} and max_tokens asks "
+                         f"for {max_tokens} more ({prompt_tokens + max_tokens} in all). Shorten the prompt or lower "
+                         "max_tokens")
+        self.prompt_tokens, self.max_tokens, self.context = prompt_tokens, max_tokens, context
+
+
+@dataclass
 class Model:
-    """A loaded model, used by one request at a time (others wait their turn)."""
+    """A loaded model, used by one generation at a time (others wait their turn). A generation holds the
+    model only while it runs: cancelling it (a client gone, a stop string seen) frees the model within one
+    token step."""
 
     name: str
     template: str
@@ -50,61 +85,129 @@ class Model:
     def stops(self) -> list[str]:
         return ["<human>:", "<bot>:"] if self.template == "human_bot" else []
 
-    def _inputs(self, prompt: str) -> Any:
-        return self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    @property
+    def context(self) -> int | None:
+        """How many positions the model attends to, if it says."""
+        cfg = getattr(self.model, "config", None)
+        for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
-    def _kwargs(self, max_tokens: int, temperature: float) -> dict[str, Any]:
-        sample = temperature > 0
-        kw: dict[str, Any] = {"max_new_tokens": max_tokens, "do_sample": sample,
-                              "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id}
-        if sample:
-            kw["temperature"] = temperature
+    def encode(self, prompt: str, max_tokens: int) -> Any:
+        """Token ids of `prompt` (checked against the context before anything is allocated)."""
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        if not ids:  # an empty prompt: the model starts from its end-of-text token
+            ids = [self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0]
+        if self.context is not None and len(ids) + max_tokens > self.context:
+            raise ContextTooLong(len(ids), max_tokens, self.context)
+        return ids
+
+    def _kwargs(self, s: Sampling, cancel: threading.Event) -> dict[str, Any]:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class Cancelled(StoppingCriteria):  # type: ignore[misc]
+            def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> bool:
+                return cancel.is_set()
+
+        kw: dict[str, Any] = {"max_new_tokens": s.max_tokens, "do_sample": not s.greedy,
+                              "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id,
+                              "stopping_criteria": StoppingCriteriaList([Cancelled()])}
+        if not s.greedy:
+            kw.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
         return kw
 
-    def generate(self, prompt: str, *, max_tokens: int, temperature: float = 0.0) -> tuple[str, int, int, str]:
-        """(text, prompt tokens, completion tokens, finish reason)."""
+    def generate(self, prompt: str, s: Sampling, cancel: threading.Event | None = None) -> Output:
+        """The whole answer, cut before the first stop string (the template's and `s.stop`)."""
         import torch
 
-        enc = self._inputs(prompt)
+        cancel = cancel or threading.Event()
+        ids = self.encode(prompt, s.max_tokens)
+        enc = torch.tensor([ids])
         with self.lock, torch.no_grad():
-            out = self.model.generate(**enc, **self._kwargs(max_tokens, temperature))
-        new = out[0, enc["input_ids"].shape[1]:]
-        text, stopped = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), self.stops)
-        finish = "stop" if stopped or len(new) < max_tokens else "length"
-        return text, int(enc["input_ids"].shape[1]), int(len(new)), finish
+            if s.seed is not None:
+                torch.manual_seed(s.seed)
+            out = self.model.generate(input_ids=enc, attention_mask=torch.ones_like(enc), **self._kwargs(s, cancel),
+                                      output_scores=s.logprobs is not None, return_dict_in_generate=True)
+        new = out.sequences[0, len(ids):].tolist()
+        eos = self.tokenizer.eos_token_id
+        count = new.index(eos) + 1 if eos in new else len(new)  # generated tokens, the end-of-text one included
+        new = new[: count - 1] if eos in new else new
+        text, stopped = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), self.stops + list(s.stop))
+        logprobs = self._logprobs(new, out.scores, s.logprobs) if s.logprobs is not None else None
+        finish = "stop" if stopped or count < s.max_tokens else "length"
+        return Output(text, len(ids), count, finish, logprobs)
 
-    def stream(self, prompt: str, *, max_tokens: int, temperature: float = 0.0) -> Iterator[str]:
-        """Text pieces as they are generated; stops at the template's stop strings."""
+    def _logprobs(self, new: list[int], scores: Any, top: int) -> list[dict[str, Any]]:
+        import torch
+
+        out = []
+        for token, step in zip(new, scores):
+            lp = torch.log_softmax(step[0].float(), dim=-1)
+            entry: dict[str, Any] = {"token": self.tokenizer.decode([token]), "logprob": float(lp[token])}
+            if top:
+                values, idx = torch.topk(lp, top)
+                entry["top_logprobs"] = [{"token": self.tokenizer.decode([int(i)]), "logprob": float(v)}
+                                         for v, i in zip(values, idx)]
+            out.append(entry)
+        return out
+
+    def stream(self, prompt: str, s: Sampling, cancel: threading.Event | None = None,
+               done: dict[str, Any] | None = None) -> Iterator[str]:
+        """Text pieces as they are generated, cut before a stop string. The generation runs in its own thread and
+        holds the model only while it runs: set `cancel` (or stop iterating and set it) and the model is free
+        within one token step. `done` receives finish_reason and token counts at the end."""
         import torch
         from transformers import TextIteratorStreamer
 
-        enc = self._inputs(prompt)
+        cancel = cancel or threading.Event()
+        ids = self.encode(prompt, s.max_tokens)
+        enc = torch.tensor([ids])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        with self.lock:
-            def work() -> None:
-                with torch.no_grad():
-                    self.model.generate(**enc, **self._kwargs(max_tokens, temperature), streamer=streamer)
+        produced: dict[str, int] = {}
 
-            thread = threading.Thread(target=work, daemon=True)
-            thread.start()
-            held = ""
+        def work() -> None:
+            try:
+                with self.lock, torch.no_grad():
+                    if s.seed is not None:
+                        torch.manual_seed(s.seed)
+                    out = self.model.generate(input_ids=enc, attention_mask=torch.ones_like(enc),
+                                              **self._kwargs(s, cancel), streamer=streamer)
+            except BaseException:
+                streamer.end()  # the reader must not wait for text that will never come
+                raise
+            new = out[0, len(ids):].tolist()
+            eos = self.tokenizer.eos_token_id
+            produced["n"] = new.index(eos) + 1 if eos in new else len(new)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        stops = self.stops + list(s.stop)
+        held, stopped = "", False
+        try:
             for piece in streamer:
                 held += piece
-                text, stopped = cut_at_stop(held, self.stops)
+                text, stopped = cut_at_stop(held, stops)
                 if stopped:
+                    cancel.set()  # the rest is not wanted: free the model now
                     if text:
                         yield text
-                    for _ in streamer:  # let generation finish before the next request takes the model
-                        pass
                     break
-                safe = len(held) - _partial_stop(held, self.stops)
-                if safe > 0:
+                safe = len(held) - max(_partial_stop(held, stops), len(held) - len(held.rstrip()))
+                if safe > 0:  # trailing whitespace waits: before a stop string it is cut, as in `generate`
                     yield held[:safe]
                     held = held[safe:]
             else:
                 if held:
                     yield held
+        finally:
+            cancel.set()  # done, stopped or abandoned: nothing more is wanted
             thread.join()
+            if done is not None:
+                n = produced.get("n", 0)
+                done.update({"prompt_tokens": len(ids), "completion_tokens": n,
+                             "finish_reason": "stop" if stopped or n < s.max_tokens else "length"})
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -71,7 +71,8 @@ def chat_body(**extra: object) -> dict:
 def test_models_lists_the_tuned_model_and_document_chat(server: str) -> None:
     r = httpx.get(f"{server}/v1/models", headers=auth())
     assert r.status_code == 200
-    assert [m["id"] for m in r.json()["data"]] == ["tiny-tuned", "tiny-base", "tiny-tuned+docs", "tiny-base+docs"]
+    assert [m["id"] for m in r.json()["data"]] == ["tiny-tuned", "tiny-base", "tiny-tuned+docs", "tiny-base+docs",
+                                                   "all-MiniLM-L6-v2"]
 
 
 def test_two_models_side_by_side(server: str) -> None:
@@ -181,3 +182,230 @@ def test_a_conversation_becomes_one_prompt_with_its_history() -> None:
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                {"role": "user", "content": "Capital of France?"}]
     assert m.prompt(history) == "<human>: Hi\n<bot>: Hello!\n<human>: Capital of France?\n<bot>:"
+
+
+# -- real clients: cancellation, context limits, the OpenAI surface, hardening -------------------------
+
+
+def start(app: object) -> tuple[str, object]:
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", srv
+
+
+@pytest.fixture(scope="module")
+def long_server(server: str) -> Iterator[tuple[str, dict]]:
+    """The same model behind a server with generous limits, made to never stop early (as a chatty model does)."""
+    from runner.server import create_app
+    from runner.serving import ServeConfig, load_models
+
+    build = api.load(SERVED["recipe"], cache_dir=SERVED["cache"])
+    models = load_models(build, ["tuned"])
+    model = models["tiny-tuned"]
+    plain = model._kwargs
+    model._kwargs = lambda s, cancel: {**plain(s, cancel), "min_new_tokens": s.max_tokens}  # type: ignore[method-assign]
+    config = ServeConfig(max_tokens=1500, max_body_bytes=2_000_000)
+    url, srv = start(create_app(models, config))
+    yield url, models
+    srv.should_exit = True  # type: ignore[attr-defined]
+
+
+def test_a_client_that_disconnects_frees_the_model(long_server: tuple[str, dict]) -> None:
+    url, models = long_server
+    body = {"model": "tiny-tuned", "messages": [{"role": "user", "content": "Tell me everything."}],
+            "max_tokens": 1500, "stream": True}
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            events = [line for line in (next(lines) for _ in range(8)) if line.startswith("data:")]
+            assert len(events) >= 3 and models["tiny-tuned"].lock.locked()
+        started = time.perf_counter()  # the connection is closed here, mid-generation
+        r = client.post(f"{url}/v1/chat/completions", json={**body, "stream": False, "max_tokens": 5})
+        assert r.status_code == 200 and time.perf_counter() - started < 5
+    deadline = time.time() + 2
+    while models["tiny-tuned"].lock.locked() and time.time() < deadline:
+        time.sleep(0.01)
+    assert not models["tiny-tuned"].lock.locked()
+
+
+def test_prompt_length_is_checked_before_generating(long_server: tuple[str, dict]) -> None:
+    url, models = long_server
+    context = models["tiny-tuned"].context
+    assert context == 2048
+    long = "word " * 9000
+    for stream in (False, True):
+        started = time.perf_counter()
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "tiny-tuned", "messages": [{"role": "user", "content": long}], "max_tokens": 10, "stream": stream})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "2048" in r.json()["error"]["message"] and time.perf_counter() - started < 5
+    huge = "x" * 900_000
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-tuned", "prompt": huge, "max_tokens": 5}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    fits = httpx.post(f"{url}/v1/completions", json={"model": "tiny-tuned", "prompt": "Hello", "max_tokens": 2040})
+    assert fits.status_code == 400, "prompt + max_tokens over the context is refused too"
+
+
+def test_every_openai_parameter_is_implemented_or_refused(server: str, long_server: tuple[str, dict]) -> None:
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=TOKEN, max_retries=0)
+    chatty = OpenAI(base_url=f"{long_server[0]}/v1", api_key="none", max_retries=0)  # a model that says something
+    messages = [{"role": "user", "content": "Name a primary color."}]
+    r = client.chat.completions.create(model="tiny-tuned", messages=messages, max_completion_tokens=6, n=3,
+                                       temperature=1.0, top_p=0.9, seed=7)
+    assert len(r.choices) == 3 and all(c.message.content is not None for c in r.choices)
+    again = client.chat.completions.create(model="tiny-tuned", messages=messages, max_completion_tokens=6, n=3,
+                                           temperature=1.0, top_p=0.9, seed=7)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices], "same seed, same text"
+    assert r.usage.completion_tokens <= 18
+    lp = chatty.chat.completions.create(model="tiny-tuned", messages=messages, max_tokens=4, logprobs=True,
+                                        top_logprobs=3)
+    content = lp.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    assert content[0].top_logprobs[0].logprob >= content[0].logprob - 1e-6, "greedy takes the most likely token"
+    whole = chatty.completions.create(model="tiny-tuned", prompt="The capital of France is", max_tokens=12)
+    text = whole.choices[0].text
+    cut = text[len(text) // 2:][:3]
+    assert cut.strip()
+    stopped = chatty.completions.create(model="tiny-tuned", prompt="The capital of France is", max_tokens=12, stop=[cut])
+    assert stopped.choices[0].text == text[: text.index(cut)].rstrip() and stopped.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="tiny-tuned", messages=messages, max_tokens=5, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+                         ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"logit_bias": {"1": 5}}, "logit_bias")):
+        with pytest.raises(BadRequestError) as err:
+            client.chat.completions.create(model="tiny-tuned", messages=messages, max_tokens=4, **extra)
+        assert param in str(err.value)
+    r = httpx.post(f"{server}/v1/chat/completions", headers=auth(), json={**chat_body(), "frobnicate": 1})
+    assert r.status_code == 400 and "frobnicate" in r.json()["error"]["message"]
+
+
+def test_valid_openai_requests_are_accepted(server: str) -> None:
+    messages = [{"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 2?"}]},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                                                                      "function": {"name": "add", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "4"},
+                {"role": "user", "content": "So?"}]
+    r = httpx.post(f"{server}/v1/chat/completions", headers=auth(), json={"model": "tiny-tuned", "messages": messages,
+                                                                          "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    r = httpx.post(f"{server}/v1/completions", headers=auth(), json={"model": "tiny-tuned", "prompt": ["Hi", "Bye"],
+                                                                     "max_tokens": 3})
+    assert r.status_code == 200 and [c["index"] for c in r.json()["choices"]] == [0, 1]
+
+
+def test_stream_and_whole_answers_agree(long_server: tuple[str, dict]) -> None:
+    url, _ = long_server
+    body = {"model": "tiny-tuned", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 20}
+    whole = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+    text, finish = "", None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                text += choice["delta"].get("content", "")
+                finish = choice["finish_reason"] or finish
+    assert whole["finish_reason"] == "length" == finish
+    assert text == whole["message"]["content"]
+
+
+def test_small_things_a_client_notices(server: str) -> None:
+    r = httpx.get(f"{server}/v1/nowhere", headers=auth())
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+    r = httpx.get(f"{server}/v1/chat/completions", headers=auth())
+    assert r.status_code == 405 and "error" in r.json()
+    assert httpx.get(f"{server}/openapi.json").status_code == 401, "no token, no schema"
+    assert httpx.get(f"{server}/v1/models", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
+    r = httpx.post(f"{server}/v1/embeddings", headers=auth(), json={"model": "all-MiniLM-L6-v2", "input": ["a b c", "d"]})
+    assert r.json()["usage"]["prompt_tokens"] > 4
+    r = httpx.post(f"{server}/v1/completions", headers=auth(),
+                   json={"model": "tiny-tuned+docs", "prompt": "Which river is longest?", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["sources"][0]["document"] == "docs/rivers.md"
+    for body in ({"model": "tiny-tuned", "prompt": "", "max_tokens": 3},
+                 {"model": "tiny-tuned", "prompt": "Hi", "max_tokens": 3, "temperature": 1e-300}):
+        assert httpx.post(f"{server}/v1/completions", headers=auth(), json=body).status_code == 200
+
+
+def test_a_busy_port_is_a_clear_error(cli) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    code, _, err = cli("serve", str(SERVED["recipe"]), "--cache-dir", str(SERVED["cache"]), "--port",
+                       str(sock.getsockname()[1]), "--token", TOKEN)
+    sock.close()
+    assert code == 1 and "is in use" in err
+
+
+def test_an_index_only_recipe_serves_embeddings_and_search(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("Owls hunt at night.")
+    (tmp_path / "docs" / "b.md").write_text("Bees make honey.")
+    (tmp_path / "r.yaml").write_text("index:\n  documents: [{path: docs}]\n")
+    build = api.load(tmp_path / "r.yaml")
+    assert api.apply(build).ok
+    app, _ = api.serve_app([build])
+    url, srv = start(app)
+    try:
+        r = httpx.post(f"{url}/v1/search", json={"query": "what do bees make?", "k": 1})
+        assert r.status_code == 200 and r.json()["data"][0]["doc_id"] == "docs/b.md"
+        assert httpx.post(f"{url}/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": "x"}).status_code == 200
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat_body()).status_code == 404
+    finally:
+        srv.should_exit = True  # type: ignore[attr-defined]
+
+
+def malformed_requests() -> list[tuple[str, str, bytes, dict[str, str]]]:
+    """Several hundred requests a careless or hostile client sends: (method, path, body, headers)."""
+    import random
+
+    rng = random.Random(11)
+    good = chat_body(max_tokens=1)  # valid answers are not the point here: keep them short
+    out: list[tuple[str, str, bytes, dict[str, str]]] = []
+    values = [None, True, -1, 0, 1e308, -1e308, 1e-300, "", "x" * 3000, [], {}, [1, "a"], {"a": {"b": []}},
+              "9" * 5000, 2**70, float("nan") if False else "NaN"]
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/search"):
+        for key in ("model", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
+                    "logprobs", "top_logprobs", "prompt", "input", "query", "k", "stream_options", "response_format"):
+            for v in values:
+                body = {**good, "prompt": "Hi", "input": "x", "query": "q", key: v}
+                out.append(("POST", path, json.dumps(body).encode(), {}))
+    out = rng.sample(out, 300)  # of the 1,088 field x value cases, a fixed sample keeps the test short
+    out += [("POST", "/v1/chat/completions", b, {}) for b in
+            (b"", b"{", b"[]", b"null", b"\xff\xfe", b'{"model": ' + b"[" * 10000 + b"]" * 10000 + b"}",
+             b'{"model": "tiny-tuned", "max_tokens": ' + b"9" * 5000 + b"}", b'"text"', b"{}" * 100)]
+    out += [("POST", "/v1/chat/completions", json.dumps(good).encode(), {"content-type": ct})
+            for ct in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")]
+    out += [(m, "/v1/chat/completions", b"", {}) for m in ("GET", "PUT", "DELETE", "PATCH")]
+    out += [("GET", p, b"", {}) for p in ("/", "/docs", "/v1", "/v1/models/../../etc/passwd", "/%00", "/v1/models?x=" + "a" * 5000)]
+    for _ in range(60):
+        junk = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+        out.append(("POST", rng.choice(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]), junk, {}))
+    return out
+
+
+def test_fuzzed_requests_get_json_errors_and_the_server_stays_up(server: str) -> None:
+    cases = malformed_requests()
+    assert len(cases) >= 300
+    with httpx.Client(timeout=60) as client:
+        for method, path, body, headers in cases:
+            r = client.request(method, f"{server}{path}", content=body, headers={**auth(), **headers})
+            assert r.status_code != 500, (method, path, body[:200], r.text[:300])
+            payload = r.json()
+            if r.status_code >= 400:
+                assert set(payload["error"]) >= {"message", "type", "code"}, (path, body[:100], payload)
+        # a chunked body over the limit stops at the limit
+        r = client.post(f"{server}/v1/chat/completions", content=(b"x" * 1000 for _ in range(100)), headers=auth())
+        assert r.status_code == 413 and r.json()["error"]["code"] == 413
+        r = client.post(f"{server}/v1/chat/completions", json=chat_body(), headers=auth())
+        assert r.status_code == 200 and r.json()["choices"]

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     from runner import api
     from runner.retrieval import docs_prompt
-    from runner.serving import load_models
+    from runner.serving import Sampling, load_models
 
     build = load(args)
     model = next(iter(load_models(build, [args.variant]).values()))
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             hits = index.search(line, build.loaded.recipe.serve.top_k)
             turn = docs_prompt(line, hits)
         answer = "".join(model.stream(model.prompt(history + [{"role": "user", "content": turn}]),
-                                      max_tokens=args.max_tokens))
+                                      Sampling(max_tokens=args.max_tokens)))
         out.print(f"[bold]bot>[/] {escape(answer)}")
         if index is not None:
             for i, h in enumerate(hits, start=1):

@@ -10,29 +10,51 @@ from runner.cli.common import console, recipe_args
 def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("serve", help="serve the recipe's model over an OpenAI-compatible HTTP API",
                        description="Endpoints: /v1/models, /v1/chat/completions and /v1/completions (stream: true for "
-                                   "SSE), /v1/embeddings, and document chat as model NAME-VARIANT+docs when the recipe "
-                                   "has an index. Requests are served one at a time per model (others queue). The "
-                                   "recipe's serve: section sets host, port, variants, limits and the bearer token.",
-                       epilog="example: runner serve recipes/quickstart.yaml --port 8000  then  "
-                              "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='x')")
+                                   "SSE), /v1/embeddings, /v1/search, and document chat as model NAME-VARIANT+docs when "
+                                   "the recipe has an index (a recipe with only an index serves embeddings and search). "
+                                   "Requests are served one at a time per model (others queue). The recipe's serve: "
+                                   "section sets host, port, variants, limits and the bearer token. Each request is "
+                                   "logged to stderr (method, path, status, latency, tokens; never bodies).",
+                       epilog="example: RUNNER_SERVE_TOKEN=secret runner serve recipes/quickstart.yaml --port 8000  "
+                              "then  OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='secret')")
     recipe_args(p)
     p.add_argument("--also", action="append", default=[], metavar="RECIPE",
                    help="serve this recipe's models too (side by side, picked by the request's model)")
     p.add_argument("--host", help="override serve.host")
     p.add_argument("--port", type=int, help="override serve.port")
-    p.add_argument("--token", help="require this bearer token (default: $serve.token_env if set)")
+    p.add_argument("--token", help="require this bearer token. Prefer $RUNNER_SERVE_TOKEN (or serve.token_env): "
+                                   "a token on the command line is visible to every user in `ps`")
+    p.add_argument("--quiet", action="store_true", help="no access log")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import errno
+    import logging
+    import socket
+
     import uvicorn
 
     from runner import api
     from runner.cli.common import load
+    from runner.errors import RunnerError
 
     builds = [load(args)] + [api.load(r, cache_dir=args.cache_dir, cache_remote=args.cache_remote) for r in args.also]
     app, config = api.serve_app(builds, token=args.token)
     host, port = args.host or config.host, args.port if args.port is not None else config.port
-    console(stderr=True).print(f"serving on http://{host}:{port}/v1  (models: GET /v1/models)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise RunnerError(f"port {port} on {host} is in use (another server?); choose one with --port") from None
+        raise RunnerError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    logging.getLogger("runner.serve").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    console(stderr=True).print(f"serving on http://{host}:{sock.getsockname()[1]}/v1  (models: GET /v1/models)")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10,
+                                           timeout_keep_alive=15))
+    server.run(sockets=[sock])
     return 0
