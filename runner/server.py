@@ -25,7 +25,7 @@ from fastapi import Request  # imported only by `runner serve` (api.serve_app), 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from runner.retrieval import docs_prompt
-from runner.serving import ContextTooLong, Model, Output, Sampling, ServeConfig
+from runner.serving import ContextTooLong, Model, Output, Sampling, ServeConfig, batching
 
 log = logging.getLogger("runner.serve")
 BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive
@@ -173,6 +173,7 @@ def create_app(models: dict[str, Model], config: ServeConfig, *, retriever: Any 
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="runner", docs_url=None, redoc_url=None)
+    models = batching(models, config)
     doc_models = {f"{name}+docs": m for name, m in models.items()} if retriever is not None and config.docs else {}
 
     def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -243,7 +244,9 @@ def create_app(models: dict[str, Model], config: ServeConfig, *, retriever: Any 
     def list_models() -> dict[str, Any]:
         now = int(time.time())
         names = list(models) + list(doc_models) + ([retriever.model_name] if retriever is not None else [])
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "runner"}
+        every = {**models, **doc_models}
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "runner",
+                                            **({"precision": every[n].precision} if n in every else {})}
                                            for n in names]}
 
     @app.post("/v1/chat/completions")

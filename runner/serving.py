@@ -30,6 +30,9 @@ class ServeConfig(Params):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     token_env: str | None = Field(None, description="if set, requests need `Authorization: Bearer $TOKEN_ENV`")
     system: str | None = Field(None, description="system prompt put before every conversation")
+    batch_size: int = Field(16, ge=1, description="greedy requests that arrive while one generates are run together, "
+                                                  "up to this many (1: one at a time)")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a batch waits for more requests to join")
 
 
 @dataclass
@@ -76,6 +79,9 @@ class Model:
     model: Any
     tokenizer: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
+    precision: str = "fp32"  # the trained precision: int8/int4 models are served quantized
+    quantized_layers: int = 0
+    batcher: Batcher | None = None  # set by `batching`: greedy whole answers run in batches
 
     def prompt(self, messages: list[dict[str, str]]) -> str:
         """A conversation (history carried across turns, as h2oGPT does) as the model's prompt text."""
@@ -124,18 +130,24 @@ class Model:
 
         cancel = cancel or threading.Event()
         ids = self.encode(prompt, s.max_tokens)
+        if self.batcher is not None and s.greedy and s.seed is None and s.logprobs is None:
+            return self.batcher.submit(ids, s)
         enc = torch.tensor([ids])
         with self.lock, torch.no_grad():
             if s.seed is not None:
                 torch.manual_seed(s.seed)
             out = self.model.generate(input_ids=enc, attention_mask=torch.ones_like(enc), **self._kwargs(s, cancel),
                                       output_scores=s.logprobs is not None, return_dict_in_generate=True)
-        new = out.sequences[0, len(ids):].tolist()
+        return self.output(ids, out.sequences[0, len(ids):].tolist(), s, out.scores)
+
+    def output(self, ids: list[int], new: list[int], s: Sampling, scores: Any = None) -> Output:
+        """An answer from the generated token ids: cut at the end-of-text token and the stop strings."""
         eos = self.tokenizer.eos_token_id
+        new = new[: s.max_tokens]
         count = new.index(eos) + 1 if eos in new else len(new)  # generated tokens, the end-of-text one included
         new = new[: count - 1] if eos in new else new
         text, stopped = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), self.stops + list(s.stop))
-        logprobs = self._logprobs(new, out.scores, s.logprobs) if s.logprobs is not None else None
+        logprobs = self._logprobs(new, scores, s.logprobs) if s.logprobs is not None else None
         finish = "stop" if stopped or count < s.max_tokens else "length"
         return Output(text, len(ids), count, finish, logprobs)
 
@@ -210,6 +222,73 @@ class Model:
                              "finish_reason": "stop" if stopped or n < s.max_tokens else "length"})
 
 
+class Batcher:
+    """Dynamic batching for one model: greedy whole-answer requests queue here; a worker takes the first, waits
+    up to `wait` seconds for more to arrive (up to `size`), and runs them as one left-padded `generate`. Greedy
+    decoding of a padded batch gives each request the tokens it would get alone (up to float rounding)."""
+
+    def __init__(self, model: Model, size: int, wait: float) -> None:
+        import queue
+
+        self.model, self.size, self.wait = model, size, wait
+        self.largest = 0  # the largest batch run so far
+        self.queue: queue.Queue[tuple[list[int], Sampling, Any]] = queue.Queue()
+        threading.Thread(target=self._loop, daemon=True, name=f"batcher-{model.name}").start()
+
+    def submit(self, ids: list[int], s: Sampling) -> Output:
+        from concurrent.futures import Future
+
+        future: Future[Output] = Future()
+        self.queue.put((ids, s, future))
+        return future.result()
+
+    def _loop(self) -> None:
+        import queue
+        import time
+
+        while True:
+            batch = [self.queue.get()]
+            deadline = time.monotonic() + self.wait
+            while len(batch) < self.size:
+                left = deadline - time.monotonic()
+                try:
+                    batch.append(self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            self.largest = max(self.largest, len(batch))
+            try:
+                outputs = self._run(batch)
+            except BaseException as exc:  # noqa: BLE001 (handed to every waiting request)
+                for _, _, future in batch:
+                    future.set_exception(exc)
+                continue
+            for (_, _, future), out in zip(batch, outputs):
+                future.set_result(out)
+
+    def _run(self, batch: list[tuple[list[int], Sampling, Any]]) -> list[Output]:
+        import torch
+
+        m = self.model
+        width = max(len(ids) for ids, _, _ in batch)
+        pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _, _ in batch])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in batch])
+        most = max(s.max_tokens for _, s, _ in batch)
+        with m.lock, torch.no_grad():
+            out = m.model.generate(input_ids=input_ids, attention_mask=mask,
+                                   **m._kwargs(Sampling(max_tokens=most), threading.Event()))
+        return [m.output(ids, out[i, width:].tolist(), s) for i, (ids, s, _) in enumerate(batch)]
+
+
+def batching(models: dict[str, Model], config: ServeConfig) -> dict[str, Model]:
+    """Give each model a batcher (serve.batch_size > 1)."""
+    if config.batch_size > 1:
+        for model in models.values():
+            if model.batcher is None:
+                model.batcher = Batcher(model, config.batch_size, config.batch_wait_ms / 1000)
+    return models
+
+
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     cut = min((text.find(s) for s in stops if s in text), default=-1)
     return (text[:cut].rstrip(), True) if cut >= 0 else (text, False)
@@ -235,7 +314,7 @@ def load_models(build: Any, variants: list[Variant]) -> dict[str, Model]:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from runner.steps.models import base_dir, load_model
+    from runner.steps.models import base_dir, count_quantized, load_model, use_precision
 
     r = build.loaded.recipe
     if r.model is None:
@@ -253,7 +332,7 @@ def load_models(build: Any, variants: list[Variant]) -> dict[str, Model]:
     tok.padding_side = "left"
     spec = r.model.model_copy(update={"revision": build.graph.nodes["train"].params.commit or r.model.revision})
     built = arts["model.init"].file("model") if "model.init" in arts else None
-    precision = r.model.precision if r.model.precision in ("fp32", "bf16", "fp16") else "fp32"
+    precision = use_precision(r.model.precision)
     out = {}
     for variant in variants:
         if variant == "merged":
@@ -261,9 +340,11 @@ def load_models(build: Any, variants: list[Variant]) -> dict[str, Model]:
         else:
             model = load_model(base_dir(spec, build.graph.nodes["train"].files, built), precision,
                                trust_remote_code=r.model.trust_remote_code)
-            if variant == "tuned":
-                model = PeftModel.from_pretrained(model, arts["train"].file("adapter"))
+        quantized = count_quantized(model)[0] if precision in ("int8", "int4") else 0  # before LoRA wraps layers
+        if variant == "tuned":
+            model = PeftModel.from_pretrained(model, arts["train"].file("adapter"))
         model.eval()
         name = f"{build.loaded.name}-{variant}"
-        out[name] = Model(name, r.data.prompt.template if r.data else "plain", model, tok)
+        out[name] = Model(name, r.data.prompt.template if r.data else "plain", model, tok, precision=precision,
+                          quantized_layers=quantized)
     return out

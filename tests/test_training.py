@@ -75,6 +75,24 @@ def test_quantized_training_really_quantizes(tmp_path: Path, precision: str, arc
     assert m["train_loss_last"] < m["train_loss_first"]
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_models_are_evaluated_and_served_quantized(tmp_path: Path, precision: str) -> None:
+    from runner.serving import Sampling, load_models
+    from runner.steps.models import count_quantized
+
+    path = recipe(tmp_path, precision=precision, steps=6, extra="eval: {max_new_tokens: 4}\n")
+    b = api.load(path)
+    result = api.apply(b)
+    assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
+    assert next(s for s in result.steps if s.name == "eval").artifact.manifest["metrics"]["precision"] == precision
+    models = load_models(b, ["tuned", "base"])
+    for model in models.values():
+        assert model.precision == precision and model.quantized_layers == 8  # 2 blocks x 4 linear layers
+        assert count_quantized(model.model)[0] >= 8
+        out = model.generate(model.prompt([{"role": "user", "content": "Hi"}]), Sampling(max_tokens=3))
+        assert out.completion_tokens >= 1
+
+
 def test_llama_and_gpt_neox_targets(tmp_path: Path) -> None:
     m = train_metrics(recipe(tmp_path, arch="llama", steps=3))
     assert m["lora_targets"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -69,7 +69,7 @@ def evaluate(ctx: StepContext) -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from runner.steps.models import load_model
+    from runner.steps.models import load_model, use_precision
     from runner.steps.trainer import base_path
 
     p: EvalParams = ctx.params
@@ -78,7 +78,8 @@ def evaluate(ctx: StepContext) -> None:
     tokenized = ctx.input("tokenize")
     val = pq.read_table(tokenized.file(tokenized.manifest["tables"]["validation"]))
     rows = list(zip(val.column("input_ids").to_pylist(), val.column("labels").to_pylist()))
-    precision = p.model.precision if p.model.precision in ("fp32", "bf16", "fp16") else "fp32"
+    precision = use_precision(p.model.precision)
+    ctx.metrics["precision"] = precision
     model = load_model(base_path(ctx, p), precision, trust_remote_code=p.model.trust_remote_code)
     base_loss = held_out_loss(model, rows, tok.pad_token_id, p.eval.batch_size)
     model = PeftModel.from_pretrained(model, ctx.input("train").file("adapter"))

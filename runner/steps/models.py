@@ -159,6 +159,13 @@ def torch_dtype(precision: Precision) -> Any:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
+def use_precision(precision: Precision, *, merge: bool = False) -> Precision:
+    """The precision a tuned model is used at: the one it was trained at (int8/int4 stay quantized for
+    evaluation and serving, as QLoRA does); merging needs dequantized weights, so a quantized base is merged
+    in fp32."""
+    return "fp32" if merge and precision in ("int8", "int4") else precision
+
+
 def load_model(path: Path, precision: Precision, *, trust_remote_code: bool = False) -> Any:
     """Load a causal LM from safetensors at `precision`; int8/int4 are verified to be quantized."""
     import torch

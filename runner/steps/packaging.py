@@ -52,7 +52,7 @@ def package(ctx: StepContext) -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from runner.steps.models import load_model
+    from runner.steps.models import load_model, use_precision
     from runner.steps.trainer import base_name, base_path
 
     p: PackageParams = ctx.params
@@ -60,7 +60,7 @@ def package(ctx: StepContext) -> None:
     if "adapter" in p.package.formats:
         shutil.copytree(adapter, ctx.out / "adapter")
     if "merged" in p.package.formats or "gguf" in p.package.formats:
-        precision = p.train.model.precision if p.train.model.precision in ("fp32", "bf16", "fp16") else "fp32"
+        precision = use_precision(p.train.model.precision, merge=True)
         model = load_model(base_path(ctx, p.train), precision, trust_remote_code=p.train.model.trust_remote_code)
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         merged.config._name_or_path = base_name(p.train)

@@ -221,11 +221,12 @@ def merge(ctx: StepContext) -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from runner.steps.models import load_model
+    from runner.steps.models import load_model, use_precision
     from runner.steps.trainer import base_name, base_path
 
     p: TrainParams = ctx.params
-    precision = p.model.precision if p.model.precision in ("fp32", "bf16", "fp16") else "fp32"
+    precision = use_precision(p.model.precision, merge=True)
+    ctx.metrics["merged_precision"] = precision  # int8/int4 bases are merged dequantized, in fp32
     model = load_model(base_path(ctx, p), precision, trust_remote_code=p.model.trust_remote_code)
     model = PeftModel.from_pretrained(model, ctx.input("train").file("adapter")).merge_and_unload()
     model.config._name_or_path = base_name(p)
