@@ -66,17 +66,20 @@ class NearDedupFilter(FilterBase):
     def python(self, ctx: StepContext, table: Any) -> list[Any]:
         from datasketch import MinHash, MinHashLSH
 
+        from functools import lru_cache
+
         lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
         out: list[Any] = []
         ids = table.column("id").to_pylist()
         texts = table.column("text").to_pylist()
+        kept = lru_cache(maxsize=65536)(lambda j: self.shingles(texts[j]))  # candidates are kept rows, often again
         for i, text in enumerate(texts):
             shingles = self.shingles(text)
             m = MinHash(num_perm=self.num_perm, seed=self.seed)
             m.update_batch([s.encode() for s in shingles])
             best: tuple[float, int] | None = None
             for j in lsh.query(m):  # candidates only: confirm each with the exact Jaccard
-                other = self.shingles(texts[j])
+                other = kept(j)
                 jaccard = len(shingles & other) / len(shingles | other)
                 if jaccard >= self.threshold and (best is None or (jaccard, -j) > (best[0], -best[1])):
                     best = (jaccard, j)
