@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -149,7 +150,7 @@ class Reporter:
 
     def start(self, node: StepNode, key: str) -> None: ...
     def waiting(self, node: StepNode, key: str) -> None: ...
-    def progress(self, node: StepNode, total: int | None, done: int) -> None: ...
+    def progress(self, node: StepNode, total: int | None, done: int, note: str = "") -> None: ...
     def finished(self, node: StepNode, result: StepResult) -> None: ...
 
 
@@ -268,19 +269,25 @@ def _build_one(
             files=dict(node.files),
             out=tmp / "data",
             scratch=cache.root / "scratch" / key,
-            progress=lambda total, done: reporter.progress(node, total, done),
+            progress=lambda total, done, note="": reporter.progress(node, total, done, note),
             locate=cache.get,
             memo_root=cache.root / "memo",
         )
         started = time.time()
+        log = cache.root / "logs" / f"{key}.log"
         try:
-            run_step(node, ctx)
+            with warnings.catch_warnings(record=True) as caught:  # library warnings go to the step's log, not the console
+                warnings.simplefilter("default")
+                run_step(node, ctx)
+            if caught:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                log.write_text("".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+                                       for w in caught))
         except StepError as exc:
             cache.abort(tmp)
             raise StepFailed(node.name, str(exc)) from None
         except Exception as exc:  # a bug, not bad input: keep the traceback for the report
             cache.abort(tmp)
-            log = cache.root / "logs" / f"{key}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text(traceback.format_exc())
             raise StepFailed(node.name, f"{type(exc).__name__}: {exc} (traceback in {log})") from None

@@ -37,7 +37,7 @@ class StepContext:
     side_files: list[str] = field(default_factory=list)
     views: dict[str, dict[str, str]] = field(default_factory=dict)
     requires: list[str] = field(default_factory=list)
-    progress: Callable[[int | None, int], None] = lambda total, done: None
+    progress: Callable[..., None] = lambda total, done, note="": None  # (total, done, note: "loss 2.31, ...")
     locate: Callable[[str], Artifact | None] = lambda key: None
     memo_root: Path = Path("/nonexistent")  # content-addressed memos shared by builds (e.g. embeddings)
 

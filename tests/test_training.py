@@ -271,3 +271,15 @@ def test_training_is_byte_identical_across_processes(tmp_path: Path) -> None:
         manifest = json.loads((tmp_path / f"c{seed}" / "artifacts" / key[:2] / key / "manifest.json").read_text())
         hashes.append(manifest["output_hash"])
     assert hashes[0] == hashes[1]
+
+
+def test_piped_apply_shows_training_progress_and_no_library_warnings(tmp_path: Path) -> None:
+    path = recipe(tmp_path, steps=20)
+    proc = run_subprocess("apply", str(path), cache=tmp_path / "c")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip().startswith("train: ")]
+    assert len(lines) >= 3 and "20/20" in lines[-1]
+    assert all(k in lines[-1] for k in ("epoch", "loss", "lr", "tokens/s", "ETA"))
+    assert "Warning" not in proc.stderr and "warnings.warn" not in proc.stderr
+    logs = list((tmp_path / "c" / "logs").glob("*.log"))
+    assert any("Could not find a config file" in f.read_text() for f in logs), "the warning went to the step log"

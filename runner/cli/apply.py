@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 from rich.markup import escape
@@ -47,6 +48,7 @@ class RichReporter(Reporter):
                                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                                      console=self.out, transient=True, disable=quiet or not self.out.is_terminal)
         self.tasks: dict[str, Any] = {}
+        self.last_line: dict[str, tuple[float, int]] = {}
 
     def start(self, node: StepNode, key: str) -> None:
         if not self.tasks:
@@ -57,9 +59,19 @@ class RichReporter(Reporter):
         if not self.quiet:
             self.out.print(f"[dim]waiting: another apply is building {node.name} ({short(key)})[/]")
 
-    def progress(self, node: StepNode, total: int | None, done: int) -> None:
+    def progress(self, node: StepNode, total: int | None, done: int, note: str = "") -> None:
         if node.name in self.tasks:
-            self.progress_bar.update(self.tasks[node.name], total=total, completed=done)
+            self.progress_bar.update(self.tasks[node.name], total=total, completed=done,
+                                     description=f"{node.name} {escape(note)}" if note else node.name)
+        if self.quiet or self.out.is_terminal:
+            return
+        # piped (CI logs): a plain line every 10% of the work, or every 30 s
+        now, last = time.monotonic(), self.last_line.get(node.name, (0.0, -1))
+        step = int(10 * done / total) if total else -1
+        if step != last[1] or now - last[0] >= 30:
+            self.last_line[node.name] = (now, step)
+            shown = f"{done}/{total}" if total else f"{done}"
+            self.out.print(f"  [dim]{node.name}: {shown}{', ' + escape(note) if note else ''}[/]")
 
     def finished(self, node: StepNode, r: StepResult) -> None:
         if node.name in self.tasks:

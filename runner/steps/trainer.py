@@ -116,7 +116,8 @@ def lora_digest(model: Any) -> str:
     return h.hexdigest()
 
 
-def run(job: dict[str, Any]) -> None:
+def run(job: dict[str, Any], progress: Any = None) -> None:
+    """Train as the job says; `progress(total, done, note)` hears of every logged step (rank 0, in-process runs)."""
     from runner.steps.quiet import quiet_ml
 
     quiet_ml()
@@ -163,13 +164,28 @@ def run(job: dict[str, Any]) -> None:
         fsdp="full_shard" if t.distributed.strategy == "fsdp" and world > 1 else "",
     )
     timing: dict[str, float] = {}
+    tokens = sum(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
 
     class Clock(TrainerCallback):  # type: ignore[misc]
-        def on_train_begin(self, *a: Any, **k: Any) -> None:
+        def on_train_begin(self, args: Any, state: Any, *a: Any, **k: Any) -> None:
             timing["start"] = time.perf_counter()
+            timing["first_step"] = state.global_step  # a resumed run starts past 0
 
         def on_train_end(self, *a: Any, **k: Any) -> None:
             timing["end"] = time.perf_counter()
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **k: Any) -> None:
+            if progress is None or not logs or "loss" not in logs:
+                return
+            elapsed = time.perf_counter() - timing["start"]
+            done = state.global_step - timing["first_step"]
+            rate = done / elapsed if elapsed > 0 else 0.0
+            left = (state.max_steps - state.global_step) / rate if rate else 0.0
+            per_step = tokens * (state.num_train_epochs or 1) / max(state.max_steps, 1)
+            per_s = per_step * done / elapsed if elapsed > 0 else 0.0
+            progress(state.max_steps, state.global_step,
+                     f"epoch {state.epoch or 0:.2f}, loss {logs['loss']:.4f}, lr {logs.get('learning_rate', 0):.2e}, "
+                     f"{per_s:,.0f} tokens/s, ETA {left:.0f} s")
 
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator(tok.pad_token_id),
                       callbacks=[Clock()])
@@ -185,7 +201,6 @@ def run(job: dict[str, Any]) -> None:
         return
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
-    tokens = sum(sum(1 for x in dataset[i]["input_ids"]) for i in range(len(dataset)))
     # facts about this run (how long, resumed or not) go to the manifest only, never into the artifact's
     # files: the files are the result, and the result must not change with the clock
     (scratch / "run.json").write_text(json.dumps({"train_seconds": timing.get("end", 0) - timing.get("start", 0),

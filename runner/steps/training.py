@@ -206,7 +206,7 @@ def train(ctx: StepContext) -> None:
     if p.train.distributed.nproc > 1:
         trainer.launch_distributed(job, p.train.distributed.nproc, ctx.scratch)
     else:
-        trainer.run(job)
+        trainer.run(job, ctx.progress)
     result = json.loads((ctx.out / "train_result.json").read_text())
     ctx.metrics.update(result["metrics"])
     ctx.metrics.update(json.loads((ctx.scratch / "run.json").read_text()))
