@@ -179,7 +179,8 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
         model_inputs += ("model.init",)
     nodes.append(StepNode("tokenize", "tokenize", TokenizeParams(seq_len=r.train.seq_len, packing=r.train.packing),
                           ("split", "tokenizer"), {}, origin("train")))
-    train = TrainParams(model=spec, commit=commit, lora=r.lora, train=r.train)
+    # `merge` shapes the graph (a merge step after training), it does not change training: keep it out of the key
+    train = TrainParams(model=spec, commit=commit, lora=r.lora, train=r.train.model_copy(update={"merge": False}))
     nodes.append(StepNode("train", "train", train, ("tokenize",) + model_inputs, base_files, origin("train")))
     if r.train.merge:
         nodes.append(StepNode("merge", "merge", train, ("train",) + model_inputs, base_files, origin("train")))

@@ -283,3 +283,10 @@ def test_piped_apply_shows_training_progress_and_no_library_warnings(tmp_path: P
     assert "Warning" not in proc.stderr and "warnings.warn" not in proc.stderr
     logs = list((tmp_path / "c" / "logs").glob("*.log"))
     assert any("Could not find a config file" in f.read_text() for f in logs), "the warning went to the step log"
+
+
+def test_turning_merge_on_does_not_retrain(tmp_path: Path) -> None:
+    path = recipe(tmp_path, steps=3)
+    assert api.apply(api.load(path)).ok
+    plan = {p.name: p.state for p in api.plan(api.load(path, overrides=["train.merge=true"]))}
+    assert plan["train"] == "cached" and plan["merge"] == "run"
