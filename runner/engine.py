@@ -263,6 +263,7 @@ def _build_one(
         tmp = cache.begin(key)
         ctx = StepContext(
             name=node.name,
+            key=key,
             params=node.params,
             inputs=inputs,
             input_names=list(node.inputs),

@@ -40,6 +40,7 @@ class StepContext:
     progress: Callable[..., None] = lambda total, done, note="": None  # (total, done, note: "loss 2.31, ...")
     locate: Callable[[str], Artifact | None] = lambda key: None
     memo_root: Path = Path("/nonexistent")  # content-addressed memos shared by builds (e.g. embeddings)
+    key: str = ""  # this build's key (a step may name itself by it, e.g. in a plot title)
 
     def input(self, name: str | None = None) -> Artifact:
         """The one input, or the input built by step `name`."""

@@ -290,3 +290,26 @@ def test_turning_merge_on_does_not_retrain(tmp_path: Path) -> None:
     assert api.apply(api.load(path)).ok
     plan = {p.name: p.state for p in api.plan(api.load(path, overrides=["train.merge=true"]))}
     assert plan["train"] == "cached" and plan["merge"] == "run"
+
+
+def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path: Path) -> None:
+    path = recipe(tmp_path, steps=20, checkpoint_every=5, extra="")
+    path.write_text(path.read_text().replace("  checkpoint_every: 5\n", "  checkpoint_every: 5\n  eval_every: 5\n"))
+    art = train_artifact(path)
+    result = json.loads(art.file("train_result.json").read_text())
+    val = result["validation"]
+    assert val["steps"] == [5, 10, 15, 20] and len(val["losses"]) == 4
+    best = min(range(4), key=lambda i: (val["losses"][i], val["steps"][i]))
+    m = art.manifest["metrics"]
+    assert m["val_best_step"] == val["steps"][best] and m["val_loss_best"] == val["losses"][best]
+    assert art.file("loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # early stopping: the tiny model overfits the sample within 300 steps; patience 2 stops it well before
+    (tmp_path / "hot").mkdir()
+    hot = recipe(tmp_path / "hot", steps=300, checkpoint_every=10)
+    hot.write_text(hot.read_text().replace("  checkpoint_every: 10\n", "  checkpoint_every: 10\n  eval_every: 10\n"
+                                           "  early_stopping: 2\n").replace("lr: 5.0e-3", "lr: 3.0e-2"))
+    art = train_artifact(hot)
+    m, val = art.manifest["metrics"], json.loads(art.file("train_result.json").read_text())["validation"]
+    assert m["early_stopped"] and m["steps"] < 300 and m["steps"] == val["steps"][-1]
+    best = min(range(len(val["steps"])), key=lambda i: (val["losses"][i], val["steps"][i]))
+    assert m["val_best_step"] == val["steps"][best] == m["steps"] - 20, "stopped after 2 evaluations without a better one"

@@ -38,6 +38,8 @@ def job_for(ctx: StepContext, p: Any) -> dict[str, Any]:
         "base": str(base_path(ctx, p)),
         "tokenizer": str(ctx.input("tokenizer").file("tokenizer")),
         "train_file": str(tokenized.file(tokenized.manifest["tables"]["train"])),
+        "validation_file": str(tokenized.file(tokenized.manifest["tables"]["validation"])),
+        "key": ctx.key,
         "out": str(ctx.out),
         "scratch": str(ctx.scratch),
     }
@@ -159,7 +161,9 @@ def run(job: dict[str, Any], progress: Any = None) -> None:
         max_steps=t.max_steps or -1, seed=t.seed, data_seed=t.seed, logging_steps=1, save_strategy="steps",
         save_steps=t.checkpoint_every, save_total_limit=2, report_to=[], use_cpu=not cuda, disable_tqdm=True,
         train_sampling_strategy="group_by_length" if t.group_by_length and not t.packing else "random",
-        dataloader_num_workers=0, remove_unused_columns=False, eval_strategy="no", log_level="error",
+        dataloader_num_workers=0, remove_unused_columns=False, log_level="error",
+        eval_strategy="steps" if t.eval_every else "no", eval_steps=t.eval_every, per_device_eval_batch_size=t.batch_size,
+        load_best_model_at_end=bool(t.eval_every), metric_for_best_model="eval_loss", greater_is_better=False,
         ddp_backend=("nccl" if cuda else "gloo") if world > 1 else None,
         fsdp="full_shard" if t.distributed.strategy == "fsdp" and world > 1 else "",
     )
@@ -187,8 +191,16 @@ def run(job: dict[str, Any], progress: Any = None) -> None:
                      f"epoch {state.epoch or 0:.2f}, loss {logs['loss']:.4f}, lr {logs.get('learning_rate', 0):.2e}, "
                      f"{per_s:,.0f} tokens/s, ETA {left:.0f} s")
 
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator(tok.pad_token_id),
-                      callbacks=[Clock()])
+    validation = _dataset(job["validation_file"]) if t.eval_every else None
+    if validation is not None and len(validation) == 0:
+        raise StepError("train.eval_every needs validation rows; set data.split.validation above 0")
+    callbacks: list[Any] = [Clock()]
+    if t.early_stopping:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping))
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=validation,
+                      data_collator=collator(tok.pad_token_id), callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
     if args.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         raise StepError("FSDP was asked for but accelerate did not enable it on this hardware; use strategy: ddp")
@@ -222,21 +234,39 @@ def run(job: dict[str, Any], progress: Any = None) -> None:
         cfg.target_modules = sorted(cfg.target_modules)  # a set: its order would change with the hash seed
     model.save_pretrained(out / "adapter", safe_serialization=True)
     (out / "adapter" / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub names local paths
+    val = [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h]
+    if val:
+        best_step, best = min(val, key=lambda x: (x[1], x[0]))
+        metrics.update({"val_loss_best": best, "val_best_step": best_step, "val_loss_last": val[-1][1],
+                        "early_stopped": trainer.state.global_step < trainer.state.max_steps})
     (out / "train_result.json").write_text(json.dumps({"metrics": metrics, "losses": losses, "steps": steps,
+                                                        "validation": {"steps": [s for s, _ in val],
+                                                                       "losses": [v for _, v in val]},
                                                         "tokens_per_epoch": tokens}, sort_keys=True))
-    plot(steps, losses, out / "loss.png")
+    plot(steps, losses, val, out / "loss.png", title=f"train {str(job.get('key', ''))[:12]}")
 
 
-def plot(steps: list[int], losses: list[float], path: Path) -> None:
+def plot(steps: list[int], losses: list[float], validation: list[tuple[int, float]], path: Path, title: str) -> None:
+    """Training loss (raw and smoothed) and held-out loss against optimiser steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, losses, linewidth=1.2)
+    ax.plot(steps, losses, linewidth=0.8, alpha=0.35, label="training")
+    if len(losses) > 1:
+        smooth, ema = [], losses[0]
+        for x in losses:
+            ema = 0.9 * ema + 0.1 * x
+            smooth.append(ema)
+        ax.plot(steps, smooth, linewidth=1.4, label="training (smoothed)")
+    if validation:
+        ax.plot([s for s, _ in validation], [v for _, v in validation], "o-", linewidth=1.4, label="validation")
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(title)
+    ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})

@@ -10,7 +10,7 @@ import json
 import shutil
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from runner.params import Params
 from runner.registry import StepContext, StepError, step
@@ -48,8 +48,21 @@ class TrainConfig(Params):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (overrides epochs)")
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1, description="optimiser steps between checkpoints (resume after a kill)")
+    eval_every: int | None = Field(None, ge=1, description="optimiser steps between held-out loss evaluations during "
+                                                           "training; the adapter kept is the best by that loss")
+    early_stopping: int | None = Field(None, ge=1, description="stop after this many evaluations without a better "
+                                                               "held-out loss (needs eval_every)")
     merge: bool = Field(False, description="also write the base model with the adapter merged in")
     distributed: Distributed = Distributed()
+
+    @model_validator(mode="after")
+    def _eval_fits(self) -> TrainConfig:
+        if self.early_stopping is not None and self.eval_every is None:
+            raise ValueError("early_stopping needs eval_every")
+        if self.eval_every is not None and self.checkpoint_every % self.eval_every:
+            raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of eval_every "
+                             f"({self.eval_every}) so the best checkpoint can be kept")
+        return self
 
 
 class TokenizerParams(Params):
@@ -188,7 +201,7 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int) -> list[tupl
     return [(ids[i : i + seq_len], labels[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
 
 
-@step("train", version="2", params=TrainParams, libs=("torch", "transformers", "peft", "bitsandbytes", "accelerate"),
+@step("train", version="3", params=TrainParams, libs=("torch", "transformers", "peft", "bitsandbytes", "accelerate"),
       reproducible=False)
 def train(ctx: StepContext) -> None:
     """Fine-tune LoRA adapters; resumable from the checkpoints in the step's scratch dir."""
