@@ -18,13 +18,8 @@ import pytest
 
 from runner import api
 from tests.conftest import ROOT
+from tests.test_apply import apply_json
 from tests.test_gitops import RECIPE
-
-
-def apply_json(cli, *args: str) -> dict:
-    code, out, err = cli("apply", *args, "--json")
-    assert code == 0, err
-    return json.loads(out)
 
 
 def keys(summary: dict) -> dict[str, str]:
