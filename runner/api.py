@@ -95,13 +95,6 @@ class ApplyResult:
         return out
 
 
-def reproducible(node: Any) -> bool:
-    """Whether a step writes the same bytes on any machine (see `registry.StepSpec`)."""
-    from runner import registry
-
-    return registry.get(node.kind).is_reproducible(node.params)
-
-
 def apply(build: Build, *, reporter: engine.Reporter | None = None, keep_going: bool = False,
           locked: bool = False, rebuild_nondeterministic: bool = False) -> ApplyResult:
     """Build what is not cached, then record the recipe's ref and catalog, push to the shared cache, and
@@ -171,7 +164,7 @@ def _lock_policy(build: Build, locked: dict[str, Any], lock_name: str, rebuild: 
             if rebuild and moved:  # downstream of a rebuilt step: `accept` records it
                 return None
             return f"{node.name}: key {key[:12]} is not the one {lock_name} names ({str(entry.get('key'))[:12]})"
-        if not reproducible(node) and not rebuild:
+        if not engine.reproducible(node) and not rebuild:
             where = build.cache.pull_problems.get(key) or (
                 "in neither the local nor the shared cache" if build.cache.remote else
                 "not in the local cache and no shared cache is set (--cache-remote / $RUNNER_CACHE_REMOTE)")
@@ -189,7 +182,7 @@ def _lock_policy(build: Build, locked: dict[str, Any], lock_name: str, rebuild: 
             return f"{node.name}: key {key[:12]} is not the one {lock_name} names ({str(entry.get('key'))[:12]})"
         if art.output_hash == entry.get("output_hash"):
             return None
-        if how == "built" and rebuild and not reproducible(node):
+        if how == "built" and rebuild and not engine.reproducible(node):
             moved.append(f"{node.name}: output {str(entry.get('output_hash'))[:12]} -> {art.output_hash[:12]} "
                          "(rebuilt here; not reproducible across machines)")
             return None
@@ -274,27 +267,6 @@ def sql(build: Build, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
         raise RunnerError(f"SQL failed: {str(exc).splitlines()[0]}") from None
 
 
-def lock_keys(roots: list[Path]) -> tuple[set[str], list[Path]]:
-    """Every step key named by a runner lock file (`*.lock`) under `roots`, and the files found."""
-    import json
-
-    keys: set[str] = set()
-    found: list[Path] = []
-    for root in roots:
-        files = [root] if root.is_file() else root.rglob("*.lock") if root.is_dir() else []
-        for f in files:
-            if any(part in (".git", "node_modules", ".venv") for part in f.parts):
-                continue
-            try:
-                value = json.loads(f.read_text())
-            except (OSError, ValueError, UnicodeDecodeError):
-                continue
-            if isinstance(value, dict) and "lock_version" in value and isinstance(value.get("steps"), dict):
-                found.append(f)
-                keys.update(s["key"] for s in value["steps"].values() if isinstance(s, dict) and s.get("key"))
-    return keys, found
-
-
 def gc(cache: ArtifactCache, *, roots: list[Path] | None = None, dry_run: bool = False) -> dict[str, Any]:
     """Delete artifacts that nothing keeps: a ref of a recipe that still exists, a lock file under `roots`
     (default: the directories of the recipes the refs name), or a running apply. `dry_run` reports exactly
@@ -307,7 +279,9 @@ def gc(cache: ArtifactCache, *, roots: list[Path] | None = None, dry_run: bool =
             drop.add(ref.stem)
         elif recipe_file:
             dirs.add(Path(recipe_file).parent)
-    keep, locks = lock_keys(list(roots) if roots is not None else sorted(dirs))
+    from runner import lock
+
+    keep, locks = lock.keys_under(list(roots) if roots is not None else sorted(dirs))
     before = cache.size_bytes()
     dead = cache.gc(dry_run=dry_run, keep=keep, drop_refs=drop)
     return {"deleted": dead, "dropped_refs": sorted(drop), "lock_files": [str(f) for f in locks],

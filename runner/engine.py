@@ -41,6 +41,11 @@ def lib_version(name: str) -> str:
     return _LIB_VERSIONS[name]
 
 
+def reproducible(node: StepNode) -> bool:
+    """Whether a step writes the same bytes on any machine (see `registry.StepSpec`)."""
+    return registry.get(node.kind).is_reproducible(node.params)
+
+
 def canonical_params(params: Any) -> Any:
     if isinstance(params, BaseModel):
         return params.model_dump(mode="json")

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from runner import engine, registry
+from runner import engine
 from runner.errors import LockedError
 from runner.graph import Graph
 from runner.keypaths import flatten
@@ -37,7 +37,7 @@ def make_lock(recipe_data: dict[str, Any], graph: Graph, results: list[engine.St
         comps = r.components or {}
         node = graph.nodes[name]
         steps[name] = {"kind": node.kind, "key": r.key, "output_hash": r.artifact.output_hash if r.artifact else None,
-                       "reproducible": registry.get(node.kind).is_reproducible(node.params)}
+                       "reproducible": engine.reproducible(node)}
         inputs.update(comps.get("files", {}))
         libs.update(comps.get("libs", {}))
         commit = comps.get("params", {}).get("commit")
@@ -58,9 +58,26 @@ def write(path: Path, lock: dict[str, Any]) -> bool:
 def read(path: Path) -> dict[str, Any] | None:
     try:
         value = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         return None
     return value if isinstance(value, dict) else None
+
+
+def keys_under(roots: list[Path]) -> tuple[set[str], list[Path]]:
+    """Every step key named by a runner lock file (`*.lock`) under `roots` (files or directories), and the
+    lock files found; what gc keeps."""
+    keys: set[str] = set()
+    found: list[Path] = []
+    for root in roots:
+        files = [root] if root.is_file() else root.rglob("*.lock") if root.is_dir() else []
+        for f in files:
+            if any(part in (".git", "node_modules", ".venv") for part in f.parts):
+                continue
+            value = read(f)
+            if value is not None and "lock_version" in value and isinstance(value.get("steps"), dict):
+                found.append(f)
+                keys.update(s["key"] for s in value["steps"].values() if isinstance(s, dict) and s.get("key"))
+    return keys, found
 
 
 def expected(graph: Graph, lock: dict[str, Any], stat_cache: StatCache) -> dict[str, tuple[str, dict[str, Any]]]:

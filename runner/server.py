@@ -159,10 +159,10 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
 
-def error_body(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | int | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": kind, "param": param,
-                                 "code": code if code is not None else status}}).encode()
+def error_json(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code if code is not None else status}}
 
 
 def create_app(models: dict[str, Model], config: ServeConfig, *, retriever: Any = None, token: str | None = None) -> Any:
@@ -178,7 +178,7 @@ def create_app(models: dict[str, Model], config: ServeConfig, *, retriever: Any 
 
     def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
               code: str | int | None = None) -> JSONResponse:
-        return JSONResponse(json.loads(error_body(status, message, kind, param, code)), status_code=status)
+        return JSONResponse(error_json(status, message, kind, param, code), status_code=status)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -433,7 +433,7 @@ class Guard:
             status[0] = code
             await send({"type": "http.response.start", "status": code,
                         "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body", "body": error_body(code, message, kind)})
+            await send({"type": "http.response.body", "body": json.dumps(error_json(code, message, kind)).encode()})
 
         async def logged_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":

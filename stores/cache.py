@@ -28,7 +28,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -386,7 +386,7 @@ class ArtifactCache:
                 todo.extend((self.read_manifest(self.path(key)) or {}).get("requires", []))
         return live
 
-    def ref_keys(self, skip: set[str] = frozenset()) -> set[str]:  # type: ignore[assignment]
+    def ref_keys(self, skip: Collection[str] = ()) -> set[str]:
         """Keys the refs name (but those in `skip`, refs about to be dropped)."""
         keys: set[str] = set()
         for ref in self.refs.glob("*.json"):
@@ -396,8 +396,7 @@ class ArtifactCache:
             keys.update(s["key"] for s in value.get("steps", {}).values() if isinstance(s, dict) and "key" in s)
         return keys
 
-    def gc(self, *, dry_run: bool = False, keep: set[str] | None = None, drop_refs: set[str] = frozenset()
-           ) -> list[str]:  # type: ignore[assignment]
+    def gc(self, *, dry_run: bool = False, keep: set[str] | None = None, drop_refs: Collection[str] = ()) -> list[str]:
         """Delete artifacts that no ref (but `drop_refs`), no running apply's pin and nothing in `keep` names,
         nor anything those require. Returns the deleted (or, with `dry_run`, the doomed) keys."""
         listed = list(self.keys())  # listed before the pins are read: a build commits only after pinning
@@ -409,9 +408,14 @@ class ArtifactCache:
             self.ref_path(ref).unlink(missing_ok=True)
         self.clean_tmp()
         deleted = []
+        pins: frozenset[str] | None = None
+        guarded: set[str] = set()
         for key in dead:
             with self.lock(key):
-                if key in self.closure(self.pinned_keys()):  # pinned since: an apply has started to use it
+                now = frozenset(self.pinned_keys())
+                if now != pins:  # pinned since: an apply has started to use it (and what it builds on)
+                    pins, guarded = now, self.closure(set(now))
+                if key in guarded:
                     continue
                 self.remove(key)
             (self.locks / f"{key}.lock").unlink(missing_ok=True)
