@@ -78,6 +78,34 @@ def plan(build: Build) -> list[engine.StepPlan]:
     return engine.plan(build.graph, build.cache, build.previous())
 
 
+def training_memory(build: Build) -> Any:
+    """An estimate of the memory one training process of this recipe needs (`steps.memory.Estimate`), or None
+    when the recipe does not train or the model's shape cannot be known."""
+    from runner.steps.memory import estimate, machine_memory, model_shape
+    from runner.steps.models import hub_commit
+
+    node = build.graph.nodes.get("train")
+    if node is None:
+        return None
+    p = node.params
+    spec = p.model
+    base: Path | None = None
+    if spec.is_local():
+        base = node.files.get(spec.base)
+    elif isinstance(spec.base, str) and hub_commit(spec.base, spec.revision):
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        base = (Path(HF_HUB_CACHE) / f"models--{spec.base.replace('/', '--')}" / "snapshots" /
+                str(hub_commit(spec.base, spec.revision)))
+    vocab = spec.tokenizer.train.vocab_size if spec.tokenizer is not None and spec.tokenizer.train else None
+    shape = model_shape(spec, vocab, base)
+    if shape is None:
+        return None
+    return estimate(shape, precision=spec.precision, rank=p.lora.rank, targets=p.lora.target_modules,
+                    seq_len=p.train.seq_len, batch=p.train.batch_size, processes=p.train.distributed.nproc,
+                    gpu="gpu" in machine_memory())
+
+
 @dataclass
 class ApplyResult:
     steps: list[engine.StepResult]

@@ -156,7 +156,7 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
     """tokenizer -> [model.init] -> tokenize -> train -> [merge] -> [eval], when the recipe names a model."""
     from runner.steps.evaluation import EvalParams
     from runner.steps.models import BaseRef, hub_commit
-    from runner.steps.training import InitParams, TokenizeParams, TokenizerParams, TrainParams
+    from runner.steps.training import InitParams, MergeParams, TokenizeParams, TokenizerParams, TrainParams
 
     r = loaded.recipe
     spec = r.model
@@ -182,15 +182,21 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
     # `merge` shapes the graph (a merge step after training), it does not change training: keep it out of the key
     train = TrainParams(model=spec, commit=commit, lora=r.lora, train=r.train.model_copy(update={"merge": False}))
     nodes.append(StepNode("train", "train", train, ("tokenize",) + model_inputs, base_files, origin("train")))
-    if r.train.merge:
-        nodes.append(StepNode("merge", "merge", train, ("train",) + model_inputs, base_files, origin("train")))
+    # one merge step, whoever asks for the merged model: train.merge, package (merged, gguf), serve (merged)
+    packs_merged = r.package is not None and bool({"merged", "gguf"} & set(r.package.formats))
+    merged = r.train.merge or packs_merged or "merged" in r.serve.models
+    if merged:
+        nodes.append(StepNode("merge", "merge", MergeParams(train=train, template=r.data.prompt.template),
+                              ("train",) + model_inputs, base_files, origin("train")))
     if r.package is not None:
         from runner.steps.packaging import PackageParams
 
         pkg_files = _files(loaded, r.package, ("package",), problems)
         _check(problems)
-        nodes.append(StepNode("package", "package", PackageParams(train=train, package=r.package),
-                              ("train",) + model_inputs, {**base_files, **pkg_files}, origin("package")))
+        nodes.append(StepNode("package", "package",
+                              PackageParams(train=train, package=r.package, template=r.data.prompt.template),
+                              ("train",) + (("merge",) if packs_merged else ()) + model_inputs,
+                              {**base_files, **pkg_files}, origin("package")))
     if r.eval is not None:
         ev = EvalParams(model=spec, commit=commit, template=r.data.prompt.template, eval=r.eval)
         nodes.append(StepNode("eval", "eval", ev, ("train", "tokenize") + model_inputs, base_files, origin("eval")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import types
 import typing
 from typing import Any
@@ -40,7 +41,7 @@ def _default(field: Any) -> str:
 
 
 def model_section(model: type[BaseModel]) -> str:
-    lines = [f"### {model.__name__}", "", (model.__doc__ or "").strip(), "", "| key | type | default | meaning |",
+    lines = [f"### {model.__name__}", "", inspect.cleandoc(model.__doc__ or ""), "", "| key | type | default | meaning |",
              "|---|---|---|---|"]
     for name, field in model.model_fields.items():
         desc = (field.description or "").replace("|", "\\|")

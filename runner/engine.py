@@ -278,17 +278,21 @@ def _build_one(
             progress=lambda total, done, note="": reporter.progress(node, total, done, note),
             locate=cache.get,
             memo_root=cache.root / "memo",
+            log=cache.root / "logs" / f"{key}.log",
+            final_out=cache.path(key) / "data",
         )
         started = time.time()
-        log = cache.root / "logs" / f"{key}.log"
+        log = ctx.log
+        log.unlink(missing_ok=True)  # a failed attempt's log is not this build's
         try:
             with warnings.catch_warnings(record=True) as caught:  # library warnings go to the step's log, not the console
                 warnings.simplefilter("default")
                 run_step(node, ctx)
             if caught:
                 log.parent.mkdir(parents=True, exist_ok=True)
-                log.write_text("".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
-                                       for w in caught))
+                with log.open("a") as f:
+                    f.write("".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+                                    for w in caught))
         except StepError as exc:
             cache.abort(tmp)
             raise StepFailed(node.name, str(exc)) from None

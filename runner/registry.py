@@ -41,6 +41,8 @@ class StepContext:
     locate: Callable[[str], Artifact | None] = lambda key: None
     memo_root: Path = Path("/nonexistent")  # content-addressed memos shared by builds (e.g. embeddings)
     key: str = ""  # this build's key (a step may name itself by it, e.g. in a plot title)
+    log: Path = Path("/nonexistent")  # the step's log file (library chatter, subprocess output)
+    final_out: Path = Path("/nonexistent")  # where `out` will be once the build is committed to the cache
 
     def input(self, name: str | None = None) -> Artifact:
         """The one input, or the input built by step `name`."""

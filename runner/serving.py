@@ -325,8 +325,10 @@ def load_models(build: Any, variants: list[Variant]) -> dict[str, Model]:
     for step in needed + (["model.init"] if "model.init" in build.graph.nodes else []):
         art = have.get(step)
         if art is None:
-            what = "set train.merge: true and apply" if step == "merge" else f"run `runner apply {build.loaded.path}`"
-            raise RunnerError(f"step {step} of {build.loaded.path} is not built: {what}")
+            if step == "merge" and step not in build.graph.nodes:
+                raise RunnerError(f"{build.loaded.path} has no merge step: add merged to serve.models (or set "
+                                  "train.merge: true) and apply")
+            raise RunnerError(f"step {step} of {build.loaded.path} is not built: run `runner apply {build.loaded.path}`")
         arts[step] = art
     tok = AutoTokenizer.from_pretrained(arts["tokenizer"].file("tokenizer"))
     tok.padding_side = "left"

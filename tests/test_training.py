@@ -21,7 +21,7 @@ SAMPLE = ROOT / "recipes" / "data" / "sample.oasst.jsonl"
 
 
 def recipe(tmp_path: Path, *, precision: str = "fp32", arch: str = "falcon", extra: str = "", steps: int = 12,
-           checkpoint_every: int = 50, nproc: int = 1) -> Path:
+           checkpoint_every: int = 50, nproc: int = 1, distributed: str = "") -> Path:
     text = f"""
 data:
   sources: [{{name: s, format: oasst, path: {SAMPLE}, lang: [en]}}]
@@ -39,8 +39,9 @@ train:
   max_steps: {steps}
   seed: 3
   checkpoint_every: {checkpoint_every}
-  distributed: {{nproc: {nproc}}}
+  distributed: {distributed or f"{{nproc: {nproc}}}"}
 {extra}"""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "t.yaml"
     path.write_text(text)
     return path
@@ -187,13 +188,66 @@ def test_resume_skips_a_checkpoint_cut_off_by_a_kill(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_process_torchrun_gives_identical_lora_weights(tmp_path: Path) -> None:
-    b = api.load(recipe(tmp_path, steps=6, nproc=2))
-    result = api.apply(b)
-    assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
-    art = next(s for s in result.steps if s.name == "train").artifact
+    path = recipe(tmp_path, steps=6, nproc=2)
+    proc = run_subprocess("apply", str(path), cache=tmp_path / "c", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip().startswith("train: ")]
+    assert len(lines) == 6 and "6/6" in lines[-1] and "tokens/s" in lines[-1], "the workers' progress is shown"
+    art = api.artifact(api.load(path, cache_dir=tmp_path / "c"), "train")
     assert art.manifest["metrics"]["world_size"] == 2 and art.manifest["metrics"]["fsdp"] is False
     digests = {json.loads(art.file(f"ranks/rank{r}.json").read_text())["lora_sha256"] for r in (0, 1)}
     assert len(digests) == 1
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_train_what_one_node_of_two_does(tmp_path: Path) -> None:
+    """Two torchrun launchers on this host, each a node of one process (c10d rendezvous on loopback), each with
+    its own cache as if on its own machine: both hold the adapter that one node of two processes trains."""
+    import socket
+
+    one_node = train_artifact(recipe(tmp_path / "one", steps=6, nproc=2), tmp_path / "one" / "c")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = recipe(tmp_path, steps=6, distributed=f"{{nproc: 1, nnodes: 2, rdzv_endpoint: '127.0.0.1:{port}'}}")
+    nodes = [subprocess.Popen([sys.executable, "-m", "runner", "apply", str(path), "--json",
+                               "--set", f"train.distributed.node_rank={rank}"], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "RUNNER_CACHE": str(tmp_path / f"node{rank}")})
+             for rank in (0, 1)]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), [err[-2000:] for _, err in outs]
+    weights = one_node.file("adapter/adapter_model.safetensors").read_bytes()
+    keys = set()
+    for rank, (out, _) in enumerate(outs):
+        key = next(s["key"] for s in json.loads(out)["steps"] if s["step"] == "train")
+        keys.add(key)
+        art = tmp_path / f"node{rank}" / "artifacts" / key[:2] / key / "data"
+        assert (art / "adapter" / "adapter_model.safetensors").read_bytes() == weights, f"node {rank}"
+        assert json.loads((art / "train_result.json").read_text())["metrics"]["world_size"] == 2
+        assert [p.name for p in (art / "ranks").iterdir()] == [f"rank{rank}.json"]
+    assert len(keys) == 1, "where a node is and which one it is are not part of the key"
+
+
+def test_multi_node_recipe_errors(tmp_path: Path, cli) -> None:
+    path = recipe(tmp_path, distributed="{nproc: 1, nnodes: 2}")
+    code, _, err = cli("validate", str(path))
+    assert code == 2 and "nnodes > 1 needs rdzv_endpoint" in err
+    path = recipe(tmp_path, distributed="{nproc: 1, nnodes: 2, node_rank: 2, rdzv_endpoint: 'h:1'}")
+    code, _, err = cli("validate", str(path))
+    assert code == 2 and "node_rank 2 is not below nnodes 2" in err
+
+
+def test_torchrun_commands(tmp_path: Path) -> None:
+    from runner.steps.trainer import torchrun_command
+    from runner.steps.training import Distributed
+
+    one = torchrun_command(tmp_path / "job.json", Distributed(nproc=2), "k" * 64)
+    assert one[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    two = torchrun_command(tmp_path / "job.json", Distributed(nproc=4, nnodes=2, node_rank=1, rdzv_endpoint="h0:29400"),
+                           "k" * 64)
+    assert two[3:10] == ["--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--rdzv_backend=c10d",
+                         "--rdzv_endpoint=h0:29400", f"--rdzv_id=runner-{'k' * 16}", "--rdzv_conf=is_host=false"]
 
 
 def test_missing_hub_model_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli) -> None:
@@ -313,3 +367,113 @@ def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path: Path) ->
     assert m["early_stopped"] and m["steps"] < 300 and m["steps"] == val["steps"][-1]
     best = min(range(len(val["steps"])), key=lambda i: (val["losses"][i], val["steps"][i]))
     assert m["val_best_step"] == val["steps"][best] == m["steps"] - 20, "stopped after 2 evaluations without a better one"
+
+
+def test_tensorboard_tracking_writes_readable_event_files(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    art = train_artifact(_with_train(recipe(tmp_path, steps=6), "  report_to: [tensorboard]\n"))
+    events = EventAccumulator(str(art.file("tensorboard"))).Reload()
+    logged = [e.value for e in events.Scalars("train/loss")]
+    losses = json.loads(art.file("train_result.json").read_text())["losses"]
+    assert len(logged) == 6 and logged == pytest.approx(losses, rel=1e-6)
+
+
+def test_report_to_an_absent_tracker_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    result = api.apply(api.load(_with_train(recipe(tmp_path, steps=2), "  report_to: [wandb]\n")))
+    failed = next(s for s in result.steps if s.name == "train")
+    assert failed.state == "failed" and "train.report_to names wandb, which is not installed" in failed.error
+
+
+def _with_train(path: Path, lines: str) -> Path:
+    path.write_text(path.read_text().replace("  seed: 3\n", "  seed: 3\n" + lines))
+    return path
+
+
+def test_packaged_adapter_loads_alone_and_answers_as_the_server_does(tmp_path: Path) -> None:
+    """`AutoPeftModelForCausalLM` and `AutoTokenizer` on the package's adapter dir alone: its chat template
+    prompts as runner does, and greedy decoding gives the server's answer."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from runner.serving import Sampling, load_models
+
+    path = recipe(tmp_path, steps=20, extra="package: {formats: [adapter, merged]}\nserve: {models: [tuned, merged]}\n")
+    b = api.load(path)
+    assert [n for n in b.graph.order if n == "merge"] == ["merge"], "package and serve share one merge step"
+    assert "merge" in b.graph.nodes["package"].inputs
+    assert api.apply(b).ok
+    pkg = api.artifact(b, "package")
+    config = json.loads(pkg.file("adapter/adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == pkg.file("base")
+    adapter = str(pkg.file("adapter"))
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
+    tok = AutoTokenizer.from_pretrained(adapter)
+    served = load_models(b, ["tuned", "merged"])
+    base = AutoModelForCausalLM.from_pretrained(pkg.file("base")).eval()
+    questions = ["What is a good way to learn to cook?", "Hello", "Can you write a poem about the sea?",
+                 "Why is the sky blue?", "Tell me a joke", "What is the capital of France?"]
+    for question in questions:
+        messages = [{"role": "user", "content": question}]
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert prompt == f"<human>: {question}\n<bot>:"
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        mine = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("<human>:")[0].split("<bot>:")[0]
+        for name, m in served.items():
+            assert m.generate(m.prompt(messages), Sampling(max_tokens=24)).text == mine, (name, question)
+            # past the end-of-text token too (a tiny model stops early): the same weights pick the same tokens
+            with torch.no_grad():
+                theirs = m.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                          do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+                ours = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                      do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+            assert theirs.tolist() == ours.tolist(), (name, question)
+        with torch.no_grad():
+            plain = base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                  do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+        assert plain.tolist() != ours.tolist(), "the adapter changes what the model says"
+    merged_files = sorted(p.name for p in pkg.file("merged").iterdir())
+    assert merged_files == sorted(p.name for p in api.artifact(b, "merge").file("model").iterdir())
+
+
+@pytest.mark.slow
+def test_hub_base_adapter_names_the_hub_id_and_commit(tmp_path: Path) -> None:
+    """A base from the Hugging Face cache (a model laid out as the hub's cache lays it out, offline): the packaged
+    adapter names the hub id and the resolved commit, and AutoPeftModelForCausalLM loads it through the cache."""
+    import shutil
+
+    b = api.load(recipe(tmp_path / "seed", steps=2))
+    assert api.apply(b).ok
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--acme--tiny"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(api.artifact(b, "model.init").file("model"), snapshot)
+    for f in api.artifact(b, "tokenizer").file("tokenizer").iterdir():
+        shutil.copy(f, snapshot / f.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    path = recipe(tmp_path, steps=2, extra="package: {formats: [adapter]}\n")
+    path.write_text(path.read_text().replace(
+        "base: {from_config: {architecture: falcon, hidden_size: 64, layers: 2, heads: 4, seed: 0}}", "base: acme/tiny")
+        .replace("  tokenizer: {train: {vocab_size: 400}}\n", ""))
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "RUNNER_CACHE": str(tmp_path / "c")}
+    build = subprocess.run([sys.executable, "-m", "runner", "apply", str(path)], cwd=ROOT, capture_output=True,
+                           text=True, env=env)
+    assert build.returncode == 0, build.stderr
+    proc = subprocess.run([sys.executable, "-m", "runner", "show", str(path), "package", "--path"], cwd=ROOT,
+                          capture_output=True, text=True, env=env)
+    adapter = Path(proc.stdout.strip()) / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("acme/tiny", commit)
+    load = ("import sys; from peft import AutoPeftModelForCausalLM; "
+            "m = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1]); print(type(m).__name__, m.peft_config['default'].revision)")
+    proc = subprocess.run([sys.executable, "-c", load, str(adapter)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout.split()[-2:] == ["PeftModelForCausalLM", commit], proc.stderr[-2000:]

@@ -269,3 +269,16 @@ def lora_targets(model: Any, requested: list[str] | Literal["auto"]) -> list[str
     if key not in LORA_TARGETS:
         raise StepError(f"no automatic LoRA targets for model type {model_type!r}; list lora.target_modules")
     return LORA_TARGETS[key]
+
+
+def save_tokenizer(source: Path, dest: Path, template: str) -> None:
+    """The training tokenizer saved beside a packaged model, with a chat template that prompts the model as
+    runner trained it (`human_bot`, `plain`); a `chat` recipe's tokenizer keeps the template it has."""
+    from transformers import AutoTokenizer
+
+    from runner.steps.prompts import CHAT_TEMPLATES
+
+    tok = AutoTokenizer.from_pretrained(source)
+    if template in CHAT_TEMPLATES:
+        tok.chat_template = CHAT_TEMPLATES[template]
+    tok.save_pretrained(dest)

@@ -1,5 +1,12 @@
 """The package step: the tuned model in the forms people deploy: the adapter alone, the base with the
-adapter merged (a Hugging Face directory, safetensors), and GGUF for llama.cpp / GPT4All.
+adapter merged (a Hugging Face directory, safetensors; the merge step's output, shared with serving),
+and GGUF for llama.cpp / GPT4All.
+
+The adapter directory describes itself: the tokenizer with a chat template is saved beside it, and its
+`base_model_name_or_path` is the hub id and commit for hub bases, the resolved path for local ones, and
+for a base built from a config (which exists nowhere else) the package's own `base/` copy, by its path in
+this cache. So `peft.AutoPeftModelForCausalLM.from_pretrained(adapter_dir)` loads it as it is; after
+moving a package to another machine, load `base/` and the adapter with `PeftModel.from_pretrained`.
 
 GGUF is written by llama.cpp's own converter (`convert_hf_to_gguf.py`, named by `gguf_converter`),
 run on the merged directory; which architectures it supports is the converter's to say, and its
@@ -8,6 +15,7 @@ refusal is reported as is. Without a converter the step fails with what to do.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -41,38 +49,39 @@ class PackageConfig(Params):
 class PackageParams(Params):
     train: TrainParams
     package: PackageConfig
+    template: Literal["human_bot", "plain", "chat"] = Field(description="the prompt format, for the chat template")
 
 
-@step("package", version="1", params=PackageParams, libs=("torch", "transformers", "peft", "safetensors"),
+@step("package", version="2", params=PackageParams, libs=("torch", "transformers", "peft", "safetensors"),
       reproducible=False)
 def package(ctx: StepContext) -> None:
-    from runner.steps.quiet import quiet_ml
-
-    quiet_ml()
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from runner.steps.models import load_model, use_precision
-    from runner.steps.trainer import base_name, base_path
+    from runner.steps.models import BaseRef, save_tokenizer
+    from runner.steps.trainer import base_path
 
     p: PackageParams = ctx.params
-    adapter = ctx.input("train").file("adapter")
     if "adapter" in p.package.formats:
-        shutil.copytree(adapter, ctx.out / "adapter")
-    if "merged" in p.package.formats or "gguf" in p.package.formats:
-        precision = use_precision(p.train.model.precision, merge=True)
-        model = load_model(base_path(ctx, p.train), precision, trust_remote_code=p.train.model.trust_remote_code)
-        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        merged.config._name_or_path = base_name(p.train)
-        merged.save_pretrained(ctx.out / "merged", safe_serialization=True)
-        AutoTokenizer.from_pretrained(ctx.input("tokenizer").file("tokenizer")).save_pretrained(ctx.out / "merged")
+        adapter = ctx.out / "adapter"
+        shutil.copytree(ctx.input("train").file("adapter"), adapter)
+        save_tokenizer(ctx.input("tokenizer").file("tokenizer"), adapter, p.template)
+        spec = p.train.model
+        if isinstance(spec.base, BaseRef):  # a model built from a config exists nowhere else: bundle it
+            shutil.copytree(ctx.input("model.init").file("model"), ctx.out / "base")
+            name, revision = str(ctx.final_out / "base"), None
+        elif spec.is_local():
+            name, revision = str(base_path(ctx, p.train)), None
+        else:
+            name, revision = str(spec.base), p.train.commit or spec.revision
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config.update(base_model_name_or_path=name, revision=revision)
+        (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    merged = ctx.input("merge").file("model") if "merge" in ctx.input_names else None
+    if "merged" in p.package.formats:
+        shutil.copytree(merged, ctx.out / "merged")  # type: ignore[arg-type]
     if "gguf" in p.package.formats:
         script = ctx.files[p.package.gguf_converter]  # type: ignore[index]
         out = ctx.out / f"model-{p.package.gguf_type}.gguf"
-        proc = subprocess.run([sys.executable, str(script), str(ctx.out / "merged"), "--outfile", str(out),
+        proc = subprocess.run([sys.executable, str(script), str(merged), "--outfile", str(out),
                                "--outtype", p.package.gguf_type], capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
             raise StepError(f"GGUF conversion failed (the converter decides which architectures it supports):\n{tail}")
-        if "merged" not in p.package.formats:
-            shutil.rmtree(ctx.out / "merged")

@@ -41,6 +41,19 @@ TEMPLATES = {
 }
 
 
+_NL = "{{ '\\n' }}"  # a newline the template engine's trim_blocks cannot eat
+_TOOLS = "{% if tools %}" + TOOLS_LINE + "{{ tools | tojson }}" + _NL + "{% endif %}"
+CHAT_TEMPLATES = {
+    # Jinja chat templates that render exactly what `render_prompt` does, for tokenizers saved beside a
+    # packaged model (so `tokenizer.apply_chat_template` prompts it as runner trained and serves it)
+    "human_bot": _TOOLS + "{% for m in messages %}{% if m['role'] == 'user' or m['role'] == 'tool' %}" + HUMAN +
+                 "{{ m['content'] }}{% elif m['role'] == 'assistant' %}" + BOT + " {{ m['content'] }}"
+                 "{% else %}{{ m['content'] }}{% endif %}" + _NL + "{% endfor %}"
+                 "{% if add_generation_prompt %}" + BOT + "{% endif %}",
+    "plain": _TOOLS + "{% for m in messages %}{{ m['content'] }}" + _NL + "{% endfor %}",
+}
+
+
 def render_prompt(template: str, messages: list[dict[str, str]], tokenizer: Any = None, tools: str | None = None) -> str:
     """The prompt a model continues with its reply: `messages` ({role, content}) rendered as the format step
     renders the turns before a training reply. `tools` is a JSON list of tool schemas."""

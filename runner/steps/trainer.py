@@ -1,8 +1,9 @@
 """The training loop: a transformers Trainer over PEFT LoRA, checkpointing to the step's scratch dir.
 
 `run(job)` is called in-process, or by every torchrun worker (`python -m runner.steps.trainer JOB`)
-for distributed training; rank 0 writes the outputs, every rank records a hash of its LoRA
-weights so a test can check that they agree.
+for distributed training; each host's first process writes the outputs (so every host of a
+multi-node run holds the same artifact), every rank records a hash of its LoRA weights so a test
+can check that they agree.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from runner.registry import StepContext, StepError
@@ -33,8 +35,11 @@ def base_name(p: Any) -> str:
 
 def job_for(ctx: StepContext, p: Any) -> dict[str, Any]:
     tokenized = ctx.input("tokenize")
+    params = p.model_dump(mode="json")
+    dist = p.train.distributed  # where this node is is not key material, so the dump leaves it out
+    params["train"]["distributed"].update(node_rank=dist.node_rank, rdzv_endpoint=dist.rdzv_endpoint)
     return {
-        "params": p.model_dump(mode="json"),
+        "params": params,
         "base": str(base_path(ctx, p)),
         "tokenizer": str(ctx.input("tokenizer").file("tokenizer")),
         "train_file": str(tokenized.file(tokenized.manifest["tables"]["train"])),
@@ -45,16 +50,50 @@ def job_for(ctx: StepContext, p: Any) -> dict[str, Any]:
     }
 
 
-def launch_distributed(job: dict[str, Any], nproc: int, scratch: Path) -> None:
+PROGRESS = "RUNNER-PROGRESS "  # a worker's progress line on stdout: this prefix, then JSON
+
+
+def torchrun_command(job_file: Path, dist: Any, key: str) -> list[str]:
+    """torchrun for `train.distributed`: one host (`--standalone`), or this host as node `node_rank` of `nnodes`
+    meeting at `rdzv_endpoint` (c10d rendezvous; node 0 hosts it)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={dist.nproc}"]
+    if dist.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [f"--nnodes={dist.nnodes}", f"--node_rank={dist.node_rank}", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={dist.rdzv_endpoint}", f"--rdzv_id=runner-{key[:16]}",
+                f"--rdzv_conf=is_host={'true' if dist.node_rank == 0 else 'false'}"]
+    return cmd + ["-m", "runner.steps.trainer", str(job_file)]
+
+
+def launch_distributed(job: dict[str, Any], dist: Any, scratch: Path, log: Path,
+                       progress: Callable[..., None]) -> None:
+    """Run the job under torchrun; workers' progress lines feed `progress`, everything else goes to `log`."""
     job_file = scratch / "job.json"
     job_file.write_text(json.dumps(job))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           "-m", "runner.steps.trainer", str(job_file)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise StepError(f"distributed training ({nproc} processes) failed:\n{tail}")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as sink:
+        with subprocess.Popen(torchrun_command(job_file, dist, job["key"]), env=env, stdout=subprocess.PIPE,
+                              stderr=sink, text=True) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith(PROGRESS):
+                    total, done, note = json.loads(line[len(PROGRESS):])
+                    progress(total, done, note)
+                else:
+                    sink.write(line)
+        code = proc.returncode
+    if code != 0:
+        raise StepError(f"distributed training ({dist.nnodes} node(s) x {dist.nproc} processes) failed: "
+                        f"{worker_error(log.read_text())} (full output in {log})")
+
+
+def worker_error(output: str) -> str:
+    """The lines of torchrun's output that say what went wrong in a worker, not torchrun's summary of it."""
+    marks = ("Error", "error:", "terminate called", "what():", "Exception", "Signal", "Killed")
+    lines = [x.strip() for x in output.splitlines() if any(m in x for m in marks)]
+    return "\n".join(dict.fromkeys(lines[-8:])) or "\n".join(output.strip().splitlines()[-15:])
 
 
 def _dataset(path: str) -> Any:
@@ -119,7 +158,24 @@ def lora_digest(model: Any) -> str:
 
 
 def run(job: dict[str, Any], progress: Any = None) -> None:
-    """Train as the job says; `progress(total, done, note)` hears of every logged step (rank 0, in-process runs)."""
+    """Train as the job says; `progress(total, done, note)` hears of every logged step. Under torchrun every
+    node's first process writes the outputs (DDP keeps the weights equal on every rank) and prints progress
+    lines for the launcher; all processes leave the process group together."""
+    if progress is None and os.environ.get("LOCAL_RANK", "0") == "0":
+        def progress(total: int, done: int, note: str = "") -> None:
+            print(PROGRESS + json.dumps([total, done, note]), flush=True)
+    import torch.distributed as dist
+
+    try:
+        _run(job, progress)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # nobody leaves while another node still writes its outputs
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(job: dict[str, Any], progress: Any) -> None:
     from runner.steps.quiet import quiet_ml
 
     quiet_ml()
@@ -134,7 +190,9 @@ def run(job: dict[str, Any], progress: Any = None) -> None:
     t = p.train
     out, scratch = Path(job["out"]), Path(job["scratch"])
     rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     torch.manual_seed(t.seed)
     tok = AutoTokenizer.from_pretrained(job["tokenizer"])
     model = load_model(Path(job["base"]), p.model.precision, trust_remote_code=p.model.trust_remote_code)
@@ -159,13 +217,16 @@ def run(job: dict[str, Any], progress: Any = None) -> None:
         output_dir=str(scratch), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr, lr_scheduler_type=t.schedule, warmup_steps=t.warmup_steps, num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1, seed=t.seed, data_seed=t.seed, logging_steps=1, save_strategy="steps",
-        save_steps=t.checkpoint_every, save_total_limit=2, report_to=[], use_cpu=not cuda, disable_tqdm=True,
+        save_steps=t.checkpoint_every, save_total_limit=2, save_on_each_node=nodes > 1, use_cpu=not cuda, disable_tqdm=True,
         train_sampling_strategy="group_by_length" if t.group_by_length and not t.packing else "random",
         dataloader_num_workers=0, remove_unused_columns=False, log_level="error",
         eval_strategy="steps" if t.eval_every else "no", eval_steps=t.eval_every, per_device_eval_batch_size=t.batch_size,
         load_best_model_at_end=bool(t.eval_every), metric_for_best_model="eval_loss", greater_is_better=False,
         ddp_backend=("nccl" if cuda else "gloo") if world > 1 else None,
         fsdp="full_shard" if t.distributed.strategy == "fsdp" and world > 1 else "",
+        # tracking through transformers' own integrations (TensorBoard's is added below, writing into the artifact)
+        report_to=[r for r in t.report_to if r != "tensorboard"] or "none",
+        run_name=f"train-{str(job.get('key', ''))[:12]}",
     )
     timing: dict[str, float] = {}
     tokens = sum(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
@@ -174,6 +235,7 @@ def run(job: dict[str, Any], progress: Any = None) -> None:
         def on_train_begin(self, args: Any, state: Any, *a: Any, **k: Any) -> None:
             timing["start"] = time.perf_counter()
             timing["first_step"] = state.global_step  # a resumed run starts past 0
+            timing["first_epoch"] = state.epoch or 0.0
 
         def on_train_end(self, *a: Any, **k: Any) -> None:
             timing["end"] = time.perf_counter()
@@ -185,8 +247,8 @@ def run(job: dict[str, Any], progress: Any = None) -> None:
             done = state.global_step - timing["first_step"]
             rate = done / elapsed if elapsed > 0 else 0.0
             left = (state.max_steps - state.global_step) / rate if rate else 0.0
-            per_step = tokens * (state.num_train_epochs or 1) / max(state.max_steps, 1)
-            per_s = per_step * done / elapsed if elapsed > 0 else 0.0
+            # every rank holds the whole dataset and `epoch` counts what all ranks together have been through
+            per_s = tokens * ((state.epoch or 0.0) - timing["first_epoch"]) / elapsed if elapsed > 0 else 0.0
             progress(state.max_steps, state.global_step,
                      f"epoch {state.epoch or 0:.2f}, loss {logs['loss']:.4f}, lr {logs.get('learning_rate', 0):.2e}, "
                      f"{per_s:,.0f} tokens/s, ETA {left:.0f} s")
@@ -199,6 +261,11 @@ def run(job: dict[str, Any], progress: Any = None) -> None:
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping))
+    if "tensorboard" in t.report_to and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(out / "tensorboard"))))
     trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=validation,
                       data_collator=collator(tok.pad_token_id), callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
@@ -209,7 +276,7 @@ def run(job: dict[str, Any], progress: Any = None) -> None:
     digest = lora_digest(model)
     (out / "ranks").mkdir(parents=True, exist_ok=True)
     (out / "ranks" / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "lora_sha256": digest}))
-    if rank != 0:
+    if local_rank != 0:
         return
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
@@ -231,6 +298,7 @@ def run(job: dict[str, Any], progress: Any = None) -> None:
         metrics["quantized_layers"] = quantized
     for cfg in model.peft_config.values():
         cfg.base_model_name_or_path = base_name(p)
+        cfg.revision = p.commit if isinstance(p.model.base, str) and not p.model.is_local() else None
         cfg.target_modules = sorted(cfg.target_modules)  # a set: its order would change with the hash seed
     model.save_pretrained(out / "adapter", safe_serialization=True)
     (out / "adapter" / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub names local paths

@@ -6,6 +6,7 @@ loop lives in `trainer.py` (also run by torchrun workers for `distributed.nproc 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from typing import Literal
@@ -29,8 +30,29 @@ class Lora(Params):
 
 
 class Distributed(Params):
-    nproc: int = Field(1, ge=1, description="processes (torchrun; gloo on CPU, nccl on GPU)")
+    """torchrun: `nproc` processes on each of `nnodes` hosts (gloo on CPU, nccl on GPU). Every host runs
+    `runner apply` on the same recipe with its own `--set train.distributed.node_rank=N`; the hosts meet at
+    `rdzv_endpoint` (torchrun's c10d rendezvous, hosted by node 0). Where a node is and which one it is
+    do not change the result, so they are not part of the step's key."""
+
+    nproc: int = Field(1, ge=1, description="processes per host")
+    nnodes: int = Field(1, ge=1, description="hosts")
+    node_rank: int = Field(0, ge=0, exclude=True, description="this host's number, 0 .. nnodes-1 (not in the key)")
+    rdzv_endpoint: str | None = Field(None, exclude=True, description="HOST:PORT where the hosts meet, reachable "
+                                                                      "from all of them (nnodes > 1; not in the key)")
     strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    @model_validator(mode="after")
+    def _nodes(self) -> Distributed:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint: HOST:PORT of node 0, reachable from every node")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} is not below nnodes {self.nnodes}")
+        return self
+
+    @property
+    def world(self) -> int:
+        return self.nproc * self.nnodes
 
 
 class TrainConfig(Params):
@@ -53,6 +75,9 @@ class TrainConfig(Params):
     early_stopping: int | None = Field(None, ge=1, description="stop after this many evaluations without a better "
                                                                "held-out loss (needs eval_every)")
     merge: bool = Field(False, description="also write the base model with the adapter merged in")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="experiment tracking through transformers' integrations (off by default); "
+                                          "TensorBoard's event files go into the artifact's `tensorboard/`")
     distributed: Distributed = Distributed()
 
     @model_validator(mode="after")
@@ -208,7 +233,10 @@ def train(ctx: StepContext) -> None:
     from runner.steps import trainer
 
     p: TrainParams = ctx.params
-    if p.train.distributed.strategy == "fsdp" and p.train.distributed.nproc > 1:
+    for tracker in p.train.report_to:
+        if importlib.util.find_spec(tracker) is None:
+            raise StepError(f"train.report_to names {tracker}, which is not installed: pip install {tracker}")
+    if p.train.distributed.strategy == "fsdp" and p.train.distributed.world > 1:
         import torch
 
         if not torch.cuda.is_available():
@@ -216,8 +244,8 @@ def train(ctx: StepContext) -> None:
                             "parallelism, so runner refuses; use train.distributed.strategy: ddp here")
     ctx.scratch.mkdir(parents=True, exist_ok=True)
     job = trainer.job_for(ctx, p)
-    if p.train.distributed.nproc > 1:
-        trainer.launch_distributed(job, p.train.distributed.nproc, ctx.scratch)
+    if p.train.distributed.world > 1:
+        trainer.launch_distributed(job, p.train.distributed, ctx.scratch, ctx.log, ctx.progress)
     else:
         trainer.run(job, ctx.progress)
     result = json.loads((ctx.out / "train_result.json").read_text())
@@ -225,24 +253,29 @@ def train(ctx: StepContext) -> None:
     ctx.metrics.update(json.loads((ctx.scratch / "run.json").read_text()))
 
 
-@step("merge", version="1", params=TrainParams, libs=("torch", "transformers", "peft", "safetensors"), reproducible=False)
+class MergeParams(Params):
+    train: TrainParams
+    template: Literal["human_bot", "plain", "chat"] = Field(description="the prompt format, for the chat template")
+
+
+@step("merge", version="2", params=MergeParams, libs=("torch", "transformers", "peft", "safetensors"), reproducible=False)
 def merge(ctx: StepContext) -> None:
-    """The base model with the trained adapter merged in (fp32 or bf16/fp16 weights), as safetensors."""
+    """The base model with the trained adapter merged in (fp32 or bf16/fp16 weights), as safetensors, with
+    the tokenizer and a chat template that prompts it as it was trained. `package` and `serve` use it."""
     from runner.steps.quiet import quiet_ml
 
     quiet_ml()
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
-    from runner.steps.models import load_model, use_precision
+    from runner.steps.models import load_model, save_tokenizer, use_precision
     from runner.steps.trainer import base_name, base_path
 
-    p: TrainParams = ctx.params
+    p: TrainParams = ctx.params.train
     precision = use_precision(p.model.precision, merge=True)
     ctx.metrics["merged_precision"] = precision  # int8/int4 bases are merged dequantized, in fp32
     model = load_model(base_path(ctx, p), precision, trust_remote_code=p.model.trust_remote_code)
     model = PeftModel.from_pretrained(model, ctx.input("train").file("adapter")).merge_and_unload()
     model.config._name_or_path = base_name(p)
     model.save_pretrained(ctx.out / "model", safe_serialization=True)
-    AutoTokenizer.from_pretrained(ctx.input("tokenizer").file("tokenizer")).save_pretrained(ctx.out / "model")
+    save_tokenizer(ctx.input("tokenizer").file("tokenizer"), ctx.out / "model", ctx.params.template)
     shutil.copy(ctx.input("train").file("train_result.json"), ctx.out / "train_result.json")

@@ -1,0 +1,72 @@
+"""`runner plan`'s estimate of a training step's memory, checked against the peak RSS of real training runs."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner import api
+from runner.steps.memory import GIB, estimate, shape_from_config, shape_from_name
+from tests.conftest import ROOT, run_subprocess
+
+SAMPLE = ROOT / "recipes" / "data" / "sample.oasst.jsonl"
+
+
+def tiny(tmp_path: Path, hidden: int, layers: int, seq: int, batch: int) -> Path:
+    path = tmp_path / "t.yaml"
+    path.write_text(f"""
+data:
+  sources: [{{name: s, format: oasst, path: {SAMPLE}, lang: [en]}}]
+model:
+  base: {{from_config: {{architecture: falcon, hidden_size: {hidden}, layers: {layers}, heads: {hidden // 64}}}}}
+  tokenizer: {{train: {{vocab_size: 2000}}}}
+lora: {{rank: 8}}
+train: {{seq_len: {seq}, batch_size: {batch}, max_steps: 3, packing: true}}
+""")
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hidden,layers,seq,batch", [(64, 2, 64, 8), (512, 4, 256, 8)])
+def test_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path: Path, hidden: int, layers: int, seq: int,
+                                                           batch: int) -> None:
+    path = tiny(tmp_path, hidden, layers, seq, batch)
+    env_cache = tmp_path / "c"
+    assert run_subprocess("apply", str(path), "--target", "tokenize", cache=env_cache).returncode == 0
+    code = ("import resource, sys; from runner.cli.main import main; main(['apply', sys.argv[1], '--target', 'train']);"
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT,
+                          env={**__import__("os").environ, "RUNNER_CACHE": str(env_cache)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak = int(next(x for x in proc.stdout.splitlines() if x.startswith("PEAK")).split()[1]) * 1024  # KiB on Linux
+    e = api.training_memory(api.load(path, cache_dir=env_cache))
+    assert 0.75 <= e.per_process / peak <= 1.25, (e, peak / GIB)
+
+
+def test_estimate_adds_up_and_scales() -> None:
+    config = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256, "tie_word_embeddings": False}
+    s = shape_from_config(config, "test")
+    e = estimate(s, precision="bf16", rank=16, targets="auto", seq_len=1024, batch=1, gpu=True)
+    params = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336) + 2 * 128256 * 4096  # Llama-3-8B's layout
+    assert params == pytest.approx(8.03e9, rel=0.01)
+    assert e.weights == 2 * params
+    assert e.lora == 16 * 41_943_040  # PEFT's print_trainable_parameters for Llama-3-8B, r=16, all linear layers
+    q = estimate(s, precision="int4", rank=16, targets="auto", seq_len=1024, batch=1, gpu=True)
+    assert q.weights == pytest.approx((params - 2 * 128256 * 4096) * 0.5 + 2 * 128256 * 4096 * 4)
+    longer = estimate(s, precision="bf16", rank=16, targets="auto", seq_len=2048, batch=1, gpu=True)
+    assert longer.activations == pytest.approx(2 * e.activations)
+    falcon = shape_from_name("tiiuae/falcon-7b")
+    assert falcon is not None and "guess" in falcon.source
+    assert 6e9 < 12 * falcon.layers * falcon.hidden ** 2 < 8e9
+
+
+def test_plan_says_falcon_7b_will_not_fit_here(tmp_path: Path) -> None:
+    proc = run_subprocess("plan", str(ROOT / "recipes" / "oasst-falcon7b.yaml"), cache=tmp_path / "c")
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("train needs about"))
+    assert "a guess from the name 'tiiuae/falcon-7b'" in line and line.endswith("it will not fit")
