@@ -1,8 +1,9 @@
-"""Dynamic batching in `runner serve`: throughput and latency at 1, 4 and 16 concurrent clients, served with
+"""Continuous batching in `runner serve`: throughput and latency at 1, 4 and 16 concurrent clients, served with
 batching (serve.batch_size 16) and one request at a time (batch_size 1), the same model in one run.
 
-The quickstart's tiny Falcon, greedy chat completions of exactly --max-tokens tokens each (the end-of-text
-token is held off so every answer costs the same), each client sending requests back to back for --seconds.
+The quickstart's tiny Falcon behind `runner serve` in its own process; greedy chat completions of exactly
+--max-tokens tokens each (`min_tokens` holds the end-of-text token off, so every answer costs the same), each
+client (asyncio, in this process) sending requests back to back for --seconds.
 Prints requests, generated tokens/s, p50 and p99 latency per setting, and the ratios.
 Target: >= 3x tokens/s at 16 clients, p99 at 16 clients no worse than 2x the single-client p99.
 
@@ -12,12 +13,14 @@ Target: >= 3x tokens/s at 16 clients, p99 at 16 clients no worse than 2x the sin
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,45 +28,59 @@ PROMPTS = ["What is the capital of Spain?", "How many days does June have?", "Wh
            "What is the opposite of 'hot'?", "Which day comes after Monday?", "How can I sleep better?"]
 
 
-def serve(models: dict, batch_size: int) -> tuple[str, object]:
-    import uvicorn
-
-    from runner.server import create_app
-    from runner.serving import ServeConfig
+def serve(recipe: Path, cache: str, batch_size: int, *sets: str) -> tuple[str, subprocess.Popen]:
+    """`runner serve` in its own process, as users run it (so the load generator never shares its GIL)."""
+    import httpx
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(models, ServeConfig(max_tokens=256, batch_size=batch_size)),
-                                           log_level="warning"))
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{sock.getsockname()[1]}/v1/chat/completions", server
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", str(recipe), "--port", str(port), "--quiet",
+                             "--set", f"serve.batch_size={batch_size}", "--set", "serve.max_tokens=256",
+                             *[x for kv in sets for x in ("--set", kv)]],
+                            env={**os.environ, "RUNNER_CACHE": cache, "OMP_NUM_THREADS": "2"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            httpx.get(url.replace("chat/completions", "models"), timeout=1)
+            return url, proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError("runner serve did not start")
 
 
-def load(clients: int, url: str, seconds: float, max_tokens: int) -> dict[str, float]:
+def load(clients: int, url: str, seconds: float, max_tokens: int, model: str = "quickstart-tuned") -> dict[str, float]:
+    """`clients` concurrent clients (asyncio, one thread), each sending requests back to back for `seconds`."""
+    import asyncio
+
     import httpx
 
-    stop = time.perf_counter() + seconds
     latencies: list[float] = []
     tokens = [0]
 
-    def client(c: int) -> None:
-        with httpx.Client(timeout=300) as http:
-            i = c
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                r = http.post(url, json={"model": "quickstart-tuned", "max_tokens": max_tokens,
-                                         "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]})
-                r.raise_for_status()
-                latencies.append(time.perf_counter() - t)
-                tokens[0] += r.json()["usage"]["completion_tokens"]
-                i += clients
+    async def client(http: httpx.AsyncClient, c: int, stop: float) -> None:
+        i = c
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            r = await http.post(url, json={"model": model, "max_tokens": max_tokens,
+                                           "min_tokens": max_tokens,
+                                           "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]})
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t)
+            tokens[0] += r.json()["usage"]["completion_tokens"]
+            i += clients
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, range(clients)))
-    wall = time.perf_counter() - started
+    async def run() -> float:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+            started = time.perf_counter()
+            await asyncio.gather(*(client(http, c, started + seconds) for c in range(clients)))
+            return time.perf_counter() - started
+
+    wall = asyncio.run(run())
     latencies.sort()
     return {"requests": len(latencies), "tokens_per_s": tokens[0] / wall, "p50": statistics.median(latencies),
             "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
@@ -75,27 +92,23 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    import torch
-
     from runner import api
-    from runner.serving import load_models
 
-    torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        build = api.load(ROOT / "recipes" / "quickstart.yaml", cache_dir=tmp)
-        assert api.apply(build).ok
+        recipe = Path(tmp) / "quickstart.yaml"  # a copy: a complete apply writes its lock beside the recipe
+        shutil.copytree(ROOT / "recipes", Path(tmp), dirs_exist_ok=True)
+        assert api.apply(api.load(recipe, cache_dir=Path(tmp) / "cache")).ok
         results: dict[tuple[int, int], list[dict[str, float]]] = {}
         for batch_size in (1, 16):
-            models = load_models(build, ["tuned"])
-            for m in models.values():
-                plain = m._kwargs
-                m._kwargs = lambda s, cancel, plain=plain: {**plain(s, cancel), "min_new_tokens": s.max_tokens}
-            url, server = serve(models, batch_size)
-            load(1, url, 2, args.max_tokens)  # warm-up
-            for clients in (1, 4, 16):
-                results[(batch_size, clients)] = [load(clients, url, args.seconds, args.max_tokens)
-                                                  for _ in range(args.repeats)]
-            server.should_exit = True
+            url, proc = serve(recipe, str(Path(tmp) / "cache"), batch_size)
+            try:
+                load(1, url, 2, args.max_tokens)  # warm-up
+                for clients in (1, 4, 16):
+                    results[(batch_size, clients)] = [load(clients, url, args.seconds, args.max_tokens)
+                                                      for _ in range(args.repeats)]
+            finally:
+                proc.terminate()
+                proc.wait()
     print(f"{'batch':>5} {'clients':>7} {'requests':>8} {'tokens/s (median, min-max)':>28} {'p50 ms':>7} {'p99 ms':>7}")
     med = {}
     for (batch_size, clients), runs in results.items():

@@ -106,7 +106,7 @@ def main() -> None:
         for p in prompts:
             enc = model.tokenizer(p, return_tensors="pt", add_special_tokens=False)
             with torch.no_grad():
-                model.model.generate(**enc, **model._kwargs(Sampling(max_tokens=args.max_tokens), threading.Event()))
+                model.model.generate(**enc, **model._kwargs(Sampling(max_tokens=args.max_tokens), threading.Event(), enc["input_ids"].shape[1]))
         direct = time.perf_counter() - t
         with httpx.Client() as client:
             t = time.perf_counter()

@@ -57,8 +57,14 @@ def run_plain(arts: dict, seq_len: int, epochs: float) -> tuple[float, int]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, PrinterCallback,
-                              Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        PrinterCallback,
+        Trainer,
+        TrainingArguments,
+    )
 
     from stores.datastore import table_sql
 

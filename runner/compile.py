@@ -184,7 +184,7 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
     nodes.append(StepNode("train", "train", train, ("tokenize",) + model_inputs, base_files, origin("train")))
     # one merge step, whoever asks for the merged model: train.merge, package (merged, gguf), serve (merged)
     packs_merged = r.package is not None and bool({"merged", "gguf"} & set(r.package.formats))
-    merged = r.train.merge or packs_merged or "merged" in r.serve.models
+    merged = r.train.merge or packs_merged or "merged" in r.serve.models or r.serve.engine == "vllm"
     if merged:
         nodes.append(StepNode("merge", "merge", MergeParams(train=train, template=r.data.prompt.template),
                               ("train",) + model_inputs, base_files, origin("train")))

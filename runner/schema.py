@@ -16,7 +16,9 @@ from runner.steps.evaluation import EvalConfig
 from runner.steps.export import Export
 from runner.steps.filters import Filter
 from runner.steps.indexing import IndexSection
+from runner.steps.models import ModelSpec
 from runner.steps.oasst import OasstSource
+from runner.steps.packaging import PackageConfig
 from runner.steps.prompts import PromptFormat
 from runner.steps.sources import (
     NAME_PATTERN,
@@ -27,8 +29,6 @@ from runner.steps.sources import (
     ShareGptSource,
     TableSource,
 )
-from runner.steps.models import ModelSpec
-from runner.steps.packaging import PackageConfig
 from runner.steps.split import Split
 from runner.steps.training import Lora, TrainConfig
 

@@ -25,7 +25,7 @@ from fastapi import Request  # imported only by `runner serve` (api.serve_app), 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from runner.retrieval import docs_prompt
-from runner.serving import ContextTooLong, Model, Output, Sampling, ServeConfig, batching
+from runner.serving import ContextTooLong, Model, NotSupported, Output, Sampling, ServeConfig, batching
 
 log = logging.getLogger("runner.serve")
 BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive
@@ -65,6 +65,7 @@ class Common(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    min_tokens: int = Field(0, ge=0, description="vLLM's extension: no end-of-text token before this many tokens")
     temperature: float = Field(0.0, ge=0, le=2, description="0 (the default here): greedy, repeatable")
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=8)
@@ -221,8 +222,11 @@ def create_app(models: dict[str, Model], config: ServeConfig, *, retriever: Any 
         if max_tokens is not None and max_tokens > config.max_tokens:
             raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {config.max_tokens}",
                            param="max_tokens")
-        return Sampling(max_tokens=max_tokens or min(128, config.max_tokens), temperature=req.temperature,
-                        top_p=req.top_p, seed=req.seed, stop=req.stops(), logprobs=logprobs)
+        max_tokens = max_tokens or min(128, config.max_tokens)
+        if req.min_tokens > max_tokens:
+            raise ApiError(400, f"min_tokens {req.min_tokens} is over max_tokens {max_tokens}", param="min_tokens")
+        return Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                        stop=req.stops(), logprobs=logprobs, min_tokens=req.min_tokens)
 
     def search(question: str) -> tuple[str, list[dict[str, Any]]]:
         hits = retriever.search(question, config.top_k) if question.strip() else []
@@ -235,6 +239,8 @@ def create_app(models: dict[str, Model], config: ServeConfig, *, retriever: Any 
             return [model.generate(prompt, s if s.seed is None or i == 0 else _reseed(s, s.seed + i)) for i in range(n)]
         except ContextTooLong as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
+        except NotSupported as exc:
+            raise ApiError(400, str(exc)) from None
 
     def usage(outputs: list[Output]) -> dict[str, int]:
         p, c = outputs[0].prompt_tokens if outputs else 0, sum(o.completion_tokens for o in outputs)

@@ -1,10 +1,10 @@
 """Model runtime for serving and terminal chat: a built recipe's model (base + LoRA adapter, or merged),
-its tokenizer and prompt template; generation whole or streamed, one request at a time per model."""
+its tokenizer and prompt template; generation whole or streamed, greedy requests in continuous batches."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,9 +30,16 @@ class ServeConfig(Params):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     token_env: str | None = Field(None, description="if set, requests need `Authorization: Bearer $TOKEN_ENV`")
     system: str | None = Field(None, description="system prompt put before every conversation")
-    batch_size: int = Field(16, ge=1, description="greedy requests that arrive while one generates are run together, "
-                                                  "up to this many (1: one at a time)")
-    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a batch waits for more requests to join")
+    batch_size: int = Field(16, ge=1, description="greedy requests (whole or streamed) generating together at most; "
+                                                  "others join between token steps (continuous batching; 1: one at "
+                                                  "a time)")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a request that finds the model idle waits "
+                                                                 "for others to start with it")
+    engine: Literal["transformers", "llama_cpp", "vllm"] = Field(
+        "transformers", description="transformers (the variants in `models`), llama_cpp (the package's GGUF, as model "
+                                    "NAME-gguf, behind runner's server), vllm (`runner serve` launches vLLM on the "
+                                    "merged model: GPU hosts)")
+    n_ctx: int = Field(2048, ge=16, description="llama_cpp: context positions")
 
 
 @dataclass
@@ -45,6 +52,7 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # alternatives per token to report (0: only the chosen token's); None: none
+    min_tokens: int = 0  # the end-of-text token is held off until this many tokens (vLLM's extension)
 
     @property
     def greedy(self) -> bool:
@@ -58,6 +66,10 @@ class Output:
     completion_tokens: int
     finish_reason: str  # stop | length
     logprobs: list[dict[str, Any]] | None = None
+
+
+class NotSupported(ValueError):
+    """A request parameter this engine cannot honour (answered 400, never ignored)."""
 
 
 class ContextTooLong(ValueError):
@@ -81,7 +93,8 @@ class Model:
     lock: threading.Lock = field(default_factory=threading.Lock)
     precision: str = "fp32"  # the trained precision: int8/int4 models are served quantized
     quantized_layers: int = 0
-    batcher: Batcher | None = None  # set by `batching`: greedy whole answers run in batches
+    batcher: Batcher | None = None  # set by `batching`: greedy requests run in continuous batches
+    batchable: bool = True  # whether `batching` may give it a batcher
 
     def prompt(self, messages: list[dict[str, str]]) -> str:
         """A conversation (history carried across turns, as h2oGPT does) as the model's prompt text."""
@@ -110,18 +123,24 @@ class Model:
             raise ContextTooLong(len(ids), max_tokens, self.context)
         return ids
 
-    def _kwargs(self, s: Sampling, cancel: threading.Event) -> dict[str, Any]:
+    def _kwargs(self, s: Sampling, cancel: threading.Event, start: int) -> dict[str, Any]:
+        """generate()'s arguments for one request whose prompt is `start` tokens long."""
         from transformers import StoppingCriteria, StoppingCriteriaList
+
+        stops, decode = self.stops + list(s.stop), self.tokenizer.decode
 
         class Cancelled(StoppingCriteria):  # type: ignore[misc]
             def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> bool:
-                return cancel.is_set()
+                # cancelled, or a stop string in the answer: nothing more is wanted (as the batcher decides)
+                return cancel.is_set() or stopped(decode(input_ids[0, start:][-16:], skip_special_tokens=True), stops)
 
         kw: dict[str, Any] = {"max_new_tokens": s.max_tokens, "do_sample": not s.greedy,
                               "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id,
                               "stopping_criteria": StoppingCriteriaList([Cancelled()])}
         if not s.greedy:
             kw.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
+        if s.min_tokens:
+            kw["min_new_tokens"] = s.min_tokens
         return kw
 
     def generate(self, prompt: str, s: Sampling, cancel: threading.Event | None = None) -> Output:
@@ -136,8 +155,8 @@ class Model:
         with self.lock, torch.no_grad():
             if s.seed is not None:
                 torch.manual_seed(s.seed)
-            out = self.model.generate(input_ids=enc, attention_mask=torch.ones_like(enc), **self._kwargs(s, cancel),
-                                      output_scores=s.logprobs is not None, return_dict_in_generate=True)
+            out = self.model.generate(input_ids=enc, attention_mask=torch.ones_like(enc),
+                                      **self._kwargs(s, cancel, len(ids)), output_scores=s.logprobs is not None, return_dict_in_generate=True)
         return self.output(ids, out.sequences[0, len(ids):].tolist(), s, out.scores)
 
     def output(self, ids: list[int], new: list[int], s: Sampling, scores: Any = None) -> Output:
@@ -167,17 +186,50 @@ class Model:
 
     def stream(self, prompt: str, s: Sampling, cancel: threading.Event | None = None,
                done: dict[str, Any] | None = None) -> Iterator[str]:
-        """Text pieces as they are generated, cut before a stop string. The generation runs in its own thread and
-        holds the model only while it runs: set `cancel` (or stop iterating and set it) and the model is free
-        within one token step. `done` receives finish_reason and token counts at the end."""
+        """Text pieces as they are generated, cut before a stop string. Greedy streams run in the batcher with
+        the others, any other alone in its own thread; either way set `cancel` (or stop iterating) and the model
+        is free of it within one token step. `done` receives finish_reason and token counts at the end."""
+        cancel = cancel or threading.Event()
+        ids = self.encode(prompt, s.max_tokens)
+        produced: dict[str, int] = {}
+        if self.batcher is not None and s.greedy and s.seed is None and s.logprobs is None:
+            pieces = self.batcher.pieces(ids, s, cancel, produced)
+        else:
+            pieces = self._pieces(ids, s, cancel, produced)
+        stops = self.stops + list(s.stop)
+        held, stopped = "", False
+        try:
+            for piece in pieces:
+                held += piece
+                text, stopped = cut_at_stop(held, stops)
+                if stopped:
+                    cancel.set()  # the rest is not wanted: free the model now
+                    if text:
+                        yield text
+                    break
+                # what may begin a stop string waits, and so does whitespace before it: `generate` cuts both
+                safe = len(held[: len(held) - _partial_stop(held, stops)].rstrip())
+                if safe > 0:
+                    yield held[:safe]
+                    held = held[safe:]
+            else:
+                if held:
+                    yield held
+        finally:
+            cancel.set()  # done, stopped or abandoned: nothing more is wanted
+            pieces.close()
+            if done is not None:
+                n = produced.get("n", 0)
+                done.update({"prompt_tokens": len(ids), "completion_tokens": n,
+                             "finish_reason": "stop" if stopped or n < s.max_tokens else "length"})
+
+    def _pieces(self, ids: list[int], s: Sampling, cancel: threading.Event, produced: dict[str, int]) -> Iterator[str]:
+        """One generation alone in its own thread, holding the model while it runs; its text as it comes."""
         import torch
         from transformers import TextIteratorStreamer
 
-        cancel = cancel or threading.Event()
-        ids = self.encode(prompt, s.max_tokens)
         enc = torch.tensor([ids])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        produced: dict[str, int] = {}
 
         def work() -> None:
             try:
@@ -185,7 +237,7 @@ class Model:
                     if s.seed is not None:
                         torch.manual_seed(s.seed)
                     out = self.model.generate(input_ids=enc, attention_mask=torch.ones_like(enc),
-                                              **self._kwargs(s, cancel), streamer=streamer)
+                                              **self._kwargs(s, cancel, len(ids)), streamer=streamer)
             except BaseException:
                 streamer.end()  # the reader must not wait for text that will never come
                 raise
@@ -195,98 +247,225 @@ class Model:
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        stops = self.stops + list(s.stop)
-        held, stopped = "", False
         try:
-            for piece in streamer:
-                held += piece
-                text, stopped = cut_at_stop(held, stops)
-                if stopped:
-                    cancel.set()  # the rest is not wanted: free the model now
-                    if text:
-                        yield text
-                    break
-                safe = len(held) - max(_partial_stop(held, stops), len(held) - len(held.rstrip()))
-                if safe > 0:  # trailing whitespace waits: before a stop string it is cut, as in `generate`
-                    yield held[:safe]
-                    held = held[safe:]
-            else:
-                if held:
-                    yield held
+            yield from streamer
         finally:
-            cancel.set()  # done, stopped or abandoned: nothing more is wanted
+            cancel.set()
             thread.join()
-            if done is not None:
-                n = produced.get("n", 0)
-                done.update({"prompt_tokens": len(ids), "completion_tokens": n,
-                             "finish_reason": "stop" if stopped or n < s.max_tokens else "length"})
+
+
+@dataclass
+class _Request:
+    ids: list[int]
+    s: Sampling
+    future: Any = None  # a whole answer: its Output is set here
+    tokens: Any = None  # a stream: each token is put here, then None (or the exception)
+    cancel: threading.Event | None = None
+    new: list[int] = field(default_factory=list)
+
+    def finish(self, output: Callable[[], Output]) -> None:
+        if self.future is not None:
+            self.future.set_result(output())
+        else:
+            self.tokens.put(None)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.future is not None:
+            if not self.future.done():
+                self.future.set_exception(exc)
+        else:
+            self.tokens.put(exc)
 
 
 class Batcher:
-    """Dynamic batching for one model: greedy whole-answer requests queue here; a worker takes the first, waits
-    up to `wait` seconds for more to arrive (up to `size`), and runs them as one left-padded `generate`. Greedy
-    decoding of a padded batch gives each request the tokens it would get alone (up to float rounding)."""
+    """Continuous batching for one model: greedy requests (whole answers and streams) join the running batch
+    between two token steps, and leave it the step they finish, so nobody waits for another's answer to end.
+    Every request keeps its own attention mask and positions over one shared, left-padded KV cache, so each gets
+    the tokens it would get alone (up to float rounding). A request that arrives when the model is idle waits
+    up to `wait` seconds for company."""
 
     def __init__(self, model: Model, size: int, wait: float) -> None:
         import queue
 
         self.model, self.size, self.wait = model, size, wait
-        self.largest = 0  # the largest batch run so far
-        self.queue: queue.Queue[tuple[list[int], Sampling, Any]] = queue.Queue()
+        self.largest = 0  # the most requests in flight together so far
+        self.joined_running = 0  # requests that joined a batch already generating
+        self.in_flight = 0  # requests in the running batch now
+        self.queue: queue.Queue[_Request] = queue.Queue()
         threading.Thread(target=self._loop, daemon=True, name=f"batcher-{model.name}").start()
 
     def submit(self, ids: list[int], s: Sampling) -> Output:
         from concurrent.futures import Future
 
         future: Future[Output] = Future()
-        self.queue.put((ids, s, future))
+        self.queue.put(_Request(ids, s, future=future))
         return future.result()
 
-    def _loop(self) -> None:
+    def pieces(self, ids: list[int], s: Sampling, cancel: threading.Event, produced: dict[str, int]) -> Iterator[str]:
+        """A stream's text as its tokens come from the batch (a character split across tokens waits for the rest)."""
+        import queue
+
+        tokens: queue.Queue[Any] = queue.Queue()
+        self.queue.put(_Request(ids, s, tokens=tokens, cancel=cancel))
+        new: list[int] = []
+        sent = ""
+        try:
+            while (item := tokens.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                new.append(item)
+                produced["n"] = len(new)
+                text = self.model.tokenizer.decode(new, skip_special_tokens=True)
+                if len(text) > len(sent) and not text.endswith("\ufffd"):
+                    yield text[len(sent):]
+                    sent = text
+        finally:
+            cancel.set()  # leaves the batch at the next step if it has not yet
+
+    def _take(self, idle: bool, room: int) -> list[_Request]:
+        """Requests waiting to join: when idle, block for one and linger `wait` for more; else take what is there."""
         import queue
         import time
 
-        while True:
-            batch = [self.queue.get()]
+        fresh: list[_Request] = []
+        if idle:
+            fresh.append(self.queue.get())
             deadline = time.monotonic() + self.wait
-            while len(batch) < self.size:
-                left = deadline - time.monotonic()
+            while len(fresh) < room and (left := deadline - time.monotonic()) > 0:
                 try:
-                    batch.append(self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait())
+                    fresh.append(self.queue.get(timeout=left))
                 except queue.Empty:
                     break
-            self.largest = max(self.largest, len(batch))
+        while len(fresh) < room:
             try:
-                outputs = self._run(batch)
-            except BaseException as exc:  # noqa: BLE001 (handed to every waiting request)
-                for _, _, future in batch:
-                    future.set_exception(exc)
-                continue
-            for (_, _, future), out in zip(batch, outputs):
-                future.set_result(out)
+                fresh.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return fresh
 
-    def _run(self, batch: list[tuple[list[int], Sampling, Any]]) -> list[Output]:
+    def _loop(self) -> None:
+        active: list[_Request] = []
+        cache: Any = None
+        mask: Any = None
+        while True:
+            fresh = self._take(not active, self.size - len(active))
+            try:
+                if fresh:  # newcomers get their first token from the prefill, and join
+                    self.joined_running += len(fresh) if active else 0
+                    cache, mask = self._join(cache, mask, fresh)
+                    active += fresh
+                    self.largest = max(self.largest, len(active))
+                    active, cache, mask = self._retire(active, cache, mask)
+                if active:  # one more token for everybody
+                    self._step(active, cache, mask)
+                    mask = self._grow(mask)
+                    active, cache, mask = self._retire(active, cache, mask)
+                self.in_flight = len(active)
+            except BaseException as exc:  # noqa: BLE001 (handed to every request in flight)
+                for r in active + [r for r in fresh if r not in active]:
+                    r.fail(exc)
+                active, cache, mask = [], None, None
+
+    def _pick(self, logits: Any, reqs: list[_Request]) -> None:
+        """The greedy next token of each request (the end-of-text token held off until `min_tokens`)."""
+        eos = self.model.tokenizer.eos_token_id
+        for r, row in zip(reqs, logits):
+            if eos is not None and len(r.new) < r.s.min_tokens:
+                row[eos] = float("-inf")
+            r.new.append(int(row.argmax()))
+            if r.tokens is not None:
+                r.tokens.put(r.new[-1])
+
+    def _forward(self, input_ids: Any, mask: Any, cache: Any) -> Any:
         import torch
 
-        m = self.model
-        width = max(len(ids) for ids, _, _ in batch)
-        pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _, _ in batch])
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in batch])
-        most = max(s.max_tokens for _, s, _ in batch)
-        with m.lock, torch.no_grad():
-            out = m.model.generate(input_ids=input_ids, attention_mask=mask,
-                                   **m._kwargs(Sampling(max_tokens=most), threading.Event()))
-        return [m.output(ids, out[i, width:].tolist(), s) for i, (ids, s, _) in enumerate(batch)]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        with self.model.lock, torch.no_grad():
+            out = self.model.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                   past_key_values=cache, use_cache=True)
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+    def _join(self, cache: Any, mask: Any, fresh: list[_Request]) -> tuple[Any, Any]:
+        """Prefill the newcomers' prompts together and merge their cache into the running one (left-padded)."""
+        import torch
+        from transformers import DynamicCache
+
+        pad = self.model.tokenizer.pad_token_id if self.model.tokenizer.pad_token_id is not None else 0
+        width = max(len(r.ids) for r in fresh)
+        ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in fresh])
+        new_mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in fresh])
+        logits, new_cache = self._forward(ids, new_mask, DynamicCache())
+        self._pick(logits, fresh)
+        if cache is None:
+            return new_cache, new_mask
+        length = max(mask.shape[1], new_mask.shape[1])
+
+        def left(t: Any, n: int) -> Any:  # pad dimension 2 (keys, values) or 1 (mask) on the left to n
+            dim = 2 if t.dim() == 4 else 1
+            if t.shape[dim] == n:
+                return t
+            shape = list(t.shape)
+            shape[dim] = n - t.shape[dim]
+            return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)
+
+        layers = [(torch.cat([left(a.keys, length), left(b.keys, length)]),
+                   torch.cat([left(a.values, length), left(b.values, length)]))
+                  for a, b in zip(cache.layers, new_cache.layers)]
+        return DynamicCache(ddp_cache_data=layers), torch.cat([left(mask, length), left(new_mask, length)])
+
+    def _step(self, active: list[_Request], cache: Any, mask: Any) -> None:
+        """One token for every request in flight."""
+        import torch
+
+        last = torch.tensor([[r.new[-1]] for r in active])
+        logits, _ = self._forward(last, self._grow(mask), cache)
+        self._pick(logits, active)
+
+    @staticmethod
+    def _grow(mask: Any) -> Any:
+        import torch
+
+        return torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
+
+    def _done(self, r: _Request) -> bool:
+        eos = self.model.tokenizer.eos_token_id
+        if r.new[-1] == eos or len(r.new) >= r.s.max_tokens or (r.cancel is not None and r.cancel.is_set()):
+            return True
+        return stopped(self.model.tokenizer.decode(r.new[-16:], skip_special_tokens=True), self.model.stops + list(r.s.stop))
+
+    def _retire(self, active: list[_Request], cache: Any, mask: Any) -> tuple[list[_Request], Any, Any]:
+        """Answer the finished requests and drop their rows (and columns no one attends to any more)."""
+        import torch
+
+        keep = [i for i, r in enumerate(active) if not self._done(r)]
+        for i, r in enumerate(active):
+            if i not in keep:
+                r.finish(lambda r=r: self.model.output(r.ids, r.new, r.s))
+        if not keep:
+            return [], None, None
+        if len(keep) < len(active):
+            cache.batch_select_indices(torch.tensor(keep))
+            mask = mask[keep]
+        used = int(mask.any(dim=0).int().argmax())  # the first column some row attends to
+        if used > 0:
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, used:], layer.values[:, :, used:]
+            mask = mask[:, used:]
+        return [active[i] for i in keep], cache, mask
 
 
 def batching(models: dict[str, Model], config: ServeConfig) -> dict[str, Model]:
     """Give each model a batcher (serve.batch_size > 1)."""
     if config.batch_size > 1:
         for model in models.values():
-            if model.batcher is None:
+            if model.batcher is None and model.batchable:
                 model.batcher = Batcher(model, config.batch_size, config.batch_wait_ms / 1000)
     return models
+
+
+def stopped(tail: str, stops: list[str]) -> bool:
+    """Whether the last tokens of an answer (decoded) hold a stop string: generation ends there."""
+    return any(x in tail for x in stops)
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -319,6 +498,8 @@ def load_models(build: Any, variants: list[Variant]) -> dict[str, Model]:
     r = build.loaded.recipe
     if r.model is None:
         raise RunnerError(f"{build.loaded.path} has no model: section to serve")
+    if r.serve.engine == "llama_cpp":
+        return {f"{build.loaded.name}-gguf": _gguf_model(build)}
     needed = ["tokenizer", "train"] + (["merge"] if "merged" in variants else [])
     arts = {}
     have = api.built(build)
@@ -350,3 +531,38 @@ def load_models(build: Any, variants: list[Variant]) -> dict[str, Model]:
         out[name] = Model(name, r.data.prompt.template if r.data else "plain", model, tok, precision=precision,
                           quantized_layers=quantized)
     return out
+
+
+def _gguf_model(build: Any) -> Model:
+    from runner import api
+    from runner.llama_engine import load
+
+    r = build.loaded.recipe
+    if r.package is None or "gguf" not in r.package.formats:
+        raise RunnerError(f"serve.engine llama_cpp serves the package's GGUF: add package: {{formats: [gguf], ...}} to "
+                          f"{build.loaded.path} and apply")
+    have = api.built(build)
+    if "package" not in have or "merge" not in have:
+        raise RunnerError(f"the package of {build.loaded.path} is not built: run `runner apply {build.loaded.path}`")
+    gguf = have["package"].file(f"model-{r.package.gguf_type}.gguf")
+    name = f"{build.loaded.name}-gguf"
+    return load(name, gguf, have["merge"].file("model"), r.data.prompt.template if r.data else "plain",
+                n_ctx=r.serve.n_ctx)
+
+
+def vllm_command(build: Any, host: str, port: int) -> list[str]:
+    """The vLLM server `serve.engine: vllm` launches on a GPU host: the merged model, its name, the recipe's limits
+    (vLLM's OpenAI server; its `--api-key` guards it as runner's token does)."""
+    from runner import api
+
+    have = api.built(build)
+    if "merge" not in have:
+        raise RunnerError(f"serve.engine vllm serves the merged model: add merged to serve.models and apply "
+                          f"{build.loaded.path}")
+    r = build.loaded.recipe
+    cmd = ["vllm", "serve", str(have["merge"].file("model")), "--served-model-name", f"{build.loaded.name}-merged",
+           "--host", host, "--port", str(port), "--max-num-seqs", str(r.serve.batch_size),
+           "--generation-config", "vllm"]
+    if r.model is not None and r.model.precision in ("bf16", "fp16"):
+        cmd += ["--dtype", {"bf16": "bfloat16", "fp16": "float16"}[r.model.precision]]
+    return cmd

@@ -371,3 +371,23 @@ def test_human_bot_prompt_ends_where_h2ogpt_ends_it(tmp_path: Path) -> None:
     for r in rows:
         apart = tok.encode(r["prompt"]).ids + tok.encode(r["completion"]).ids
         assert apart == tok.encode(r["prompt"] + r["completion"]).ids
+
+
+@pytest.mark.parametrize("template", ["human_bot", "plain"])
+def test_packaged_chat_template_prompts_as_training_did(tmp_path: Path, template: str) -> None:
+    """The chat template saved beside packaged models renders each real multi-turn OpenAssistant prompt exactly as
+    the format step wrote it for training."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from runner.steps.prompts import CHAT_TEMPLATES
+
+    b, _ = apply(tmp_path, f"data:\n  sources: [{{name: o, format: oasst, path: {OASST / 'oasst_en_100.trees.jsonl'}}}]\n"
+                           f"  prompt: {{template: {template}}}\n")
+    rows = query(b, "select f.prompt, s.turns from format f join source_o s using (id)")
+    assert len(rows) > 100 and sum(len(r["turns"]) > 2 for r in rows) > 50
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()))
+    tok.chat_template = CHAT_TEMPLATES[template]
+    for r in rows:
+        messages = [{"role": t["role"], "content": t["text"]} for t in r["turns"][:-1]]
+        assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == r["prompt"]

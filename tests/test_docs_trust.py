@@ -5,7 +5,6 @@ Expected numbers come from code written here (numpy, csv, json)."""
 
 from __future__ import annotations
 
-import ast
 import csv
 import json
 import os

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -37,8 +36,9 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path: Path, hidde
     path = tiny(tmp_path, hidden, layers, seq, batch)
     env_cache = tmp_path / "c"
     assert run_subprocess("apply", str(path), "--target", "tokenize", cache=env_cache).returncode == 0
-    code = ("import resource, sys; from runner.cli.main import main; main(['apply', sys.argv[1], '--target', 'train']);"
-            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across exec on Linux)
+    code = ("import sys; from runner.cli.main import main; main(['apply', sys.argv[1], '--target', 'train']);"
+            "print('PEAK', next(x.split()[1] for x in open('/proc/self/status') if x.startswith('VmHWM')))")
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT,
                           env={**__import__("os").environ, "RUNNER_CACHE": str(env_cache)})
     assert proc.returncode == 0, proc.stderr[-2000:]

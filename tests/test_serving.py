@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -210,8 +211,8 @@ def long_server(server: str) -> Iterator[tuple[str, dict]]:
     models = load_models(build, ["tuned"])
     model = models["tiny-tuned"]
     plain = model._kwargs
-    model._kwargs = lambda s, cancel: {**plain(s, cancel), "min_new_tokens": s.max_tokens}  # type: ignore[method-assign]
-    config = ServeConfig(max_tokens=1500, max_body_bytes=2_000_000)
+    model._kwargs = lambda s, cancel, start: {**plain(s, cancel, start), "min_new_tokens": s.max_tokens}  # type: ignore[method-assign]
+    config = ServeConfig(max_tokens=1500, max_body_bytes=2_000_000, batch_size=1)  # no batcher: _kwargs is the path
     url, srv = start(create_app(models, config))
     yield url, models
     srv.should_exit = True  # type: ignore[attr-defined]
@@ -430,6 +431,84 @@ def test_concurrent_greedy_requests_are_batched_and_answer_as_alone(server: str)
     assert model.batcher is not None and model.batcher.largest > 1, "requests that arrived together ran together"
     assert [a["text"] for a in answers] == [o.text for o in alone]
     assert [a["finish_reason"] for a in answers] == [o.finish_reason for o in alone]
+
+
+def test_min_tokens_holds_off_the_end_of_text(server: str) -> None:
+    body = {"model": "tiny-tuned", "prompt": "Hello", "max_tokens": 12, "min_tokens": 12}
+    r = httpx.post(f"{server}/v1/completions", headers=auth(), json=body, timeout=60).json()
+    plain = httpx.post(f"{server}/v1/completions", headers=auth(), json={**body, "min_tokens": 0}, timeout=60).json()
+    assert plain["usage"]["completion_tokens"] == 1, "this tiny model ends its answer at once"
+    assert r["usage"]["completion_tokens"] == 12 and r["choices"][0]["finish_reason"] == "length"
+    r = httpx.post(f"{server}/v1/completions", headers=auth(), json={**body, "min_tokens": 13}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+
+
+def test_requests_joining_a_running_batch_get_what_they_would_alone(server: str) -> None:
+    """Continuous batching: requests of different lengths arrive while others generate, join between token steps,
+    and leave when done; each answer is the one it gets alone, token for token."""
+    import random
+
+    from runner.serving import Batcher, Sampling, load_models
+
+    build = api.load(SERVED["recipe"], cache_dir=SERVED["cache"])
+    model = load_models(build, ["tuned"])["tiny-tuned"]
+    rng = random.Random(7)
+    words = [w for w in (ROOT / "recipes" / "data" / "sample.oasst.jsonl").read_text().split() if w.isalpha()]
+    jobs = [(" ".join(rng.choices(words, k=rng.randint(1, 40))), rng.randint(1, 30), rng.randint(0, 30))
+            for _ in range(24)]
+    samplings = [Sampling(max_tokens=n, min_tokens=min(n, m)) for _, n, m in jobs]
+    alone = [model.generate(p, s) for (p, _, _), s in zip(jobs, samplings)]
+    assert len({o.completion_tokens for o in alone}) > 5, "answers of many lengths"
+    batcher = Batcher(model, size=6, wait=0.0)
+
+    def ask(i: int) -> Any:
+        time.sleep(0.02 * i)  # staggered: most arrive while others are generating
+        return batcher.submit(model.encode(jobs[i][0], jobs[i][1]), samplings[i])
+
+    with ThreadPoolExecutor(24) as pool:
+        together = list(pool.map(ask, range(len(jobs))))
+    assert batcher.joined_running > 5 and batcher.largest > 1
+    for a, b in zip(together, alone):
+        assert (a.text, a.completion_tokens, a.finish_reason) == (b.text, b.completion_tokens, b.finish_reason)
+
+
+def test_streams_and_whole_answers_share_the_batch(server: str) -> None:
+    """Greedy streams run in the batch beside whole answers: each stream's text is its whole answer alone, and a
+    stream abandoned halfway leaves the batch (the others still finish)."""
+    from runner.serving import Batcher, Sampling, load_models
+
+    build = api.load(SERVED["recipe"], cache_dir=SERVED["cache"])
+    model = load_models(build, ["tuned"])["tiny-tuned"]
+    prompts = ["The Nile", "Bread is made of", "Paris", "A spider has eight", "Cats and dogs", "Hello there"]
+    samplings = [Sampling(max_tokens=10 + 3 * i, min_tokens=5 + 3 * i) for i in range(len(prompts))]
+    alone = [model.generate(p, s) for p, s in zip(prompts, samplings)]
+    model.batcher = Batcher(model, size=8, wait=0.0)
+
+    def ask(i: int) -> Any:
+        time.sleep(0.01 * i)
+        if i % 2:
+            return model.generate(prompts[i], samplings[i])
+        done: dict[str, Any] = {}
+        return "".join(model.stream(prompts[i], samplings[i], done=done)), done
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(ask, range(len(prompts))))
+    assert model.batcher.largest > 1
+    for i, (g, a) in enumerate(zip(got, alone)):
+        if i % 2:
+            assert (g.text, g.completion_tokens) == (a.text, a.completion_tokens)
+        else:
+            text, done = g
+            assert (text, done["completion_tokens"], done["finish_reason"]) == \
+                (a.text, a.completion_tokens, a.finish_reason)
+    stream = model.stream("The Nile", Sampling(max_tokens=200, min_tokens=200))
+    next(stream)
+    stream.close()  # a client gone: the request leaves the batch within a step
+    deadline = time.time() + 5
+    while model.batcher.in_flight and time.time() < deadline:
+        time.sleep(0.01)
+    assert model.batcher.in_flight == 0
+    assert model.generate(prompts[1], samplings[1]).text == alone[1].text
 
 
 def test_sigterm_after_dropped_streams_shuts_down(server: str) -> None:

@@ -217,16 +217,20 @@ def test_two_nodes_of_one_process_train_what_one_node_of_two_does(tmp_path: Path
              for rank in (0, 1)]
     outs = [n.communicate(timeout=300) for n in nodes]
     assert all(n.returncode == 0 for n in nodes), [err[-2000:] for _, err in outs]
-    weights = one_node.file("adapter/adapter_model.safetensors").read_bytes()
-    keys = set()
+    keys, hashes = set(), set()
     for rank, (out, _) in enumerate(outs):
         key = next(s["key"] for s in json.loads(out)["steps"] if s["step"] == "train")
         keys.add(key)
-        art = tmp_path / f"node{rank}" / "artifacts" / key[:2] / key / "data"
-        assert (art / "adapter" / "adapter_model.safetensors").read_bytes() == weights, f"node {rank}"
-        assert json.loads((art / "train_result.json").read_text())["metrics"]["world_size"] == 2
-        assert [p.name for p in (art / "ranks").iterdir()] == [f"rank{rank}.json"]
+        art = tmp_path / f"node{rank}" / "artifacts" / key[:2] / key
+        hashes.add(json.loads((art / "manifest.json").read_text())["output_hash"])
+        files = sorted(str(p.relative_to(art / "data")) for p in (art / "data").rglob("*") if p.is_file())
+        assert files == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "loss.png",
+                         "ranks/rank0.json", "ranks/rank1.json", "train_result.json"]
+        for f in files:  # the weights, the losses, every rank's hash; the plot's title names its own key
+            if f != "loss.png":
+                assert (art / "data" / f).read_bytes() == one_node.file(f).read_bytes(), (rank, f)
     assert len(keys) == 1, "where a node is and which one it is are not part of the key"
+    assert len(hashes) == 1, "every node holds the same artifact"
 
 
 def test_multi_node_recipe_errors(tmp_path: Path, cli) -> None:
@@ -477,3 +481,19 @@ def test_hub_base_adapter_names_the_hub_id_and_commit(tmp_path: Path) -> None:
             "m = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1]); print(type(m).__name__, m.peft_config['default'].revision)")
     proc = subprocess.run([sys.executable, "-c", load, str(adapter)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and proc.stdout.split()[-2:] == ["PeftModelForCausalLM", commit], proc.stderr[-2000:]
+
+
+def test_vllm_engine_says_what_it_would_run(tmp_path: Path) -> None:
+    """serve.engine vllm (GPU hosts): the merged model handed to vLLM's server; here, with no vLLM, one clear error
+    carrying the command it would run."""
+    from runner.serving import vllm_command
+
+    path = recipe(tmp_path, steps=2, extra="serve: {engine: vllm, batch_size: 32}\n")
+    b = api.load(path, cache_dir=tmp_path / "c")
+    assert "merge" in b.graph.nodes and api.apply(b).ok
+    cmd = vllm_command(b, "0.0.0.0", 8001)
+    assert cmd[:3] == ["vllm", "serve", str(api.artifact(b, "merge").file("model"))]
+    assert cmd[cmd.index("--served-model-name") + 1] == "t-merged" and cmd[cmd.index("--max-num-seqs") + 1] == "32"
+    proc = run_subprocess("serve", str(path), "--port", "0", cache=tmp_path / "c")
+    assert proc.returncode == 1 and "serve.engine vllm needs vLLM" in proc.stderr
+    assert "it would run: vllm serve " in proc.stderr and "--served-model-name t-merged" in proc.stderr

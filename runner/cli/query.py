@@ -28,7 +28,6 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from runner import api
-
     from runner.errors import UsageError
 
     if not args.question.strip():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from runner.cli.common import console, recipe_args
 
@@ -12,9 +13,10 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        description="Endpoints: /v1/models, /v1/chat/completions and /v1/completions (stream: true for "
                                    "SSE), /v1/embeddings, /v1/search, and document chat as model NAME-VARIANT+docs when "
                                    "the recipe has an index (a recipe with only an index serves embeddings and search). "
-                                   "Requests are served one at a time per model (others queue). The recipe's serve: "
-                                   "section sets host, port, variants, limits and the bearer token. Each request is "
-                                   "logged to stderr (method, path, status, latency, tokens; never bodies).",
+                                   "Greedy requests to one model share continuous batches (serve.batch_size); sampled, "
+                                   "seeded and logprobs requests run one at a time. The recipe's serve: section sets "
+                                   "host, port, variants, limits and the bearer token. Each request is logged to stderr "
+                                   "(method, path, status, latency, tokens; never bodies).",
                        epilog="example: RUNNER_SERVE_TOKEN=secret runner serve recipes/quickstart.yaml --port 8000  "
                               "then  OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='secret')")
     recipe_args(p)
@@ -40,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from runner.errors import RunnerError
 
     builds = [load(args)] + [api.load(r, cache_dir=args.cache_dir, cache_remote=args.cache_remote) for r in args.also]
+    if builds[0].loaded.recipe.serve.engine == "vllm":
+        return launch_vllm(builds[0], args)
     app, config = api.serve_app(builds, token=args.token)
     host, port = args.host or config.host, args.port if args.port is not None else config.port
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -58,3 +62,26 @@ def run(args: argparse.Namespace) -> int:
                                            timeout_keep_alive=15))
     server.run(sockets=[sock])
     return 0
+
+
+def launch_vllm(build: Any, args: argparse.Namespace) -> int:
+    """serve.engine vllm: hand the merged model to vLLM's own OpenAI server (GPU hosts); the token travels in
+    VLLM_API_KEY, never on the command line."""
+    import os
+    import shlex
+    import shutil
+
+    from runner.errors import RunnerError
+    from runner.serving import vllm_command
+
+    config = build.loaded.recipe.serve
+    cmd = vllm_command(build, args.host or config.host, args.port if args.port is not None else config.port)
+    if shutil.which(cmd[0]) is None:
+        raise RunnerError("serve.engine vllm needs vLLM (a GPU host with `pip install vllm`); it would run: "
+                          + shlex.join(cmd))
+    token = args.token or os.environ.get("RUNNER_SERVE_TOKEN") or (os.environ.get(config.token_env)
+                                                                   if config.token_env else None)
+    env = {**os.environ, **({"VLLM_API_KEY": token} if token else {})}
+    console(stderr=True).print(f"launching: {shlex.join(cmd)}")
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached

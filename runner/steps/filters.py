@@ -16,6 +16,7 @@ from runner.steps.filter_base import FIELD_SQL, FieldName, FilterBase, sql_liter
 from runner.steps.filters_python import CompressionFilter, LanguageFilter, NearDedupFilter, SimilarityFilter
 from runner.steps.reasons import why
 
+
 class SqlFilter(FilterBase):
     """Keep rows for which a DuckDB SQL predicate is true (columns: id, source, turns, score, lang, group_id, tools)."""
 

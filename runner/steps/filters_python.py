@@ -64,9 +64,9 @@ class NearDedupFilter(FilterBase):
         return {" ".join(words[j : j + self.ngram]) for j in range(max(1, len(words) - self.ngram + 1))}
 
     def python(self, ctx: StepContext, table: Any) -> list[Any]:
-        from datasketch import MinHash, MinHashLSH
-
         from functools import lru_cache
+
+        from datasketch import MinHash, MinHashLSH
 
         lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
         out: list[Any] = []

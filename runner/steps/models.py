@@ -145,8 +145,9 @@ def build_config(fc: FromConfig, vocab_size: int, bos: int | None, eos: int | No
               "num_attention_heads": fc.heads, "bos_token_id": bos, "eos_token_id": eos}
     if fc.architecture == "falcon":
         # Falcon-7B's layout: multi-query attention, parallel attention/MLP, no biases
-        return FalconConfig(**common, multi_query=True, parallel_attn=True, bias=False, new_decoder_architecture=False,
-                            ffn_hidden_size=inter, max_position_embeddings=fc.max_positions)
+        # (num_kv_heads=1 says multi-query in the field llama.cpp's converter reads; transformers reads multi_query)
+        return FalconConfig(**common, multi_query=True, num_kv_heads=1, parallel_attn=True, bias=False,
+                            new_decoder_architecture=False, ffn_hidden_size=inter, max_position_embeddings=fc.max_positions)
     if fc.architecture == "gpt_neox":
         return GPTNeoXConfig(**common, intermediate_size=inter, max_position_embeddings=fc.max_positions)
     return LlamaConfig(**common, intermediate_size=inter, num_key_value_heads=fc.heads,

@@ -19,7 +19,8 @@ import json
 import shutil
 import subprocess
 import sys
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -33,13 +34,17 @@ class PackageConfig(Params):
 
     formats: list[Literal["adapter", "merged", "gguf"]] = Field(default_factory=lambda: ["adapter", "merged"], min_length=1)
     gguf_converter: str | None = Field(None, description="path to llama.cpp's convert_hf_to_gguf.py (for gguf)")
-    gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q4_K_M"] = Field(
+        "f16", description="f32/f16/bf16/q8_0 are written by the converter; q4_K_M by llama.cpp's quantizer "
+                           "(llama-cpp-python) from f16")
 
     @model_validator(mode="after")
     def _gguf_needs_converter(self) -> PackageConfig:
         if "gguf" in self.formats and self.gguf_converter is None:
-            raise ValueError("gguf needs gguf_converter: the path to llama.cpp's convert_hf_to_gguf.py "
-                             "(runner does not download it)")
+            raise ValueError("gguf needs gguf_converter: the path to llama.cpp's convert_hf_to_gguf.py; runner "
+                             "does not download it. It ships in llama-cpp-python's source distribution: `pip download "
+                             "llama-cpp-python --no-binary :all: --no-deps`, unpack it, and name "
+                             "vendor/llama.cpp/convert_hf_to_gguf.py")
         return self
 
     def external_paths(self) -> dict[str, str]:
@@ -55,6 +60,9 @@ class PackageParams(Params):
 @step("package", version="2", params=PackageParams, libs=("torch", "transformers", "peft", "safetensors"),
       reproducible=False)
 def package(ctx: StepContext) -> None:
+    from runner.steps.quiet import quiet_ml
+
+    quiet_ml()
     from runner.steps.models import BaseRef, save_tokenizer
     from runner.steps.trainer import base_path
 
@@ -78,10 +86,89 @@ def package(ctx: StepContext) -> None:
     if "merged" in p.package.formats:
         shutil.copytree(merged, ctx.out / "merged")  # type: ignore[arg-type]
     if "gguf" in p.package.formats:
-        script = ctx.files[p.package.gguf_converter]  # type: ignore[index]
         out = ctx.out / f"model-{p.package.gguf_type}.gguf"
-        proc = subprocess.run([sys.executable, str(script), str(merged), "--outfile", str(out),
-                               "--outtype", p.package.gguf_type], capture_output=True, text=True)
-        if proc.returncode != 0 or not out.exists():
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise StepError(f"GGUF conversion failed (the converter decides which architectures it supports):\n{tail}")
+        convert(ctx.files[p.package.gguf_converter], merged, out, p.package.gguf_type)  # type: ignore[index, arg-type]
+        ctx.metrics["gguf"] = check_gguf(ctx.files[p.package.gguf_converter], out, merged)  # type: ignore[index, arg-type]
+
+
+def convert(script: Path, merged: Path, out: Path, kind: str) -> None:
+    """llama.cpp's converter (through `runner.steps.gguf`); q4_K_M is quantized from f16 by llama.cpp itself."""
+    first = out.with_name("model-f16.gguf.tmp") if kind == "q4_K_M" else out
+    proc = subprocess.run([sys.executable, "-m", "runner.steps.gguf", str(script), str(merged), str(first),
+                           "f16" if kind == "q4_K_M" else kind], capture_output=True, text=True)
+    if proc.returncode != 0 or not first.exists():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise StepError(f"GGUF conversion failed (the converter decides which architectures it supports):\n{tail}")
+    if kind == "q4_K_M":
+        llama_cpp = _llama_cpp()
+        if llama_cpp is None:
+            raise StepError("gguf_type q4_K_M needs llama.cpp's quantizer: pip install 'runner[gguf]' "
+                            "(llama-cpp-python)")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+        if llama_cpp.llama_model_quantize(str(first).encode(), str(out).encode(), params) != 0:
+            raise StepError("llama.cpp could not quantize the model to q4_K_M")
+        first.unlink()
+
+
+_QUIET: list[Any] = []  # llama.cpp's log callback, kept alive
+
+
+def _llama_cpp() -> Any:
+    """llama-cpp-python with llama.cpp's own log lines off the console, or None when it is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    if not _QUIET:
+        _QUIET.append(llama_cpp.llama_log_callback(lambda level, text, data: None))
+        llama_cpp.llama_log_set(_QUIET[0], None)
+    return llama_cpp
+
+
+PROMPTS = ["<human>: What is the capital of France?\n<bot>:", "<human>: Tell me a story about a dog.\n<bot>:",
+           "The quick brown fox", "<human>: How do I bake bread?\n<bot>:"]
+
+
+def check_gguf(script: Path, path: Path, merged: Path, tokens: int = 16) -> dict[str, Any]:
+    """What the GGUF holds (read with llama.cpp's gguf-py), and, when llama-cpp-python is installed, whether
+    llama.cpp runs it: its tokenizer against transformers', and greedy tokens against transformers' on the
+    same prompt ids (a share: quantized types may part on near ties)."""
+    sys.path.insert(0, str(script.parent / "gguf-py"))
+    try:
+        from gguf import GGUFReader
+    finally:
+        sys.path.remove(str(script.parent / "gguf-py"))
+    reader = GGUFReader(str(path))
+    kinds = sorted({t.tensor_type.name for t in reader.tensors})
+    facts: dict[str, Any] = {"file": path.name, "tensors": len(reader.tensors), "tensor_types": kinds}
+    llama_cpp = _llama_cpp()
+    if llama_cpp is None:
+        facts["llama_cpp_check"] = "not run: llama-cpp-python is not installed (pip install 'runner[gguf]')"
+        return facts
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False, seed=0)
+    same_tokens = agree = total = 0
+    for prompt in PROMPTS:
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        same_tokens += llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+        ref, seq = [], list(ids)
+        with torch.no_grad():  # greedy by hand: the arg-max every step, end-of-text included, as llama.cpp does
+            for _ in range(tokens):
+                ref.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+                seq.append(ref[-1])
+        llm.reset()
+        got = []
+        for t in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            got.append(int(t))
+            if len(got) == tokens:
+                break
+        agree += sum(a == b for a, b in zip(got, ref))
+        total += tokens
+    facts.update({"llama_cpp_check": "ran", "prompts": len(PROMPTS), "tokenizer_agrees": same_tokens == len(PROMPTS),
+                  "greedy_agreement": round(agree / total, 4)})
+    return facts

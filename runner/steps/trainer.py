@@ -13,8 +13,8 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from runner.registry import StepContext, StepError
@@ -273,11 +273,18 @@ def _run(job: dict[str, Any], progress: Any) -> None:
         raise StepError("FSDP was asked for but accelerate did not enable it on this hardware; use strategy: ddp")
     resume = last_checkpoint(scratch)
     trainer.train(resume_from_checkpoint=resume)
-    digest = lora_digest(model)
-    (out / "ranks").mkdir(parents=True, exist_ok=True)
-    (out / "ranks" / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "lora_sha256": digest}))
+    digests = [{"rank": rank, "lora_sha256": lora_digest(model)}]
+    if world > 1:  # every node records every rank's hash, so all nodes hold the same artifact
+        import torch.distributed as dist
+
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, digests[0])
+        digests = everyone
     if local_rank != 0:
         return
+    (out / "ranks").mkdir(parents=True, exist_ok=True)
+    for d in digests:
+        (out / "ranks" / f"rank{d['rank']}.json").write_text(json.dumps(d))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
     # facts about this run (how long, resumed or not) go to the manifest only, never into the artifact's

@@ -123,9 +123,8 @@ def make_tokenizer(ctx: StepContext) -> None:
     p: TokenizerParams = ctx.params
     out = ctx.out / "tokenizer"
     if p.tokenizer is not None and p.tokenizer.train is not None:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
         import duckdb
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         from runner.steps.tables import open_input
 
@@ -159,7 +158,7 @@ def make_tokenizer(ctx: StepContext) -> None:
     ctx.metrics["vocab_size"] = len(fast)
 
 
-@step("model.init", version="1", params=InitParams, libs=("torch", "transformers", "safetensors"))
+@step("model.init", version="2", params=InitParams, libs=("torch", "transformers", "safetensors"))
 def init_model(ctx: StepContext) -> None:
     """A model from a config with seeded random init, saved as safetensors (no download)."""
     from runner.steps.quiet import quiet_ml
@@ -258,7 +257,7 @@ class MergeParams(Params):
     template: Literal["human_bot", "plain", "chat"] = Field(description="the prompt format, for the chat template")
 
 
-@step("merge", version="2", params=MergeParams, libs=("torch", "transformers", "peft", "safetensors"), reproducible=False)
+@step("merge", version="3", params=MergeParams, libs=("torch", "transformers", "peft", "safetensors"), reproducible=False)
 def merge(ctx: StepContext) -> None:
     """The base model with the trained adapter merged in (fp32 or bf16/fp16 weights), as safetensors, with
     the tokenizer and a chat template that prompts it as it was trained. `package` and `serve` use it."""

@@ -1,0 +1,114 @@
+"""`serve.engine: llama_cpp`: the package's GGUF run by llama.cpp (llama-cpp-python's Python API) behind
+runner's own server, so auth, limits, the OpenAI surface and error shapes are the built-in engine's.
+
+Prompts are rendered and counted with the recipe's tokenizer (the package's `gguf` check holds llama.cpp's
+tokenizer equal to it), token ids go to llama.cpp, and the answer is cut and counted as the built-in engine
+does (`Model.output`). One generation at a time per model; a stream stops within one token of a cancel.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runner.serving import Model, NotSupported, Output, Sampling, stopped
+
+
+@dataclass
+class LlamaCppModel(Model):
+    batchable: bool = False
+
+    @property
+    def context(self) -> int | None:
+        return int(self.model.n_ctx())
+
+    def _tokens(self, ids: list[int], s: Sampling) -> Iterator[int]:
+        """llama.cpp's next tokens after `ids` (greedy, or sampled with temperature/top_p/seed)."""
+        import llama_cpp
+
+        if s.logprobs is not None:
+            raise NotSupported("logprobs are not available from serve.engine llama_cpp; use the transformers engine")
+        if s.seed is not None:
+            self.model.set_seed(s.seed % 2**32)
+        eos = self.tokenizer.eos_token_id
+        count = [0]
+
+        def hold_eos(_: Any, logits: Any) -> Any:  # min_tokens: no end-of-text before then
+            if eos is not None and count[0] < s.min_tokens:
+                logits[eos] = -float("inf")
+            return logits
+
+        processors = llama_cpp.LogitsProcessorList([hold_eos]) if s.min_tokens else None
+        kw = {"top_k": 1, "temp": 0.0} if s.greedy else {"top_k": 0, "top_p": s.top_p, "temp": s.temperature}
+        for token in self.model.generate(ids, reset=True, logits_processor=processors, **kw):
+            count[0] += 1
+            yield int(token)
+
+    def _run(self, ids: list[int], s: Sampling, cancel: threading.Event, emit: Any = None) -> list[int]:
+        stops, eos = self.stops + list(s.stop), self.tokenizer.eos_token_id
+        new: list[int] = []
+        with self.lock:
+            for token in self._tokens(ids, s):
+                new.append(token)
+                if emit is not None:
+                    emit(token)
+                if token == eos or len(new) >= s.max_tokens or cancel.is_set() or \
+                        stopped(self.tokenizer.decode(new[-16:], skip_special_tokens=True), stops):
+                    break
+        return new
+
+    def generate(self, prompt: str, s: Sampling, cancel: threading.Event | None = None) -> Output:
+        ids = self.encode(prompt, s.max_tokens)
+        return self.output(ids, self._run(ids, s, cancel or threading.Event()), s)
+
+    def _pieces(self, ids: list[int], s: Sampling, cancel: threading.Event, produced: dict[str, int]) -> Iterator[str]:
+        import queue
+
+        tokens: queue.Queue[Any] = queue.Queue()
+
+        def work() -> None:
+            try:
+                self._run(ids, s, cancel, tokens.put)
+                tokens.put(None)
+            except BaseException as exc:  # noqa: BLE001 (handed to the reader)
+                tokens.put(exc)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        new: list[int] = []
+        sent = ""
+        try:
+            while (item := tokens.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                new.append(item)
+                produced["n"] = len(new)
+                text = self.tokenizer.decode(new, skip_special_tokens=True)
+                if len(text) > len(sent) and not text.endswith("\ufffd"):
+                    yield text[len(sent):]
+                    sent = text
+        finally:
+            cancel.set()
+            thread.join()
+
+
+def load(name: str, gguf: Path, tokenizer_dir: Path, template: str, *, n_ctx: int) -> LlamaCppModel:
+    """A GGUF file as a served model (llama.cpp on all cores, `n_ctx` positions)."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from runner.steps.packaging import _llama_cpp
+
+    llama_cpp = _llama_cpp()
+    if llama_cpp is None:
+        from runner.errors import RunnerError
+
+        raise RunnerError("serve.engine llama_cpp needs llama-cpp-python: pip install 'runner[gguf]'")
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, verbose=False)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    precision = gguf.stem.removeprefix("model-")
+    return LlamaCppModel(name, template, llm, tok, precision=f"gguf {precision}")

@@ -1,0 +1,142 @@
+"""`package: gguf` with llama.cpp's own converter and runtime: every from_config architecture and the quickstart
+model convert, llama.cpp loads the file, and its greedy tokens equal transformers'.
+
+Needs the `gguf` extra (llama-cpp-python, built from source) and llama.cpp's converter, which ships in
+llama-cpp-python's source distribution: `.ci/run` installs both and sets RUNNER_GGUF_CONVERTER."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from runner import api
+from tests.conftest import ROOT
+
+CONVERTER = os.environ.get("RUNNER_GGUF_CONVERTER", "")
+pytestmark = pytest.mark.skipif(not (CONVERTER and Path(CONVERTER).is_file()
+                                     and __import__("importlib").util.find_spec("llama_cpp")),
+                                reason="needs `pip install -e .[gguf]` and RUNNER_GGUF_CONVERTER (see .ci/run)")
+SAMPLE = ROOT / "recipes" / "data" / "sample.oasst.jsonl"
+
+
+def tiny(tmp_path: Path, arch: str, kind: str) -> Path:
+    path = tmp_path / "t.yaml"
+    path.write_text(f"""
+data:
+  sources: [{{name: s, format: oasst, path: {SAMPLE}, lang: [en]}}]
+model:
+  base: {{from_config: {{architecture: {arch}, hidden_size: 64, layers: 2, heads: 4, seed: 0}}}}
+  tokenizer: {{train: {{vocab_size: 400}}}}
+lora: {{rank: 8}}
+train: {{seq_len: 64, batch_size: 8, lr: 5.0e-3, max_steps: 8}}
+package: {{formats: [gguf], gguf_converter: {CONVERTER}, gguf_type: {kind}}}
+""")
+    return path
+
+
+def quickstart(tmp_path: Path, kind: str) -> Path:
+    shutil.copytree(ROOT / "recipes", tmp_path, dirs_exist_ok=True)
+    path = tmp_path / "quickstart.yaml"
+    path.write_text(path.read_text() + f"package: {{formats: [gguf], gguf_converter: {CONVERTER}, gguf_type: {kind}}}\n")
+    return path
+
+
+def llama_greedy(gguf: Path, prompt: str, n: int) -> list[int]:
+    """llama.cpp alone: its own tokenizer, its own sampler at temperature 0."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, n_threads=2, verbose=False)
+    out = []
+    for token in llm.generate(llm.tokenize(prompt.encode(), add_bos=False, special=True), top_k=1, temp=0.0):
+        out.append(int(token))
+        if len(out) == n:
+            return out
+    return out
+
+
+def hf_greedy(model_dir: Path, prompt: str, n: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(torch.tensor([ids + out])).logits[0, -1].argmax()))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["falcon", "gpt_neox", "llama", "quickstart"])
+def test_gguf_runs_in_llama_cpp_as_in_transformers(tmp_path: Path, arch: str) -> None:
+    path = quickstart(tmp_path, "f16") if arch == "quickstart" else tiny(tmp_path, arch, "f16")
+    overrides = ["train.max_steps=40"] if arch == "quickstart" else []
+    b = api.load(path, cache_dir=tmp_path / "c", overrides=overrides)
+    result = api.apply(b)
+    assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
+    pkg = api.artifact(b, "package")
+    facts = pkg.manifest["metrics"]["gguf"]
+    assert facts["llama_cpp_check"] == "ran" and facts["tokenizer_agrees"] and facts["greedy_agreement"] == 1.0
+    assert "F16" in facts["tensor_types"] and facts["tensors"] > 10
+    merged = api.artifact(b, "merge").file("model")
+    for prompt in ("<human>: What is the capital of France?\n<bot>:", "<human>: How do I bake bread?\n<bot>:"):
+        assert llama_greedy(pkg.file("model-f16.gguf"), prompt, 12) == hf_greedy(merged, prompt, 12), prompt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, least", [("q8_0", 0.9), ("q4_K_M", 0.5)])
+def test_quantized_gguf_mostly_agrees(tmp_path: Path, kind: str, least: float) -> None:
+    b = api.load(tiny(tmp_path, "llama", kind), cache_dir=tmp_path / "c")
+    assert api.apply(b).ok
+    facts = api.artifact(b, "package").manifest["metrics"]["gguf"]
+    assert facts["llama_cpp_check"] == "ran" and facts["greedy_agreement"] >= least
+    assert {"q8_0": "Q8_0", "q4_K_M": "Q4_K"}[kind] in facts["tensor_types"]
+
+
+@pytest.mark.slow
+def test_llama_cpp_engine_behind_runners_server(tmp_path: Path) -> None:
+    """serve.engine llama_cpp: the GGUF answers through runner's server with its auth and error shapes, greedy
+    answers equal the merged model's under the transformers engine, streams equal whole answers."""
+    import httpx
+    from openai import BadRequestError, OpenAI
+
+    from runner.server import create_app
+    from runner.serving import Sampling, ServeConfig, load_models
+    from tests.test_serving import start
+
+    path = tiny(tmp_path, "llama", "f16")
+    path.write_text(path.read_text() + "serve: {engine: llama_cpp, n_ctx: 256, token_env: T}\n")
+    b = api.load(path, cache_dir=tmp_path / "c")
+    assert api.apply(b).ok
+    models = load_models(b, [])
+    assert list(models) == ["t-gguf"] and models["t-gguf"].batcher is None
+    reference = load_models(api.load(path, cache_dir=tmp_path / "c", overrides=["serve.engine=transformers"]),
+                            ["merged"])["t-merged"]
+    url, srv = start(create_app(models, ServeConfig(max_tokens=64), token="secret"))
+    try:
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        client = OpenAI(base_url=f"{url}/v1", api_key="secret")
+        for question in ("What is the capital of France?", "How do I bake bread?"):
+            messages = [{"role": "user", "content": question}]
+            want = reference.generate(reference.prompt(messages), Sampling(max_tokens=12, min_tokens=12))
+            got = client.chat.completions.create(model="t-gguf", messages=messages, max_tokens=12,
+                                                 extra_body={"min_tokens": 12})
+            assert got.choices[0].message.content == want.text and got.usage.completion_tokens == \
+                want.completion_tokens
+            streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model="t-gguf", messages=messages, max_tokens=12, stream=True, extra_body={"min_tokens": 12}))
+            assert streamed == want.text
+        with pytest.raises(BadRequestError) as err:
+            client.chat.completions.create(model="t-gguf", messages=[{"role": "user", "content": "hi"}], logprobs=True)
+        assert "logprobs" in str(err.value)
+        with pytest.raises(BadRequestError) as err:
+            client.completions.create(model="t-gguf", prompt="word " * 400, max_tokens=8)
+        assert err.value.code == "context_length_exceeded"
+    finally:
+        srv.should_exit = True  # type: ignore[attr-defined]
+
