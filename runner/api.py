@@ -14,6 +14,9 @@ from runner.graph import Graph, GraphError
 from stores.cache import Artifact, ArtifactCache, default_cache_dir
 from stores.hashing import hash_bytes
 
+__all__ = ["ApplyResult", "Build", "apply", "artifact", "built", "cached_results", "catalog_tables", "explain", "gc",
+           "load", "open_cache", "plan", "retriever", "serve_app", "sql", "table_sqls", "training_memory", "verify"]
+
 
 def open_cache(cache_dir: str | Path | None = None, remote: str | Path | None = None) -> ArtifactCache:
     """The local cache (default: $RUNNER_CACHE or ~/.cache/runner), with an optional shared one

@@ -21,6 +21,7 @@ from filelock import Timeout
 from pydantic import BaseModel
 
 from runner import registry
+from runner.errors import RunnerError
 from runner.graph import Graph, StepNode
 from runner.keypaths import flatten
 from runner.registry import StepContext, StepError
@@ -172,7 +173,9 @@ class StepResult:
     pulled: bool = False  # cached: taken from the shared cache by this apply
 
 
-class StepFailed(Exception):
+class StepFailed(RunnerError):
+    """A step failed: its own StepError, a bug (traceback in the step's log) or a refusal by the lock."""
+
     def __init__(self, name: str, message: str, *, refused: bool = False) -> None:
         super().__init__(f"step {name} failed: {message}")
         self.name = name

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner.errors import RunnerError
+
 
 @dataclass(frozen=True)
 class StepNode:
@@ -24,8 +26,10 @@ class StepNode:
     origin: str = ""
 
 
-class GraphError(Exception):
-    pass
+class GraphError(RunnerError):
+    """The steps do not form a graph (a cycle, an input no step provides)."""
+
+    exit_code = 2
 
 
 class Graph:

@@ -13,10 +13,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from runner.errors import RunnerError, UsageError
 from stores.cache import Artifact
 
 
-class StepError(Exception):
+class StepError(RunnerError):
     """A step could not run for a reason the user can fix; the message says which and how."""
 
 
@@ -136,7 +137,7 @@ def get(kind: str) -> StepSpec:
     try:
         return _REGISTRY[kind]
     except KeyError:
-        raise KeyError(f"no step kind {kind!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+        raise UsageError(f"no step kind {kind!r}; known: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def kinds() -> list[str]:

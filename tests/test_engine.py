@@ -193,3 +193,17 @@ def test_manifest_records_lineage(cache: ArtifactCache) -> None:
     assert m["lineage"]["inputs"] == [res[0].artifact.output_hash]
     assert m["lineage"]["params"] == {"modulus": 10}
     assert m["kind"] == "test.mod" and m["timings"]["seconds"] >= 0
+
+
+def test_one_exception_tree() -> None:
+    """Every error a user can see is a RunnerError (printed as one paragraph, with its exit code)."""
+    from runner.engine import StepFailed
+    from runner.errors import LockedError, RecipeError, RunnerError, UsageError
+    from runner.graph import GraphError
+    from runner.registry import StepError, get
+
+    for cls, code in ((RecipeError, 2), (UsageError, 2), (LockedError, 3), (GraphError, 2), (StepError, 1),
+                      (StepFailed, 1)):
+        assert issubclass(cls, RunnerError) and cls.exit_code == code, cls
+    with pytest.raises(UsageError, match="no step kind 'nope'"):
+        get("nope")
