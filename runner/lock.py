@@ -18,7 +18,7 @@ from runner import engine
 from runner.errors import LockedError
 from runner.graph import Graph
 from runner.keypaths import flatten
-from stores.cache import write_json_atomic
+from stores.files import write_json_atomic
 from stores.hashing import StatCache
 
 LOCK_VERSION = 1

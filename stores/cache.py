@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import Any
 from filelock import FileLock
 
 from stores.errors import StoreError
+from stores.files import fsync_path, temp_name, temp_owner, write_json_atomic
 from stores.hashing import StatCache, hash_file_uncached, hash_json
 from stores.remote import Remote
 
@@ -87,27 +87,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "runner"
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, value: Any, *, durable: bool = True) -> None:
-    """Write JSON next to `path`, fsync it (unless not `durable`: state that dies with the process),
-    rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, sort_keys=True, ensure_ascii=False)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -128,7 +107,7 @@ class ArtifactCache:
         self.pins = self.root / "pins"
         self.deep = deep  # re-read every byte of an artifact before use (apply --verify)
         self._pinned: set[str] = set()
-        self._pin_file = self.pins / f"{os.getpid()}.{secrets.token_hex(4)}.json"
+        self._pin_file = temp_name(self.pins / "pin", ".json")
         try:
             for d in (self.artifacts, self.tmp, self.locks, self.refs, self.pins):
                 d.mkdir(parents=True, exist_ok=True)
@@ -206,7 +185,7 @@ class ArtifactCache:
 
     def begin(self, key: str) -> Path:
         """A fresh temp dir for building `key`; the step writes under `<dir>/data`."""
-        tmp = self.tmp / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp = temp_name(self.tmp / key)
         (tmp / DATA).mkdir(parents=True)
         return tmp
 
@@ -218,7 +197,7 @@ class ArtifactCache:
             if f.is_symlink():
                 raise CacheError(f"step wrote a symlink {f.relative_to(data)}; artifacts hold plain files only")
             if f.is_file():
-                _fsync_path(f)
+                fsync_path(f)
                 files[f.relative_to(data).as_posix()] = {"hash": hash_file_uncached(f), "size": f.stat().st_size}
                 f.chmod(0o444)
         manifest = {
@@ -234,13 +213,13 @@ class ArtifactCache:
             fh.flush()
             os.fsync(fh.fileno())
         for d in sorted({p for p in data.rglob("*") if p.is_dir()} | {data, tmp}, key=lambda p: -len(p.parts)):
-            _fsync_path(d)
+            fsync_path(d)
         dest = self.path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists():  # a corrupt leftover: we hold the lock, so replace it
             self.remove(key)
         os.rename(tmp, dest)
-        _fsync_path(dest.parent)
+        fsync_path(dest.parent)
         return Artifact(key, dest, manifest)
 
     def abort(self, tmp: Path) -> None:
@@ -251,7 +230,7 @@ class ArtifactCache:
         path = self.path(key)
         if not path.exists():
             return
-        trash = self.tmp / f"{key}.{os.getpid()}.{secrets.token_hex(4)}.trash"
+        trash = temp_name(self.tmp / key, ".trash")
         os.rename(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -259,8 +238,7 @@ class ArtifactCache:
         """Remove builds left by processes that no longer run. Returns how many."""
         removed = 0
         for entry in self.tmp.iterdir():
-            parts = entry.name.split(".")
-            pid = int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
+            pid = temp_owner(entry.name)
             if pid is None or not _pid_alive(pid) or entry.name.endswith(".trash"):
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
                 removed += 1
@@ -278,7 +256,7 @@ class ArtifactCache:
             if self.get(dep) is None and self.pull(dep) is None:
                 self.pull_problems[key] = f"it builds on {dep[:12]}, which could not be pulled"
                 return None
-        tmp = self.tmp / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp = temp_name(self.tmp / key)
         (tmp / DATA).mkdir(parents=True)
         try:
             got = self.remote.fetch(key, tmp)
@@ -366,8 +344,8 @@ class ArtifactCache:
         """Keys pinned by running processes; pins of dead processes are removed."""
         keys: set[str] = set()
         for f in self.pins.glob("*.json"):
-            pid = f.name.split(".")[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            pid = temp_owner(f.name)
+            if pid is not None and not _pid_alive(pid):
                 f.unlink(missing_ok=True)
                 continue
             try:

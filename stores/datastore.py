@@ -13,12 +13,13 @@ has, for filters and for `runner sql`:
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import duckdb
+
+from stores.files import temp_name
 
 ROW_COLUMNS = ("id VARCHAR, source VARCHAR, turns STRUCT(role VARCHAR, text VARCHAR)[], score DOUBLE, lang VARCHAR, "
                "group_id VARCHAR, tools VARCHAR")
@@ -44,8 +45,12 @@ def connect(database: str | Path = ":memory:", *, read_only: bool = False,
     return con
 
 
-def quote_path(path: Path | str) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
+def sql_string(text: str | Path) -> str:
+    """A SQL string literal (single quotes doubled): the one way text or a path enters SQL here."""
+    return "'" + str(text).replace("'", "''") + "'"
+
+
+quote_path = sql_string
 
 
 def quote_ident(name: str) -> str:
@@ -113,7 +118,7 @@ def write_catalog(path: Path, tables: dict[str, str], root: Path) -> None:
     from stores.hashing import hash_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    tmp = temp_name(path)
     con = connect(tmp, search_path=root)
     try:
         for name, sql in sorted(tables.items()):

@@ -15,6 +15,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from stores.datastore import sql_string
+from stores.files import temp_name
+
 Metric = Literal["cosine", "l2", "ip"]
 INDEX_FILE = "index.bin"
 VECTORS_FILE = "vectors.npy"
@@ -142,7 +145,7 @@ class VectorMemo:
         con = duckdb.connect()
         try:
             con.register("wanted", _arrow_table(hashes))
-            files = "[" + ", ".join("'" + str(s).replace("'", "''") + "'" for s in shards) + "]"
+            files = "[" + ", ".join(sql_string(s) for s in shards) + "]"
             rows = con.execute(f"select distinct on (h) h, v from read_parquet({files}) semi join wanted using (h)").fetchall()
         finally:
             con.close()
@@ -155,7 +158,7 @@ class VectorMemo:
         import pyarrow.parquet as pq
 
         table = pa.table({"h": list(vectors), "v": [v.astype(np.float32).tolist() for v in vectors.values()]})
-        tmp = self.root / f".part-{os.getpid()}-{secrets.token_hex(6)}.tmp"
+        tmp = temp_name(self.root / "part.parquet")
         pq.write_table(table, tmp)
         os.replace(tmp, self.root / f"part-{secrets.token_hex(8)}.parquet")
 

@@ -14,8 +14,7 @@ FieldName = Literal["text", "prompt", "response"]
 FIELD_SQL = {"text": "text_of(turns)", "prompt": "prompt_of(turns)", "response": "response_of(turns)"}
 
 
-def sql_literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+
 
 
 class FilterBase(Params):
