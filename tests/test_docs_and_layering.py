@@ -61,3 +61,10 @@ def test_step_modules_import_heavy_libraries_lazily() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names.add(node.module.split(".")[0])
         assert not names & heavy, f"{path.name} imports {names & heavy} at module level"
+
+
+def test_engine_imports_no_step() -> None:
+    tree = ast.parse((ROOT / "runner" / "engine.py").read_text())
+    found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in found if m.startswith("runner.steps")}, found

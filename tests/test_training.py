@@ -166,6 +166,25 @@ def test_fsdp_without_gpus_is_refused_not_silently_ddp(tmp_path: Path) -> None:
     assert train.state == "failed" and "strategy fsdp needs GPUs" in (train.error or "")
 
 
+def test_deepspeed_is_configured_for_gpus_and_refused_on_cpu(tmp_path: Path) -> None:
+    """strategy deepspeed: the ZeRO config handed to transformers (GPU hosts; not run here: no GPU), and a clear
+    refusal on a CPU-only machine."""
+    import torch
+
+    from runner.steps.training import Distributed
+
+    cfg = Distributed(nproc=8, strategy="deepspeed", zero_stage=3, offload=True).deepspeed_config()
+    zero = cfg["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert cfg["train_micro_batch_size_per_gpu"] == "auto" and cfg["gradient_accumulation_steps"] == "auto"
+    assert "offload_param" not in Distributed(strategy="deepspeed", offload=True).deepspeed_config()["zero_optimization"]
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the refusal is for CPU-only machines")
+    b = api.load(recipe(tmp_path, steps=2, nproc=2), overrides=["train.distributed.strategy=deepspeed"])
+    train = next(s for s in api.apply(b).steps if s.name == "train")
+    assert train.state == "failed" and "strategy deepspeed needs GPUs" in (train.error or "")
+
+
 def _complete(checkpoint: Path) -> bool:
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())

@@ -358,9 +358,9 @@ CONVERTERS: dict[type[SourceBase], Callable[[Any, int, dict[str, Any]], dict[str
 def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
     """Parquet is typed, so it is converted in DuckDB without a Python loop, with the same rejects as
     the other table formats (missing or empty text, a repeated id)."""
-    from stores.datastore import sql_string as sql_literal
     from runner.steps.tables import finish, scalar
     from stores.datastore import connect, quote_ident, quote_path
+    from stores.datastore import sql_string as sql_literal
 
     cols = p.columns
     con = connect()

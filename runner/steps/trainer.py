@@ -72,6 +72,8 @@ def launch_distributed(job: dict[str, Any], dist: Any, scratch: Path, log: Path,
     job_file = scratch / "job.json"
     job_file.write_text(json.dumps(job))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if dist.nnodes == 1 and sys.platform == "linux":  # every rank is on this host: gloo talks over loopback,
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")   # whatever the host name resolves to
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as sink:
         with subprocess.Popen(torchrun_command(job_file, dist, job["key"]), env=env, stdout=subprocess.PIPE,
@@ -224,6 +226,7 @@ def _run(job: dict[str, Any], progress: Any) -> None:
         load_best_model_at_end=bool(t.eval_every), metric_for_best_model="eval_loss", greater_is_better=False,
         ddp_backend=("nccl" if cuda else "gloo") if world > 1 else None,
         fsdp="full_shard" if t.distributed.strategy == "fsdp" and world > 1 else "",
+        deepspeed=t.distributed.deepspeed_config() if t.distributed.strategy == "deepspeed" else None,
         # tracking through transformers' own integrations (TensorBoard's is added below, writing into the artifact)
         report_to=[r for r in t.report_to if r != "tensorboard"] or "none",
         run_name=f"train-{str(job.get('key', ''))[:12]}",

@@ -40,7 +40,22 @@ class Distributed(Params):
     node_rank: int = Field(0, ge=0, exclude=True, description="this host's number, 0 .. nnodes-1 (not in the key)")
     rdzv_endpoint: str | None = Field(None, exclude=True, description="HOST:PORT where the hosts meet, reachable "
                                                                       "from all of them (nnodes > 1; not in the key)")
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="ddp (CPU or GPU); fsdp and deepspeed (ZeRO, through transformers' integration) need GPUs")
+    zero_stage: Literal[1, 2, 3] = Field(2, description="deepspeed: ZeRO stage")
+    offload: bool = Field(False, description="deepspeed: optimizer state (stage 3: parameters too) offloaded to CPU")
+
+    def deepspeed_config(self) -> dict[str, object]:
+        """The DeepSpeed config transformers is given for `strategy: deepspeed` ("auto" values are filled by
+        transformers from the training arguments, as its integration documents)."""
+        zero: dict[str, object] = {"stage": self.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
+        if self.offload:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+            if self.zero_stage == 3:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+                "zero_optimization": zero}
 
     @model_validator(mode="after")
     def _nodes(self) -> Distributed:
@@ -241,6 +256,14 @@ def train(ctx: StepContext) -> None:
         if not torch.cuda.is_available():
             raise StepError("strategy fsdp needs GPUs: on CPU, accelerate silently falls back to plain data "
                             "parallelism, so runner refuses; use train.distributed.strategy: ddp here")
+    if p.train.distributed.strategy == "deepspeed":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise StepError("strategy deepspeed needs GPUs (DeepSpeed's ZeRO runs on CUDA); use "
+                            "train.distributed.strategy: ddp here")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise StepError("strategy deepspeed needs the deepspeed package: pip install deepspeed")
     ctx.scratch.mkdir(parents=True, exist_ok=True)
     job = trainer.job_for(ctx, p)
     if p.train.distributed.world > 1:
