@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 
 from stores.files import temp_name
+from stores.sql import sql_string
 
 ROW_COLUMNS = ("id VARCHAR, source VARCHAR, turns STRUCT(role VARCHAR, text VARCHAR)[], score DOUBLE, lang VARCHAR, "
                "group_id VARCHAR, tools VARCHAR")
@@ -43,11 +44,6 @@ def connect(database: str | Path = ":memory:", *, read_only: bool = False,
         for macro in _MACROS:
             con.execute(macro)
     return con
-
-
-def sql_string(text: str | Path) -> str:
-    """A SQL string literal (single quotes doubled): the one way text or a path enters SQL here."""
-    return "'" + str(text).replace("'", "''") + "'"
 
 
 quote_path = sql_string

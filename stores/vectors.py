@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stores.datastore import sql_string
 from stores.files import temp_name
+from stores.sql import sql_string
 
 Metric = Literal["cosine", "l2", "ip"]
 INDEX_FILE = "index.bin"

@@ -15,7 +15,7 @@ from runner.registry import StepContext, StepError, step
 from runner.steps.filter_base import FIELD_SQL, FieldName, FilterBase
 from runner.steps.filters_python import CompressionFilter, LanguageFilter, NearDedupFilter, SimilarityFilter
 from runner.steps.reasons import why
-from stores.datastore import sql_string as sql_literal
+from stores.sql import sql_string as sql_literal
 
 
 class SqlFilter(FilterBase):

@@ -13,7 +13,7 @@ from pydantic import Field
 from runner.registry import StepContext
 from runner.steps.filter_base import FIELD_SQL, FieldName, FilterBase
 from runner.steps.reasons import why
-from stores.datastore import sql_string as sql_literal
+from stores.sql import sql_string as sql_literal
 
 
 class LanguageFilter(FilterBase):

@@ -360,7 +360,7 @@ def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
     the other table formats (missing or empty text, a repeated id)."""
     from runner.steps.tables import finish, scalar
     from stores.datastore import connect, quote_ident, quote_path
-    from stores.datastore import sql_string as sql_literal
+    from stores.sql import sql_string as sql_literal
 
     cols = p.columns
     con = connect()
