@@ -24,7 +24,12 @@ VECTORS_FILE = "vectors.npy"
 INFO_FILE = "index.json"
 
 
-TARGET_RECALL = 0.995
+TARGET_RECALL = 0.995  # what `ef_search: auto` is for: recall@10 of new queries against exact search
+# The sample that tunes ef is the indexed vectors themselves (each left out of its own answer), and those are
+# easier than new queries: on 100k real all-MiniLM-L6-v2 embeddings, ef 64 gave the sample 0.9987 but held-out
+# SciFact claims 0.989 (ef 128: 0.999 and 0.996). So the sample must reach this stricter mark
+# (benchmarks/bench_index_scale.py measures both).
+SAMPLE_TARGET = 0.999
 EF_CHOICES = (64, 128, 256, 512, 1024)  # never below hnswlib-style 64
 
 
@@ -33,7 +38,7 @@ def build(vectors: np.ndarray, out: Path, *, metric: Metric, m: int, ef_construc
     """Write an index of `vectors` (label i = row i) into `out`; one thread by default, so the file is reproducible.
 
     `ef_search` None: the smallest of EF_CHOICES whose recall@10 against exact search, measured on a
-    seeded sample of the indexed vectors, reaches TARGET_RECALL. The measured recall is recorded either
+    seeded sample of the indexed vectors, reaches SAMPLE_TARGET (so new queries reach TARGET_RECALL). The measured recall is recorded either
     way. Returns the index info (also written to index.json)."""
     out.mkdir(parents=True, exist_ok=True)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -56,7 +61,7 @@ def build(vectors: np.ndarray, out: Path, *, metric: Metric, m: int, ef_construc
 
 def tune_ef(index: Any, vectors: np.ndarray, metric: Metric, fixed: int | None, sample: int = 300) -> dict[str, Any]:
     """Recall@10 of HNSW against exact search on up to `sample` indexed vectors (each query's own vector
-    left out of both answers), at `fixed` or at the smallest ef that reaches TARGET_RECALL."""
+    left out of both answers), at `fixed` or at the smallest ef that reaches SAMPLE_TARGET."""
     n = len(vectors)
     k = min(10, n - 1)
     if k < 1:
@@ -74,7 +79,7 @@ def tune_ef(index: Any, vectors: np.ndarray, metric: Metric, fixed: int | None, 
     choices = [fixed] if fixed else list(EF_CHOICES)
     for ef in choices:
         measured = recall(ef)
-        if measured >= TARGET_RECALL or ef == choices[-1]:
+        if measured >= SAMPLE_TARGET or ef == choices[-1]:
             return {"ef_search": ef, "sample_recall@10": round(measured, 5), "sample_queries": len(rows)}
     raise AssertionError("unreachable")
 

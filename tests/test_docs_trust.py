@@ -217,7 +217,7 @@ def test_chunks_keep_titles_with_text_overlap_everywhere_and_end_at_sentences(sc
 def test_ef_search_is_chosen_for_recall_and_recorded(scifact: dict[str, Any]) -> None:
     art = scifact["arts"]["index"]
     m = art.manifest["metrics"]
-    assert m["sample_recall@10"] >= 0.995 and m["ef_search"] >= 64
+    assert m["sample_recall@10"] >= 0.999 and m["ef_search"] >= 64
     # independent: real queries (the claims) against exact search over the same vectors
     import pyarrow.parquet as pq
 
@@ -232,7 +232,7 @@ def test_ef_search_is_chosen_for_recall_and_recorded(scifact: dict[str, Any]) ->
     exact = np.argsort(-(q @ vectors.T), axis=1)[:, :10]
     approx, _ = retriever.index.nearest(q, 10)
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx.tolist(), exact.tolist())])
-    assert recall >= 0.99, recall
+    assert recall >= 0.995, recall  # what auto aims at for new queries
 
 
 # -- 8. odd queries --------------------------------------------------------------------------------
