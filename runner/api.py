@@ -84,8 +84,9 @@ def plan(build: Build) -> list[engine.StepPlan]:
 def training_memory(build: Build) -> Any:
     """An estimate of the memory one training process of this recipe needs (`steps.memory.Estimate`), or None
     when the recipe does not train or the model's shape cannot be known."""
+    from runner.registry import StepError
     from runner.steps.memory import estimate, machine_memory, model_shape
-    from runner.steps.models import hub_commit
+    from runner.steps.models import base_dir
 
     node = build.graph.nodes.get("train")
     if node is None:
@@ -93,13 +94,11 @@ def training_memory(build: Build) -> Any:
     p = node.params
     spec = p.model
     base: Path | None = None
-    if spec.is_local():
-        base = node.files.get(spec.base)
-    elif isinstance(spec.base, str) and hub_commit(spec.base, spec.revision):
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        base = (Path(HF_HUB_CACHE) / f"models--{spec.base.replace('/', '--')}" / "snapshots" /
-                str(hub_commit(spec.base, spec.revision)))
+    if isinstance(spec.base, str):  # a local directory, or the hub snapshot when it is cached
+        try:
+            base = base_dir(spec.model_copy(update={"revision": p.commit or spec.revision}), node.files, None)
+        except StepError:
+            base = None
     vocab = spec.tokenizer.train.vocab_size if spec.tokenizer is not None and spec.tokenizer.train else None
     shape = model_shape(spec, vocab, base)
     if shape is None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.serving import Model, NotSupported, Output, Sampling, stopped
+from runner.serving import Model, NotSupported, Output, Sampling, decoded
 
 
 @dataclass
@@ -48,15 +48,13 @@ class LlamaCppModel(Model):
             yield int(token)
 
     def _run(self, ids: list[int], s: Sampling, cancel: threading.Event, emit: Any = None) -> list[int]:
-        stops, eos = self.stops + list(s.stop), self.tokenizer.eos_token_id
         new: list[int] = []
         with self.lock:
             for token in self._tokens(ids, s):
                 new.append(token)
                 if emit is not None:
                     emit(token)
-                if token == eos or len(new) >= s.max_tokens or cancel.is_set() or \
-                        stopped(self.tokenizer.decode(new[-16:], skip_special_tokens=True), stops):
+                if self.ended(new, s, cancel):
                     break
         return new
 
@@ -78,18 +76,8 @@ class LlamaCppModel(Model):
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        new: list[int] = []
-        sent = ""
         try:
-            while (item := tokens.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                new.append(item)
-                produced["n"] = len(new)
-                text = self.tokenizer.decode(new, skip_special_tokens=True)
-                if len(text) > len(sent) and not text.endswith("\ufffd"):
-                    yield text[len(sent):]
-                    sent = text
+            yield from decoded(tokens, self.tokenizer, produced)
         finally:
             cancel.set()
             thread.join()

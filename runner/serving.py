@@ -123,6 +123,13 @@ class Model:
             raise ContextTooLong(len(ids), max_tokens, self.context)
         return ids
 
+    def ended(self, new: list[int], s: Sampling, cancel: threading.Event | None = None) -> bool:
+        """Whether an answer of tokens `new` is over: end-of-text, max_tokens, cancelled, or a stop string in its
+        last tokens (the batcher and the llama.cpp engine decide with this)."""
+        if new[-1] == self.tokenizer.eos_token_id or len(new) >= s.max_tokens or (cancel is not None and cancel.is_set()):
+            return True
+        return stopped(self.tokenizer.decode(new[-16:], skip_special_tokens=True), self.stops + list(s.stop))
+
     def _kwargs(self, s: Sampling, cancel: threading.Event, start: int) -> dict[str, Any]:
         """generate()'s arguments for one request whose prompt is `start` tokens long."""
         from transformers import StoppingCriteria, StoppingCriteriaList
@@ -307,18 +314,8 @@ class Batcher:
 
         tokens: queue.Queue[Any] = queue.Queue()
         self.queue.put(_Request(ids, s, tokens=tokens, cancel=cancel))
-        new: list[int] = []
-        sent = ""
         try:
-            while (item := tokens.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                new.append(item)
-                produced["n"] = len(new)
-                text = self.model.tokenizer.decode(new, skip_special_tokens=True)
-                if len(text) > len(sent) and not text.endswith("\ufffd"):
-                    yield text[len(sent):]
-                    sent = text
+            yield from decoded(tokens, self.model.tokenizer, produced)
         finally:
             cancel.set()  # leaves the batch at the next step if it has not yet
 
@@ -357,8 +354,7 @@ class Batcher:
                     self.largest = max(self.largest, len(active))
                     active, cache, mask = self._retire(active, cache, mask)
                 if active:  # one more token for everybody
-                    self._step(active, cache, mask)
-                    mask = self._grow(mask)
+                    mask = self._step(active, cache, mask)
                     active, cache, mask = self._retire(active, cache, mask)
                 self.in_flight = len(active)
             except BaseException as exc:  # noqa: BLE001 (handed to every request in flight)
@@ -413,31 +409,20 @@ class Batcher:
                   for a, b in zip(cache.layers, new_cache.layers)]
         return DynamicCache(ddp_cache_data=layers), torch.cat([left(mask, length), left(new_mask, length)])
 
-    def _step(self, active: list[_Request], cache: Any, mask: Any) -> None:
-        """One token for every request in flight."""
+    def _step(self, active: list[_Request], cache: Any, mask: Any) -> Any:
+        """One token for every request in flight; returns the mask grown by the column just attended to."""
         import torch
 
-        last = torch.tensor([[r.new[-1]] for r in active])
-        logits, _ = self._forward(last, self._grow(mask), cache)
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
+        logits, _ = self._forward(torch.tensor([[r.new[-1]] for r in active]), mask, cache)
         self._pick(logits, active)
-
-    @staticmethod
-    def _grow(mask: Any) -> Any:
-        import torch
-
-        return torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
-
-    def _done(self, r: _Request) -> bool:
-        eos = self.model.tokenizer.eos_token_id
-        if r.new[-1] == eos or len(r.new) >= r.s.max_tokens or (r.cancel is not None and r.cancel.is_set()):
-            return True
-        return stopped(self.model.tokenizer.decode(r.new[-16:], skip_special_tokens=True), self.model.stops + list(r.s.stop))
+        return mask
 
     def _retire(self, active: list[_Request], cache: Any, mask: Any) -> tuple[list[_Request], Any, Any]:
         """Answer the finished requests and drop their rows (and columns no one attends to any more)."""
         import torch
 
-        keep = [i for i, r in enumerate(active) if not self._done(r)]
+        keep = [i for i, r in enumerate(active) if not self.model.ended(r.new, r.s, r.cancel)]
         for i, r in enumerate(active):
             if i not in keep:
                 r.finish(lambda r=r: self.model.output(r.ids, r.new, r.s))
@@ -461,6 +446,22 @@ def batching(models: dict[str, Model], config: ServeConfig) -> dict[str, Model]:
             if model.batcher is None and model.batchable:
                 model.batcher = Batcher(model, config.batch_size, config.batch_wait_ms / 1000)
     return models
+
+
+def decoded(tokens: Any, tokenizer: Any, produced: dict[str, int]) -> Iterator[str]:
+    """Text pieces from a queue of token ids ended by None (or an exception, raised here); a character split
+    across tokens waits for the rest. `produced["n"]` counts the tokens."""
+    new: list[int] = []
+    sent = ""
+    while (item := tokens.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
+        new.append(item)
+        produced["n"] = len(new)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if len(text) > len(sent) and not text.endswith("\ufffd"):
+            yield text[len(sent):]
+            sent = text
 
 
 def stopped(tail: str, stops: list[str]) -> bool:

@@ -39,11 +39,11 @@ def run(args: argparse.Namespace) -> int:
 
     build = load(args)
     steps = api.plan(build)
-    memory = api.training_memory(build)
-    if args.json:
-        print_json(plan_rows(steps) if memory is None else {"steps": plan_rows(steps), "memory": memory_json(memory)})
+    if args.json:  # the rows, one shape for every recipe (the memory estimate is for people)
+        print_json(plan_rows(steps))
         return 0
     render(steps)
+    memory = api.training_memory(build)
     if memory is not None:
         from runner.steps.memory import machine_memory, verdict
 
@@ -51,11 +51,3 @@ def run(args: argparse.Namespace) -> int:
         console().print(line if fits else f"[bold red]{line}[/]")
     return 0
 
-
-def memory_json(e: Any) -> dict[str, Any]:
-    from runner.steps.memory import machine_memory, verdict
-
-    line, fits = verdict(e, machine_memory())
-    return {"per_process_bytes": e.per_process, "processes": e.processes, "weights_bytes": e.weights,
-            "lora_bytes": e.lora, "activations_bytes": e.activations, "runtime_bytes": e.runtime,
-            "shape_source": e.shape.source, "fits": fits, "summary": line}

@@ -18,6 +18,7 @@ name (`falcon-7b`: 7 billion parameters) and the estimate says so.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -132,6 +133,7 @@ def estimate(s: Shape, *, precision: str, rank: int, targets: list[str] | str, s
     return Estimate(weights, lora_params * 16.0, activations, RUNTIME_BYTES, processes, s)
 
 
+@functools.cache
 def machine_memory() -> dict[str, float]:
     """This machine's RAM and, when `nvidia-smi` is there to say, each GPU's memory (bytes)."""
     out = {"ram": float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))}

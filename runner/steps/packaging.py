@@ -161,7 +161,6 @@ def check_gguf(script: Path, path: Path, merged: Path, tokens: int = 16) -> dict
             for _ in range(tokens):
                 ref.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
                 seq.append(ref[-1])
-        llm.reset()
         got = []
         for t in llm.generate(ids, top_k=1, temp=0.0, reset=True):
             got.append(int(t))
