@@ -98,7 +98,8 @@ def main() -> None:
               f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, {tokens / wall:.0f} generated tokens/s")
 
         # streaming through HTTP vs model.generate in-process, same prompts, one at a time
-        from runner.serving import Sampling, load_models
+        from runner.served import load_models
+        from runner.serving import Sampling
 
         model = next(iter(load_models(build, ["tuned"]).values()))
         prompts = [model.prompt([{"role": "user", "content": p}]) for p in PROMPTS] * 3

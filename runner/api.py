@@ -52,6 +52,15 @@ class Build:
     def catalog(self) -> Path:
         return self.cache.root / "catalogs" / f"{self.ref}.duckdb"
 
+    def built(self) -> dict[str, Artifact]:
+        """Every step of the recipe that is built, with its artifact (one plan for all of them)."""
+        out = {}
+        for p in plan(self):
+            art = self.cache.get(p.key) if p.state == "cached" and p.key else None
+            if art is not None:
+                out[p.name] = art
+        return out
+
     def previous(self) -> dict[str, Any]:
         ref = self.cache.read_ref(self.ref) or {}
         return {name: s.get("components") for name, s in ref.get("steps", {}).items() if s.get("components")}
@@ -270,12 +279,7 @@ def artifact(build: Build, step: str) -> Artifact | None:
 
 def built(build: Build) -> dict[str, Artifact]:
     """Every step of the current recipe that is built, with its artifact (one plan for all of them)."""
-    out = {}
-    for p in plan(build):
-        art = build.cache.get(p.key) if p.state == "cached" and p.key else None
-        if art is not None:
-            out[p.name] = art
-    return out
+    return build.built()
 
 
 def sql(build: Build, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -384,8 +388,8 @@ def cached_results(build: Build, steps: list[engine.StepPlan]) -> list[engine.St
 def serve_app(builds: list[Build], *, token: str | None = None) -> tuple[Any, Any]:
     """The OpenAI-compatible app over one or more built recipes (their models side by side); the first
     recipe's `serve:` section sets host, port and limits, and its index (if any) answers document chat."""
+    from runner.served import load_models
     from runner.server import create_app
-    from runner.serving import load_models
 
     config = builds[0].loaded.recipe.serve
     models = {}

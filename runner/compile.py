@@ -156,7 +156,7 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
     """tokenizer -> [model.init] -> tokenize -> train -> [merge] -> [eval], when the recipe names a model."""
     from runner.steps.evaluation import EvalParams
     from runner.steps.models import BaseRef, hub_commit
-    from runner.steps.training import InitParams, MergeParams, TokenizeParams, TokenizerParams, TrainParams
+    from runner.steps.train_config import InitParams, MergeParams, TokenizeParams, TokenizerParams, TrainParams
 
     r = loaded.recipe
     spec = r.model

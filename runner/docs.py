@@ -62,16 +62,16 @@ def recipe_reference() -> str:
     return "\n\n".join([intro] + [model_section(m) for m in models])
 
 
-def cli_reference() -> str:
+def cli_reference(parser: Any) -> str:
+    """The help of `parser` (the CLI's, passed in: the CLI's own `reference` command calls this) and of every
+    subcommand."""
     import argparse
     import os
-
-    from runner.cli.main import build_parser
 
     old = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "100"  # help text wraps the same everywhere
     try:
-        return _cli_reference(build_parser(), argparse)
+        return _cli_reference(parser, argparse)
     finally:
         if old is None:
             del os.environ["COLUMNS"]
@@ -94,13 +94,15 @@ def reject_reasons() -> str:
     return markdown()
 
 
-SECTIONS = {"recipe-reference": recipe_reference, "cli-reference": cli_reference, "reject-reasons": reject_reasons}
+SECTIONS: dict[str, Any] = {"recipe-reference": recipe_reference, "cli-reference": cli_reference,
+                            "reject-reasons": reject_reasons}
 
 
-def update_markers(text: str) -> str:
+def update_markers(text: str, parser: Any) -> str:
     """Replace what stands between `<!-- NAME:start -->` and `<!-- NAME:end -->` by the generated text,
-    for every section whose markers the text has."""
-    for name, make in SECTIONS.items():
+    for every section whose markers the text has (`parser`: the CLI's, for its reference)."""
+    sections = {**SECTIONS, "cli-reference": lambda: cli_reference(parser)}
+    for name, make in sections.items():
         start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
         if start not in text or end not in text:
             continue

@@ -14,7 +14,6 @@ import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, Literal
 
 from filelock import Timeout
@@ -24,23 +23,11 @@ from runner import registry
 from runner.errors import RunnerError
 from runner.graph import Graph, StepNode
 from runner.keypaths import flatten
-from runner.registry import StepContext, StepError
+from runner.registry import StepContext, StepError, lib_version
 from stores.cache import Artifact, ArtifactCache, CacheError
 from stores.hashing import StatCache, hash_json
 
 State = Literal["cached", "run", "pending"]
-
-_LIB_VERSIONS: dict[str, str] = {}
-
-
-def lib_version(name: str) -> str:
-    if name not in _LIB_VERSIONS:
-        try:
-            _LIB_VERSIONS[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            _LIB_VERSIONS[name] = "absent"
-    return _LIB_VERSIONS[name]
-
 
 def reproducible(node: StepNode) -> bool:
     """Whether a step writes the same bytes on any machine (see `registry.StepSpec`)."""

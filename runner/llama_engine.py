@@ -89,9 +89,9 @@ def load(name: str, gguf: Path, tokenizer_dir: Path, template: str, *, n_ctx: in
 
     from transformers import AutoTokenizer
 
-    from runner.steps.packaging import _llama_cpp
+    from runner.steps.quiet import llama_cpp_quiet
 
-    llama_cpp = _llama_cpp()
+    llama_cpp = llama_cpp_quiet()
     if llama_cpp is None:
         from runner.errors import RunnerError
 

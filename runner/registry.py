@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,17 @@ from pydantic import BaseModel
 
 from runner.errors import RunnerError, UsageError
 from stores.cache import Artifact
+
+_LIB_VERSIONS: dict[str, str] = {}
+
+
+def lib_version(name: str) -> str:
+    if name not in _LIB_VERSIONS:
+        try:
+            _LIB_VERSIONS[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            _LIB_VERSIONS[name] = "absent"
+    return _LIB_VERSIONS[name]
 
 
 class StepError(RunnerError):

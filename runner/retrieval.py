@@ -57,7 +57,7 @@ class Retriever:
 
     def _same_model(self, model: str, files: dict[str, Any]) -> bool:
         """The same model by identity (bundled package or files' hash), whatever name it goes by."""
-        from runner.steps.indexing import model_files
+        from runner.steps.embedding import model_files
 
         built = self.index.info.get("model_files")
         return model_files(model, files) == built if built else model == self.model_name

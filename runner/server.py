@@ -25,7 +25,8 @@ from fastapi import Request  # imported only by `runner serve` (api.serve_app), 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from runner.retrieval import docs_prompt
-from runner.serving import ContextTooLong, Model, NotSupported, Output, Sampling, ServeConfig, batching
+from runner.schema import ServeConfig
+from runner.serving import ContextTooLong, Model, NotSupported, Output, Sampling, batching
 
 log = logging.getLogger("runner.serve")
 BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive

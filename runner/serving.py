@@ -6,41 +6,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
-from runner.errors import RunnerError
-from runner.params import Params
 from runner.steps.prompts import render_prompt
 
-Variant = Literal["tuned", "base", "merged"]
-
-
-class ServeConfig(Params):
-    """How `runner serve` and `runner chat` expose the recipe."""
-
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    models: list[Variant] = Field(default_factory=lambda: ["tuned"],
-                                  description="tuned (base + adapter), base, merged; each is a model id NAME-VARIANT")
-    docs: bool = Field(True, description="also serve NAME-VARIANT+docs: answers from the recipe's index, with sources")
-    top_k: int = Field(4, ge=1, description="chunks retrieved for document chat")
-    max_tokens: int = Field(256, ge=1, description="largest max_tokens a request may ask for")
-    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
-    token_env: str | None = Field(None, description="if set, requests need `Authorization: Bearer $TOKEN_ENV`")
-    system: str | None = Field(None, description="system prompt put before every conversation")
-    batch_size: int = Field(16, ge=1, description="greedy requests (whole or streamed) generating together at most; "
-                                                  "others join between token steps (continuous batching; 1: one at "
-                                                  "a time)")
-    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a request that finds the model idle waits "
-                                                                 "for others to start with it")
-    engine: Literal["transformers", "llama_cpp", "vllm"] = Field(
-        "transformers", description="transformers (the variants in `models`), llama_cpp (the package's GGUF, as model "
-                                    "NAME-gguf, behind runner's server), vllm (`runner serve` launches vLLM on the "
-                                    "merged model: GPU hosts)")
-    n_ctx: int = Field(2048, ge=16, description="llama_cpp: context positions")
-
+if TYPE_CHECKING:
+    from runner.schema import ServeConfig
 
 @dataclass
 class Sampling:
@@ -483,87 +454,3 @@ def _partial_stop(text: str, stops: list[str]) -> int:
                 best = max(best, n)
                 break
     return best
-
-
-def load_models(build: Any, variants: list[Variant]) -> dict[str, Model]:
-    """The recipe's built model variants, by model id `RECIPE-VARIANT`."""
-    from runner import api
-    from runner.steps.quiet import quiet_ml
-
-    quiet_ml()
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from runner.steps.models import base_dir, count_quantized, load_model, use_precision
-
-    r = build.loaded.recipe
-    if r.model is None:
-        raise RunnerError(f"{build.loaded.path} has no model: section to serve")
-    if r.serve.engine == "llama_cpp":
-        return {f"{build.loaded.name}-gguf": _gguf_model(build)}
-    needed = ["tokenizer", "train"] + (["merge"] if "merged" in variants else [])
-    arts = {}
-    have = api.built(build)
-    for step in needed + (["model.init"] if "model.init" in build.graph.nodes else []):
-        art = have.get(step)
-        if art is None:
-            if step == "merge" and step not in build.graph.nodes:
-                raise RunnerError(f"{build.loaded.path} has no merge step: add merged to serve.models (or set "
-                                  "train.merge: true) and apply")
-            raise RunnerError(f"step {step} of {build.loaded.path} is not built: run `runner apply {build.loaded.path}`")
-        arts[step] = art
-    tok = AutoTokenizer.from_pretrained(arts["tokenizer"].file("tokenizer"))
-    tok.padding_side = "left"
-    spec = r.model.model_copy(update={"revision": build.graph.nodes["train"].params.commit or r.model.revision})
-    built = arts["model.init"].file("model") if "model.init" in arts else None
-    precision = use_precision(r.model.precision)
-    out = {}
-    for variant in variants:
-        if variant == "merged":
-            model = load_model(arts["merge"].file("model"), precision)
-        else:
-            model = load_model(base_dir(spec, build.graph.nodes["train"].files, built), precision,
-                               trust_remote_code=r.model.trust_remote_code)
-        quantized = count_quantized(model)[0] if precision in ("int8", "int4") else 0  # before LoRA wraps layers
-        if variant == "tuned":
-            model = PeftModel.from_pretrained(model, arts["train"].file("adapter"))
-        model.eval()
-        name = f"{build.loaded.name}-{variant}"
-        out[name] = Model(name, r.data.prompt.template if r.data else "plain", model, tok, precision=precision,
-                          quantized_layers=quantized)
-    return out
-
-
-def _gguf_model(build: Any) -> Model:
-    from runner import api
-    from runner.llama_engine import load
-
-    r = build.loaded.recipe
-    if r.package is None or "gguf" not in r.package.formats:
-        raise RunnerError(f"serve.engine llama_cpp serves the package's GGUF: add package: {{formats: [gguf], ...}} to "
-                          f"{build.loaded.path} and apply")
-    have = api.built(build)
-    if "package" not in have or "merge" not in have:
-        raise RunnerError(f"the package of {build.loaded.path} is not built: run `runner apply {build.loaded.path}`")
-    gguf = have["package"].file(f"model-{r.package.gguf_type}.gguf")
-    name = f"{build.loaded.name}-gguf"
-    return load(name, gguf, have["merge"].file("model"), r.data.prompt.template if r.data else "plain",
-                n_ctx=r.serve.n_ctx)
-
-
-def vllm_command(build: Any, host: str, port: int) -> list[str]:
-    """The vLLM server `serve.engine: vllm` launches on a GPU host: the merged model, its name, the recipe's limits
-    (vLLM's OpenAI server; its `--api-key` guards it as runner's token does)."""
-    from runner import api
-
-    have = api.built(build)
-    if "merge" not in have:
-        raise RunnerError(f"serve.engine vllm serves the merged model: add merged to serve.models and apply "
-                          f"{build.loaded.path}")
-    r = build.loaded.recipe
-    cmd = ["vllm", "serve", str(have["merge"].file("model")), "--served-model-name", f"{build.loaded.name}-merged",
-           "--host", host, "--port", str(port), "--max-num-seqs", str(r.serve.batch_size),
-           "--generation-config", "vllm"]
-    if r.model is not None and r.model.precision in ("bf16", "fp16"):
-        cmd += ["--dtype", {"bf16": "bfloat16", "fp16": "float16"}[r.model.precision]]
-    return cmd

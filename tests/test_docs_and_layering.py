@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 
 from runner import docs
+from runner.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,7 +16,7 @@ def test_generated_docs_are_current() -> None:
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = path.read_text()
         found |= docs.markers(text)
-        assert docs.update_markers(text) == text, f"run: runner reference --update {path.relative_to(ROOT)}"
+        assert docs.update_markers(text, build_parser()) == text, f"run: runner reference --update {path.relative_to(ROOT)}"
     assert found == set(docs.SECTIONS), f"no document holds {set(docs.SECTIONS) - found}"
 
 
@@ -68,3 +69,52 @@ def test_engine_imports_no_step() -> None:
     found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not {m for m in found if m.startswith("runner.steps")}, found
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Which of our modules each of our modules imports, anywhere in it (lazy imports count; a
+    `if TYPE_CHECKING:` block does not, as it never runs)."""
+    paths = {}
+    for path in [*(ROOT / "runner").rglob("*.py"), *(ROOT / "stores").rglob("*.py")]:
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        tree = ast.parse(path.read_text())
+        skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                found.add(base)
+                found.update(f"{base}.{a.name}" for a in node.names)
+        graph[name] = {m for m in found if m in paths and m != name}
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    graph = module_graph()
+    state: dict[str, int] = {}  # 1 on the path, 2 done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph[module]):
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep):] + [module, dep] if dep in path else [module, dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, path + [module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])

@@ -105,8 +105,10 @@ def test_llama_cpp_engine_behind_runners_server(tmp_path: Path) -> None:
     import httpx
     from openai import BadRequestError, OpenAI
 
+    from runner.schema import ServeConfig
+    from runner.served import load_models
     from runner.server import create_app
-    from runner.serving import Sampling, ServeConfig, load_models
+    from runner.serving import Sampling
     from tests.test_serving import start
 
     path = tiny(tmp_path, "llama", "f16")

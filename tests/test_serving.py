@@ -204,8 +204,9 @@ def start(app: object) -> tuple[str, object]:
 @pytest.fixture(scope="module")
 def long_server(server: str) -> Iterator[tuple[str, dict]]:
     """The same model behind a server with generous limits, made to never stop early (as a chatty model does)."""
+    from runner.schema import ServeConfig
+    from runner.served import load_models
     from runner.server import create_app
-    from runner.serving import ServeConfig, load_models
 
     build = api.load(SERVED["recipe"], cache_dir=SERVED["cache"])
     models = load_models(build, ["tuned"])
@@ -413,8 +414,10 @@ def test_fuzzed_requests_get_json_errors_and_the_server_stays_up(server: str) ->
 
 
 def test_concurrent_greedy_requests_are_batched_and_answer_as_alone(server: str) -> None:
+    from runner.schema import ServeConfig
+    from runner.served import load_models
     from runner.server import create_app
-    from runner.serving import Sampling, ServeConfig, load_models
+    from runner.serving import Sampling
 
     build = api.load(SERVED["recipe"], cache_dir=SERVED["cache"])
     models = load_models(build, ["tuned"])
@@ -448,7 +451,8 @@ def test_requests_joining_a_running_batch_get_what_they_would_alone(server: str)
     and leave when done; each answer is the one it gets alone, token for token."""
     import random
 
-    from runner.serving import Batcher, Sampling, load_models
+    from runner.served import load_models
+    from runner.serving import Batcher, Sampling
 
     build = api.load(SERVED["recipe"], cache_dir=SERVED["cache"])
     model = load_models(build, ["tuned"])["tiny-tuned"]
@@ -475,7 +479,8 @@ def test_requests_joining_a_running_batch_get_what_they_would_alone(server: str)
 def test_streams_and_whole_answers_share_the_batch(server: str) -> None:
     """Greedy streams run in the batch beside whole answers: each stream's text is its whole answer alone, and a
     stream abandoned halfway leaves the batch (the others still finish)."""
-    from runner.serving import Batcher, Sampling, load_models
+    from runner.served import load_models
+    from runner.serving import Batcher, Sampling
 
     build = api.load(SERVED["recipe"], cache_dir=SERVED["cache"])
     model = load_models(build, ["tuned"])["tiny-tuned"]

@@ -78,7 +78,8 @@ def test_quantized_training_really_quantizes(tmp_path: Path, precision: str, arc
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_models_are_evaluated_and_served_quantized(tmp_path: Path, precision: str) -> None:
-    from runner.serving import Sampling, load_models
+    from runner.served import load_models
+    from runner.serving import Sampling
     from runner.steps.models import count_quantized
 
     path = recipe(tmp_path, precision=precision, steps=6, extra="eval: {max_new_tokens: 4}\n")
@@ -171,7 +172,7 @@ def test_deepspeed_is_configured_for_gpus_and_refused_on_cpu(tmp_path: Path) -> 
     refusal on a CPU-only machine."""
     import torch
 
-    from runner.steps.training import Distributed
+    from runner.steps.train_config import Distributed
 
     cfg = Distributed(nproc=8, strategy="deepspeed", zero_stage=3, offload=True).deepspeed_config()
     zero = cfg["zero_optimization"]
@@ -262,8 +263,8 @@ def test_multi_node_recipe_errors(tmp_path: Path, cli) -> None:
 
 
 def test_torchrun_commands(tmp_path: Path) -> None:
+    from runner.steps.train_config import Distributed
     from runner.steps.trainer import torchrun_command
-    from runner.steps.training import Distributed
 
     one = torchrun_command(tmp_path / "job.json", Distributed(nproc=2), "k" * 64)
     assert one[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
@@ -424,7 +425,8 @@ def test_packaged_adapter_loads_alone_and_answers_as_the_server_does(tmp_path: P
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from runner.serving import Sampling, load_models
+    from runner.served import load_models
+    from runner.serving import Sampling
 
     path = recipe(tmp_path, steps=20, extra="package: {formats: [adapter, merged]}\nserve: {models: [tuned, merged]}\n")
     b = api.load(path)
@@ -505,7 +507,7 @@ def test_hub_base_adapter_names_the_hub_id_and_commit(tmp_path: Path) -> None:
 def test_vllm_engine_says_what_it_would_run(tmp_path: Path) -> None:
     """serve.engine vllm (GPU hosts): the merged model handed to vLLM's server; here, with no vLLM, one clear error
     carrying the command it would run."""
-    from runner.serving import vllm_command
+    from runner.served import vllm_command
 
     path = recipe(tmp_path, steps=2, extra="serve: {engine: vllm, batch_size: 32}\n")
     b = api.load(path, cache_dir=tmp_path / "c")

@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
 
     from runner import api
     from runner.retrieval import docs_prompt
-    from runner.serving import Sampling, load_models
+    from runner.served import load_models
+    from runner.serving import Sampling
 
     build = load(args)
     model = next(iter(load_models(build, [args.variant]).values()))

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in commands.ALL:
         command.add(sub)
+    parser.set_defaults(root_parser=parser)  # for `runner reference --cli`, which documents this parser
     return parser
 
 

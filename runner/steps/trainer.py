@@ -186,7 +186,7 @@ def _run(job: dict[str, Any], progress: Any) -> None:
     from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     from runner.steps.models import load_model, lora_targets
-    from runner.steps.training import TrainParams
+    from runner.steps.train_config import TrainParams
 
     p = TrainParams.model_validate(job["params"])
     t = p.train
