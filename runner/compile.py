@@ -8,13 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from runner import registry
 from runner.errors import Problem, RecipeError
 from runner.graph import Graph, GraphError, StepNode
 from runner.recipe import LoadedRecipe, show_path
 from runner.steps.sources import HfDiskSource, Mix, TableSource
 from runner.steps.split import GROUP_KEYS
-
-TABLE_FORMATS = {"jsonl", "json", "csv", "parquet"}
 
 
 def _files(loaded: LoadedRecipe, params: Any, at: tuple[str | int, ...], problems: list[Problem]) -> dict[str, Path]:
@@ -81,7 +80,7 @@ def _data_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) -> l
             src = src.model_copy(update={"columns": src.columns.model_copy(update={"group": group_column})})
         files = _files(loaded, src, ("data", "sources", i), problems)
         name = f"source.{src.name}"
-        kind = "source.table" if src.format in TABLE_FORMATS else f"source.{src.format}"
+        kind = registry.entry_step("source", src)
         nodes.append(StepNode(name, kind, src, (), files, origin("data", "sources", i)))
         sources.append(name)
     filter_files = [_files(loaded, f, ("data", "filters", i), problems) for i, f in enumerate(data.filters)]

@@ -40,26 +40,71 @@ def _default(field: Any) -> str:
     return f"`{value!r}`" if value not in (None, [], {}) else ("—" if value is None else f"`{value!r}`")
 
 
-def model_section(model: type[BaseModel]) -> str:
-    lines = [f"### {model.__name__}", "", inspect.cleandoc(model.__doc__ or ""), "", "| key | type | default | meaning |",
-             "|---|---|---|---|"]
+def model_section(model: type[BaseModel], path: str) -> str:
+    title = f"`{path}`" if path else "The recipe (top level)"
+    tag = _tag(model)
+    lines = [f'<a id="{model.__name__.lower()}"></a>', "", f"### {title}{tag} · {model.__name__}", "",
+             inspect.cleandoc(model.__doc__ or ""), "", "| key | type | default | meaning |", "|---|---|---|---|"]
     for name, field in model.model_fields.items():
         desc = (field.description or "").replace("|", "\\|")
         lines.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {desc} |")
     return "\n".join(lines)
 
 
-def recipe_reference() -> str:
-    from runner.schema import Recipe, all_models
+def _tag(model: type[BaseModel]) -> str:
+    """` (kind: length)` for a member of a union told apart by a literal field."""
+    for name in ("kind", "format"):
+        field = model.model_fields.get(name)
+        if field is not None and typing.get_origin(field.annotation) is typing.Literal:
+            return f" ({name}: {' / '.join(map(str, typing.get_args(field.annotation)))})"
+    return ""
 
-    models = [Recipe] + [m for m in all_models() if m is not Recipe]
+
+def _walk(model: type[BaseModel], path: str, seen: set[type[BaseModel]], out: list[str]) -> None:
+    """Sections in key-path order: a model, then the models under each of its keys (a model used at
+    two key paths is described at the first)."""
+    if model in seen:
+        return
+    seen.add(model)
+    out.append(model_section(model, path))
+    for name, field in model.model_fields.items():
+        plural = typing.get_origin(_unwrap(field.annotation)) is list
+        key = f"{path}.{name}" if path else name
+        for sub in _models_in(field.annotation):
+            _walk(sub, key + ("[]" if plural else ""), seen, out)
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Without Optional and Annotated."""
+    while True:
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is typing.Annotated:
+            annotation = args[0]
+        elif origin in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:
+            annotation = next(a for a in args if a is not type(None))
+        else:
+            return annotation
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def recipe_reference() -> str:
+    from runner.schema import Recipe
+
     intro = (
-        "Every section below is a typed model: unknown keys are errors, and `runner validate` checks a recipe "
+        "Every section below is a typed model, in the order of its key path in a recipe (`data.sources[]` is "
+        "an entry of the list `data.sources`): unknown keys are errors, and `runner validate` checks a recipe "
         "without running it. Top-level `extends: base.yaml` (or a list) merges the recipe over its bases "
         "(mappings merge, other values replace); `${a.b}` is replaced by the value at key path `a.b`; "
         "`--set a.b=c` overrides any value on every command."
     )
-    return "\n\n".join([intro] + [model_section(m) for m in models])
+    sections: list[str] = []
+    _walk(Recipe, "", set(), sections)
+    return "\n\n".join([intro] + sections)
 
 
 def cli_reference(parser: Any) -> str:

@@ -14,6 +14,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from filelock import Timeout
@@ -238,6 +239,7 @@ def _build_one(
     run_step: RunStep,
     refuse: Refuse | None,
 ) -> StepResult:
+    """The step's artifact: from the cache (local, then shared), else built under the key's lock."""
     art = cache.get(key)
     pulled = art is None and (art := cache.pull(key)) is not None
     if art is not None:
@@ -256,65 +258,80 @@ def _build_one(
             return StepResult(node.name, "cached", key, art, components=comps)
         reporter.start(node, key)
         tmp = cache.begin(key)
-        ctx = StepContext(
-            name=node.name,
-            key=key,
-            params=node.params,
-            inputs=inputs,
-            input_names=list(node.inputs),
-            files=dict(node.files),
-            out=tmp / "data",
-            scratch=cache.root / "scratch" / key,
-            progress=lambda total, done, note="": reporter.progress(node, total, done, note),
-            locate=cache.get,
-            memo_root=cache.root / "memo",
-            log=cache.root / "logs" / f"{key}.log",
-            final_out=cache.path(key) / "data",
-        )
+        ctx = _context(node, key, inputs, cache, tmp, reporter)
         started = time.time()
-        log = ctx.log
-        log.unlink(missing_ok=True)  # a failed attempt's log is not this build's
-        try:
-            with warnings.catch_warnings(record=True) as caught:  # library warnings go to the step's log, not the console
-                warnings.simplefilter("default")
-                run_step(node, ctx)
-            if caught:
-                log.parent.mkdir(parents=True, exist_ok=True)
-                with log.open("a") as f:
-                    f.write("".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
-                                    for w in caught))
-        except StepError as exc:
-            cache.abort(tmp)
-            raise StepFailed(node.name, str(exc)) from None
-        except Exception as exc:  # a bug, not bad input: keep the traceback for the report
-            cache.abort(tmp)
-            log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text(traceback.format_exc())
-            raise StepFailed(node.name, f"{type(exc).__name__}: {exc} (traceback in {log})") from None
+        _run_logged(node, ctx, run_step, lambda: cache.abort(tmp))
         seconds = time.time() - started
-        record = {
-            "kind": node.kind,
-            "built_as": node.name,
-            "rows": ctx.rows,
-            "tables": ctx.tables,
-            "metrics": ctx.metrics,
-            "side_files": ctx.side_files,
-            "views": ctx.views,
-            "requires": ctx.requires,
-            "timings": {"started": started, "seconds": round(seconds, 6)},
-            "lineage": {
-                **comps,
-                "input_keys": [a.key for a in inputs],
-                "input_steps": list(node.inputs),
-                "file_paths": {label: str(p) for label, p in node.files.items()},
-            },
-        }
         try:
-            art = cache.commit(key, tmp, record)
+            art = cache.commit(key, tmp, _manifest(node, ctx, comps, inputs, started, seconds))
         except CacheError as exc:
             cache.abort(tmp)
             raise StepFailed(node.name, str(exc)) from None
-        shutil.rmtree(cache.root / "scratch" / key, ignore_errors=True)
+        shutil.rmtree(ctx.scratch, ignore_errors=True)
         return StepResult(node.name, "built", key, art, seconds, components=comps)
     finally:
         lock.release()
+
+
+def _context(node: StepNode, key: str, inputs: list[Artifact], cache: ArtifactCache, tmp: Path,
+             reporter: Reporter) -> StepContext:
+    return StepContext(
+        name=node.name,
+        key=key,
+        params=node.params,
+        inputs=inputs,
+        input_names=list(node.inputs),
+        files=dict(node.files),
+        out=tmp / "data",
+        scratch=cache.root / "scratch" / key,
+        progress=lambda total, done, note="": reporter.progress(node, total, done, note),
+        locate=cache.get,
+        memo_root=cache.root / "memo",
+        log=cache.root / "logs" / f"{key}.log",
+        final_out=cache.path(key) / "data",
+    )
+
+
+def _run_logged(node: StepNode, ctx: StepContext, run_step: RunStep, abort: Callable[[], None]) -> None:
+    """Run the step; library warnings go to its log (not the console), a bug's traceback too. On failure the
+    half-written output is dropped (`abort`) and the step fails with one line."""
+    log = ctx.log
+    log.unlink(missing_ok=True)  # a failed attempt's log is not this build's
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            run_step(node, ctx)
+        if caught:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a") as f:
+                f.write("".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught))
+    except StepError as exc:
+        abort()
+        raise StepFailed(node.name, str(exc)) from None
+    except Exception as exc:  # a bug, not bad input: keep the traceback for the report
+        abort()
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(traceback.format_exc())
+        raise StepFailed(node.name, f"{type(exc).__name__}: {exc} (traceback in {log})") from None
+
+
+def _manifest(node: StepNode, ctx: StepContext, comps: dict[str, Any], inputs: list[Artifact], started: float,
+              seconds: float) -> dict[str, Any]:
+    """What the cache records beside the step's files: its tables, metrics and where it came from."""
+    return {
+        "kind": node.kind,
+        "built_as": node.name,
+        "rows": ctx.rows,
+        "tables": ctx.tables,
+        "metrics": ctx.metrics,
+        "side_files": ctx.side_files,
+        "views": ctx.views,
+        "requires": ctx.requires,
+        "timings": {"started": started, "seconds": round(seconds, 6)},
+        "lineage": {
+            **comps,
+            "input_keys": [a.key for a in inputs],
+            "input_steps": list(node.inputs),
+            "file_paths": {label: str(p) for label, p in node.files.items()},
+        },
+    }

@@ -154,3 +154,46 @@ def get(kind: str) -> StepSpec:
 
 def kinds() -> list[str]:
     return sorted(_REGISTRY)
+
+
+# Recipe entries: the kinds of a list in the recipe (`data.filters`, `data.sources`), each a params model told
+# apart by one field (`kind:`, `format:`) and run by one step kind. A kind is registered once, by the class
+# decorator of its family (`filter_kind`, `source_kind`); the recipe's unions are built from here.
+_ENTRIES: dict[str, dict[type[BaseModel], str]] = {"filter": {}, "source": {}}
+_ON_CHANGE: list[Callable[[], None]] = []
+
+
+def add_entry(family: str, model: type[BaseModel], step_kind: str) -> None:
+    _ENTRIES[family][model] = step_kind
+    for callback in _ON_CHANGE:
+        callback()
+
+
+def remove_entry(family: str, model: type[BaseModel]) -> None:
+    """Take a kind out again (and its step kind, if no other kind uses it): for tests and plug-ins."""
+    step_kind = _ENTRIES[family].pop(model)
+    if step_kind not in _ENTRIES[family].values():
+        _REGISTRY.pop(step_kind, None)
+    for callback in _ON_CHANGE:
+        callback()
+
+
+def entry_models(family: str) -> tuple[type[BaseModel], ...]:
+    return tuple(_ENTRIES[family])
+
+
+def entry_step(family: str, params: BaseModel) -> str:
+    """The step kind that runs a recipe entry."""
+    return _ENTRIES[family][type(params)]
+
+
+def on_entries_change(callback: Callable[[], None]) -> None:
+    """Call `callback` whenever a kind is added or removed (the recipe schema rebuilds its unions)."""
+    _ON_CHANGE.append(callback)
+
+
+def literal_values(model: type[BaseModel], field_name: str) -> tuple[str, ...]:
+    """The values a `Literal[...]` field allows (a kind's tag, or a source's formats)."""
+    import typing
+
+    return typing.get_args(model.model_fields[field_name].annotation)

@@ -10,31 +10,27 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+import runner.steps  # noqa: F401  (registers every source and filter kind)
+from runner import registry
 from runner.params import Params
 from runner.steps.evaluation import EvalConfig
 from runner.steps.export import Export
-from runner.steps.filters import Filter
 from runner.steps.indexing import IndexSection
 from runner.steps.models import ModelSpec
-from runner.steps.oasst import OasstSource
 from runner.steps.packaging import PackageConfig
 from runner.steps.prompts import PromptFormat
-from runner.steps.sources import (
-    NAME_PATTERN,
-    AlpacaSource,
-    DollySource,
-    H2oGptSource,
-    HfDiskSource,
-    ShareGptSource,
-    TableSource,
-)
+from runner.steps.sources import NAME_PATTERN
 from runner.steps.split import Split
 from runner.steps.train_config import Lora, TrainConfig
 
-Source = Annotated[
-    TableSource | OasstSource | AlpacaSource | DollySource | ShareGptSource | H2oGptSource | HfDiskSource,
-    Field(discriminator="format"),
-]
+
+def _entries(family: str, tag: str) -> Any:
+    """The recipe's union of one family's kinds (`data.sources[]`, `data.filters[]`), told apart by `tag`."""
+    return Annotated[typing.Union[registry.entry_models(family)], Field(discriminator=tag)]  # noqa: UP007
+
+
+Source = _entries("source", "format")
+Filter = _entries("filter", "kind")
 
 
 Variant = Literal["tuned", "base", "merged"]
@@ -138,3 +134,16 @@ def all_models() -> list[type[BaseModel]]:
 
 def all_field_names() -> list[str]:
     return sorted({name for m in all_models() for name in m.model_fields})
+
+
+def _rebuild() -> None:
+    """A kind added or removed after import (a plug-in, a test): the recipe's unions follow."""
+    global Source, Filter
+    Source, Filter = _entries("source", "format"), _entries("filter", "kind")
+    DataSection.model_fields["sources"].annotation = list[Source]
+    DataSection.model_fields["filters"].annotation = list[Filter]
+    DataSection.model_rebuild(force=True)
+    Recipe.model_rebuild(force=True)
+
+
+registry.on_entries_change(_rebuild)

@@ -22,7 +22,9 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import Request  # imported only by `runner serve` (api.serve_app), never by the CLI at large
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
 
 from runner.retrieval import docs_prompt
 from runner.schema import ServeConfig
@@ -168,15 +170,25 @@ def error_json(status: int, message: str, kind: str = "invalid_request_error", p
 
 
 def create_app(models: dict[str, Model], config: ServeConfig, *, retriever: Any = None, token: str | None = None) -> Any:
+    """The OpenAI-compatible app (behind the Guard: token, body size, access log) over these models and index."""
     from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
 
     app = FastAPI(title="runner", docs_url=None, redoc_url=None)
-    models = batching(models, config)
-    doc_models = {f"{name}+docs": m for name, m in models.items()} if retriever is not None and config.docs else {}
+    _error_handlers(app)
+    service = Service(batching(models, config), config, retriever)
+    app.get("/v1/models")(service.list_models)
+    app.post("/v1/chat/completions")(service.chat)
+    app.post("/v1/completions")(service.complete)
+    app.post("/v1/embeddings")(service.embeddings)
+    app.post("/v1/search")(service.search_endpoint)
+    return Guard(app, config, token)
+
+
+def _error_handlers(app: Any) -> None:
+    """Every error as OpenAI's error JSON: ours (ApiError), HTTP's, invalid requests, and bugs (500, logged)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
               code: str | int | None = None) -> JSONResponse:
@@ -209,33 +221,46 @@ def create_app(models: dict[str, Model], config: ServeConfig, *, retriever: Any 
         log.exception("internal error")
         return error(500, f"internal error ({type(exc).__name__}); the server log has the details", "server_error")
 
-    def pick(name: str) -> tuple[Model, bool]:
-        if name in models:
-            return models[name], False
-        if name in doc_models:
-            return doc_models[name], True
-        raise ApiError(404, f"no model {name!r}; models: {', '.join(list(models) + list(doc_models)) or 'none'}",
+
+def _usage(outputs: list[Output]) -> dict[str, int]:
+    p, c = outputs[0].prompt_tokens if outputs else 0, sum(o.completion_tokens for o in outputs)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+class Service:
+    """What the endpoints share: the models (and their `+docs` twins answering from the index), the limits."""
+
+    def __init__(self, models: dict[str, Model], config: ServeConfig, retriever: Any) -> None:
+        self.models, self.config, self.retriever = models, config, retriever
+        self.doc_models = {f"{name}+docs": m for name, m in models.items()} if retriever is not None and config.docs else {}
+
+    def pick(self, name: str) -> tuple[Model, bool]:
+        if name in self.models:
+            return self.models[name], False
+        if name in self.doc_models:
+            return self.doc_models[name], True
+        raise ApiError(404, f"no model {name!r}; models: {', '.join(list(self.models) + list(self.doc_models)) or 'none'}",
                        "not_found", param="model", code="model_not_found")
 
-    def sampling(req: Common, logprobs: int | None = None) -> Sampling:
+    def sampling(self, req: Common, logprobs: int | None = None) -> Sampling:
         req.check()
         max_tokens = req.max_completion_tokens or req.max_tokens
-        if max_tokens is not None and max_tokens > config.max_tokens:
-            raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {config.max_tokens}",
+        if max_tokens is not None and max_tokens > self.config.max_tokens:
+            raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {self.config.max_tokens}",
                            param="max_tokens")
-        max_tokens = max_tokens or min(128, config.max_tokens)
+        max_tokens = max_tokens or min(128, self.config.max_tokens)
         if req.min_tokens > max_tokens:
             raise ApiError(400, f"min_tokens {req.min_tokens} is over max_tokens {max_tokens}", param="min_tokens")
         return Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                         stop=req.stops(), logprobs=logprobs, min_tokens=req.min_tokens)
 
-    def search(question: str) -> tuple[str, list[dict[str, Any]]]:
-        hits = retriever.search(question, config.top_k) if question.strip() else []
+    def search(self, question: str) -> tuple[str, list[dict[str, Any]]]:
+        hits = self.retriever.search(question, self.config.top_k) if question.strip() else []
         sources = [{"id": h.chunk_id, "document": h.doc_id, "title": h.title, "score": round(h.score, 4),
                     "text": h.text} for h in hits]
         return docs_prompt(question, hits), sources
 
-    def run(model: Model, prompt: str, s: Sampling, n: int) -> list[Output]:
+    def run(self, model: Model, prompt: str, s: Sampling, n: int) -> list[Output]:
         try:
             return [model.generate(prompt, s if s.seed is None or i == 0 else _reseed(s, s.seed + i)) for i in range(n)]
         except ContextTooLong as exc:
@@ -243,39 +268,33 @@ def create_app(models: dict[str, Model], config: ServeConfig, *, retriever: Any 
         except NotSupported as exc:
             raise ApiError(400, str(exc)) from None
 
-    def usage(outputs: list[Output]) -> dict[str, int]:
-        p, c = outputs[0].prompt_tokens if outputs else 0, sum(o.completion_tokens for o in outputs)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-    @app.get("/v1/models")
-    def list_models() -> dict[str, Any]:
+    def list_models(self) -> dict[str, Any]:
         now = int(time.time())
-        names = list(models) + list(doc_models) + ([retriever.model_name] if retriever is not None else [])
-        every = {**models, **doc_models}
+        names = list(self.models) + list(self.doc_models) + ([self.retriever.model_name] if self.retriever is not None else [])
+        every = {**self.models, **self.doc_models}
         return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "runner",
                                             **({"precision": every[n].precision} if n in every else {})}
                                            for n in names]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, request: Request) -> Any:
-        model, docs = pick(req.model)
-        s = sampling(req, (req.top_logprobs or 0) if req.logprobs else None)
+    async def chat(self, req: ChatRequest, request: Request) -> Any:
+        model, docs = self.pick(req.model)
+        s = self.sampling(req, (req.top_logprobs or 0) if req.logprobs else None)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        if config.system and not any(m["role"] == "system" for m in messages):
-            messages.insert(0, {"role": "system", "content": config.system})
+        if self.config.system and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": self.config.system})
         sources: list[dict[str, Any]] = []
         if docs:
             question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-            turn, sources = await run_in_threadpool(search, question)
+            turn, sources = await run_in_threadpool(self.search, question)
             messages = messages[:-1] + [{"role": "user", "content": turn}]
         prompt = model.prompt(messages)
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if req.stream:
             base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
-            return _streaming(request, model, prompt, s, base, sources, chat=True,
-                              include_usage=bool(req.stream_options and req.stream_options.include_usage))
-        outputs = await run_in_threadpool(run, model, prompt, s, req.n)
-        request.state.tokens = usage(outputs)["total_tokens"]
+            return self._streaming(request, model, prompt, s, base, sources, chat=True,
+                                   include_usage=bool(req.stream_options and req.stream_options.include_usage))
+        outputs = await run_in_threadpool(self.run, model, prompt, s, req.n)
+        request.state.tokens = _usage(outputs)["total_tokens"]
         choices = []
         for i, o in enumerate(outputs):
             choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": o.text},
@@ -287,15 +306,14 @@ def create_app(models: dict[str, Model], config: ServeConfig, *, retriever: Any 
                                                   for e in o.logprobs]}
             choices.append(choice)
         body = {"id": rid, "object": "chat.completion", "created": created, "model": req.model, "choices": choices,
-                "usage": usage(outputs)}
+                "usage": _usage(outputs)}
         if docs:
             body["sources"] = sources
         return body
 
-    @app.post("/v1/completions")
-    async def complete(req: CompletionRequest, request: Request) -> Any:
-        model, docs = pick(req.model)
-        s = sampling(req, req.logprobs)
+    async def complete(self, req: CompletionRequest, request: Request) -> Any:
+        model, docs = self.pick(req.model)
+        s = self.sampling(req, req.logprobs)
         if isinstance(req.prompt, str):
             prompts = [req.prompt]
         elif req.prompt and isinstance(req.prompt[0], int):
@@ -304,17 +322,17 @@ def create_app(models: dict[str, Model], config: ServeConfig, *, retriever: Any 
             prompts = [str(p) for p in req.prompt] or [""]
         sources: list[dict[str, Any]] = []
         if docs:  # document chat on a plain completion: the prompt is the question
-            found = [await run_in_threadpool(search, p) for p in prompts]
+            found = [await run_in_threadpool(self.search, p) for p in prompts]
             prompts, sources = [f for f, _ in found], [x for _, srcs in found for x in srcs]
         rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         if req.stream:
             if len(prompts) > 1:
                 raise ApiError(400, "several prompts are not supported with stream: true", param="prompt")
             base = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
-            return _streaming(request, model, prompts[0], s, base, sources, chat=False,
-                              include_usage=bool(req.stream_options and req.stream_options.include_usage))
-        outputs = [o for p in prompts for o in await run_in_threadpool(run, model, p, s, req.n)]
-        request.state.tokens = usage(outputs)["total_tokens"]
+            return self._streaming(request, model, prompts[0], s, base, sources, chat=False,
+                                   include_usage=bool(req.stream_options and req.stream_options.include_usage))
+        outputs = [o for p in prompts for o in await run_in_threadpool(self.run, model, p, s, req.n)]
+        request.state.tokens = _usage(outputs)["total_tokens"]
         choices = []
         for i, o in enumerate(outputs):
             choice: dict[str, Any] = {"index": i, "text": o.text, "finish_reason": o.finish_reason, "logprobs": None}
@@ -330,13 +348,13 @@ def create_app(models: dict[str, Model], config: ServeConfig, *, retriever: Any 
                                       "text_offset": offsets}
             choices.append(choice)
         body = {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": choices,
-                "usage": {**usage(outputs), "prompt_tokens": sum(o.prompt_tokens for o in outputs[:: req.n])}}
+                "usage": {**_usage(outputs), "prompt_tokens": sum(o.prompt_tokens for o in outputs[:: req.n])}}
         body["usage"]["total_tokens"] = body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
         if docs:
             body["sources"] = sources
         return body
 
-    def _streaming(request: Request, model: Model, prompt: str, s: Sampling, base: dict[str, Any],
+    def _streaming(self, request: Request, model: Model, prompt: str, s: Sampling, base: dict[str, Any],
                    sources: list[dict[str, Any]], *, chat: bool, include_usage: bool) -> Any:
         try:
             model.encode(prompt, s.max_tokens)  # refuse a prompt that does not fit before the stream starts
@@ -376,32 +394,28 @@ def create_app(models: dict[str, Model], config: ServeConfig, *, retriever: Any 
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/embeddings")
-    def embeddings(req: EmbeddingRequest, request: Request) -> Any:
-        if retriever is None:
+    def embeddings(self, req: EmbeddingRequest, request: Request) -> Any:
+        if self.retriever is None:
             raise ApiError(404, "this recipe has no index, so no embedding model to serve", "not_found", param="model")
-        if req.model not in (retriever.model_name, "default"):
-            raise ApiError(400, f"the index's embedding model is {retriever.model_name!r}; ask for that one", param="model")
+        if req.model not in (self.retriever.model_name, "default"):
+            raise ApiError(400, f"the index's embedding model is {self.retriever.model_name!r}; ask for that one", param="model")
         texts = [req.input] if isinstance(req.input, str) else req.input
-        vectors = retriever.embed(texts)
-        tokens = sum(len(ids) for ids in retriever.model.tokenizer(texts, truncation=True)["input_ids"])
+        vectors = self.retriever.embed(texts)
+        tokens = sum(len(ids) for ids in self.retriever.model.tokenizer(texts, truncation=True)["input_ids"])
         request.state.tokens = tokens
-        return {"object": "list", "model": retriever.model_name,
+        return {"object": "list", "model": self.retriever.model_name,
                 "data": [{"object": "embedding", "index": i, "embedding": _vector(v, req.encoding_format)}
                          for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    @app.post("/v1/search")
-    def search_endpoint(req: SearchRequest) -> Any:
+    def search_endpoint(self, req: SearchRequest) -> Any:
         """The index alone: the documents (or chunks) closest to a query, best first."""
-        if retriever is None:
+        if self.retriever is None:
             raise ApiError(404, "this recipe has no index to search", "not_found")
         if not req.query.strip():
             raise ApiError(400, "query is empty", param="query")
-        hits = retriever.search(req.query, req.k, group_by=req.group_by)
+        hits = self.retriever.search(req.query, req.k, group_by=req.group_by)
         return {"object": "list", "data": [h._asdict() for h in hits]}
-
-    return Guard(app, config, token)
 
 
 def _vector(v: Any, encoding: str) -> Any:

@@ -146,3 +146,36 @@ def test_language_identification(tmp_path: Path) -> None:
     assert kept_ids(b, "filter_language") == {"s/1", "s/2"}
     assert api.sql(b, "select reason, detail from filter_language__rejects")[1] == [
         ("language", "language de not in [en, es]")]
+
+
+def test_a_new_filter_kind_is_one_class_in_one_file(tmp_path: Path) -> None:
+    """Registering a filter kind is the class and its decorator: the recipe accepts `kind: no_digits`, the step
+    runs, the reference documents it; taken out again, the recipe refuses it."""
+    from typing import Literal
+
+    from runner import docs, registry
+    from runner.errors import RecipeError
+    from runner.steps.filter_base import FilterBase, filter_kind
+    from runner.steps.reasons import why
+
+    @filter_kind()
+    class NoDigitsFilter(FilterBase):
+        """Drop rows whose reply holds a digit."""
+
+        kind: Literal["no_digits"]
+
+        def reason(self) -> str:
+            return (f"case when regexp_matches(response_of(turns), '[0-9]') then "
+                    f"{why('regex', chr(39) + 'a digit' + chr(39))} else null end")
+
+    try:
+        b, counts = run(tmp_path, "[{kind: no_digits}]")
+        expected = {i for i, _, r in alpaca_records() if not re.search("[0-9]", r)}
+        assert kept_ids(b, "filter_no_digits") == expected and 0 < len(expected) < 999
+        assert counts["filter.no_digits"]["rejects"] == 999 - len(expected)
+        assert "NoDigitsFilter" in docs.recipe_reference()
+    finally:
+        registry.remove_entry("filter", NoDigitsFilter)
+    with pytest.raises(RecipeError, match="no_digits"):
+        api.load(tmp_path / "r.yaml")
+    assert "NoDigitsFilter" not in docs.recipe_reference()

@@ -9,6 +9,7 @@ from runner.steps import (
     evaluation,
     export,
     filters,
+    filters_python,
     indexing,
     oasst,
     packaging,
@@ -19,5 +20,5 @@ from runner.steps import (
 )
 
 __all__ = [
-    "documents", "evaluation", "export", "filters", "indexing", "oasst", "packaging", "prompts", "sources", "split", "training",
+    "documents", "evaluation", "export", "filters", "filters_python", "indexing", "oasst", "packaging", "prompts", "sources", "split", "training",
 ]

@@ -1,20 +1,23 @@
-"""What every filter shares: the fields it can look at and the hooks `run_filter` calls."""
+"""What every filter shares: the fields it can look at, the hooks `run_filter` calls, and `filter_kind`, the one
+place a filter kind is registered (its recipe `kind:`, its step `filter.KIND`).
+
+A new filter is one class: subclass `FilterBase`, give it `kind: Literal["name"]` and a `reason`, decorate it
+with `@filter_kind()`."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 
 from runner.params import Params
-from runner.registry import StepContext
+from runner.registry import Reproducible, StepContext, StepError, add_entry, literal_values, step
 from runner.steps.sources import NAME_PATTERN
+from stores.sql import sql_string as sql_literal
 
 FieldName = Literal["text", "prompt", "response"]
 FIELD_SQL = {"text": "text_of(turns)", "prompt": "prompt_of(turns)", "response": "response_of(turns)"}
-
-
-
 
 
 class FilterBase(Params):
@@ -23,6 +26,10 @@ class FilterBase(Params):
     def reason(self) -> str:
         """SQL giving why a row is dropped (NULL keeps it). May read `_value` (see `python_input`)."""
         raise NotImplementedError
+
+    def reason_in(self, ctx: StepContext) -> str:
+        """`reason` for a step that may need its files (e.g. a word list); most filters need none."""
+        return self.reason()
 
     def derived(self) -> str | None:
         """Extra SQL columns (`expr as _name, ...`) computed once per row before `reason` runs."""
@@ -39,3 +46,60 @@ class FilterBase(Params):
     def python(self, ctx: StepContext, table: Any) -> list[Any]:
         """One `_value` per row of `table` (a pyarrow table of `python_input`), for `reason` to judge."""
         raise NotImplementedError
+
+
+F = TypeVar("F", bound=type[FilterBase])
+
+
+def filter_kind(*, libs: tuple[str, ...] = ("duckdb",), reproducible: Reproducible = True) -> Callable[[F], F]:
+    """Make a `FilterBase` subclass a recipe filter (`kind: NAME` in `data.filters`) run by step `filter.NAME`.
+    `libs`: the libraries whose versions are in its key; `reproducible`: see `registry.StepSpec`."""
+
+    def add(cls: F) -> F:
+        (name,) = literal_values(cls, "kind")
+        step(f"filter.{name}", version="2", params=cls, libs=libs, reproducible=reproducible)(run_filter)
+        add_entry("filter", cls, f"filter.{name}")
+        return cls
+
+    return add
+
+
+def run_filter(ctx: StepContext) -> None:
+    """Filters that only drop rows write a masked view of their input (no copy of the rows);
+    filters that rewrite text (clean, truncate) write the rows they keep."""
+    import duckdb
+    import pyarrow as pa
+
+    from runner.steps.tables import finish, finish_view, open_input, scalar
+    from stores.datastore import connect
+
+    p = ctx.params
+    source = open_input(ctx, row_numbers=True)
+    if p.transform():
+        source = f"(select * replace ({p.transform()} as turns) from {source})"
+    con = connect()
+    try:
+        reason = p.reason_in(ctx)
+        if p.derived():
+            source = f"(select *, {p.derived()} from {source})"
+        if p.python_input():
+            table = con.sql(f"select {p.python_input()} from {source} order by file_row_number").to_arrow_table()
+            values = p.python(ctx, table)
+            con.register("_py", pa.table({"_id": table.column("id"), "_value": pa.array(values)}))
+            source = f"(select s.*, _py._value from {source} s join _py on s.id = _py._id)"
+        try:
+            if p.transform():  # rows change: write them (a plain scan and filter keeps their order)
+                con.execute(f"create temp table t as select *, {reason} as _reason from {source}")
+                finish(ctx, con,
+                       "select * exclude (_reason, file_row_number) from t where _reason is null order by file_row_number",
+                       f"select id, source, {sql_literal(ctx.name)} as step, _reason.reason as reason, "
+                       "_reason.detail as detail from t where _reason is not null order by file_row_number",
+                       scalar(con, "select count(*) from t"))
+            else:
+                # project only what the mask needs: a window (dedup) then never carries the text along
+                judged = f"select file_row_number as n, id, source, {reason} as reason from {source}"
+                finish_view(ctx, con, f"select * from ({judged}) where reason is not null")
+        except duckdb.Error as exc:
+            raise StepError(f"filter {ctx.name}: the SQL failed: {str(exc).splitlines()[0]}") from None
+    finally:
+        con.close()

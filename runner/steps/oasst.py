@@ -18,9 +18,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from runner.params import Params
-from runner.registry import StepContext, step
+from runner.registry import StepContext
 from runner.steps.reasons import Rejected
-from runner.steps.sources import SourceBase, _jsonl, write_tables
+from runner.steps.sources import SourceBase, _jsonl, source_kind, write_tables
 
 
 class LabelBound(Params):
@@ -28,6 +28,7 @@ class LabelBound(Params):
     max: float | None = None
 
 
+@source_kind("source.oasst")
 class OasstSource(SourceBase):
     """OpenAssistant trees. `mode: paths` emits every root-to-leaf conversation; `top` follows only the
     best-ranked assistant reply at each turn. Message filters prune a message and everything below it."""
@@ -44,6 +45,9 @@ class OasstSource(SourceBase):
     labels: dict[str, LabelBound] = Field(default_factory=dict,
                                           description="label bounds, e.g. {quality: {min: 0.5}, toxicity: {max: 0.2}}")
     score_label: str = Field("quality", description="label whose value becomes the row's score")
+
+    def read(self, ctx: StepContext) -> None:
+        read_oasst(ctx)
 
 
 @dataclass
@@ -216,7 +220,6 @@ def conversations(roots: list[Msg], p: OasstSource) -> Iterator[list[Msg]]:
                 yield path
 
 
-@step("source.oasst", version="2", params=OasstSource, libs=("duckdb", "pyarrow"))
 def read_oasst(ctx: StepContext) -> None:
     import itertools
 

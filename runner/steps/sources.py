@@ -6,7 +6,7 @@ Every record read either becomes a row or a reject with its record number and wh
 
 Formats: generic tables (jsonl/json/csv/parquet with a column mapping), Alpaca, Dolly,
 ShareGPT (incl. tool roles), h2oGPT `<human>:/<bot>:` text, a `datasets` dataset saved to
-disk; OpenAssistant trees live in `oasst.py`.
+disk; OpenAssistant trees live in `oasst.py`. Each is one class registered by `source_kind`.
 """
 
 from __future__ import annotations
@@ -18,17 +18,37 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 
 from runner.params import Params
-from runner.registry import StepContext, StepError, step
+from runner.registry import StepContext, StepError, add_entry, step
 from runner.steps.reasons import Rejected
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 Record = tuple[int, dict[str, Any] | None, "Rejected | None"]  # (record number, fields, why it cannot be read)
 Turn = dict[str, str]
+
+
+def run_source(ctx: StepContext) -> None:
+    ctx.params.read(ctx)
+
+
+S = TypeVar("S", bound="type[SourceBase]")
+
+
+def source_kind(step_kind: str, *, libs: tuple[str, ...] = ("duckdb", "pyarrow")) -> Callable[[S], S]:
+    """Make a `SourceBase` subclass a recipe source (the values of its `format:` field) run by step `step_kind`.
+    A new source is one class with this decorator: its `row` (one record to a row), and its `records` (the
+    file's records) unless it reads JSON/JSONL; or its own `read`."""
+
+    def add(cls: S) -> S:
+        step(step_kind, version="2", params=cls, libs=libs)(run_source)
+        add_entry("source", cls, step_kind)
+        return cls
+
+    return add
 
 
 class SourceBase(Params):
@@ -39,6 +59,20 @@ class SourceBase(Params):
 
     def external_paths(self) -> dict[str, str]:
         return {"path": self.path}
+
+    def read(self, ctx: StepContext) -> None:
+        """Write the step's rows and rejects: each of `records` converted by `row`."""
+        records = self.records(ctx.files[self.path])
+        if self.limit:
+            records = itertools.islice(records, self.limit)
+        convert_records(ctx, self, records, self.row)
+
+    def records(self, path: Path) -> Iterator[Record]:
+        return _json_or_jsonl(path)
+
+    def row(self, n: int, record: dict[str, Any]) -> dict[str, Any]:
+        """One record as a row (`_row(...)`), or raise `Rejected`."""
+        raise NotImplementedError
 
 
 class Columns(Params):
@@ -54,26 +88,47 @@ class Columns(Params):
                                                 "rows sharing it land on one side (default: each record alone)")
 
 
+@source_kind("source.table")
 class TableSource(SourceBase):
     """Rows from a JSONL, JSON (array of objects), CSV or Parquet file, mapped by `columns`."""
 
     format: Literal["jsonl", "json", "csv", "parquet"]
     columns: Columns = Columns()
 
+    def read(self, ctx: StepContext) -> None:
+        if self.format == "parquet":
+            return parquet_source(ctx, self, ctx.files[self.path])
+        return super().read(ctx)
 
+    def records(self, path: Path) -> Iterator[Record]:
+        return READERS[self.format](path)
+
+    def row(self, n: int, record: dict[str, Any]) -> dict[str, Any]:
+        return table_row(self, n, record)
+
+
+@source_kind("source.alpaca")
 class AlpacaSource(SourceBase):
     """Alpaca JSON/JSONL: `instruction`, optional `input` (appended after a blank line), `output`."""
 
     format: Literal["alpaca"]
 
+    def row(self, n: int, record: dict[str, Any]) -> dict[str, Any]:
+        return alpaca_row(self, n, record)
 
+
+@source_kind("source.dolly")
 class DollySource(SourceBase):
     """Dolly JSON/JSONL: `instruction`, optional `context`, `response`, `category`."""
 
     format: Literal["dolly"]
     categories: list[str] | None = Field(None, description="keep only these categories")
 
+    def row(self, n: int, record: dict[str, Any]) -> dict[str, Any]:
+        return dolly_row(self, n, record)
 
+
+@source_kind("source.sharegpt")
 class ShareGptSource(SourceBase):
     """ShareGPT JSON/JSONL: `conversations: [{from, value}]`. Tool calls count as the assistant's,
     observations as `tool` turns; trailing turns after the last assistant reply are dropped."""
@@ -81,14 +136,22 @@ class ShareGptSource(SourceBase):
     format: Literal["sharegpt"]
     field: str = Field("conversations", description="field holding the turn list")
 
+    def row(self, n: int, record: dict[str, Any]) -> dict[str, Any]:
+        return sharegpt_row(self, n, record)
 
+
+@source_kind("source.h2ogpt")
 class H2oGptSource(SourceBase):
     """h2oGPT text: one field holding `<human>: … <bot>: …` turns."""
 
     format: Literal["h2ogpt"]
     field: str = Field("input", description="field holding the text")
 
+    def row(self, n: int, record: dict[str, Any]) -> dict[str, Any]:
+        return h2ogpt_row(self, n, record)
 
+
+@source_kind("source.hf_disk", libs=("duckdb", "pyarrow", "datasets"))
 class HfDiskSource(SourceBase):
     """A Hugging Face `datasets` dataset saved with `save_to_disk`, mapped by `columns`."""
 
@@ -97,6 +160,12 @@ class HfDiskSource(SourceBase):
     format: Literal["hf_disk"]
     split: str | None = Field(None, description="split of a DatasetDict (required if it has several)")
     columns: Columns = Columns()
+
+    def records(self, path: Path) -> Iterator[Record]:
+        return _hf_disk(path, self.split)
+
+    def row(self, n: int, record: dict[str, Any]) -> dict[str, Any]:
+        return table_row(self, n, record)
 
 
 # -- reading records -----------------------------------------------------------
@@ -349,12 +418,6 @@ def convert_records(ctx: StepContext, src: SourceBase, records: Iterator[Record]
 READERS: dict[str, Callable[[Path], Iterator[Record]]] = {
     "jsonl": _jsonl, "json": _json, "csv": _csv,
 }
-CONVERTERS: dict[type[SourceBase], Callable[[Any, int, dict[str, Any]], dict[str, Any]]] = {
-    TableSource: table_row, HfDiskSource: table_row, AlpacaSource: alpaca_row, DollySource: dolly_row,
-    ShareGptSource: sharegpt_row, H2oGptSource: h2ogpt_row,
-}
-
-
 def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
     """Parquet is typed, so it is converted in DuckDB without a Python loop, with the same rejects as
     the other table formats (missing or empty text, a repeated id)."""
@@ -416,35 +479,6 @@ def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
                int(scalar(con, "select count(*) from t")))
     finally:
         con.close()
-
-
-def run_source(ctx: StepContext) -> None:
-    p = ctx.params
-    path = ctx.files[p.path]
-    if isinstance(p, TableSource) and p.format == "parquet":
-        return parquet_source(ctx, p, path)
-    if isinstance(p, TableSource):
-        records = READERS[p.format](path)
-    elif isinstance(p, HfDiskSource):
-        records = _hf_disk(path, p.split)
-    else:
-        records = _json_or_jsonl(path)
-    if p.limit:
-        records = itertools.islice(records, p.limit)
-    convert = CONVERTERS[type(p)]
-    convert_records(ctx, p, records, lambda n, rec: convert(p, n, rec))
-
-
-SOURCE_KINDS = {
-    TableSource: ("source.table", ("duckdb", "pyarrow")),
-    AlpacaSource: ("source.alpaca", ("duckdb", "pyarrow")),
-    DollySource: ("source.dolly", ("duckdb", "pyarrow")),
-    ShareGptSource: ("source.sharegpt", ("duckdb", "pyarrow")),
-    H2oGptSource: ("source.h2ogpt", ("duckdb", "pyarrow")),
-    HfDiskSource: ("source.hf_disk", ("duckdb", "pyarrow", "datasets")),
-}
-for _model, (_kind, _libs) in SOURCE_KINDS.items():
-    step(_kind, version="2", params=_model, libs=_libs)(run_source)
 
 
 class Mix(Params):

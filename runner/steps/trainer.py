@@ -182,40 +182,75 @@ def _run(job: dict[str, Any], progress: Any) -> None:
 
     quiet_ml()
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoTokenizer, PrinterCallback, Trainer
 
-    from runner.steps.models import load_model, lora_targets
     from runner.steps.train_config import TrainParams
 
     p = TrainParams.model_validate(job["params"])
     t = p.train
     out, scratch = Path(job["out"]), Path(job["scratch"])
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     torch.manual_seed(t.seed)
     tok = AutoTokenizer.from_pretrained(job["tokenizer"])
-    model = load_model(Path(job["base"]), p.model.precision, trust_remote_code=p.model.trust_remote_code)
-    # PEFT writes the base's name into the adapter and its model card: no cache paths in the bytes
-    model.config._name_or_path = base_name(p)
-    quantized = None
-    if p.model.precision in ("int8", "int4"):
-        from runner.steps.models import count_quantized
-
-        quantized = count_quantized(model)[0]  # before LoRA wraps the layers
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    targets = lora_targets(model, p.lora.target_modules)
-    model = get_peft_model(model, LoraConfig(r=p.lora.rank, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
-    trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
-    total = sum(x.numel() for x in model.parameters())
+    model, facts = _lora_model(p, Path(job["base"]))
     dataset = _dataset(job["train_file"])
     if len(dataset) == 0:
         raise StepError("no training examples after tokenisation")
+    validation = _dataset(job["validation_file"]) if t.eval_every else None
+    if validation is not None and len(validation) == 0:
+        raise StepError("train.eval_every needs validation rows; set data.split.validation above 0")
+    args = _arguments(p, scratch, world, str(job.get("key", "")))
+    timing: dict[str, float] = {}
+    facts["tokens"] = sum(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
+    callbacks = _callbacks(t, progress, facts["tokens"], timing, out if rank == 0 else None)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=validation,
+                      data_collator=collator(tok.pad_token_id), callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)
+    if args.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
+        raise StepError("FSDP was asked for but accelerate did not enable it on this hardware; use strategy: ddp")
+    resume = last_checkpoint(scratch)
+    trainer.train(resume_from_checkpoint=resume)
+    digests = _rank_digests(model, rank, world)
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return
+    # facts about this run (how long, resumed or not) go to the manifest only, never into the artifact's
+    # files: the files are the result, and the result must not change with the clock
+    (scratch / "run.json").write_text(json.dumps({"train_seconds": timing.get("end", 0) - timing.get("start", 0),
+                                                  "resumed_from": Path(resume).name if resume else None}))
+    _save(job, p, model, trainer, facts, digests)
+
+
+def _lora_model(p: Any, base: Path) -> tuple[Any, dict[str, Any]]:
+    """The base model (quantized as `precision` says) wrapped with fresh LoRA adapters, and facts about it."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from runner.steps.models import count_quantized, load_model, lora_targets
+
+    model = load_model(base, p.model.precision, trust_remote_code=p.model.trust_remote_code)
+    # PEFT writes the base's name into the adapter and its model card: no cache paths in the bytes
+    model.config._name_or_path = base_name(p)
+    facts: dict[str, Any] = {}
+    if p.model.precision in ("int8", "int4"):
+        facts["quantized_layers"] = count_quantized(model)[0]  # before LoRA wraps the layers
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    facts["lora_targets"] = lora_targets(model, p.lora.target_modules)
+    model = get_peft_model(model, LoraConfig(r=p.lora.rank, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
+                                             target_modules=facts["lora_targets"], task_type="CAUSAL_LM"))
+    facts["trainable_params"] = sum(x.numel() for x in model.parameters() if x.requires_grad)
+    facts["total_params"] = sum(x.numel() for x in model.parameters())
+    return model, facts
+
+
+def _arguments(p: Any, scratch: Path, world: int, key: str) -> Any:
+    """transformers' TrainingArguments for the recipe's `train:` section on this machine."""
+    import torch
+    from transformers import TrainingArguments
+
+    t = p.train
+    nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     cuda = torch.cuda.is_available()
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(scratch), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr, lr_scheduler_type=t.schedule, warmup_steps=t.warmup_steps, num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1, seed=t.seed, data_seed=t.seed, logging_steps=1, save_strategy="steps",
@@ -229,10 +264,14 @@ def _run(job: dict[str, Any], progress: Any) -> None:
         deepspeed=t.distributed.deepspeed_config() if t.distributed.strategy == "deepspeed" else None,
         # tracking through transformers' own integrations (TensorBoard's is added below, writing into the artifact)
         report_to=[r for r in t.report_to if r != "tensorboard"] or "none",
-        run_name=f"train-{str(job.get('key', ''))[:12]}",
+        run_name=f"train-{key[:12]}",
     )
-    timing: dict[str, float] = {}
-    tokens = sum(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
+
+
+def _callbacks(t: Any, progress: Any, tokens: int, timing: dict[str, float], tensorboard_root: Path | None) -> list[Any]:
+    """The clock (progress lines with loss, tokens/s and ETA; `timing` gets start and end), early stopping and
+    TensorBoard (written into the artifact, by rank 0: `tensorboard_root`) as the recipe asks."""
+    from transformers import TrainerCallback
 
     class Clock(TrainerCallback):  # type: ignore[misc]
         def on_train_begin(self, args: Any, state: Any, *a: Any, **k: Any) -> None:
@@ -256,63 +295,61 @@ def _run(job: dict[str, Any], progress: Any) -> None:
                      f"epoch {state.epoch or 0:.2f}, loss {logs['loss']:.4f}, lr {logs.get('learning_rate', 0):.2e}, "
                      f"{per_s:,.0f} tokens/s, ETA {left:.0f} s")
 
-    validation = _dataset(job["validation_file"]) if t.eval_every else None
-    if validation is not None and len(validation) == 0:
-        raise StepError("train.eval_every needs validation rows; set data.split.validation above 0")
     callbacks: list[Any] = [Clock()]
     if t.early_stopping:
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping))
-    if "tensorboard" in t.report_to and rank == 0:
+    if "tensorboard" in t.report_to and tensorboard_root is not None:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
-        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(out / "tensorboard"))))
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=validation,
-                      data_collator=collator(tok.pad_token_id), callbacks=callbacks)
-    trainer.remove_callback(PrinterCallback)
-    if args.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
-        raise StepError("FSDP was asked for but accelerate did not enable it on this hardware; use strategy: ddp")
-    resume = last_checkpoint(scratch)
-    trainer.train(resume_from_checkpoint=resume)
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(tensorboard_root / "tensorboard"))))
+    return callbacks
+
+
+def _rank_digests(model: Any, rank: int, world: int) -> list[dict[str, Any]]:
+    """Every rank's adapter hash: every node records all of them, so all nodes hold the same artifact."""
     digests = [{"rank": rank, "lora_sha256": lora_digest(model)}]
-    if world > 1:  # every node records every rank's hash, so all nodes hold the same artifact
+    if world > 1:
         import torch.distributed as dist
 
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, digests[0])
         digests = everyone
-    if local_rank != 0:
-        return
+    return digests
+
+
+def _save(job: dict[str, Any], p: Any, model: Any, trainer: Any, facts: dict[str, Any],
+          digests: list[dict[str, Any]]) -> None:
+    """The artifact: the adapter, the rank hashes, train_result.json (losses and metrics) and the loss plot."""
+    out = Path(job["out"])
     (out / "ranks").mkdir(parents=True, exist_ok=True)
     for d in digests:
         (out / "ranks" / f"rank{d['rank']}.json").write_text(json.dumps(d))
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
-    # facts about this run (how long, resumed or not) go to the manifest only, never into the artifact's
-    # files: the files are the result, and the result must not change with the clock
-    (scratch / "run.json").write_text(json.dumps({"train_seconds": timing.get("end", 0) - timing.get("start", 0),
-                                                  "resumed_from": Path(resume).name if resume else None}))
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    steps = [h["step"] for h in history if "loss" in h]
+    trainable, total = facts["trainable_params"], facts["total_params"]
     metrics = {
         "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
         # the mean of the logged losses, not result.training_loss: that one covers only this run's steps, so a
         # resumed run would write a different number (and a different artifact) for the same training
         "train_loss_mean": sum(losses) / len(losses) if losses else None, "steps": trainer.state.global_step,
         "trainable_params": trainable, "total_params": total, "trainable_percent": round(100 * trainable / total, 4),
-        "lora_targets": targets, "precision": p.model.precision, "world_size": world,
+        "lora_targets": facts["lora_targets"], "precision": p.model.precision, "world_size": len(digests),
         "fsdp": bool(getattr(trainer, "is_fsdp_enabled", False)),
         "epochs_done": trainer.state.epoch,
     }
-    if quantized is not None:
-        metrics["quantized_layers"] = quantized
+    if "quantized_layers" in facts:
+        metrics["quantized_layers"] = facts["quantized_layers"]
     for cfg in model.peft_config.values():
         cfg.base_model_name_or_path = base_name(p)
         cfg.revision = p.commit if isinstance(p.model.base, str) and not p.model.is_local() else None
         cfg.target_modules = sorted(cfg.target_modules)  # a set: its order would change with the hash seed
     model.save_pretrained(out / "adapter", safe_serialization=True)
     (out / "adapter" / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub names local paths
-    val = [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h]
+    val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     if val:
         best_step, best = min(val, key=lambda x: (x[1], x[0]))
         metrics.update({"val_loss_best": best, "val_best_step": best_step, "val_loss_last": val[-1][1],
@@ -320,7 +357,7 @@ def _run(job: dict[str, Any], progress: Any) -> None:
     (out / "train_result.json").write_text(json.dumps({"metrics": metrics, "losses": losses, "steps": steps,
                                                         "validation": {"steps": [s for s, _ in val],
                                                                        "losses": [v for _, v in val]},
-                                                        "tokens_per_epoch": tokens}, sort_keys=True))
+                                                        "tokens_per_epoch": facts["tokens"]}, sort_keys=True))
     plot(steps, losses, val, out / "loss.png", title=f"train {str(job.get('key', ''))[:12]}")
 
 
