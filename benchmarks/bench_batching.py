@@ -24,8 +24,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = ["What is the capital of Spain?", "How many days does June have?", "What is 7 times 8?",
-           "What is the opposite of 'hot'?", "Which day comes after Monday?", "How can I sleep better?"]
+PROMPTS = [
+    "What is the capital of Spain?",
+    "How many days does June have?",
+    "What is 7 times 8?",
+    "What is the opposite of 'hot'?",
+    "Which day comes after Monday?",
+    "How can I sleep better?",
+]
 
 
 def serve(recipe: Path, cache: str, batch_size: int, *sets: str) -> tuple[str, subprocess.Popen]:
@@ -36,11 +42,26 @@ def serve(recipe: Path, cache: str, batch_size: int, *sets: str) -> tuple[str, s
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", str(recipe), "--port", str(port), "--quiet",
-                             "--set", f"serve.batch_size={batch_size}", "--set", "serve.max_tokens=256",
-                             *[x for kv in sets for x in ("--set", kv)]],
-                            env={**os.environ, "RUNNER_CACHE": cache, "OMP_NUM_THREADS": "2"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "runner",
+            "serve",
+            str(recipe),
+            "--port",
+            str(port),
+            "--quiet",
+            "--set",
+            f"serve.batch_size={batch_size}",
+            "--set",
+            "serve.max_tokens=256",
+            *[x for kv in sets for x in ("--set", kv)],
+        ],
+        env={**os.environ, "RUNNER_CACHE": cache, "OMP_NUM_THREADS": "2"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -65,9 +86,15 @@ def load(clients: int, url: str, seconds: float, max_tokens: int, model: str = "
         i = c
         while time.perf_counter() < stop:
             t = time.perf_counter()
-            r = await http.post(url, json={"model": model, "max_tokens": max_tokens,
-                                           "min_tokens": max_tokens,
-                                           "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]})
+            r = await http.post(
+                url,
+                json={
+                    "model": model,
+                    "max_tokens": max_tokens,
+                    "min_tokens": max_tokens,
+                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                },
+            )
             r.raise_for_status()
             latencies.append(time.perf_counter() - t)
             tokens[0] += r.json()["usage"]["completion_tokens"]
@@ -82,8 +109,12 @@ def load(clients: int, url: str, seconds: float, max_tokens: int, model: str = "
 
     wall = asyncio.run(run())
     latencies.sort()
-    return {"requests": len(latencies), "tokens_per_s": tokens[0] / wall, "p50": statistics.median(latencies),
-            "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+    return {
+        "requests": len(latencies),
+        "tokens_per_s": tokens[0] / wall,
+        "p50": statistics.median(latencies),
+        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+    }
 
 
 def main() -> None:
@@ -104,8 +135,9 @@ def main() -> None:
             try:
                 load(1, url, 2, args.max_tokens)  # warm-up
                 for clients in (1, 4, 16):
-                    results[(batch_size, clients)] = [load(clients, url, args.seconds, args.max_tokens)
-                                                      for _ in range(args.repeats)]
+                    results[(batch_size, clients)] = [
+                        load(clients, url, args.seconds, args.max_tokens) for _ in range(args.repeats)
+                    ]
             finally:
                 proc.terminate()
                 proc.wait()
@@ -115,15 +147,21 @@ def main() -> None:
         tps = sorted(r["tokens_per_s"] for r in runs)
         med[(batch_size, clients)] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         m = med[(batch_size, clients)]
-        print(f"{batch_size:>5} {clients:>7} {m['requests']:>8.0f} {m['tokens_per_s']:>10.0f} ({tps[0]:.0f}-{tps[-1]:.0f})"
-              f"{'':>8} {m['p50'] * 1000:>7.0f} {m['p99'] * 1000:>7.0f}")
+        print(
+            f"{batch_size:>5} {clients:>7} {m['requests']:>8.0f} {m['tokens_per_s']:>10.0f} ({tps[0]:.0f}-{tps[-1]:.0f})"
+            f"{'':>8} {m['p50'] * 1000:>7.0f} {m['p99'] * 1000:>7.0f}"
+        )
     for clients in (1, 4, 16):
-        print(f"{clients:>2} clients: batching / one at a time = "
-              f"{med[(16, clients)]['tokens_per_s'] / med[(1, clients)]['tokens_per_s']:.2f}x tokens/s")
-    print(f"p99 at 16 clients with batching / single-client p99 = "
-          f"{med[(16, 16)]['p99'] / med[(1, 1)]['p99']:.2f}x (target <= 2x); "
-          f"tokens/s at 16 clients vs one at a time: {med[(16, 16)]['tokens_per_s'] / med[(1, 16)]['tokens_per_s']:.2f}x "
-          "(target >= 3x)")
+        print(
+            f"{clients:>2} clients: batching / one at a time = "
+            f"{med[(16, clients)]['tokens_per_s'] / med[(1, clients)]['tokens_per_s']:.2f}x tokens/s"
+        )
+    print(
+        f"p99 at 16 clients with batching / single-client p99 = "
+        f"{med[(16, 16)]['p99'] / med[(1, 1)]['p99']:.2f}x (target <= 2x); "
+        f"tokens/s at 16 clients vs one at a time: {med[(16, 16)]['tokens_per_s'] / med[(1, 16)]['tokens_per_s']:.2f}x "
+        "(target >= 3x)"
+    )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def rows(n: int) -> list[dict[str, str]]:
 
 def shingles(text: str) -> set[str]:
     words = text.lower().split()
-    return {" ".join(words[j:j + 3]) for j in range(max(1, len(words) - 2))}
+    return {" ".join(words[j : j + 3]) for j in range(max(1, len(words) - 2))}
 
 
 def by_hand(texts: list[str]) -> set[int]:
@@ -72,8 +72,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "rows.jsonl"
         src.write_text("".join(json.dumps(r) + "\n" for r in data))
-        (Path(tmp) / "r.yaml").write_text("data:\n  sources: [{name: s, format: jsonl, path: rows.jsonl}]\n"
-                                          "  filters: [{kind: near_dedup, field: response, threshold: 0.8}]\n")
+        (Path(tmp) / "r.yaml").write_text(
+            "data:\n  sources: [{name: s, format: jsonl, path: rows.jsonl}]\n"
+            "  filters: [{kind: near_dedup, field: response, threshold: 0.8}]\n"
+        )
         t = time.perf_counter()
         b = api.load(Path(tmp) / "r.yaml", cache_dir=Path(tmp) / "cache")
         result = api.apply(b)
@@ -86,8 +88,10 @@ def main() -> None:
     hand = time.perf_counter() - t
     assert ours == theirs, (len(ours), len(theirs), len(ours ^ theirs))
     print(f"{args.rows:,} rows, {len(ours):,} near-duplicates found by both (same rows)")
-    print(f"runner near_dedup step: {step.seconds:.1f} s (whole apply incl. source {total:.1f} s); "
-          f"datasketch by hand: {hand:.1f} s -> datasketch / runner = {hand / step.seconds:.2f}x")
+    print(
+        f"runner near_dedup step: {step.seconds:.1f} s (whole apply incl. source {total:.1f} s); "
+        f"datasketch by hand: {hand:.1f} s -> datasketch / runner = {hand / step.seconds:.2f}x"
+    )
 
 
 if __name__ == "__main__":

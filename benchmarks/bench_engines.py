@@ -35,9 +35,11 @@ def main() -> None:
         sys.exit("set RUNNER_GGUF_CONVERTER to llama.cpp's convert_hf_to_gguf.py (see .ci/run)")
     from runner import api
 
-    engines = {"transformers (merged, fp32)": ("quickstart-merged", ["serve.models=[merged]"]),
-               "llama.cpp f16": ("quickstart-gguf", ["serve.engine=llama_cpp", "package.gguf_type=f16"]),
-               "llama.cpp q8_0": ("quickstart-gguf", ["serve.engine=llama_cpp", "package.gguf_type=q8_0"])}
+    engines = {
+        "transformers (merged, fp32)": ("quickstart-merged", ["serve.models=[merged]"]),
+        "llama.cpp f16": ("quickstart-gguf", ["serve.engine=llama_cpp", "package.gguf_type=f16"]),
+        "llama.cpp q8_0": ("quickstart-gguf", ["serve.engine=llama_cpp", "package.gguf_type=q8_0"]),
+    }
     results: dict[tuple[str, int], dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(ROOT / "recipes", tmp, dirs_exist_ok=True)
@@ -59,8 +61,10 @@ def main() -> None:
     print(f"{'engine':<28} {'clients':>7} {'tokens/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'vs built-in':>11}")
     for (engine, clients), m in results.items():
         base = results[("transformers (merged, fp32)", clients)]["tokens_per_s"]
-        print(f"{engine:<28} {clients:>7} {m['tokens_per_s']:>9.0f} {m['p50'] * 1000:>7.0f} {m['p99'] * 1000:>7.0f} "
-              f"{m['tokens_per_s'] / base:>10.2f}x")
+        print(
+            f"{engine:<28} {clients:>7} {m['tokens_per_s']:>9.0f} {m['p50'] * 1000:>7.0f} {m['p99'] * 1000:>7.0f} "
+            f"{m['tokens_per_s'] / base:>10.2f}x"
+        )
 
 
 if __name__ == "__main__":

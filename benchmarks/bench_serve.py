@@ -20,8 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = ["What is the capital of Spain?", "How many days does June have?", "What is 7 times 8?",
-           "What is the opposite of 'hot'?", "Which day comes after Monday?", "How can I sleep better?"]
+PROMPTS = [
+    "What is the capital of Spain?",
+    "How many days does June have?",
+    "What is 7 times 8?",
+    "What is the opposite of 'hot'?",
+    "Which day comes after Monday?",
+    "How can I sleep better?",
+]
 
 
 def main() -> None:
@@ -49,8 +55,12 @@ def main() -> None:
             time.sleep(0.05)
 
         def body(i: int, stream: bool) -> dict:
-            return {"model": "quickstart-tuned", "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                    "max_tokens": args.max_tokens, "stream": stream}
+            return {
+                "model": "quickstart-tuned",
+                "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                "max_tokens": args.max_tokens,
+                "stream": stream,
+            }
 
         def stream_call(client: httpx.Client, i: int) -> int:
             pieces = 0
@@ -94,8 +104,10 @@ def main() -> None:
         latencies.sort()
         p50 = statistics.median(latencies)
         p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
-        print(f"{args.clients} clients x {args.seconds:.0f} s: {len(latencies)} requests, {errors} errors, "
-              f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, {tokens / wall:.0f} generated tokens/s")
+        print(
+            f"{args.clients} clients x {args.seconds:.0f} s: {len(latencies)} requests, {errors} errors, "
+            f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, {tokens / wall:.0f} generated tokens/s"
+        )
 
         # streaming through HTTP vs model.generate in-process, same prompts, one at a time
         from runner.served import load_models
@@ -107,7 +119,10 @@ def main() -> None:
         for p in prompts:
             enc = model.tokenizer(p, return_tensors="pt", add_special_tokens=False)
             with torch.no_grad():
-                model.model.generate(**enc, **model._kwargs(Sampling(max_tokens=args.max_tokens), threading.Event(), enc["input_ids"].shape[1]))
+                model.model.generate(
+                    **enc,
+                    **model._kwargs(Sampling(max_tokens=args.max_tokens), threading.Event(), enc["input_ids"].shape[1]),
+                )
         direct = time.perf_counter() - t
         with httpx.Client() as client:
             t = time.perf_counter()
@@ -115,8 +130,10 @@ def main() -> None:
                 stream_call(client, i)
             streamed = time.perf_counter() - t
         server.should_exit = True
-    print(f"{len(prompts)} generations: model.generate {direct:.2f} s, streamed over HTTP {streamed:.2f} s "
-          f"-> overhead {100 * (streamed / direct - 1):+.1f}% (target <= 10%)")
+    print(
+        f"{len(prompts)} generations: model.generate {direct:.2f} s, streamed over HTTP {streamed:.2f} s "
+        f"-> overhead {100 * (streamed / direct - 1):+.1f}% (target <= 10%)"
+    )
 
 
 if __name__ == "__main__":

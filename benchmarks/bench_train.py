@@ -20,8 +20,11 @@ ALPACA = ROOT.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
 
 
 def recipe(work: Path, seq_len: int, epochs: float, packing: bool) -> Path:
-    source = (f"{{name: a, format: alpaca, path: {ALPACA}}}" if ALPACA.exists()
-              else f"{{name: s, format: oasst, path: {ROOT / 'recipes/data/sample.oasst.jsonl'}, lang: [en]}}")
+    source = (
+        f"{{name: a, format: alpaca, path: {ALPACA}}}"
+        if ALPACA.exists()
+        else f"{{name: s, format: oasst, path: {ROOT / 'recipes/data/sample.oasst.jsonl'}, lang: [en]}}"
+    )
     path = work / f"bench-{packing}.yaml"
     path.write_text(f"""
 data:
@@ -72,18 +75,38 @@ def run_plain(arts: dict, seq_len: int, epochs: float) -> tuple[float, int]:
     split = arts["split"]
     sql = table_sql(split.path, split.manifest, "train", lambda key: split.path.parent.parent / key[:2] / key)
     texts = [r[0] + tok.eos_token for r in duckdb.sql(f"select text from {sql}").fetchall()]
-    ds = Dataset.from_dict({"text": texts}).map(lambda b: tok(b["text"], truncation=True, max_length=seq_len),
-                                                 batched=True, remove_columns=["text"])
+    ds = Dataset.from_dict({"text": texts}).map(
+        lambda b: tok(b["text"], truncation=True, max_length=seq_len), batched=True, remove_columns=["text"]
+    )
     tokens = int(sum(len(x) for x in ds["input_ids"]) * epochs)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(arts["model.init"].file("model"))
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                             target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]))
-    args = TrainingArguments(output_dir=str(split.path.parent / "plain-out"), per_device_train_batch_size=8,
-                             learning_rate=1e-3, num_train_epochs=epochs, seed=0, report_to=[], use_cpu=True,
-                             save_strategy="no", logging_steps=50, disable_tqdm=True, lr_scheduler_type="cosine")
-    trainer = Trainer(model=model, args=args, train_dataset=ds,
-                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+        ),
+    )
+    args = TrainingArguments(
+        output_dir=str(split.path.parent / "plain-out"),
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        num_train_epochs=epochs,
+        seed=0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=50,
+        disable_tqdm=True,
+        lr_scheduler_type="cosine",
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=ds, data_collator=DataCollatorForLanguageModeling(tok, mlm=False)
+    )
     trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     trainer.train()

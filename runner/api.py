@@ -14,8 +14,26 @@ from runner.graph import Graph, GraphError
 from stores.cache import Artifact, ArtifactCache, default_cache_dir
 from stores.hashing import hash_bytes
 
-__all__ = ["ApplyResult", "Build", "apply", "artifact", "built", "cached_results", "catalog_tables", "explain", "gc",
-           "load", "open_cache", "plan", "retriever", "serve_app", "sql", "table_sqls", "training_memory", "verify"]
+__all__ = [
+    "ApplyResult",
+    "Build",
+    "apply",
+    "artifact",
+    "built",
+    "cached_results",
+    "catalog_tables",
+    "explain",
+    "gc",
+    "load",
+    "open_cache",
+    "plan",
+    "retriever",
+    "serve_app",
+    "sql",
+    "table_sqls",
+    "training_memory",
+    "verify",
+]
 
 
 def open_cache(cache_dir: str | Path | None = None, remote: str | Path | None = None) -> ArtifactCache:
@@ -112,9 +130,16 @@ def training_memory(build: Build) -> Any:
     shape = model_shape(spec, vocab, base)
     if shape is None:
         return None
-    return estimate(shape, precision=spec.precision, rank=p.lora.rank, targets=p.lora.target_modules,
-                    seq_len=p.train.seq_len, batch=p.train.batch_size, processes=p.train.distributed.nproc,
-                    gpu="gpu" in machine_memory())
+    return estimate(
+        shape,
+        precision=spec.precision,
+        rank=p.lora.rank,
+        targets=p.lora.target_modules,
+        seq_len=p.train.seq_len,
+        batch=p.train.batch_size,
+        processes=p.train.distributed.nproc,
+        gpu="gpu" in machine_memory(),
+    )
 
 
 @dataclass
@@ -134,8 +159,14 @@ class ApplyResult:
         return out
 
 
-def apply(build: Build, *, reporter: engine.Reporter | None = None, keep_going: bool = False,
-          locked: bool = False, rebuild_nondeterministic: bool = False) -> ApplyResult:
+def apply(
+    build: Build,
+    *,
+    reporter: engine.Reporter | None = None,
+    keep_going: bool = False,
+    locked: bool = False,
+    rebuild_nondeterministic: bool = False,
+) -> ApplyResult:
     """Build what is not cached, then record the recipe's ref and catalog, push to the shared cache, and
     (unless `locked`) write the lock file.
 
@@ -152,11 +183,13 @@ def apply(build: Build, *, reporter: engine.Reporter | None = None, keep_going: 
     refuse = accept = None
     if locked:
         lock.check(build.graph, lock_file, build.loaded.data, build.cache.stat_cache)
-        refuse, accept = _lock_policy(build, (lock.read(lock_file) or {}).get("steps", {}), lock_file.name,
-                                      rebuild_nondeterministic, moved)
+        refuse, accept = _lock_policy(
+            build, (lock.read(lock_file) or {}).get("steps", {}), lock_file.name, rebuild_nondeterministic, moved
+        )
     try:
-        results = engine.execute(build.graph, build.cache, reporter=reporter, keep_going=keep_going, refuse=refuse,
-                                 accept=accept)
+        results = engine.execute(
+            build.graph, build.cache, reporter=reporter, keep_going=keep_going, refuse=refuse, accept=accept
+        )
         _record(build, results)
     finally:
         build.cache.unpin()  # the ref now names what gc must keep
@@ -172,8 +205,10 @@ def apply(build: Build, *, reporter: engine.Reporter | None = None, keep_going: 
         try:
             lock.write(lock_file, lock.make_lock(build.loaded.data, build.graph, results))
         except OSError as exc:
-            raise RunnerError(f"built, but the lock file {lock_file} could not be written ({exc.strerror}); "
-                              "the artifacts are in the cache: run `runner lock` where the recipe is writable") from None
+            raise RunnerError(
+                f"built, but the lock file {lock_file} could not be written ({exc.strerror}); "
+                "the artifacts are in the cache: run `runner lock` where the recipe is writable"
+            ) from None
     return result
 
 
@@ -190,12 +225,15 @@ def _push(build: Build, results: list[engine.StepResult]) -> str | None:
     return None
 
 
-def _lock_policy(build: Build, locked: dict[str, Any], lock_name: str, rebuild: bool,
-                 moved: list[str]) -> tuple[engine.Refuse, engine.Accept]:
+def _lock_policy(
+    build: Build, locked: dict[str, Any], lock_name: str, rebuild: bool, moved: list[str]
+) -> tuple[engine.Refuse, engine.Accept]:
     """What `apply --locked` refuses: keys the lock does not name, outputs that are not the lock's, and
     building a step that is not reproducible across machines (unless `rebuild`, which records what moved)."""
-    fix = (f"if the change is intended, re-lock on purpose (`runner apply` without --locked, or `runner lock`) and "
-           f"commit {lock_name}; if not, `runner verify --repair` removes a damaged local copy")
+    fix = (
+        f"if the change is intended, re-lock on purpose (`runner apply` without --locked, or `runner lock`) and "
+        f"commit {lock_name}; if not, `runner verify --repair` removes a damaged local copy"
+    )
 
     def refuse(node: Any, key: str) -> str | None:
         entry = locked.get(node.name, {})
@@ -205,11 +243,15 @@ def _lock_policy(build: Build, locked: dict[str, Any], lock_name: str, rebuild: 
             return f"{node.name}: key {key[:12]} is not the one {lock_name} names ({str(entry.get('key'))[:12]})"
         if not engine.reproducible(node) and not rebuild:
             where = build.cache.pull_problems.get(key) or (
-                "in neither the local nor the shared cache" if build.cache.remote else
-                "not in the local cache and no shared cache is set (--cache-remote / $RUNNER_CACHE_REMOTE)")
-            return (f"{node.name} is not reproducible across machines, so its locked artifact {key[:12]} must come "
-                    f"from a cache, but it is {where}. Push it from the machine that made the lock (apply there "
-                    "with --cache-remote), or build it here with --rebuild-nondeterministic (the lock stays as it is)")
+                "in neither the local nor the shared cache"
+                if build.cache.remote
+                else "not in the local cache and no shared cache is set (--cache-remote / $RUNNER_CACHE_REMOTE)"
+            )
+            return (
+                f"{node.name} is not reproducible across machines, so its locked artifact {key[:12]} must come "
+                f"from a cache, but it is {where}. Push it from the machine that made the lock (apply there "
+                "with --cache-remote), or build it here with --rebuild-nondeterministic (the lock stays as it is)"
+            )
         return None
 
     def accept(node: Any, key: str, art: Artifact, how: str) -> str | None:
@@ -222,11 +264,15 @@ def _lock_policy(build: Build, locked: dict[str, Any], lock_name: str, rebuild: 
         if art.output_hash == entry.get("output_hash"):
             return None
         if how == "built" and rebuild and not engine.reproducible(node):
-            moved.append(f"{node.name}: output {str(entry.get('output_hash'))[:12]} -> {art.output_hash[:12]} "
-                         "(rebuilt here; not reproducible across machines)")
+            moved.append(
+                f"{node.name}: output {str(entry.get('output_hash'))[:12]} -> {art.output_hash[:12]} "
+                "(rebuilt here; not reproducible across machines)"
+            )
             return None
-        return (f"{node.name}: the output of key {key[:12]} ({how}) has hash {art.output_hash[:12]}, but {lock_name} "
-                f"records {str(entry.get('output_hash'))[:12]}; {fix}")
+        return (
+            f"{node.name}: the output of key {key[:12]} ({how}) has hash {art.output_hash[:12]}, but {lock_name} "
+            f"records {str(entry.get('output_hash'))[:12]}; {fix}"
+        )
 
     return refuse, accept
 
@@ -266,8 +312,11 @@ def table_sqls(cache: ArtifactCache, key: str, *, relative: bool = False) -> dic
 def catalog_tables(build: Build, keys: dict[str, str]) -> dict[str, str]:
     from stores.datastore import view_name
 
-    return {view_name(name, t): sql for name, key in keys.items()
-            for t, sql in table_sqls(build.cache, key, relative=True).items()}
+    return {
+        view_name(name, t): sql
+        for name, key in keys.items()
+        for t, sql in table_sqls(build.cache, key, relative=True).items()
+    }
 
 
 def artifact(build: Build, step: str) -> Artifact | None:
@@ -295,8 +344,9 @@ def sql(build: Build, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
     except PermissionError as exc:
         raise UsageError(str(exc)) from None
     except duckdb.PermissionException as exc:
-        raise UsageError(f"SQL refused: {str(exc).splitlines()[0]}; runner sql reads only the recipe's step "
-                         "tables") from None
+        raise UsageError(
+            f"SQL refused: {str(exc).splitlines()[0]}; runner sql reads only the recipe's step tables"
+        ) from None
     except duckdb.Error as exc:
         raise RunnerError(f"SQL failed: {str(exc).splitlines()[0]}") from None
 
@@ -318,8 +368,12 @@ def gc(cache: ArtifactCache, *, roots: list[Path] | None = None, dry_run: bool =
     keep, locks = lock.keys_under(list(roots) if roots is not None else sorted(dirs))
     before = cache.size_bytes()
     dead = cache.gc(dry_run=dry_run, keep=keep, drop_refs=drop)
-    return {"deleted": dead, "dropped_refs": sorted(drop), "lock_files": [str(f) for f in locks],
-            "freed_bytes": 0 if dry_run else before - cache.size_bytes()}
+    return {
+        "deleted": dead,
+        "dropped_refs": sorted(drop),
+        "lock_files": [str(f) for f in locks],
+        "freed_bytes": 0 if dry_run else before - cache.size_bytes(),
+    }
 
 
 def verify(cache: ArtifactCache, *, keys: list[str] | None = None, repair: bool = False) -> dict[str, list[str]]:
@@ -352,8 +406,9 @@ def explain(build: Build, row_id: str) -> list[dict[str, Any]]:
             entry = ref.get("steps", {}).get(name)
             for table, sql in (table_sqls(build.cache, entry["key"]) if entry else {}).items():
                 cols = "reason, detail" if table == "rejects" else "null, null"
-                hits = con.execute(f"select {cols} from {sql} where id = ? or id like ? || '#%' limit 1",
-                                   [row_id, row_id]).fetchall()
+                hits = con.execute(
+                    f"select {cols} from {sql} where id = ? or id like ? || '#%' limit 1", [row_id, row_id]
+                ).fetchall()
                 if hits:
                     trail.append({"step": name, "table": table, "reason": hits[0][0], "detail": hits[0][1]})
             if trail and trail[-1]["table"] == "rejects":
@@ -361,8 +416,10 @@ def explain(build: Build, row_id: str) -> list[dict[str, Any]]:
     finally:
         con.close()
     if not trail:
-        raise RunnerError(f"no row {row_id!r} in any built step of {build.loaded.path}; row ids look like "
-                          "SOURCE/N (see `runner sql RECIPE \"select id from source_NAME limit 5\"`)")
+        raise RunnerError(
+            f"no row {row_id!r} in any built step of {build.loaded.path}; row ids look like "
+            'SOURCE/N (see `runner sql RECIPE "select id from source_NAME limit 5"`)'
+        )
     return trail
 
 
@@ -374,15 +431,19 @@ def retriever(build: Build, *, model: str | None = None, ef_search: int | None =
         raise RunnerError(f"{build.loaded.path} has no index: section")
     art = artifact(build, "index")
     if art is None:
-        raise RunnerError(f"the index of {build.loaded.path} is not built for the current recipe; run "
-                          f"`runner apply {build.loaded.path}` first")
+        raise RunnerError(
+            f"the index of {build.loaded.path} is not built for the current recipe; run "
+            f"`runner apply {build.loaded.path}` first"
+        )
     return Retriever(art, build.graph.nodes["embed"].files, model=model, ef_search=ef_search)
 
 
 def cached_results(build: Build, steps: list[engine.StepPlan]) -> list[engine.StepResult]:
     """StepResults for a fully cached plan (what a lock is made from without building)."""
-    return [engine.StepResult(s.name, "cached", s.key, build.cache.get(s.key) if s.key else None,
-                              components=s.components) for s in steps]
+    return [
+        engine.StepResult(s.name, "cached", s.key, build.cache.get(s.key) if s.key else None, components=s.components)
+        for s in steps
+    ]
 
 
 def serve_app(builds: list[Build], *, token: str | None = None) -> tuple[Any, Any]:

@@ -68,15 +68,24 @@ def _data_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) -> l
     group_column = data.split.group_by if data.split.group_by not in GROUP_KEYS else None
     tables = [s for s in data.sources if isinstance(s, (TableSource, HfDiskSource))]
     if group_column and not tables:
-        problems.append(Problem(loaded.where(("data", "split", "group_by")), "data.split.group_by",
-                                f"{group_column!r} is not one of {', '.join(GROUP_KEYS)}, and there is no table source "
-                                "(jsonl/json/csv/parquet/hf_disk) whose column it could name"))
+        problems.append(
+            Problem(
+                loaded.where(("data", "split", "group_by")),
+                "data.split.group_by",
+                f"{group_column!r} is not one of {', '.join(GROUP_KEYS)}, and there is no table source "
+                "(jsonl/json/csv/parquet/hf_disk) whose column it could name",
+            )
+        )
     for i, src in enumerate(data.sources):
         if group_column and isinstance(src, (TableSource, HfDiskSource)):
             if src.columns.group not in (None, group_column):
-                problems.append(Problem(loaded.where(("data", "sources", i, "columns", "group")),
-                                        f"data.sources[{i}].columns.group",
-                                        f"{src.columns.group!r} disagrees with data.split.group_by {group_column!r}"))
+                problems.append(
+                    Problem(
+                        loaded.where(("data", "sources", i, "columns", "group")),
+                        f"data.sources[{i}].columns.group",
+                        f"{src.columns.group!r} disagrees with data.split.group_by {group_column!r}",
+                    )
+                )
             src = src.model_copy(update={"columns": src.columns.model_copy(update={"group": group_column})})
         files = _files(loaded, src, ("data", "sources", i), problems)
         name = f"source.{src.name}"
@@ -90,8 +99,11 @@ def _data_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) -> l
     last = sources[0]
     weights = [s.weight for s in data.sources]
     if len(sources) > 1 or weights != [1.0]:
-        nodes.append(StepNode("mix", "mix", Mix(weights=weights, seed=data.mix_seed), tuple(sources), {},
-                              origin("data", "sources")))
+        nodes.append(
+            StepNode(
+                "mix", "mix", Mix(weights=weights, seed=data.mix_seed), tuple(sources), {}, origin("data", "sources")
+            )
+        )
         last = "mix"
 
     used: dict[str, int] = {}
@@ -131,16 +143,36 @@ def _index_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) -> 
     at = origin("index")
     return [
         StepNode("docs", "docs", DocsParams(sources=ix.documents), (), doc_files, at),
-        StepNode("chunk", "chunk", ChunkParams(chunk=ix.chunk, model=ix.embed.model), ("docs",),
-                 model_files if ix.chunk.by == "tokens" else {}, origin("index", "chunk")),
+        StepNode(
+            "chunk",
+            "chunk",
+            ChunkParams(chunk=ix.chunk, model=ix.embed.model),
+            ("docs",),
+            model_files if ix.chunk.by == "tokens" else {},
+            origin("index", "chunk"),
+        ),
         StepNode("embed", "embed", ix.embed, ("chunk",), model_files, origin("index", "embed")),
-        StepNode("index", "index", IndexParams(embed=ix.embed, hnsw=ix.hnsw, exact_below=ix.exact_below, hybrid=ix.hybrid,
-                                               group_by=ix.group_by, depth=ix.depth),
-                 ("embed", "chunk"), {}, origin("index")),
+        StepNode(
+            "index",
+            "index",
+            IndexParams(
+                embed=ix.embed,
+                hnsw=ix.hnsw,
+                exact_below=ix.exact_below,
+                hybrid=ix.hybrid,
+                group_by=ix.group_by,
+                depth=ix.depth,
+            ),
+            ("embed", "chunk"),
+            {},
+            origin("index"),
+        ),
     ] + ([] if ix.eval is None else [_index_eval_node(loaded, problems, origin, model_files)])
 
 
-def _index_eval_node(loaded: LoadedRecipe, problems: list[Problem], origin: Any, model_files: dict[str, Path]) -> StepNode:
+def _index_eval_node(
+    loaded: LoadedRecipe, problems: list[Problem], origin: Any, model_files: dict[str, Path]
+) -> StepNode:
     from runner.steps.indexing import RetrievalEvalParams
 
     ix = loaded.recipe.index
@@ -167,17 +199,34 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
     commit = hub_commit(spec.base, spec.revision) if hub else None  # type: ignore[arg-type]
     at = origin("model")
     trains_tokenizer = spec.tokenizer is not None and spec.tokenizer.train is not None
-    nodes = [StepNode("tokenizer", "tokenizer",
-                      TokenizerParams(tokenizer=spec.tokenizer, base=spec.base if isinstance(spec.base, str) else None,
-                                      commit=commit),
-                      ("split",) if trains_tokenizer else (), {**tok_files, **({} if spec.tokenizer else base_files)}, at)]
+    nodes = [
+        StepNode(
+            "tokenizer",
+            "tokenizer",
+            TokenizerParams(
+                tokenizer=spec.tokenizer, base=spec.base if isinstance(spec.base, str) else None, commit=commit
+            ),
+            ("split",) if trains_tokenizer else (),
+            {**tok_files, **({} if spec.tokenizer else base_files)},
+            at,
+        )
+    ]
     model_inputs: tuple[str, ...] = ("tokenizer",)
     if isinstance(spec.base, BaseRef):
-        nodes.append(StepNode("model.init", "model.init", InitParams(from_config=spec.base.from_config),
-                              ("tokenizer",), {}, at))
+        nodes.append(
+            StepNode("model.init", "model.init", InitParams(from_config=spec.base.from_config), ("tokenizer",), {}, at)
+        )
         model_inputs += ("model.init",)
-    nodes.append(StepNode("tokenize", "tokenize", TokenizeParams(seq_len=r.train.seq_len, packing=r.train.packing),
-                          ("split", "tokenizer"), {}, origin("train")))
+    nodes.append(
+        StepNode(
+            "tokenize",
+            "tokenize",
+            TokenizeParams(seq_len=r.train.seq_len, packing=r.train.packing),
+            ("split", "tokenizer"),
+            {},
+            origin("train"),
+        )
+    )
     # `merge` shapes the graph (a merge step after training), it does not change training: keep it out of the key
     train = TrainParams(model=spec, commit=commit, lora=r.lora, train=r.train.model_copy(update={"merge": False}))
     nodes.append(StepNode("train", "train", train, ("tokenize",) + model_inputs, base_files, origin("train")))
@@ -185,17 +234,31 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
     packs_merged = r.package is not None and bool({"merged", "gguf"} & set(r.package.formats))
     merged = r.train.merge or packs_merged or "merged" in r.serve.models or r.serve.engine == "vllm"
     if merged:
-        nodes.append(StepNode("merge", "merge", MergeParams(train=train, template=r.data.prompt.template),
-                              ("train",) + model_inputs, base_files, origin("train")))
+        nodes.append(
+            StepNode(
+                "merge",
+                "merge",
+                MergeParams(train=train, template=r.data.prompt.template),
+                ("train",) + model_inputs,
+                base_files,
+                origin("train"),
+            )
+        )
     if r.package is not None:
         from runner.steps.packaging import PackageParams
 
         pkg_files = _files(loaded, r.package, ("package",), problems)
         _check(problems)
-        nodes.append(StepNode("package", "package",
-                              PackageParams(train=train, package=r.package, template=r.data.prompt.template),
-                              ("train",) + (("merge",) if packs_merged else ()) + model_inputs,
-                              {**base_files, **pkg_files}, origin("package")))
+        nodes.append(
+            StepNode(
+                "package",
+                "package",
+                PackageParams(train=train, package=r.package, template=r.data.prompt.template),
+                ("train",) + (("merge",) if packs_merged else ()) + model_inputs,
+                {**base_files, **pkg_files},
+                origin("package"),
+            )
+        )
     if r.eval is not None:
         ev = EvalParams(model=spec, commit=commit, template=r.data.prompt.template, eval=r.eval)
         nodes.append(StepNode("eval", "eval", ev, ("train", "tokenize") + model_inputs, base_files, origin("eval")))

@@ -27,10 +27,16 @@ def recipe_at(arg: str) -> Iterator[Path]:
         return
     p = Path(path).resolve()
     try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=p.parent, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        text = subprocess.run(["git", "show", f"{rev}:{p.relative_to(top).as_posix()}"], cwd=top,
-                              capture_output=True, text=True, check=True).stdout
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=p.parent, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        text = subprocess.run(
+            ["git", "show", f"{rev}:{p.relative_to(top).as_posix()}"],
+            cwd=top,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (subprocess.CalledProcessError, FileNotFoundError, ValueError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
         raise RunnerError(f"cannot read {path} at git revision {rev}: {detail.strip()}") from None
@@ -54,14 +60,27 @@ def compare(a: Any, b: Any) -> dict[str, Any]:
     steps = []
     for n in names:
         pa, pb = plan_a.get(n), plan_b.get(n)
-        steps.append({"step": n, "a": pa.key if pa else None, "b": pb.key if pb else None,
-                      "a_built": bool(pa and pa.state == "cached"), "b_built": bool(pb and pb.state == "cached"),
-                      "changed": (pa.key if pa else None) != (pb.key if pb else None) or not (pa and pb)})
+        steps.append(
+            {
+                "step": n,
+                "a": pa.key if pa else None,
+                "b": pb.key if pb else None,
+                "a_built": bool(pa and pa.state == "cached"),
+                "b_built": bool(pb and pb.state == "cached"),
+                "changed": (pa.key if pa else None) != (pb.key if pb else None) or not (pa and pb),
+            }
+        )
     arts_a = {n: a.cache.get(p.key) for n, p in plan_a.items() if p.state == "cached" and p.key}
     arts_b = {n: b.cache.get(p.key) for n, p in plan_b.items() if p.state == "cached" and p.key}
-    counts = [{"step": n, "a": arts_a[n].manifest.get("rows") if n in arts_a else None,
-               "b": arts_b[n].manifest.get("rows") if n in arts_b else None}
-              for n in names if (n in arts_a or n in arts_b) and (arts_a.get(n) or arts_b.get(n)).manifest.get("rows")]
+    counts = [
+        {
+            "step": n,
+            "a": arts_a[n].manifest.get("rows") if n in arts_a else None,
+            "b": arts_b[n].manifest.get("rows") if n in arts_b else None,
+        }
+        for n in names
+        if (n in arts_a or n in arts_b) and (arts_a.get(n) or arts_b.get(n)).manifest.get("rows")
+    ]
     metrics = []
     for n in names:
         if n not in arts_a or n not in arts_b:  # compared only where both sides are built
@@ -72,9 +91,16 @@ def compare(a: Any, b: Any) -> dict[str, Any]:
             numeric = any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (va, vb))
             if numeric and va != vb and not k.endswith("_seconds"):  # timings are not results
                 metrics.append({"step": n, "metric": k, "a": va, "b": vb})
-    return {"a": str(a.loaded.path), "b": str(b.loaded.path), "params": params, "steps": steps, "rows": counts,
-            "row_changes": _row_changes(a, b, plan_a, plan_b, arts_a, arts_b), "metrics": metrics,
-            "generations": _generations(arts_a.get("eval"), arts_b.get("eval"), a, b)}
+    return {
+        "a": str(a.loaded.path),
+        "b": str(b.loaded.path),
+        "params": params,
+        "steps": steps,
+        "rows": counts,
+        "row_changes": _row_changes(a, b, plan_a, plan_b, arts_a, arts_b),
+        "metrics": metrics,
+        "generations": _generations(arts_a.get("eval"), arts_b.get("eval"), a, b),
+    }
 
 
 def _last_data_step(names: list[str]) -> str | None:
@@ -115,21 +141,29 @@ def _rejections(build: Any, plan: dict[str, Any], arts: dict[str, Any]) -> dict[
     return out
 
 
-def _row_changes(a: Any, b: Any, plan_a: dict[str, Any], plan_b: dict[str, Any], arts_a: dict[str, Any],
-                 arts_b: dict[str, Any]) -> dict[str, Any] | None:
+def _row_changes(
+    a: Any, b: Any, plan_a: dict[str, Any], plan_b: dict[str, Any], arts_a: dict[str, Any], arts_b: dict[str, Any]
+) -> dict[str, Any] | None:
     last_a, last_b = _last_data_step(list(plan_a)), _last_data_step(list(plan_b))
     if last_a is None or last_b is None or last_a not in arts_a or last_b not in arts_b:
         return None
     ids_a, ids_b = _ids(a, arts_a[last_a].key), _ids(b, arts_b[last_b].key)
     rej_a, rej_b = _rejections(a, plan_a, arts_a), _rejections(b, plan_b, arts_b)
+
     def change(i: str, rejects: dict[str, tuple[str, str, str]], side: str) -> dict[str, str]:
         step, reason, detail = rejects.get(i, ("?", "not_in_sources", f"not in {side}'s sources"))
         return {"id": i, "step": step, "reason": reason, "detail": detail}
 
     removed = [change(i, rej_b, "B") for i in sorted(ids_a - ids_b)]
     added = [change(i, rej_a, "A") for i in sorted(ids_b - ids_a)]
-    return {"a_step": last_a, "b_step": last_b, "a_rows": len(ids_a), "b_rows": len(ids_b),
-            "removed": removed, "added": added}
+    return {
+        "a_step": last_a,
+        "b_step": last_b,
+        "a_rows": len(ids_a),
+        "b_rows": len(ids_b),
+        "removed": removed,
+        "added": added,
+    }
 
 
 def _generations(ea: Any, eb: Any, a: Any, b: Any) -> list[dict[str, Any]]:
@@ -140,8 +174,12 @@ def _generations(ea: Any, eb: Any, a: Any, b: Any) -> list[dict[str, Any]]:
         return []
     con = connect()
     try:
-        ga = dict(con.execute(f"select prompt, output from {api.table_sqls(a.cache, ea.key)['generations']}").fetchall())
-        gb = dict(con.execute(f"select prompt, output from {api.table_sqls(b.cache, eb.key)['generations']}").fetchall())
+        ga = dict(
+            con.execute(f"select prompt, output from {api.table_sqls(a.cache, ea.key)['generations']}").fetchall()
+        )
+        gb = dict(
+            con.execute(f"select prompt, output from {api.table_sqls(b.cache, eb.key)['generations']}").fetchall()
+        )
     finally:
         con.close()
     return [{"prompt": p, "a": ga.get(p), "b": gb.get(p)} for p in dict.fromkeys(list(ga) + list(gb))]
@@ -166,10 +204,15 @@ def markdown(d: dict[str, Any], limit: int = 50) -> str:
         out.append("")
     rc = d["row_changes"]
     if rc:
-        out += [f"**Rows**: {rc['a_rows']} → {rc['b_rows']} ({len(rc['removed'])} removed, {len(rc['added'])} added)", ""]
+        out += [
+            f"**Rows**: {rc['a_rows']} → {rc['b_rows']} ({len(rc['removed'])} removed, {len(rc['added'])} added)",
+            "",
+        ]
         for kind in ("removed", "added"):
             for r in rc[kind][:limit]:
-                out.append(f"- {kind} `{r['id']}` by {r['step']}: {r['reason']}" + (f" ({r['detail']})" if r["detail"] else ""))
+                out.append(
+                    f"- {kind} `{r['id']}` by {r['step']}: {r['reason']}" + (f" ({r['detail']})" if r["detail"] else "")
+                )
             if len(rc[kind]) > limit:
                 out.append(f"- … {len(rc[kind]) - limit} more {kind}")
         out.append("")

@@ -43,8 +43,16 @@ def _default(field: Any) -> str:
 def model_section(model: type[BaseModel], path: str) -> str:
     title = f"`{path}`" if path else "The recipe (top level)"
     tag = _tag(model)
-    lines = [f'<a id="{model.__name__.lower()}"></a>', "", f"### {title}{tag} · {model.__name__}", "",
-             inspect.cleandoc(model.__doc__ or ""), "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    lines = [
+        f'<a id="{model.__name__.lower()}"></a>',
+        "",
+        f"### {title}{tag} · {model.__name__}",
+        "",
+        inspect.cleandoc(model.__doc__ or ""),
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
     for name, field in model.model_fields.items():
         desc = (field.description or "").replace("|", "\\|")
         lines.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {desc} |")
@@ -139,8 +147,11 @@ def reject_reasons() -> str:
     return markdown()
 
 
-SECTIONS: dict[str, Any] = {"recipe-reference": recipe_reference, "cli-reference": cli_reference,
-                            "reject-reasons": reject_reasons}
+SECTIONS: dict[str, Any] = {
+    "recipe-reference": recipe_reference,
+    "cli-reference": cli_reference,
+    "reject-reasons": reject_reasons,
+}
 
 
 def update_markers(text: str, parser: Any) -> str:

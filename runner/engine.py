@@ -30,6 +30,7 @@ from stores.hashing import StatCache, hash_json
 
 State = Literal["cached", "run", "pending"]
 
+
 def reproducible(node: StepNode) -> bool:
     """Whether a step writes the same bytes on any machine (see `registry.StepSpec`)."""
     return registry.get(node.kind).is_reproducible(node.params)
@@ -221,7 +222,9 @@ def execute(
             if accept is not None and got.artifact is not None and (why := accept(node, key, got.artifact, how)):
                 raise StepFailed(name, why, refused=True)
         except StepFailed as exc:
-            results[name] = StepResult(name, "failed", key=key, error=exc.message, components=comps, refused=exc.refused)
+            results[name] = StepResult(
+                name, "failed", key=key, error=exc.message, components=comps, refused=exc.refused
+            )
             reporter.finished(node, results[name])
             stopped = not keep_going or exc.refused
             continue
@@ -273,8 +276,9 @@ def _build_one(
         lock.release()
 
 
-def _context(node: StepNode, key: str, inputs: list[Artifact], cache: ArtifactCache, tmp: Path,
-             reporter: Reporter) -> StepContext:
+def _context(
+    node: StepNode, key: str, inputs: list[Artifact], cache: ArtifactCache, tmp: Path, reporter: Reporter
+) -> StepContext:
     return StepContext(
         name=node.name,
         key=key,
@@ -315,8 +319,9 @@ def _run_logged(node: StepNode, ctx: StepContext, run_step: RunStep, abort: Call
         raise StepFailed(node.name, f"{type(exc).__name__}: {exc} (traceback in {log})") from None
 
 
-def _manifest(node: StepNode, ctx: StepContext, comps: dict[str, Any], inputs: list[Artifact], started: float,
-              seconds: float) -> dict[str, Any]:
+def _manifest(
+    node: StepNode, ctx: StepContext, comps: dict[str, Any], inputs: list[Artifact], started: float, seconds: float
+) -> dict[str, Any]:
     """What the cache records beside the step's files: its tables, metrics and where it came from."""
     return {
         "kind": node.kind,

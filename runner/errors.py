@@ -58,7 +58,9 @@ class RecipeError(RunnerError):
 
     def __init__(self, problems: list[Problem], hint: str = "") -> None:
         self.problems = problems
-        self.hint = hint or "Fix the recipe and check it with `runner validate`; docs/reference.md has the recipe reference."
+        self.hint = (
+            hint or "Fix the recipe and check it with `runner validate`; docs/reference.md has the recipe reference."
+        )
         super().__init__(self.render())
 
     def render(self) -> str:

@@ -36,15 +36,25 @@ def make_lock(recipe_data: dict[str, Any], graph: Graph, results: list[engine.St
         r = by_name[name]
         comps = r.components or {}
         node = graph.nodes[name]
-        steps[name] = {"kind": node.kind, "key": r.key, "output_hash": r.artifact.output_hash if r.artifact else None,
-                       "reproducible": engine.reproducible(node)}
+        steps[name] = {
+            "kind": node.kind,
+            "key": r.key,
+            "output_hash": r.artifact.output_hash if r.artifact else None,
+            "reproducible": engine.reproducible(node),
+        }
         inputs.update(comps.get("files", {}))
         libs.update(comps.get("libs", {}))
         commit = comps.get("params", {}).get("commit")
         if commit:
             models[name] = commit
-    return {"lock_version": LOCK_VERSION, "recipe": recipe_data, "steps": steps, "inputs": dict(sorted(inputs.items())),
-            "libraries": dict(sorted(libs.items())), "models": models}
+    return {
+        "lock_version": LOCK_VERSION,
+        "recipe": recipe_data,
+        "steps": steps,
+        "inputs": dict(sorted(inputs.items())),
+        "libraries": dict(sorted(libs.items())),
+        "models": models,
+    }
 
 
 def write(path: Path, lock: dict[str, Any]) -> bool:
@@ -125,5 +135,8 @@ def check(graph: Graph, lock_file: Path, recipe_data: dict[str, Any], stat_cache
     why = drift(graph, read(lock_file), recipe_data, stat_cache)
     if why:
         shown = os.path.relpath(lock_file)
-        raise LockedError(f"{shown} does not match the recipe: " + "; ".join(why) +
-                          ". If the change is intended, run `runner apply` without --locked and commit the new lock.")
+        raise LockedError(
+            f"{shown} does not match the recipe: "
+            + "; ".join(why)
+            + ". If the change is intended, run `runner apply` without --locked and commit the new lock."
+        )

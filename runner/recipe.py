@@ -71,8 +71,12 @@ def _read_yaml(file: Path, shown: str) -> tuple[Any, dict[KeyPath, Where]]:
     try:
         size = file.stat().st_size
         if size > MAX_RECIPE_BYTES:
-            raise _fail(Where(shown, 1), (), f"the recipe is {size:,} bytes; a recipe over {MAX_RECIPE_BYTES:,} bytes "
-                                          "is not accepted (put data in the files it names)")
+            raise _fail(
+                Where(shown, 1),
+                (),
+                f"the recipe is {size:,} bytes; a recipe over {MAX_RECIPE_BYTES:,} bytes "
+                "is not accepted (put data in the files it names)",
+            )
         text = file.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise RecipeError([Problem(Where(shown), "", "recipe file not found")], "Check the path.") from None
@@ -104,8 +108,12 @@ def _read_yaml(file: Path, shown: str) -> tuple[Any, dict[KeyPath, Where]]:
         positions[path] = here
         count[0] += 1
         if count[0] > MAX_VALUES:
-            raise _fail(here, path, f"the recipe expands to more than {MAX_VALUES:,} values (YAML aliases repeating "
-                                    "aliases?); a recipe is not that big")
+            raise _fail(
+                here,
+                path,
+                f"the recipe expands to more than {MAX_VALUES:,} values (YAML aliases repeating "
+                "aliases?); a recipe is not that big",
+            )
         if len(path) > MAX_DEPTH:
             raise _fail(here, path, f"nested too deeply (more than {MAX_DEPTH} levels)")
         if id(n) in open_nodes:
@@ -288,13 +296,20 @@ def interpolate(data: dict[str, Any], positions: dict[KeyPath, Where]) -> dict[s
             def text(m: re.Match[str]) -> str:
                 value = lookup(m.group(1), path)
                 if isinstance(value, (dict, list)):
-                    raise _fail(positions.get(path, Where("recipe")), path, f"${{{m.group(1)}}} is a {type(value).__name__}; only scalars can be embedded in text")
+                    raise _fail(
+                        positions.get(path, Where("recipe")),
+                        path,
+                        f"${{{m.group(1)}}} is a {type(value).__name__}; only scalars can be embedded in text",
+                    )
                 return str(value)
 
             out = _REF.sub(text, node)
             if len(out) > MAX_TEXT:
-                raise _fail(positions.get(path, Where("recipe")), path,
-                            f"interpolation makes a string of {len(out):,} characters (more than {MAX_TEXT:,})")
+                raise _fail(
+                    positions.get(path, Where("recipe")),
+                    path,
+                    f"interpolation makes a string of {len(out):,} characters (more than {MAX_TEXT:,})",
+                )
             return out
         return node
 
@@ -363,7 +378,9 @@ def validate(model: type[BaseModel], data: dict[str, Any], positions: dict[KeyPa
             path = _locate(data, tuple(err["loc"]))
             where = next((positions[path[:i]] for i in range(len(path), -1, -1) if path[:i] in positions), fallback)
             if err["type"] == "missing":  # point at the mapping that lacks it
-                where = next((positions[path[:i]] for i in range(len(path) - 1, -1, -1) if path[:i] in positions), fallback)
+                where = next(
+                    (positions[path[:i]] for i in range(len(path) - 1, -1, -1) if path[:i] in positions), fallback
+                )
             problems.append(Problem(where, show_path(path), _message(err, path)))
         raise RecipeError(problems) from None
 

@@ -75,8 +75,10 @@ class StepContext:
         """Another artifact this step reads by key (e.g. the base of a view), verified."""
         art = self.locate(key)
         if art is None:
-            raise StepError(f"step {self.name}: artifact {key[:12]} it builds on is missing from the cache; "
-                            "run `runner verify --repair` and apply again")
+            raise StepError(
+                f"step {self.name}: artifact {key[:12]} it builds on is missing from the cache; "
+                "run `runner verify --repair` and apply again"
+            )
         return art
 
     def view(self, name: str, base: Artifact, base_file: str, mask: str, rows: int) -> None:
@@ -92,7 +94,8 @@ class StepContext:
         if base.key not in self.requires:
             self.requires.append(base.key)
         (self.out / f"{name}.view.json").write_text(
-            json.dumps({"base_output_hash": base.output_hash, "base_file": base_file, "mask": mask}, sort_keys=True))
+            json.dumps({"base_output_hash": base.output_hash, "base_file": base_file, "mask": mask}, sort_keys=True)
+        )
 
     def table(self, name: str, relpath: str, rows: int, *, side: bool = False) -> Path:
         """Declare a tabular output (a Parquet file under the artifact) with its row count.
@@ -132,7 +135,12 @@ _REGISTRY: dict[str, StepSpec] = {}
 
 
 def step(
-    kind: str, *, version: str, params: type[BaseModel], libs: tuple[str, ...] = (), reproducible: Reproducible = True,
+    kind: str,
+    *,
+    version: str,
+    params: type[BaseModel],
+    libs: tuple[str, ...] = (),
+    reproducible: Reproducible = True,
 ) -> Callable[[Callable[[StepContext], None]], Callable[[StepContext], None]]:
     """Register `run` as the implementation of step kind `kind`."""
 

@@ -33,8 +33,9 @@ class Retriever:
     ranking, fused, grouped to documents (each with its best chunk) unless asked for chunks, then cut to k.
     The first results do not depend on k (for k up to `depth`)."""
 
-    def __init__(self, artifact: Artifact, embed_files: dict[str, Any], *, model: str | None = None,
-                 ef_search: int | None = None) -> None:
+    def __init__(
+        self, artifact: Artifact, embed_files: dict[str, Any], *, model: str | None = None, ef_search: int | None = None
+    ) -> None:
         import pyarrow.parquet as pq
 
         from stores.vectors import VectorIndex
@@ -45,10 +46,14 @@ class Retriever:
         self.group_by = self.index.info.get("group_by", "chunk")
         self.depth = int(self.index.info.get("depth", 100))
         if model is not None and not self._same_model(model, embed_files):
-            raise RunnerError(f"this index was built with embedding model {self.model_name!r}; querying it with "
-                              f"{model!r} would compare vectors from different spaces. Rebuild the index with "
-                              f"{model!r} or query with {self.model_name!r}")
-        table = pq.read_table(artifact.file("chunks.parquet"), columns=["id", "doc_id", "source", "title", "position", "text"])
+            raise RunnerError(
+                f"this index was built with embedding model {self.model_name!r}; querying it with "
+                f"{model!r} would compare vectors from different spaces. Rebuild the index with "
+                f"{model!r} or query with {self.model_name!r}"
+            )
+        table = pq.read_table(
+            artifact.file("chunks.parquet"), columns=["id", "doc_id", "source", "title", "position", "text"]
+        )
         self.chunks = list(zip(*(table.column(c).to_pylist() for c in table.column_names)))  # Hit fields, in order
         self._files = embed_files
         self._model: Any = None
@@ -87,13 +92,16 @@ class Retriever:
 
         return embed(self.model, texts, 64)
 
-    def search(self, question: str, k: int = 5, *, hybrid: bool | None = None, group_by: str | None = None) -> list[Hit]:
+    def search(
+        self, question: str, k: int = 5, *, hybrid: bool | None = None, group_by: str | None = None
+    ) -> list[Hit]:
         if not question.strip():
             raise UsageError("the question is empty; ask something")
         return self.search_vectors(self.embed([question]), [question], k, hybrid=hybrid, group_by=group_by)[0]
 
-    def search_vectors(self, vectors: Any, questions: list[str], k: int, *, hybrid: bool | None = None,
-                       group_by: str | None = None) -> list[list[Hit]]:
+    def search_vectors(
+        self, vectors: Any, questions: list[str], k: int, *, hybrid: bool | None = None, group_by: str | None = None
+    ) -> list[list[Hit]]:
         if k < 1:
             raise UsageError(f"k must be at least 1, got {k}")
         if self.count == 0:
@@ -107,8 +115,10 @@ class Retriever:
             labels, distances = self.index.nearest(vectors, min(k, self.count))
             offset = 0.0 if self.index.info["metric"] == "l2" else 1.0  # similarity = offset - distance
             make = tuple.__new__  # a Hit without NamedTuple's Python-level __new__: half the cost per hit
-            return [[make(Hit, chunks[lb] + (offset - d,)) for lb, d in zip(ls, ds)]
-                    for ls, ds in zip(labels.tolist(), distances.tolist())]
+            return [
+                [make(Hit, chunks[lb] + (offset - d,)) for lb, d in zip(ls, ds)]
+                for ls, ds in zip(labels.tolist(), distances.tolist())
+            ]
         depth = min(max(self.depth, k), self.count)  # a fixed candidate depth: the order does not depend on k
         labels, scores = self.index.search(vectors, depth)
         out = []
@@ -135,8 +145,9 @@ class Retriever:
         if self._bm25 is None:
             self._bm25 = bm25s.BM25.load(str(self._artifact.file("bm25")))
         k = min(k, len(self.chunks))
-        docs, scores = self._bm25.retrieve(bm25s.tokenize([question], stopwords="en", show_progress=False), k=k,
-                                           show_progress=False)
+        docs, scores = self._bm25.retrieve(
+            bm25s.tokenize([question], stopwords="en", show_progress=False), k=k, show_progress=False
+        )
         return [(int(d), float(s)) for d, s in zip(docs[0], scores[0]) if s > 0]
 
     @staticmethod

@@ -41,23 +41,32 @@ class ServeConfig(Params):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    models: list[Variant] = Field(default_factory=lambda: ["tuned"],
-                                  description="tuned (base + adapter), base, merged; each is a model id NAME-VARIANT")
+    models: list[Variant] = Field(
+        default_factory=lambda: ["tuned"],
+        description="tuned (base + adapter), base, merged; each is a model id NAME-VARIANT",
+    )
     docs: bool = Field(True, description="also serve NAME-VARIANT+docs: answers from the recipe's index, with sources")
     top_k: int = Field(4, ge=1, description="chunks retrieved for document chat")
     max_tokens: int = Field(256, ge=1, description="largest max_tokens a request may ask for")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     token_env: str | None = Field(None, description="if set, requests need `Authorization: Bearer $TOKEN_ENV`")
     system: str | None = Field(None, description="system prompt put before every conversation")
-    batch_size: int = Field(16, ge=1, description="greedy requests (whole or streamed) generating together at most; "
-                                                  "others join between token steps (continuous batching; 1: one at "
-                                                  "a time)")
-    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a request that finds the model idle waits "
-                                                                 "for others to start with it")
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="greedy requests (whole or streamed) generating together at most; "
+        "others join between token steps (continuous batching; 1: one at "
+        "a time)",
+    )
+    batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="how long a request that finds the model idle waits for others to start with it"
+    )
     engine: Literal["transformers", "llama_cpp", "vllm"] = Field(
-        "transformers", description="transformers (the variants in `models`), llama_cpp (the package's GGUF, as model "
-                                    "NAME-gguf, behind runner's server), vllm (`runner serve` launches vLLM on the "
-                                    "merged model: GPU hosts)")
+        "transformers",
+        description="transformers (the variants in `models`), llama_cpp (the package's GGUF, as model "
+        "NAME-gguf, behind runner's server), vllm (`runner serve` launches vLLM on the "
+        "merged model: GPU hosts)",
+    )
     n_ctx: int = Field(2048, ge=16, description="llama_cpp: context positions")
 
 
@@ -92,7 +101,9 @@ class Recipe(Params):
     lora: Lora = Lora()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig | None = Field(None, description="held-out loss and generations after training")
-    package: PackageConfig | None = Field(None, description="deployable forms of the tuned model (adapter, merged, GGUF)")
+    package: PackageConfig | None = Field(
+        None, description="deployable forms of the tuned model (adapter, merged, GGUF)"
+    )
     serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")

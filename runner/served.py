@@ -32,9 +32,13 @@ def load_models(build: Any, variants: list[Variant]) -> dict[str, Model]:
         art = have.get(step)
         if art is None:
             if step == "merge" and step not in build.graph.nodes:
-                raise RunnerError(f"{build.loaded.path} has no merge step: add merged to serve.models (or set "
-                                  "train.merge: true) and apply")
-            raise RunnerError(f"step {step} of {build.loaded.path} is not built: run `runner apply {build.loaded.path}`")
+                raise RunnerError(
+                    f"{build.loaded.path} has no merge step: add merged to serve.models (or set "
+                    "train.merge: true) and apply"
+                )
+            raise RunnerError(
+                f"step {step} of {build.loaded.path} is not built: run `runner apply {build.loaded.path}`"
+            )
         arts[step] = art
     tok = AutoTokenizer.from_pretrained(arts["tokenizer"].file("tokenizer"))
     tok.padding_side = "left"
@@ -46,15 +50,24 @@ def load_models(build: Any, variants: list[Variant]) -> dict[str, Model]:
         if variant == "merged":
             model = load_model(arts["merge"].file("model"), precision)
         else:
-            model = load_model(base_dir(spec, build.graph.nodes["train"].files, built), precision,
-                               trust_remote_code=r.model.trust_remote_code)
+            model = load_model(
+                base_dir(spec, build.graph.nodes["train"].files, built),
+                precision,
+                trust_remote_code=r.model.trust_remote_code,
+            )
         quantized = count_quantized(model)[0] if precision in ("int8", "int4") else 0  # before LoRA wraps layers
         if variant == "tuned":
             model = PeftModel.from_pretrained(model, arts["train"].file("adapter"))
         model.eval()
         name = f"{build.loaded.name}-{variant}"
-        out[name] = Model(name, r.data.prompt.template if r.data else "plain", model, tok, precision=precision,
-                          quantized_layers=quantized)
+        out[name] = Model(
+            name,
+            r.data.prompt.template if r.data else "plain",
+            model,
+            tok,
+            precision=precision,
+            quantized_layers=quantized,
+        )
     return out
 
 
@@ -63,15 +76,18 @@ def gguf_model(build: Any) -> Model:
 
     r = build.loaded.recipe
     if r.package is None or "gguf" not in r.package.formats:
-        raise RunnerError(f"serve.engine llama_cpp serves the package's GGUF: add package: {{formats: [gguf], ...}} to "
-                          f"{build.loaded.path} and apply")
+        raise RunnerError(
+            f"serve.engine llama_cpp serves the package's GGUF: add package: {{formats: [gguf], ...}} to "
+            f"{build.loaded.path} and apply"
+        )
     have = build.built()
     if "package" not in have or "merge" not in have:
         raise RunnerError(f"the package of {build.loaded.path} is not built: run `runner apply {build.loaded.path}`")
     gguf = have["package"].file(f"model-{r.package.gguf_type}.gguf")
     name = f"{build.loaded.name}-gguf"
-    return load(name, gguf, have["merge"].file("model"), r.data.prompt.template if r.data else "plain",
-                n_ctx=r.serve.n_ctx)
+    return load(
+        name, gguf, have["merge"].file("model"), r.data.prompt.template if r.data else "plain", n_ctx=r.serve.n_ctx
+    )
 
 
 def vllm_command(build: Any, host: str, port: int) -> list[str]:
@@ -80,12 +96,25 @@ def vllm_command(build: Any, host: str, port: int) -> list[str]:
 
     have = build.built()
     if "merge" not in have:
-        raise RunnerError(f"serve.engine vllm serves the merged model: add merged to serve.models and apply "
-                          f"{build.loaded.path}")
+        raise RunnerError(
+            f"serve.engine vllm serves the merged model: add merged to serve.models and apply {build.loaded.path}"
+        )
     r = build.loaded.recipe
-    cmd = ["vllm", "serve", str(have["merge"].file("model")), "--served-model-name", f"{build.loaded.name}-merged",
-           "--host", host, "--port", str(port), "--max-num-seqs", str(r.serve.batch_size),
-           "--generation-config", "vllm"]
+    cmd = [
+        "vllm",
+        "serve",
+        str(have["merge"].file("model")),
+        "--served-model-name",
+        f"{build.loaded.name}-merged",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--max-num-seqs",
+        str(r.serve.batch_size),
+        "--generation-config",
+        "vllm",
+    ]
     if r.model is not None and r.model.precision in ("bf16", "fp16"):
         cmd += ["--dtype", {"bf16": "bfloat16", "fp16": "float16"}[r.model.precision]]
     return cmd

@@ -93,7 +93,9 @@ class Common(BaseModel):
 
     def check(self) -> None:
         if self.frequency_penalty or self.presence_penalty:
-            raise ApiError(400, "frequency_penalty and presence_penalty are not supported (only 0)", param="frequency_penalty")
+            raise ApiError(
+                400, "frequency_penalty and presence_penalty are not supported (only 0)", param="frequency_penalty"
+            )
         if self.logit_bias:
             raise ApiError(400, "logit_bias is not supported", param="logit_bias")
         if self.stream and self.n > 1:
@@ -115,7 +117,7 @@ class ChatRequest(Common):
     def check(self) -> None:
         super().check()
         if self.response_format and self.response_format.get("type") != "text":
-            raise ApiError(400, "response_format other than {\"type\": \"text\"} is not supported", param="response_format")
+            raise ApiError(400, 'response_format other than {"type": "text"} is not supported', param="response_format")
         if self.tools or self.tool_choice not in (None, "none"):
             raise ApiError(400, "tools and tool_choice are not supported by this server", param="tools")
         if self.top_logprobs is not None and not self.logprobs:
@@ -157,19 +159,33 @@ class SearchRequest(BaseModel):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", *, param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        *,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
 
-def error_json(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | int | None = None) -> dict[str, Any]:
+def error_json(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | int | None = None,
+) -> dict[str, Any]:
     """OpenAI's error shape."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code if code is not None else status}}
 
 
-def create_app(models: dict[str, Model], config: ServeConfig, *, retriever: Any = None, token: str | None = None) -> Any:
+def create_app(
+    models: dict[str, Model], config: ServeConfig, *, retriever: Any = None, token: str | None = None
+) -> Any:
     """The OpenAI-compatible app (behind the Guard: token, body size, access log) over these models and index."""
     from fastapi import FastAPI
 
@@ -190,8 +206,13 @@ def _error_handlers(app: Any) -> None:
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
-    def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-              code: str | int | None = None) -> JSONResponse:
+    def error(
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | int | None = None,
+    ) -> JSONResponse:
         return JSONResponse(error_json(status, message, kind, param, code), status_code=status)
 
     @app.exception_handler(ApiError)
@@ -232,32 +253,51 @@ class Service:
 
     def __init__(self, models: dict[str, Model], config: ServeConfig, retriever: Any) -> None:
         self.models, self.config, self.retriever = models, config, retriever
-        self.doc_models = {f"{name}+docs": m for name, m in models.items()} if retriever is not None and config.docs else {}
+        self.doc_models = (
+            {f"{name}+docs": m for name, m in models.items()} if retriever is not None and config.docs else {}
+        )
 
     def pick(self, name: str) -> tuple[Model, bool]:
         if name in self.models:
             return self.models[name], False
         if name in self.doc_models:
             return self.doc_models[name], True
-        raise ApiError(404, f"no model {name!r}; models: {', '.join(list(self.models) + list(self.doc_models)) or 'none'}",
-                       "not_found", param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"no model {name!r}; models: {', '.join(list(self.models) + list(self.doc_models)) or 'none'}",
+            "not_found",
+            param="model",
+            code="model_not_found",
+        )
 
     def sampling(self, req: Common, logprobs: int | None = None) -> Sampling:
         req.check()
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is not None and max_tokens > self.config.max_tokens:
-            raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {self.config.max_tokens}",
-                           param="max_tokens")
+            raise ApiError(
+                400,
+                f"max_tokens {max_tokens} is over this server's limit of {self.config.max_tokens}",
+                param="max_tokens",
+            )
         max_tokens = max_tokens or min(128, self.config.max_tokens)
         if req.min_tokens > max_tokens:
             raise ApiError(400, f"min_tokens {req.min_tokens} is over max_tokens {max_tokens}", param="min_tokens")
-        return Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                        stop=req.stops(), logprobs=logprobs, min_tokens=req.min_tokens)
+        return Sampling(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=req.stops(),
+            logprobs=logprobs,
+            min_tokens=req.min_tokens,
+        )
 
     def search(self, question: str) -> tuple[str, list[dict[str, Any]]]:
         hits = self.retriever.search(question, self.config.top_k) if question.strip() else []
-        sources = [{"id": h.chunk_id, "document": h.doc_id, "title": h.title, "score": round(h.score, 4),
-                    "text": h.text} for h in hits]
+        sources = [
+            {"id": h.chunk_id, "document": h.doc_id, "title": h.title, "score": round(h.score, 4), "text": h.text}
+            for h in hits
+        ]
         return docs_prompt(question, hits), sources
 
     def run(self, model: Model, prompt: str, s: Sampling, n: int) -> list[Output]:
@@ -270,11 +310,25 @@ class Service:
 
     def list_models(self) -> dict[str, Any]:
         now = int(time.time())
-        names = list(self.models) + list(self.doc_models) + ([self.retriever.model_name] if self.retriever is not None else [])
+        names = (
+            list(self.models)
+            + list(self.doc_models)
+            + ([self.retriever.model_name] if self.retriever is not None else [])
+        )
         every = {**self.models, **self.doc_models}
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "runner",
-                                            **({"precision": every[n].precision} if n in every else {})}
-                                           for n in names]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": n,
+                    "object": "model",
+                    "created": now,
+                    "owned_by": "runner",
+                    **({"precision": every[n].precision} if n in every else {}),
+                }
+                for n in names
+            ],
+        }
 
     async def chat(self, req: ChatRequest, request: Request) -> Any:
         model, docs = self.pick(req.model)
@@ -291,22 +345,48 @@ class Service:
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if req.stream:
             base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
-            return self._streaming(request, model, prompt, s, base, sources, chat=True,
-                                   include_usage=bool(req.stream_options and req.stream_options.include_usage))
+            return self._streaming(
+                request,
+                model,
+                prompt,
+                s,
+                base,
+                sources,
+                chat=True,
+                include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            )
         outputs = await run_in_threadpool(self.run, model, prompt, s, req.n)
         request.state.tokens = _usage(outputs)["total_tokens"]
         choices = []
         for i, o in enumerate(outputs):
-            choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": o.text},
-                                      "finish_reason": o.finish_reason, "logprobs": None}
+            choice: dict[str, Any] = {
+                "index": i,
+                "message": {"role": "assistant", "content": o.text},
+                "finish_reason": o.finish_reason,
+                "logprobs": None,
+            }
             if o.logprobs is not None:
-                choice["logprobs"] = {"content": [{**e, "bytes": list(e["token"].encode()),
-                                                   "top_logprobs": [{**t, "bytes": list(t["token"].encode())}
-                                                                    for t in e.get("top_logprobs", [])]}
-                                                  for e in o.logprobs]}
+                choice["logprobs"] = {
+                    "content": [
+                        {
+                            **e,
+                            "bytes": list(e["token"].encode()),
+                            "top_logprobs": [
+                                {**t, "bytes": list(t["token"].encode())} for t in e.get("top_logprobs", [])
+                            ],
+                        }
+                        for e in o.logprobs
+                    ]
+                }
             choices.append(choice)
-        body = {"id": rid, "object": "chat.completion", "created": created, "model": req.model, "choices": choices,
-                "usage": _usage(outputs)}
+        body = {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": req.model,
+            "choices": choices,
+            "usage": _usage(outputs),
+        }
         if docs:
             body["sources"] = sources
         return body
@@ -329,8 +409,16 @@ class Service:
             if len(prompts) > 1:
                 raise ApiError(400, "several prompts are not supported with stream: true", param="prompt")
             base = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
-            return self._streaming(request, model, prompts[0], s, base, sources, chat=False,
-                                   include_usage=bool(req.stream_options and req.stream_options.include_usage))
+            return self._streaming(
+                request,
+                model,
+                prompts[0],
+                s,
+                base,
+                sources,
+                chat=False,
+                include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            )
         outputs = [o for p in prompts for o in await run_in_threadpool(self.run, model, p, s, req.n)]
         request.state.tokens = _usage(outputs)["total_tokens"]
         choices = []
@@ -341,25 +429,46 @@ class Service:
                 for e in o.logprobs:
                     offsets.append(at)
                     at += len(e["token"])
-                choice["logprobs"] = {"tokens": [e["token"] for e in o.logprobs],
-                                      "token_logprobs": [e["logprob"] for e in o.logprobs],
-                                      "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs", [])}
-                                                       for e in o.logprobs] if req.logprobs else None,
-                                      "text_offset": offsets}
+                choice["logprobs"] = {
+                    "tokens": [e["token"] for e in o.logprobs],
+                    "token_logprobs": [e["logprob"] for e in o.logprobs],
+                    "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs", [])} for e in o.logprobs]
+                    if req.logprobs
+                    else None,
+                    "text_offset": offsets,
+                }
             choices.append(choice)
-        body = {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": choices,
-                "usage": {**_usage(outputs), "prompt_tokens": sum(o.prompt_tokens for o in outputs[:: req.n])}}
+        body = {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": req.model,
+            "choices": choices,
+            "usage": {**_usage(outputs), "prompt_tokens": sum(o.prompt_tokens for o in outputs[:: req.n])},
+        }
         body["usage"]["total_tokens"] = body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
         if docs:
             body["sources"] = sources
         return body
 
-    def _streaming(self, request: Request, model: Model, prompt: str, s: Sampling, base: dict[str, Any],
-                   sources: list[dict[str, Any]], *, chat: bool, include_usage: bool) -> Any:
+    def _streaming(
+        self,
+        request: Request,
+        model: Model,
+        prompt: str,
+        s: Sampling,
+        base: dict[str, Any],
+        sources: list[dict[str, Any]],
+        *,
+        chat: bool,
+        include_usage: bool,
+    ) -> Any:
         try:
             model.encode(prompt, s.max_tokens)  # refuse a prompt that does not fit before the stream starts
         except ContextTooLong as exc:
-            raise ApiError(400, str(exc), param="messages" if chat else "prompt", code="context_length_exceeded") from None
+            raise ApiError(
+                400, str(exc), param="messages" if chat else "prompt", code="context_length_exceeded"
+            ) from None
 
         def piece(text: str | None, finish: str | None) -> dict[str, Any]:
             if chat:
@@ -372,8 +481,10 @@ class Service:
             pieces = model.stream(prompt, s, cancel, done)
             try:
                 if chat:
-                    first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                  "finish_reason": None}]}
+                    first = {
+                        **base,
+                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                    }
                     yield _event({**first, "sources": sources} if sources else first)
                 while True:
                     text = await run_in_threadpool(next, pieces, None)
@@ -385,8 +496,13 @@ class Service:
                 yield _event(piece(None, done.get("finish_reason", "stop")))
                 if include_usage:
                     p, c = done.get("prompt_tokens", 0), done.get("completion_tokens", 0)
-                    yield _event({**base, "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": c,
-                                                                   "total_tokens": p + c}})
+                    yield _event(
+                        {
+                            **base,
+                            "choices": [],
+                            "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+                        }
+                    )
                 request.state.tokens = done.get("prompt_tokens", 0) + done.get("completion_tokens", 0)
                 yield "data: [DONE]\n\n"
             finally:
@@ -398,15 +514,22 @@ class Service:
         if self.retriever is None:
             raise ApiError(404, "this recipe has no index, so no embedding model to serve", "not_found", param="model")
         if req.model not in (self.retriever.model_name, "default"):
-            raise ApiError(400, f"the index's embedding model is {self.retriever.model_name!r}; ask for that one", param="model")
+            raise ApiError(
+                400, f"the index's embedding model is {self.retriever.model_name!r}; ask for that one", param="model"
+            )
         texts = [req.input] if isinstance(req.input, str) else req.input
         vectors = self.retriever.embed(texts)
         tokens = sum(len(ids) for ids in self.retriever.model.tokenizer(texts, truncation=True)["input_ids"])
         request.state.tokens = tokens
-        return {"object": "list", "model": self.retriever.model_name,
-                "data": [{"object": "embedding", "index": i, "embedding": _vector(v, req.encoding_format)}
-                         for i, v in enumerate(vectors)],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {
+            "object": "list",
+            "model": self.retriever.model_name,
+            "data": [
+                {"object": "embedding", "index": i, "embedding": _vector(v, req.encoding_format)}
+                for i, v in enumerate(vectors)
+            ],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
     def search_endpoint(self, req: SearchRequest) -> Any:
         """The index alone: the documents (or chunks) closest to a query, best first."""
@@ -452,8 +575,9 @@ class Guard:
 
         async def reply(code: int, message: str, kind: str = "invalid_request_error") -> None:
             status[0] = code
-            await send({"type": "http.response.start", "status": code,
-                        "headers": [(b"content-type", b"application/json")]})
+            await send(
+                {"type": "http.response.start", "status": code, "headers": [(b"content-type", b"application/json")]}
+            )
             await send({"type": "http.response.body", "body": json.dumps(error_json(code, message, kind)).encode()})
 
         async def logged_send(message: dict[str, Any]) -> None:
@@ -465,7 +589,9 @@ class Guard:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             if self.token is not None:
                 scheme, _, given = headers.get("authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), self.token.encode()):
+                if scheme.lower() != "bearer" or not secrets.compare_digest(
+                    given.strip().encode(), self.token.encode()
+                ):
                     return await reply(401, "missing or wrong bearer token", "authentication_error")
             limit = self.config.max_body_bytes
             length = headers.get("content-length", "")
@@ -497,5 +623,11 @@ class Guard:
             await self.app(scope, replay, logged_send)
         finally:
             tokens = scope.get("state", {}).get("tokens", "-")
-            log.info("%s %s %s %.1f ms tokens=%s", scope.get("method"), scope.get("path"), status[0] or "-",
-                     (time.perf_counter() - started) * 1000, tokens)
+            log.info(
+                "%s %s %s %.1f ms tokens=%s",
+                scope.get("method"),
+                scope.get("path"),
+                status[0] or "-",
+                (time.perf_counter() - started) * 1000,
+                tokens,
+            )

@@ -13,6 +13,7 @@ from runner.steps.prompts import render_prompt
 if TYPE_CHECKING:
     from runner.schema import ServeConfig
 
+
 @dataclass
 class Sampling:
     """How to pick tokens: greedy unless temperature > 0; `seed` makes sampling repeatable."""
@@ -45,9 +46,11 @@ class NotSupported(ValueError):
 
 class ContextTooLong(ValueError):
     def __init__(self, prompt_tokens: int, max_tokens: int, context: int) -> None:
-        super().__init__(f"this model's context is {context} tokens; the prompt has {prompt_tokens} and max_tokens asks "
-                         f"for {max_tokens} more ({prompt_tokens + max_tokens} in all). Shorten the prompt or lower "
-                         "max_tokens")
+        super().__init__(
+            f"this model's context is {context} tokens; the prompt has {prompt_tokens} and max_tokens asks "
+            f"for {max_tokens} more ({prompt_tokens + max_tokens} in all). Shorten the prompt or lower "
+            "max_tokens"
+        )
         self.prompt_tokens, self.max_tokens, self.context = prompt_tokens, max_tokens, context
 
 
@@ -97,7 +100,11 @@ class Model:
     def ended(self, new: list[int], s: Sampling, cancel: threading.Event | None = None) -> bool:
         """Whether an answer of tokens `new` is over: end-of-text, max_tokens, cancelled, or a stop string in its
         last tokens (the batcher and the llama.cpp engine decide with this)."""
-        if new[-1] == self.tokenizer.eos_token_id or len(new) >= s.max_tokens or (cancel is not None and cancel.is_set()):
+        if (
+            new[-1] == self.tokenizer.eos_token_id
+            or len(new) >= s.max_tokens
+            or (cancel is not None and cancel.is_set())
+        ):
             return True
         return stopped(self.tokenizer.decode(new[-16:], skip_special_tokens=True), self.stops + list(s.stop))
 
@@ -112,9 +119,13 @@ class Model:
                 # cancelled, or a stop string in the answer: nothing more is wanted (as the batcher decides)
                 return cancel.is_set() or stopped(decode(input_ids[0, start:][-16:], skip_special_tokens=True), stops)
 
-        kw: dict[str, Any] = {"max_new_tokens": s.max_tokens, "do_sample": not s.greedy,
-                              "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id,
-                              "stopping_criteria": StoppingCriteriaList([Cancelled()])}
+        kw: dict[str, Any] = {
+            "max_new_tokens": s.max_tokens,
+            "do_sample": not s.greedy,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "stopping_criteria": StoppingCriteriaList([Cancelled()]),
+        }
         if not s.greedy:
             kw.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
         if s.min_tokens:
@@ -133,9 +144,14 @@ class Model:
         with self.lock, torch.no_grad():
             if s.seed is not None:
                 torch.manual_seed(s.seed)
-            out = self.model.generate(input_ids=enc, attention_mask=torch.ones_like(enc),
-                                      **self._kwargs(s, cancel, len(ids)), output_scores=s.logprobs is not None, return_dict_in_generate=True)
-        return self.output(ids, out.sequences[0, len(ids):].tolist(), s, out.scores)
+            out = self.model.generate(
+                input_ids=enc,
+                attention_mask=torch.ones_like(enc),
+                **self._kwargs(s, cancel, len(ids)),
+                output_scores=s.logprobs is not None,
+                return_dict_in_generate=True,
+            )
+        return self.output(ids, out.sequences[0, len(ids) :].tolist(), s, out.scores)
 
     def output(self, ids: list[int], new: list[int], s: Sampling, scores: Any = None) -> Output:
         """An answer from the generated token ids: cut at the end-of-text token and the stop strings."""
@@ -157,13 +173,15 @@ class Model:
             entry: dict[str, Any] = {"token": self.tokenizer.decode([token]), "logprob": float(lp[token])}
             if top:
                 values, idx = torch.topk(lp, top)
-                entry["top_logprobs"] = [{"token": self.tokenizer.decode([int(i)]), "logprob": float(v)}
-                                         for v, i in zip(values, idx)]
+                entry["top_logprobs"] = [
+                    {"token": self.tokenizer.decode([int(i)]), "logprob": float(v)} for v, i in zip(values, idx)
+                ]
             out.append(entry)
         return out
 
-    def stream(self, prompt: str, s: Sampling, cancel: threading.Event | None = None,
-               done: dict[str, Any] | None = None) -> Iterator[str]:
+    def stream(
+        self, prompt: str, s: Sampling, cancel: threading.Event | None = None, done: dict[str, Any] | None = None
+    ) -> Iterator[str]:
         """Text pieces as they are generated, cut before a stop string. Greedy streams run in the batcher with
         the others, any other alone in its own thread; either way set `cancel` (or stop iterating) and the model
         is free of it within one token step. `done` receives finish_reason and token counts at the end."""
@@ -198,8 +216,13 @@ class Model:
             pieces.close()
             if done is not None:
                 n = produced.get("n", 0)
-                done.update({"prompt_tokens": len(ids), "completion_tokens": n,
-                             "finish_reason": "stop" if stopped or n < s.max_tokens else "length"})
+                done.update(
+                    {
+                        "prompt_tokens": len(ids),
+                        "completion_tokens": n,
+                        "finish_reason": "stop" if stopped or n < s.max_tokens else "length",
+                    }
+                )
 
     def _pieces(self, ids: list[int], s: Sampling, cancel: threading.Event, produced: dict[str, int]) -> Iterator[str]:
         """One generation alone in its own thread, holding the model while it runs; its text as it comes."""
@@ -214,12 +237,16 @@ class Model:
                 with self.lock, torch.no_grad():
                     if s.seed is not None:
                         torch.manual_seed(s.seed)
-                    out = self.model.generate(input_ids=enc, attention_mask=torch.ones_like(enc),
-                                              **self._kwargs(s, cancel, len(ids)), streamer=streamer)
+                    out = self.model.generate(
+                        input_ids=enc,
+                        attention_mask=torch.ones_like(enc),
+                        **self._kwargs(s, cancel, len(ids)),
+                        streamer=streamer,
+                    )
             except BaseException:
                 streamer.end()  # the reader must not wait for text that will never come
                 raise
-            new = out[0, len(ids):].tolist()
+            new = out[0, len(ids) :].tolist()
             eos = self.tokenizer.eos_token_id
             produced["n"] = new.index(eos) + 1 if eos in new else len(new)
 
@@ -346,10 +373,11 @@ class Batcher:
     def _forward(self, input_ids: Any, mask: Any, cache: Any) -> Any:
         import torch
 
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
         with self.model.lock, torch.no_grad():
-            out = self.model.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                   past_key_values=cache, use_cache=True)
+            out = self.model.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            )
         return out.logits[:, -1, :].float(), out.past_key_values
 
     def _join(self, cache: Any, mask: Any, fresh: list[_Request]) -> tuple[Any, Any]:
@@ -375,9 +403,13 @@ class Batcher:
             shape[dim] = n - t.shape[dim]
             return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)
 
-        layers = [(torch.cat([left(a.keys, length), left(b.keys, length)]),
-                   torch.cat([left(a.values, length), left(b.values, length)]))
-                  for a, b in zip(cache.layers, new_cache.layers)]
+        layers = [
+            (
+                torch.cat([left(a.keys, length), left(b.keys, length)]),
+                torch.cat([left(a.values, length), left(b.values, length)]),
+            )
+            for a, b in zip(cache.layers, new_cache.layers)
+        ]
         return DynamicCache(ddp_cache_data=layers), torch.cat([left(mask, length), left(new_mask, length)])
 
     def _step(self, active: list[_Request], cache: Any, mask: Any) -> Any:
@@ -431,7 +463,7 @@ def decoded(tokens: Any, tokenizer: Any, produced: dict[str, int]) -> Iterator[s
         produced["n"] = len(new)
         text = tokenizer.decode(new, skip_special_tokens=True)
         if len(text) > len(sent) and not text.endswith("\ufffd"):
-            yield text[len(sent):]
+            yield text[len(sent) :]
             sent = text
 
 

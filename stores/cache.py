@@ -112,8 +112,10 @@ class ArtifactCache:
             for d in (self.artifacts, self.tmp, self.locks, self.refs, self.pins):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise CacheError(f"the cache {self.root} cannot be used: {exc.strerror} ({exc.filename}); "
-                             "give a writable --cache-dir or $RUNNER_CACHE") from None
+            raise CacheError(
+                f"the cache {self.root} cannot be used: {exc.strerror} ({exc.filename}); "
+                "give a writable --cache-dir or $RUNNER_CACHE"
+            ) from None
         self.stat_cache = StatCache(self.root / "stat-cache.sqlite" if stat_db else None)
         self.remote = remote
         self.pull_problems: dict[str, str] = {}  # key -> why the shared copy was refused
@@ -321,13 +323,17 @@ class ArtifactCache:
             st = catalog.stat()
         except (OSError, ValueError):
             return False
-        return isinstance(note, dict) and note.get("keys") == hash_json(keys) and \
-            note.get("stat") == [st.st_size, st.st_mtime_ns, st.st_ino]
+        return (
+            isinstance(note, dict)
+            and note.get("keys") == hash_json(keys)
+            and note.get("stat") == [st.st_size, st.st_mtime_ns, st.st_ino]
+        )
 
     def catalog_written(self, catalog: Path, keys: dict[str, str]) -> None:
         st = catalog.stat()
-        write_json_atomic(catalog.with_suffix(".json"),
-                          {"keys": hash_json(keys), "stat": [st.st_size, st.st_mtime_ns, st.st_ino]})
+        write_json_atomic(
+            catalog.with_suffix(".json"), {"keys": hash_json(keys), "stat": [st.st_size, st.st_mtime_ns, st.st_ino]}
+        )
 
     # -- what gc keeps ------------------------------------------------------
     def pin(self, key: str) -> None:
@@ -402,4 +408,3 @@ class ArtifactCache:
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.artifacts.rglob("*") if f.is_file())
-

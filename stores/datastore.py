@@ -22,8 +22,10 @@ import duckdb
 from stores.files import temp_name
 from stores.sql import sql_string
 
-ROW_COLUMNS = ("id VARCHAR, source VARCHAR, turns STRUCT(role VARCHAR, text VARCHAR)[], score DOUBLE, lang VARCHAR, "
-               "group_id VARCHAR, tools VARCHAR")
+ROW_COLUMNS = (
+    "id VARCHAR, source VARCHAR, turns STRUCT(role VARCHAR, text VARCHAR)[], score DOUBLE, lang VARCHAR, "
+    "group_id VARCHAR, tools VARCHAR"
+)
 REJECT_COLUMNS = "id VARCHAR, source VARCHAR, step VARCHAR, reason VARCHAR, detail VARCHAR"
 
 _MACROS = [
@@ -33,8 +35,9 @@ _MACROS = [
 ]
 
 
-def connect(database: str | Path = ":memory:", *, read_only: bool = False,
-            search_path: Path | None = None) -> duckdb.DuckDBPyConnection:
+def connect(
+    database: str | Path = ":memory:", *, read_only: bool = False, search_path: Path | None = None
+) -> duckdb.DuckDBPyConnection:
     """A connection with runner's macros; relative file paths resolve against `search_path` when given."""
     config = {"file_search_path": str(search_path)} if search_path is not None else {}
     con = duckdb.connect(str(database), read_only=read_only, config=config)
@@ -56,7 +59,9 @@ def quote_ident(name: str) -> str:
 def write_parquet(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> int:
     """Write the result of `query` to a Parquet file; returns its row count."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    result = con.execute(f"copy ({query}) to {quote_path(path)} (format parquet, compression zstd, row_group_size 100000)")
+    result = con.execute(
+        f"copy ({query}) to {quote_path(path)} (format parquet, compression zstd, row_group_size 100000)"
+    )
     return int(result.fetchall()[0][0])
 
 
@@ -139,8 +144,10 @@ def query(catalog: Path, sql: str, root: Path) -> tuple[list[str], list[tuple[An
         for statement in con.extract_statements(sql):
             kind = statement.type.name
             if kind not in READ_STATEMENTS:
-                raise PermissionError(f"{kind} statements are not allowed: runner sql only reads (SELECT, EXPLAIN); "
-                                      "to export rows, use the recipe's export: step or --json")
+                raise PermissionError(
+                    f"{kind} statements are not allowed: runner sql only reads (SELECT, EXPLAIN); "
+                    "to export rows, use the recipe's export: step or --json"
+                )
         # the views' paths are relative (resolved by file_search_path); absolute ones name the same files
         con.execute(f"set allowed_directories = [{quote_path(str(root / 'artifacts') + os.sep)}, 'artifacts/']")
         con.execute("set enable_external_access = false")

@@ -56,8 +56,10 @@ class StatCache:
             try:
                 self._db = sqlite3.connect(db_path, timeout=30, isolation_level=None)
                 self._db.execute("pragma journal_mode=wal")
-                self._db.execute("create table if not exists hashes2 (path text primary key, size int, mtime int, "
-                                 "ino int, ctime int, hash text)")
+                self._db.execute(
+                    "create table if not exists hashes2 (path text primary key, size int, mtime int, "
+                    "ino int, ctime int, hash text)"
+                )
             except sqlite3.Error:
                 self._db = None  # a broken stat cache only costs speed
 
@@ -79,16 +81,16 @@ class StatCache:
         """Hash of a file, or of a directory as its sorted (relative path, file hash) pairs."""
         if root.is_file():
             return self.hash_file(root)
-        entries = {
-            p.relative_to(root).as_posix(): self.hash_file(p) for p in sorted(root.rglob("*")) if p.is_file()
-        }
+        entries = {p.relative_to(root).as_posix(): self.hash_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
         return hash_json(entries)
 
     def _lookup(self, path: str, stat: tuple[int, int, int, int]) -> str | None:
         if self._db is None:
             return None
         try:
-            row = self._db.execute("select size, mtime, ino, ctime, hash from hashes2 where path = ?", (path,)).fetchone()
+            row = self._db.execute(
+                "select size, mtime, ino, ctime, hash from hashes2 where path = ?", (path,)
+            ).fetchone()
         except sqlite3.Error:
             return None
         if row is not None and tuple(row[:4]) == stat:

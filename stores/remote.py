@@ -44,8 +44,10 @@ class Remote:
         try:
             self.fs, self.root = fsspec.core.url_to_fs(str(url))
         except ImportError as exc:
-            raise RemoteError(f"the cache remote {self.url} needs a library that is not installed ({exc}); "
-                              "for s3:// install `runner[s3]` (s3fs), for gs:// gcsfs, for az:// adlfs") from None
+            raise RemoteError(
+                f"the cache remote {self.url} needs a library that is not installed ({exc}); "
+                "for s3:// install `runner[s3]` (s3fs), for gs:// gcsfs, for az:// adlfs"
+            ) from None
         except (ValueError, OSError) as exc:
             raise RemoteError(f"the cache remote {self.url} cannot be opened ({exc})") from None
         self.root = self.root.rstrip("/")
@@ -58,8 +60,10 @@ class Remote:
             raise RemoteError(f"the cache remote {self.url} cannot be reached ({type(exc).__name__}: {exc})") from None
         if not ok:
             what = "directory" if local else "bucket"
-            raise RemoteError(f"the cache remote {self.url}: the {what} {must_exist} does not exist; create it "
-                              "first (runner never creates a remote, so a typo cannot start a new empty cache)")
+            raise RemoteError(
+                f"the cache remote {self.url}: the {what} {must_exist} does not exist; create it "
+                "first (runner never creates a remote, so a typo cannot start a new empty cache)"
+            )
 
     def _blob(self, digest: str) -> str:
         return f"{self.root}/blobs/{digest[:2]}/{digest}"
@@ -75,8 +79,9 @@ class Remote:
         except ValueError:
             return None
         except Exception as exc:
-            raise RemoteError(f"reading {key[:12]} from the cache remote {self.url} failed "
-                              f"({type(exc).__name__}: {exc})") from None
+            raise RemoteError(
+                f"reading {key[:12]} from the cache remote {self.url} failed ({type(exc).__name__}: {exc})"
+            ) from None
         return value if isinstance(value, dict) and value.get("key") == key else None
 
     def _put(self, local: Path | None, data: bytes | None, dest: str) -> None:
@@ -95,8 +100,10 @@ class Remote:
                 self.fs.rm_file(tmp)
             except Exception:  # noqa: BLE001 (best effort: a stale tmp upload is harmless)
                 pass
-            raise RemoteError(f"writing to the cache remote {self.url} failed ({type(exc).__name__}: {exc}); "
-                              "the local build is intact, push again later") from None
+            raise RemoteError(
+                f"writing to the cache remote {self.url} failed ({type(exc).__name__}: {exc}); "
+                "the local build is intact, push again later"
+            ) from None
 
     def push(self, path: Path, manifest: dict[str, Any]) -> bool:
         """Upload the artifact in directory `path` unless the remote has it. True if uploaded."""
@@ -128,7 +135,9 @@ class Remote:
             except FileNotFoundError:
                 return f"{rel}: its blob is missing from the shared cache"
             except Exception as exc:
-                raise RemoteError(f"downloading {key[:12]} from {self.url} failed ({type(exc).__name__}: {exc})") from None
+                raise RemoteError(
+                    f"downloading {key[:12]} from {self.url} failed ({type(exc).__name__}: {exc})"
+                ) from None
             if local.stat().st_size != meta["size"] or hash_file_uncached(local) != meta["hash"]:
                 return f"{rel}: the shared copy does not match its manifest (tampered or damaged)"
         return manifest

@@ -33,8 +33,19 @@ SAMPLE_TARGET = 0.999
 EF_CHOICES = (64, 128, 256, 512, 1024)  # never below hnswlib-style 64
 
 
-def build(vectors: np.ndarray, out: Path, *, metric: Metric, m: int, ef_construction: int, exact: bool,
-          info: dict[str, Any], seed: int = 100, threads: int = 1, ef_search: int | None = None) -> dict[str, Any]:
+def build(
+    vectors: np.ndarray,
+    out: Path,
+    *,
+    metric: Metric,
+    m: int,
+    ef_construction: int,
+    exact: bool,
+    info: dict[str, Any],
+    seed: int = 100,
+    threads: int = 1,
+    ef_search: int | None = None,
+) -> dict[str, Any]:
     """Write an index of `vectors` (label i = row i) into `out`; one thread by default, so the file is reproducible.
 
     `ef_search` None: the smallest of EF_CHOICES whose recall@10 against exact search, measured on a
@@ -53,8 +64,16 @@ def build(vectors: np.ndarray, out: Path, *, metric: Metric, m: int, ef_construc
         index.add_items(vectors, np.arange(len(vectors)), num_threads=threads)
         index.save_index(str(out / INDEX_FILE))
         tuning = tune_ef(index, vectors, metric, ef_search)
-    meta = {**info, "metric": metric, "M": m, "ef_construction": ef_construction, "exact": exact or len(vectors) == 0,
-            "count": int(len(vectors)), "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0, **tuning}
+    meta = {
+        **info,
+        "metric": metric,
+        "M": m,
+        "ef_construction": ef_construction,
+        "exact": exact or len(vectors) == 0,
+        "count": int(len(vectors)),
+        "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0,
+        **tuning,
+    }
     (out / INFO_FILE).write_text(json.dumps(meta, sort_keys=True, indent=1))
     return meta
 
@@ -151,7 +170,9 @@ class VectorMemo:
         try:
             con.register("wanted", _arrow_table(hashes))
             files = "[" + ", ".join(sql_string(s) for s in shards) + "]"
-            rows = con.execute(f"select distinct on (h) h, v from read_parquet({files}) semi join wanted using (h)").fetchall()
+            rows = con.execute(
+                f"select distinct on (h) h, v from read_parquet({files}) semi join wanted using (h)"
+            ).fetchall()
         finally:
             con.close()
         return {h: np.asarray(v, dtype=np.float32) for h, v in rows}

@@ -37,10 +37,18 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str
     return run
 
 
-def run_subprocess(*args: str, cache: Path, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_subprocess(
+    *args: str, cache: Path, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "RUNNER_CACHE": str(cache)}
-    return subprocess.run([sys.executable, "-m", "runner", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd or ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or ROOT,
+        timeout=timeout,
+    )
 
 
 def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
@@ -69,7 +77,10 @@ def small_recipe(tmp_path: Path) -> Path:
     """A recipe over 40 rows: 3 have short replies, 2 are duplicates."""
     rows = [{"prompt": f"question {i}", "response": f"answer number {i}"} for i in range(35)]
     rows += [{"prompt": f"short {i}", "response": "no"} for i in range(3)]
-    rows += [{"prompt": "question 1", "response": "answer number 1"}, {"prompt": "question 2", "response": "answer number 2"}]
+    rows += [
+        {"prompt": "question 1", "response": "answer number 1"},
+        {"prompt": "question 2", "response": "answer number 2"},
+    ]
     write_jsonl(tmp_path / "rows.jsonl", rows)
     recipe = tmp_path / "t.yaml"
     recipe.write_text(RECIPE)

@@ -42,15 +42,25 @@ def test_changing_one_filter_param_reruns_exactly_downstream(cli, small_recipe: 
     assert plan["filter.length"]["why"] == ["param min_chars: 5 -> 2"]
     assert {plan[s]["state"] for s in ("filter.dedup", "format", "split")} == {"pending"}
     after = apply_json(cli, str(small_recipe), "--set", "data.filters.0.min_chars=2")  # keeps the "no" replies
-    assert states(after) == {"source.s": "cached", "filter.length": "built", "filter.dedup": "built",
-                             "format": "built", "split": "built"}
+    assert states(after) == {
+        "source.s": "cached",
+        "filter.length": "built",
+        "filter.dedup": "built",
+        "format": "built",
+        "split": "built",
+    }
 
 
 def test_a_param_change_that_changes_no_row_is_cut_off(cli, small_recipe: Path) -> None:
     apply_json(cli, str(small_recipe))
     after = apply_json(cli, str(small_recipe), "--set", "data.filters.0.min_chars=3")  # "no" is still too short
-    assert states(after) == {"source.s": "cached", "filter.length": "built", "filter.dedup": "cached",
-                             "format": "cached", "split": "cached"}
+    assert states(after) == {
+        "source.s": "cached",
+        "filter.length": "built",
+        "filter.dedup": "cached",
+        "format": "cached",
+        "split": "cached",
+    }
 
 
 def test_every_data_step_accounts_for_every_row(cli, small_recipe: Path) -> None:
@@ -76,7 +86,9 @@ def test_clean_caches_give_identical_keys_and_bytes(cli, small_recipe: Path, tmp
 
 def test_sql_show_status_graph(cli, small_recipe: Path) -> None:
     apply_json(cli, str(small_recipe))
-    code, out, _ = cli("sql", str(small_recipe), "select id, reason, detail from filter_dedup__rejects order by id", "--json")
+    code, out, _ = cli(
+        "sql", str(small_recipe), "select id, reason, detail from filter_dedup__rejects order by id", "--json"
+    )
     assert code == 0
     assert [(r["reason"], r["detail"]) for r in json.loads(out)] == [("duplicate", "of s/2"), ("duplicate", "of s/3")]
     code, out, _ = cli("sql", str(small_recipe), "select count(*) as n from split__train", "--json")
@@ -141,19 +153,25 @@ def test_malformed_rows_are_rejected_with_reasons(cli, tmp_path: Path) -> None:
     (tmp_path / "rows.jsonl").write_bytes(
         b'{"prompt": "fine", "response": "a good reply"}\n'
         b'{"prompt": "broken", \n'
-        b'\xff\xfe not utf8\n'
-        b'[1, 2]\n'
+        b"\xff\xfe not utf8\n"
+        b"[1, 2]\n"
         b'{"prompt": "no reply"}\n'
         b'{"prompt": 5, "response": "numeric prompt"}\n'
-        b'\n'
+        b"\n"
     )
     (tmp_path / "r.yaml").write_text("data:\n  sources:\n    - {name: s, format: jsonl, path: rows.jsonl}\n")
     summary = apply_json(cli, str(tmp_path / "r.yaml"))
     assert summary["steps"][0]["rows"] == {"in": 7, "rows": 1, "rejects": 6}
     code, out, _ = cli("sql", str(tmp_path / "r.yaml"), "select id, reason, detail from source_s__rejects", "--json")
     got = {r["id"]: (r["reason"], r["detail"]) for r in json.loads(out)}
-    assert {i: r for i, (r, _) in got.items()} == {"s/2": "unreadable", "s/3": "unreadable", "s/4": "unreadable",
-                                                    "s/5": "missing_field", "s/6": "missing_field", "s/7": "unreadable"}
+    assert {i: r for i, (r, _) in got.items()} == {
+        "s/2": "unreadable",
+        "s/3": "unreadable",
+        "s/4": "unreadable",
+        "s/5": "missing_field",
+        "s/6": "missing_field",
+        "s/7": "unreadable",
+    }
     assert "invalid JSON" in got["s/2"][1] and "not UTF-8" in got["s/3"][1]
     assert "not a JSON object" in got["s/4"][1] and "missing field 'response'" in got["s/5"][1]
     assert "not text" in got["s/6"][1] and "empty line" in got["s/7"][1]
@@ -175,8 +193,12 @@ def test_plan_imports_no_ml_and_no_duckdb(small_recipe: Path, tmp_path: Path) ->
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", code, str(small_recipe)], capture_output=True, text=True,
-                          env={**os.environ, "RUNNER_CACHE": str(cache)})
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(small_recipe)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RUNNER_CACHE": str(cache)},
+    )
     assert "IMPORTED []" in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -201,15 +223,20 @@ def test_parquet_source_is_typed_and_rejects_missing_text(cli, tmp_path: Path) -
     con.execute(f"""copy (select * from (values ('u1', 'hi there', 'hello!', 0.5), ('u2', 'no reply', null, 0.1),
                          ('u3', null, 'orphan reply', 0.9)) t(uid, q, a, s))
                    to '{tmp_path / "d.parquet"}' (format parquet)""")
-    (tmp_path / "r.yaml").write_text("data:\n  sources:\n    - {name: p, format: parquet, path: d.parquet, "
-                                     "columns: {prompt: q, response: a, id: uid, score: s}}\n")
+    (tmp_path / "r.yaml").write_text(
+        "data:\n  sources:\n    - {name: p, format: parquet, path: d.parquet, "
+        "columns: {prompt: q, response: a, id: uid, score: s}}\n"
+    )
     summary = apply_json(cli, str(tmp_path / "r.yaml"))
     assert summary["steps"][0]["rows"] == {"in": 3, "rows": 1, "rejects": 2}
     code, out, _ = cli("sql", str(tmp_path / "r.yaml"), "select id, score, prompt_of(turns) p from source_p", "--json")
     assert json.loads(out) == [{"id": "p/u1", "score": 0.5, "p": "hi there"}]
-    code, out, _ = cli("sql", str(tmp_path / "r.yaml"), "select id, reason, detail from source_p__rejects order by id",
-                       "--json")
+    code, out, _ = cli(
+        "sql", str(tmp_path / "r.yaml"), "select id, reason, detail from source_p__rejects order by id", "--json"
+    )
     assert [(r["id"], r["reason"], r["detail"]) for r in json.loads(out)] == [
-        ("p/u2", "missing_field", "record 2: missing field a"), ("p/u3", "missing_field", "record 3: missing field q")]
+        ("p/u2", "missing_field", "record 2: missing field a"),
+        ("p/u3", "missing_field", "record 3: missing field q"),
+    ]
     code, _, err = cli("apply", str(tmp_path / "r.yaml"), "--set", "data.sources.0.columns.score=q")
     assert code == 1 and "column 'q' (score) is VARCHAR, not a number" in err

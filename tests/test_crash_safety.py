@@ -43,9 +43,14 @@ def big_recipe(tmp_path: Path) -> Path:
 
 
 def popen_apply(recipe: Path, cache: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "runner", "apply", str(recipe), "--json"], cwd=ROOT,
-                            env={**os.environ, "RUNNER_CACHE": str(cache)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner", "apply", str(recipe), "--json"],
+        cwd=ROOT,
+        env={**os.environ, "RUNNER_CACHE": str(cache)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(recipe: Path, cache: Path) -> dict:

@@ -48,7 +48,10 @@ def test_chat_template_format(tmp_path: Path) -> None:
     make_tokenizer(tmp_path / "tok", [r["prompt"] + " " + r["response"] for r in ROWS])
     b = apply_recipe(tmp_path, "  prompt: {template: chat, tokenizer: tok}\n")
     got = dict((r[0], r[1:]) for r in api.sql(b, "select id, prompt, completion from format")[1])
-    assert got["s/1"] == ("<|user|>What is the capital of France?</s><|assistant|>", "The capital of France is Paris.</s>")
+    assert got["s/1"] == (
+        "<|user|>What is the capital of France?</s><|assistant|>",
+        "The capital of France is Paris.</s>",
+    )
 
 
 def test_reward_model_quality_filter(tmp_path: Path) -> None:
@@ -57,8 +60,15 @@ def test_reward_model_quality_filter(tmp_path: Path) -> None:
 
     tok_dir = make_tokenizer(tmp_path / "rm", [r["prompt"] + " " + r["response"] for r in ROWS])
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, num_labels=1, pad_token_id=1)
+    cfg = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=1,
+        pad_token_id=1,
+    )
     BertForSequenceClassification(cfg).save_pretrained(tok_dir)
     # independent scores: the same model called directly
     model = BertForSequenceClassification.from_pretrained(tok_dir).eval()
@@ -84,7 +94,8 @@ def test_weighted_mix_samples_and_repeats(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "response": f"rb{i}"} for i in range(10)])
     (tmp_path / "r.yaml").write_text(
         "data:\n  sources:\n    - {name: a, format: jsonl, path: a.jsonl, weight: 0.5}\n"
-        "    - {name: b, format: jsonl, path: b.jsonl, weight: 2}\n")
+        "    - {name: b, format: jsonl, path: b.jsonl, weight: 2}\n"
+    )
     b = api.load(tmp_path / "r.yaml")
     result = api.apply(b)
     mix = next(s for s in result.steps if s.name == "mix").artifact.manifest["rows"]
@@ -111,8 +122,12 @@ def test_explain_cli(tmp_path: Path, cli) -> None:
     apply_recipe(tmp_path, "  filters: [{kind: length, min_chars: 25}]\n")
     code, out, _ = cli("explain", str(tmp_path / "r.yaml"), "s/4", "--json")
     trail = json.loads(out)
-    assert trail[-1] == {"step": "filter.length", "table": "rejects", "reason": "too_short",
-                         "detail": "response has 23 chars, below min_chars 25"}
+    assert trail[-1] == {
+        "step": "filter.length",
+        "table": "rejects",
+        "reason": "too_short",
+        "detail": "response has 23 chars, below min_chars 25",
+    }
     code, out, _ = cli("explain", str(tmp_path / "r.yaml"), "s/1")
     assert code == 0 and "kept    in split (train)" in out or "(validation)" in out
 
@@ -123,7 +138,9 @@ def test_token_length_bounds(tmp_path: Path) -> None:
     tok_dir = make_tokenizer(tmp_path / "tok", [r["prompt"] + " " + r["response"] for r in ROWS])
     b = apply_recipe(tmp_path, "  filters: [{kind: length, field: response, min_tokens: 7, tokenizer: tok}]\n")
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    expected = {f"s/{i + 1}" for i, r in enumerate(ROWS) if len(tok(r["response"], add_special_tokens=False)["input_ids"]) >= 7}
+    expected = {
+        f"s/{i + 1}" for i, r in enumerate(ROWS) if len(tok(r["response"], add_special_tokens=False)["input_ids"]) >= 7
+    }
     assert {r[0] for r in api.sql(b, "select id from filter_length")[1]} == expected
     assert 0 < len(expected) < len(ROWS)
 
@@ -132,21 +149,34 @@ def test_dolly_and_hf_disk_sources(tmp_path: Path) -> None:
     import datasets
 
     dolly = [
-        {"instruction": "Summarise the text.", "context": "Paris is the capital of France.", "response": "Paris is France's capital.", "category": "summarization"},
+        {
+            "instruction": "Summarise the text.",
+            "context": "Paris is the capital of France.",
+            "response": "Paris is France's capital.",
+            "category": "summarization",
+        },
         {"instruction": "Name a fruit.", "context": "", "response": "An apple.", "category": "brainstorming"},
         {"instruction": "Classify.", "context": "", "category": "classification"},
     ]
     (tmp_path / "dolly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dolly))
-    datasets.Dataset.from_list([{"q": "hi", "a": "hello"}, {"q": "bye", "a": "goodbye"}]).save_to_disk(str(tmp_path / "ds"))
+    datasets.Dataset.from_list([{"q": "hi", "a": "hello"}, {"q": "bye", "a": "goodbye"}]).save_to_disk(
+        str(tmp_path / "ds")
+    )
     (tmp_path / "r.yaml").write_text(
         "data:\n  sources:\n    - {name: d, format: dolly, path: dolly.jsonl, categories: [summarization, classification]}\n"
-        "    - {name: h, format: hf_disk, path: ds, columns: {prompt: q, response: a}}\n")
+        "    - {name: h, format: hf_disk, path: ds, columns: {prompt: q, response: a}}\n"
+    )
     b = api.load(tmp_path / "r.yaml")
     result = api.apply(b)
     assert result.ok
     got = dict((r[0], r[1:]) for r in api.sql(b, "select id, prompt_of(turns), response_of(turns) from mix")[1])
-    assert got == {"d/1": ("Summarise the text.\n\nParis is the capital of France.", "Paris is France's capital."),
-                   "h/1": ("hi", "hello"), "h/2": ("bye", "goodbye")}
+    assert got == {
+        "d/1": ("Summarise the text.\n\nParis is the capital of France.", "Paris is France's capital."),
+        "h/1": ("hi", "hello"),
+        "h/2": ("bye", "goodbye"),
+    }
     reasons = dict(api.sql(b, "select id, detail from source_d__rejects")[1])
-    assert reasons == {"d/2": "record 2: category 'brainstorming' not in ['summarization', 'classification']",
-                       "d/3": "record 3: missing field 'response'"}
+    assert reasons == {
+        "d/2": "record 2: category 'brainstorming' not in ['summarization', 'classification']",
+        "d/3": "record 3: missing field 'response'",
+    }

@@ -53,16 +53,24 @@ def leaf_to_tree(path: Path) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("name, extra", [("oasst_en_100.trees.jsonl", ""),
-                                         ("oasst2_openpaws_filtered.trees.jsonl",
-                                          ", tree_states: null, require_review: false")])
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("oasst_en_100.trees.jsonl", ""),
+        ("oasst2_openpaws_filtered.trees.jsonl", ", tree_states: null, require_review: false"),
+    ],
+)
 def test_split_never_puts_one_tree_on_both_sides(tmp_path: Path, name: str, extra: str) -> None:
     path = OASST / name
-    b, manifests = apply(tmp_path, f"data:\n  sources: [{{name: o, format: oasst, path: {path}{extra}}}]\n"
-                                   "  split: {validation: 0.2, seed: 3}\n")
+    b, manifests = apply(
+        tmp_path,
+        f"data:\n  sources: [{{name: o, format: oasst, path: {path}{extra}}}]\n  split: {{validation: 0.2, seed: 3}}\n",
+    )
     tree = leaf_to_tree(path)
-    sides = {side: [r["id"].split("/", 1)[1] for r in query(b, f"select id from split__{side}")]
-             for side in ("train", "validation")}
+    sides = {
+        side: [r["id"].split("/", 1)[1] for r in query(b, f"select id from split__{side}")]
+        for side in ("train", "validation")
+    }
     trees = {side: {tree[leaf] for leaf in leaves} for side, leaves in sides.items()}
     assert sides["validation"] and sides["train"]
     assert trees["train"] & trees["validation"] == set()
@@ -70,8 +78,11 @@ def test_split_never_puts_one_tree_on_both_sides(tmp_path: Path, name: str, extr
     assert metrics["leaked_rows"] == 0
     assert metrics["train_groups"] == len(trees["train"]) and metrics["validation_groups"] == len(trees["validation"])
     # the old per-row split, still available, leaks: the manifest says by how much
-    b2, m2 = apply(tmp_path / "rows", f"data:\n  sources: [{{name: o, format: oasst, path: {path}{extra}}}]\n"
-                                      "  split: {validation: 0.2, seed: 3, group_by: row}\n")
+    b2, m2 = apply(
+        tmp_path / "rows",
+        f"data:\n  sources: [{{name: o, format: oasst, path: {path}{extra}}}]\n"
+        "  split: {validation: 0.2, seed: 3, group_by: row}\n",
+    )
     val = {tree[r["id"].split("/", 1)[1]] for r in query(b2, "select id from split__validation")}
     train_rows = [tree[r["id"].split("/", 1)[1]] for r in query(b2, "select id from split__train")]
     val_rows = [tree[r["id"].split("/", 1)[1]] for r in query(b2, "select id from split__validation")]
@@ -102,16 +113,22 @@ def test_split_by_a_table_column(tmp_path: Path) -> None:
         for i in range(1, len(turns), 2):
             rows.append({"conv": rec["id"], "q": turns[i - 1]["value"], "a": turns[i]["value"]})
     write_jsonl(tmp_path / "pairs.jsonl", rows)
-    b, manifests = apply(tmp_path, "data:\n  sources: [{name: p, format: jsonl, path: pairs.jsonl, "
-                                   "columns: {prompt: q, response: a}}]\n  split: {validation: 0.3, group_by: conv}\n")
+    b, manifests = apply(
+        tmp_path,
+        "data:\n  sources: [{name: p, format: jsonl, path: pairs.jsonl, "
+        "columns: {prompt: q, response: a}}]\n  split: {validation: 0.3, group_by: conv}\n",
+    )
     conv = {f"p/{n}": r["conv"] for n, r in enumerate(rows, start=1)}
     train = {conv[r["id"]] for r in query(b, "select id from split__train")}
     val = {conv[r["id"]] for r in query(b, "select id from split__validation")}
     assert train and val and not train & val
     assert manifests["split"]["metrics"]["validation_groups"] == len(val)
     with pytest.raises(RecipeError, match="no table source"):
-        apply(tmp_path / "o", f"data:\n  sources: [{{name: o, format: oasst, path: {OASST / 'oasst_en_100.trees.jsonl'}}}]\n"
-                              "  split: {group_by: conv}\n")
+        apply(
+            tmp_path / "o",
+            f"data:\n  sources: [{{name: o, format: oasst, path: {OASST / 'oasst_en_100.trees.jsonl'}}}]\n"
+            "  split: {group_by: conv}\n",
+        )
 
 
 # -- 2. near_dedup rejects only true near-duplicates ---------------------------------------------
@@ -119,7 +136,7 @@ def test_split_by_a_table_column(tmp_path: Path) -> None:
 
 def shingles(text: str, n: int = 3) -> set[str]:
     words = text.lower().split()
-    return {" ".join(words[j:j + n]) for j in range(max(1, len(words) - n + 1))}
+    return {" ".join(words[j : j + n]) for j in range(max(1, len(words) - n + 1))}
 
 
 def jaccard(a: set[str], b: set[str]) -> float:
@@ -130,20 +147,24 @@ def lsh_candidate_probability(s: float, threshold: float, num_perm: int) -> floa
     from datasketch.lsh import _optimal_param
 
     bands, rows = _optimal_param(threshold, num_perm, 0.5, 0.5)
-    return 1 - (1 - s ** rows) ** bands
+    return 1 - (1 - s**rows) ** bands
 
 
 def test_near_dedup_on_real_dialogues_matches_brute_force(tmp_path: Path) -> None:
     files = {"f": "fastchat_dummy_conversation.sharegpt.json", "g": "glaive_toolcall_en_demo.sharegpt.json"}
     sources = ", ".join(f"{{name: {n}, format: sharegpt, path: {INSTRUCT / f}}}" for n, f in files.items())
-    b, manifests = apply(tmp_path, f"data:\n  sources: [{sources}, {{name: i, format: alpaca, path: "
-                                   f"{INSTRUCT / 'llamafactory_identity.json'}}}]\n"
-                                   "  filters: [{kind: near_dedup, threshold: 0.8}]\n")
+    b, manifests = apply(
+        tmp_path,
+        f"data:\n  sources: [{sources}, {{name: i, format: alpaca, path: "
+        f"{INSTRUCT / 'llamafactory_identity.json'}}}]\n"
+        "  filters: [{kind: near_dedup, threshold: 0.8}]\n",
+    )
     texts = [(r["id"], r["t"]) for r in query(b, "select id, text_of(turns) t from mix")]  # in the filter's order
     order = {row_id: n for n, (row_id, _) in enumerate(texts)}
     dropped = {r["id"]: r["detail"] for r in query(b, "select id, detail from filter_near_dedup__rejects")}
     assert dropped and set(r["reason"] for r in query(b, "select reason from filter_near_dedup__rejects")) == {
-        "near_duplicate"}
+        "near_duplicate"
+    }
     sets = {i: shingles(t) for i, t in texts}
     # no reject below the threshold, and each names an earlier kept row with the similarity it states
     for row_id, detail in dropped.items():
@@ -173,8 +194,11 @@ def test_near_dedup_keeps_the_pair_the_issue_found(tmp_path: Path) -> None:
     records = {r["id"]: r for r in json.loads(path.read_text())}
     text = lambda r: "\n".join(t["value"] for t in r["conversations"])  # noqa: E731
     assert jaccard(shingles(text(records["identity_334"])), shingles(text(records["identity_316"]))) < 0.5
-    b, _ = apply(tmp_path, f"data:\n  sources: [{{name: f, format: sharegpt, path: {path}}}]\n"
-                           "  filters: [{kind: near_dedup, threshold: 0.8}]\n")
+    b, _ = apply(
+        tmp_path,
+        f"data:\n  sources: [{{name: f, format: sharegpt, path: {path}}}]\n"
+        "  filters: [{kind: near_dedup, threshold: 0.8}]\n",
+    )
     dropped = {r["id"]: r["detail"] for r in query(b, "select id, detail from filter_near_dedup__rejects")}
     assert not dropped.get("f/identity_334", "").startswith("of f/identity_316 ")
 
@@ -212,15 +236,18 @@ def test_tools_go_to_chat_templates(tmp_path: Path) -> None:
     for name, template in (("with", "{% if tools %}<|tools|>{{ tools | tojson }}</s>{% endif %}"), ("without", "")):
         tok = make_tokenizer(tmp_path / name, texts)
         cfg = json.loads((tok / "tokenizer_config.json").read_text())
-        chat = (tok / "chat_template.jinja")
+        chat = tok / "chat_template.jinja"
         base = chat.read_text() if chat.exists() else cfg["chat_template"]
         if chat.exists():
             chat.write_text(template + base)
         else:
             cfg["chat_template"] = template + base
             (tok / "tokenizer_config.json").write_text(json.dumps(cfg))
-        b, _ = apply(tmp_path / f"r-{name}", f"data:\n  sources: [{{name: g, format: sharegpt, path: {tmp_path / 'g.json'}}}]\n"
-                                             f"  prompt: {{template: chat, tokenizer: {tok}}}\n")
+        b, _ = apply(
+            tmp_path / f"r-{name}",
+            f"data:\n  sources: [{{name: g, format: sharegpt, path: {tmp_path / 'g.json'}}}]\n"
+            f"  prompt: {{template: chat, tokenizer: {tok}}}\n",
+        )
         prompts = {r["id"]: r["prompt"] for r in query(b, "select id, prompt from format")}
         for n, rec in enumerate(records, start=1):
             tools = json.loads(rec["tools"])
@@ -245,8 +272,11 @@ def test_empty_replies_are_rejected_in_every_format(tmp_path: Path) -> None:
     trees = [t for t in trees if not t["prompt"].get("synthetic")][:5]
     trees[0]["prompt"]["text"] = " "
     write_jsonl(tmp_path / "o.jsonl", trees)
-    b, m = apply(tmp_path, "data:\n  sources: [{name: a, format: alpaca, path: a.json}, {name: t, format: csv, path: t.csv},"
-                           " {name: o, format: oasst, path: o.jsonl}]\n")
+    b, m = apply(
+        tmp_path,
+        "data:\n  sources: [{name: a, format: alpaca, path: a.json}, {name: t, format: csv, path: t.csv},"
+        " {name: o, format: oasst, path: o.jsonl}]\n",
+    )
     a = query(b, "select id, reason from source_a__rejects")
     assert {(r["id"], r["reason"]) for r in a} == {("a/4", "empty_text"), ("a/8", "empty_text"), ("a/12", "empty_text")}
     assert m["source.a"]["rows"] == {"in": 40, "rows": 37, "rejects": 3}
@@ -257,8 +287,11 @@ def test_empty_replies_are_rejected_in_every_format(tmp_path: Path) -> None:
     assert o[f"o/{root}"] == "empty_text"
     assert not query(b, f"select id from source_o where group_id = 'o/{root}'")
     for table in ("source_a", "source_t", "source_o"):
-        assert not query(b, f"select id from {table} where list_bool_or(list_transform(turns, "
-                            "lambda t: t.role in ('user', 'assistant') and trim(t.text) = ''))")
+        assert not query(
+            b,
+            f"select id from {table} where list_bool_or(list_transform(turns, "
+            "lambda t: t.role in ('user', 'assistant') and trim(t.text) = ''))",
+        )
 
 
 def test_rejects_keep_their_record_id_and_repeated_ids_are_rejects(tmp_path: Path) -> None:
@@ -275,17 +308,23 @@ def test_rejects_keep_their_record_id_and_repeated_ids_are_rejects(tmp_path: Pat
     assert dup["reason"] == "duplicate_id" and dup["detail"] == "record 31 repeats the id of record 3, which is kept"
     assert m["source.f"]["rows"] == {"in": 31, "rows": 29, "rejects": 2}
     trail = api.explain(b, f"f/{records[4]['id']}")
-    assert trail == [{"step": "source.f", "table": "rejects", "reason": "no_reply", "detail": "record 5: no assistant reply"}]
+    assert trail == [
+        {"step": "source.f", "table": "rejects", "reason": "no_reply", "detail": "record 5: no assistant reply"}
+    ]
 
 
 def test_repeated_ids_in_parquet_are_rejects(tmp_path: Path) -> None:
     import duckdb
 
     con = duckdb.connect()
-    con.execute(f"copy (select * from (values ('u1', 'q1', 'a1'), ('u2', 'q2', 'a2'), ('u1', 'q3', 'a3'), ('u3', 'q4', ''))"
-                f" t(uid, q, a)) to '{tmp_path / 'd.parquet'}' (format parquet)")
-    b, m = apply(tmp_path, "data:\n  sources: [{name: p, format: parquet, path: d.parquet, "
-                           "columns: {prompt: q, response: a, id: uid}}]\n")
+    con.execute(
+        f"copy (select * from (values ('u1', 'q1', 'a1'), ('u2', 'q2', 'a2'), ('u1', 'q3', 'a3'), ('u3', 'q4', ''))"
+        f" t(uid, q, a)) to '{tmp_path / 'd.parquet'}' (format parquet)"
+    )
+    b, m = apply(
+        tmp_path,
+        "data:\n  sources: [{name: p, format: parquet, path: d.parquet, columns: {prompt: q, response: a, id: uid}}]\n",
+    )
     assert m["source.p"]["rows"] == {"in": 4, "rows": 2, "rejects": 2}
     got = [(r["id"], r["reason"]) for r in query(b, "select id, reason from source_p__rejects order by detail")]
     assert got == [("p/u1", "duplicate_id"), ("p/u3", "empty_text")]
@@ -295,17 +334,23 @@ def test_repeated_ids_in_parquet_are_rejects(tmp_path: Path) -> None:
 
 
 def test_reasons_are_stable_categories_with_details(tmp_path: Path) -> None:
-    sources = (f"[{{name: o, format: oasst, path: {OASST / 'oasst2_openpaws_filtered.trees.jsonl'}}}, "
-               f"{{name: a, format: alpaca, path: {INSTRUCT / 'alpaca_en_demo.json'}}}, "
-               f"{{name: s, format: sharegpt, path: {INSTRUCT / 'sharegpt_v3_filtered_500_first_turn.json'}}}]")
-    filters = ("[{kind: clean}, {kind: profanity}, {kind: unhelpful}, {kind: length, min_chars: 20, max_chars: 3000},"
-               " {kind: dedup}, {kind: near_dedup}, {kind: quality, min_score: 0.2}, {kind: compression},"
-               " {kind: sql, where: \"lang is null or lang in ('en', 'es')\"}]")
+    sources = (
+        f"[{{name: o, format: oasst, path: {OASST / 'oasst2_openpaws_filtered.trees.jsonl'}}}, "
+        f"{{name: a, format: alpaca, path: {INSTRUCT / 'alpaca_en_demo.json'}}}, "
+        f"{{name: s, format: sharegpt, path: {INSTRUCT / 'sharegpt_v3_filtered_500_first_turn.json'}}}]"
+    )
+    filters = (
+        "[{kind: clean}, {kind: profanity}, {kind: unhelpful}, {kind: length, min_chars: 20, max_chars: 3000},"
+        " {kind: dedup}, {kind: near_dedup}, {kind: quality, min_score: 0.2}, {kind: compression},"
+        " {kind: sql, where: \"lang is null or lang in ('en', 'es')\"}]"
+    )
     b, manifests = apply(tmp_path, f"data:\n  sources: {sources}\n  filters: {filters}\n")
     total_rejects = 0
     reasons: dict[str, int] = {}
-    tables = [r["name"] for r in query(b, "select table_name name from information_schema.tables "
-                                          "where table_name like '%__rejects'")]
+    tables = [
+        r["name"]
+        for r in query(b, "select table_name name from information_schema.tables where table_name like '%__rejects'")
+    ]
     for t in tables:
         for r in query(b, f"select reason, detail from {t}"):
             reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
@@ -365,9 +410,10 @@ def test_human_bot_prompt_ends_where_h2ogpt_ends_it(tmp_path: Path) -> None:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([r["prompt"] + r["completion"] for r in rows],
-                            trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                show_progress=False))
+    tok.train_from_iterator(
+        [r["prompt"] + r["completion"] for r in rows],
+        trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+    )
     for r in rows:
         apart = tok.encode(r["prompt"]).ids + tok.encode(r["completion"]).ids
         assert apart == tok.encode(r["prompt"] + r["completion"]).ids
@@ -382,8 +428,11 @@ def test_packaged_chat_template_prompts_as_training_did(tmp_path: Path, template
 
     from runner.steps.prompts import CHAT_TEMPLATES
 
-    b, _ = apply(tmp_path, f"data:\n  sources: [{{name: o, format: oasst, path: {OASST / 'oasst_en_100.trees.jsonl'}}}]\n"
-                           f"  prompt: {{template: {template}}}\n")
+    b, _ = apply(
+        tmp_path,
+        f"data:\n  sources: [{{name: o, format: oasst, path: {OASST / 'oasst_en_100.trees.jsonl'}}}]\n"
+        f"  prompt: {{template: {template}}}\n",
+    )
     rows = query(b, "select f.prompt, s.turns from format f join source_o s using (id)")
     assert len(rows) > 100 and sum(len(r["turns"]) > 2 for r in rows) > 50
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()))

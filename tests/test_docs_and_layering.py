@@ -16,7 +16,9 @@ def test_generated_docs_are_current() -> None:
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = path.read_text()
         found |= docs.markers(text)
-        assert docs.update_markers(text, build_parser()) == text, f"run: runner reference --update {path.relative_to(ROOT)}"
+        assert docs.update_markers(text, build_parser()) == text, (
+            f"run: runner reference --update {path.relative_to(ROOT)}"
+        )
     assert found == set(docs.SECTIONS), f"no document holds {set(docs.SECTIONS) - found}"
 
 
@@ -83,8 +85,12 @@ def module_graph() -> dict[str, set[str]]:
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         found = set()
         tree = ast.parse(path.read_text())
-        skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-                for n in ast.walk(node)}
+        skip = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)
+        }
         for node in ast.walk(tree):
             if id(node) in skip:
                 continue
@@ -109,7 +115,7 @@ def test_no_import_cycles() -> None:
         state[module] = 1
         for dep in sorted(graph[module]):
             if state.get(dep) == 1:
-                cycle = path[path.index(dep):] + [module, dep] if dep in path else [module, dep]
+                cycle = path[path.index(dep) :] + [module, dep] if dep in path else [module, dep]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if dep not in state:
                 visit(dep, path + [module])

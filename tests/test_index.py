@@ -39,7 +39,9 @@ def tiny_pdf(text: str) -> bytes:
 
 
 def index_recipe(tmp_path: Path, extra: str = "") -> Path:
-    (tmp_path / "r.yaml").write_text(f"index:\n  documents: [{{path: docs}}]\n  chunk: {{size: 200, overlap: 30}}\n{extra}")
+    (tmp_path / "r.yaml").write_text(
+        f"index:\n  documents: [{{path: docs}}]\n  chunk: {{size: 200, overlap: 30}}\n{extra}"
+    )
     return tmp_path / "r.yaml"
 
 
@@ -48,9 +50,13 @@ def test_every_document_type_and_rejects(tmp_path: Path) -> None:
     docs.mkdir()
     (docs / "a.txt").write_text("Plain text about rivers.")
     (docs / "b.md").write_text("# Title\n\nMarkdown about mountains.")
-    (docs / "c.html").write_text("<html><head><title>Page</title><script>x()</script></head><body><p>HTML about lakes.</p></body></html>")
+    (docs / "c.html").write_text(
+        "<html><head><title>Page</title><script>x()</script></head><body><p>HTML about lakes.</p></body></html>"
+    )
     (docs / "d.pdf").write_bytes(tiny_pdf("PDF about deserts"))
-    (docs / "e.jsonl").write_text(json.dumps({"text": "Row one about forests."}) + "\n" + json.dumps({"text": "Row two about seas."}) + "\n")
+    (docs / "e.jsonl").write_text(
+        json.dumps({"text": "Row one about forests."}) + "\n" + json.dumps({"text": "Row two about seas."}) + "\n"
+    )
     (docs / "f.csv").write_text("text,other\nCSV row about islands.,x\n")
     (docs / "g.bin").write_bytes(b"\x00\x01")
     (docs / "h.txt").write_bytes(b"\xff\xfe bad")
@@ -143,15 +149,19 @@ def test_squad_retrieval_quality(tmp_path: Path, capsys: pytest.CaptureFixture[s
     r = api.retriever(b)
     qvecs = r.embed([q for q, _ in questions])
     hits = r.search_vectors(qvecs, [q for q, _ in questions], 5)
-    recall5 = np.mean([any(h.doc_id == f"docs/squad.jsonl#{gold}" for h in hs) for hs, (_, gold) in zip(hits, questions)])
+    recall5 = np.mean(
+        [any(h.doc_id == f"docs/squad.jsonl#{gold}" for h in hs) for hs, (_, gold) in zip(hits, questions)]
+    )
     # HNSW against exact search on the same embeddings
     exact = VectorIndex(info={**r.index.info, "exact": True}, vectors=_vectors(b))
     approx_labels, _ = r.index.search(qvecs, 10)
     exact_labels, _ = exact.search(qvecs, 10)
     recall10 = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx_labels, exact_labels)])
     with capsys.disabled():
-        print(f"\nSQuAD (173 paragraphs, 705 answerable questions): recall@5 = {recall5:.3f}; "
-              f"HNSW recall@10 vs exact = {recall10:.4f}")
+        print(
+            f"\nSQuAD (173 paragraphs, 705 answerable questions): recall@5 = {recall5:.3f}; "
+            f"HNSW recall@10 vs exact = {recall10:.4f}"
+        )
     assert recall5 >= 0.8
     assert recall10 >= 0.98
 
@@ -160,7 +170,9 @@ def _vectors(b: api.Build) -> np.ndarray:
     import pyarrow.parquet as pq
 
     t = pq.read_table(api.artifact(b, "embed").file("vectors.parquet"))
-    return np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(), dtype=np.float32).reshape(t.num_rows, -1)
+    return np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(), dtype=np.float32).reshape(
+        t.num_rows, -1
+    )
 
 
 def test_index_without_a_built_recipe_is_a_clear_error(tmp_path: Path) -> None:
@@ -176,10 +188,12 @@ def test_retrieval_eval_records_recall_and_mrr(tmp_path: Path, cli) -> None:
     (docs / "cats.md").write_text("Cats are small domestic felines that purr and chase mice.")
     (docs / "rockets.md").write_text("Rockets burn fuel to produce thrust and reach orbit around the Earth.")
     (docs / "bread.md").write_text("Bread is baked from flour, water, yeast and salt in an oven.")
-    questions = [{"question": "what do felines chase?", "document": "docs/cats.md"},
-                 {"question": "how is bread made?", "document": "docs/bread.md"},
-                 {"question": "what produces thrust?", "document": "docs/rockets.md"},
-                 {"question": "who wrote Hamlet?", "document": "docs/missing.md"}]
+    questions = [
+        {"question": "what do felines chase?", "document": "docs/cats.md"},
+        {"question": "how is bread made?", "document": "docs/bread.md"},
+        {"question": "what produces thrust?", "document": "docs/rockets.md"},
+        {"question": "who wrote Hamlet?", "document": "docs/missing.md"},
+    ]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     path = index_recipe(tmp_path, "  eval: {questions: q.jsonl, k: [1, 2]}\n")
     result = api.apply(api.load(path))

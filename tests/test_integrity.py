@@ -38,9 +38,14 @@ def test_gc_while_an_apply_runs_deletes_nothing_it_uses(cli, tmp_path: Path) -> 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE.replace("max_steps: 3", "max_steps: 40"))
     cache = tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, "-m", "runner", "apply", str(recipe), "--json"], cwd=ROOT,
-                            env={**os.environ, "RUNNER_CACHE": str(cache)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "apply", str(recipe), "--json"],
+        cwd=ROOT,
+        env={**os.environ, "RUNNER_CACHE": str(cache)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list((cache / "scratch").glob("*")):  # training has started
         time.sleep(0.05)
@@ -87,13 +92,16 @@ def test_gc_dry_run_is_exactly_what_gc_does(cli, small_recipe: Path, tmp_path: P
 # -- 2. catalogs -----------------------------------------------------------------------------------
 
 
-def test_a_moved_cache_still_answers_sql_and_a_damaged_catalog_is_rebuilt(cli, small_recipe: Path,
-                                                                        tmp_path: Path) -> None:
+def test_a_moved_cache_still_answers_sql_and_a_damaged_catalog_is_rebuilt(
+    cli, small_recipe: Path, tmp_path: Path
+) -> None:
     a, b = tmp_path / "A", tmp_path / "B"
     apply_json(cli, str(small_recipe), "--cache-dir", str(a))
     shutil.move(a, b)
     assert {s["state"] for s in apply_json(cli, str(small_recipe), "--cache-dir", str(b))["steps"]} == {"cached"}
-    code, out, err = cli("sql", str(small_recipe), "--cache-dir", str(b), "select count(*) n from split__train", "--json")
+    code, out, err = cli(
+        "sql", str(small_recipe), "--cache-dir", str(b), "select count(*) n from split__train", "--json"
+    )
     assert code == 0, err
     assert json.loads(out)[0]["n"] > 0
     catalog = next((b / "catalogs").glob("*.duckdb"))
@@ -101,7 +109,9 @@ def test_a_moved_cache_still_answers_sql_and_a_damaged_catalog_is_rebuilt(cli, s
     code, _, _ = cli("sql", str(small_recipe), "--cache-dir", str(b), "select 1")
     assert code != 0
     apply_json(cli, str(small_recipe), "--cache-dir", str(b))  # the ref is unchanged; the catalog is rewritten
-    code, out, err = cli("sql", str(small_recipe), "--cache-dir", str(b), "select count(*) n from split__train", "--json")
+    code, out, err = cli(
+        "sql", str(small_recipe), "--cache-dir", str(b), "select count(*) n from split__train", "--json"
+    )
     assert code == 0 and json.loads(out)[0]["n"] > 0, err
 
 
@@ -151,8 +161,10 @@ def test_apply_verify_rereads_what_the_stat_cache_vouches_for(cli, small_recipe:
     good = json.loads((f.parent.parent / "manifest.json").read_text())["files"]["rows.parquet"]["hash"]
     st = f.stat()
     db = sqlite3.connect(cache / "stat-cache.sqlite")
-    db.execute("insert or replace into hashes2 values (?, ?, ?, ?, ?, ?)",
-               (str(f), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, good))
+    db.execute(
+        "insert or replace into hashes2 values (?, ?, ?, ?, ?, ?)",
+        (str(f), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, good),
+    )
     db.commit()
     db.close()
     assert {s["step"]: s["state"] for s in apply_json(cli, str(small_recipe))["steps"]}["format"] == "cached"

@@ -58,6 +58,7 @@ def test_diff_lists_exactly_the_rows_one_filter_changed(cli, tmp_path: Path) -> 
     assert code == 0, err
     d = json.loads(out)
     assert d["params"] == [{"path": "data.filters[0].min_chars", "a": 3, "b": 9}]
+
     # independent: rows kept by A (length >= 3, first of each text) minus rows kept by B
     def kept(minimum: int) -> set[str]:
         seen, out = set(), set()
@@ -67,6 +68,7 @@ def test_diff_lists_exactly_the_rows_one_filter_changed(cli, tmp_path: Path) -> 
                 seen.add(text)
                 out.add(f"s/{i}")
         return out
+
     removed = kept(3) - kept(9)
     assert removed and {r["id"] for r in d["row_changes"]["removed"]} == removed
     assert {r["step"] for r in d["row_changes"]["removed"]} == {"filter.length"}

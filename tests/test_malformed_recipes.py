@@ -45,7 +45,12 @@ CASES: list[tuple[str, str | bytes, list[str], str]] = [
     ("source-limit-text", OK_SOURCES + "      limit: ten\n", [], "expected an integer"),
     ("columns-unknown", OK_SOURCES + "      columns: {question: q}\n", [], "unknown key 'question'"),
     ("columns-not-text", OK_SOURCES + "      columns: {prompt: 5}\n", [], "expected text"),
-    ("duplicate-source-names", OK_SOURCES + "    - name: s\n      format: jsonl\n      path: rows.jsonl\n", [], "unique"),
+    (
+        "duplicate-source-names",
+        OK_SOURCES + "    - name: s\n      format: jsonl\n      path: rows.jsonl\n",
+        [],
+        "unique",
+    ),
     # filters
     ("filter-unknown-kind", with_filter("    - kind: magic\n"), [], "'magic'"),
     ("filter-missing-kind", with_filter("    - min_chars: 3\n"), [], "kind"),
@@ -60,7 +65,12 @@ CASES: list[tuple[str, str | bytes, list[str], str]] = [
     ("sample-zero", with_filter("    - kind: sample\n      n: 0\n"), [], "greater than or equal to 1"),
     ("filters-mapping", OK_SOURCES + "  filters:\n    kind: dedup\n", [], "expected a list"),
     ("filter-bad-name", with_filter("    - kind: dedup\n      name: a b\n"), [], "pattern"),
-    ("filter-names-clash", with_filter("    - kind: dedup\n      name: x\n    - kind: dedup\n      name: x\n"), [], "two steps are named"),
+    (
+        "filter-names-clash",
+        with_filter("    - kind: dedup\n      name: x\n    - kind: dedup\n      name: x\n"),
+        [],
+        "two steps are named",
+    ),
     # prompt, split, top-level values
     ("prompt-bad-template", OK_SOURCES + "  prompt:\n    template: chatml2\n", [], "'chatml2'"),
     ("split-too-big", OK_SOURCES + "  split:\n    validation: 1.5\n", [], "less than 1"),
@@ -92,17 +102,32 @@ CASES: list[tuple[str, str | bytes, list[str], str]] = [
     ("extends-list-missing", "extends: [gone.yaml]\n" + OK_SOURCES, [], "base recipe 'gone.yaml' not found"),
     ("extends-list-of-numbers", "extends: [1, 2]\n" + OK_SOURCES, [], "expected a recipe path"),
     # hostile recipes: bounded in time and memory, one clear message
-    ("yaml-billion-laughs", "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else ', '.join(['x'] * 9)}]\n"
-                                    for i in range(8)) + OK_SOURCES, [], "more than 100,000 values"),
+    (
+        "yaml-billion-laughs",
+        "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else ', '.join(['x'] * 9)}]\n" for i in range(8))
+        + OK_SOURCES,
+        [],
+        "more than 100,000 values",
+    ),
     ("yaml-recursive-alias", "vars: {a: &a [*a]}\n" + OK_SOURCES, [], "refers to a value that contains it"),
     ("yaml-recursive-mapping", "vars: &v {self: *v}\n" + OK_SOURCES, [], "refers to a value that contains it"),
     ("yaml-deep-nesting", "vars: {x: " + "[" * 600 + "]" * 600 + "}\n" + OK_SOURCES, [], "nested too deeply"),
     ("yaml-huge-integer", "vars: {n: " + "9" * 5000 + "}\n" + OK_SOURCES, [], "invalid value"),
     ("set-huge-integer", OK_SOURCES, ["data.split.seed=" + "9" * 5000], "not valid YAML"),
-    ("interp-doubling", "vars:\n  v0: ab\n" + "".join(f"  v{i}: ${{vars.v{i - 1}}}${{vars.v{i - 1}}}\n" for i in range(1, 27))
-     + OK_SOURCES, [], "interpolation makes a string"),
-    ("recipe-too-big", OK_SOURCES + "vars:\n" + "".join(f"  k{i}: {'x' * 80}\n" for i in range(130_000)), [],
-     "a recipe over 1,000,000 bytes"),
+    (
+        "interp-doubling",
+        "vars:\n  v0: ab\n"
+        + "".join(f"  v{i}: ${{vars.v{i - 1}}}${{vars.v{i - 1}}}\n" for i in range(1, 27))
+        + OK_SOURCES,
+        [],
+        "interpolation makes a string",
+    ),
+    (
+        "recipe-too-big",
+        OK_SOURCES + "vars:\n" + "".join(f"  k{i}: {'x' * 80}\n" for i in range(130_000)),
+        [],
+        "a recipe over 1,000,000 bytes",
+    ),
 ]
 
 LOCATION = re.compile(r"(bad|other)\.yaml:\d+|--set ")
@@ -114,7 +139,9 @@ def test_corpus_is_large_enough() -> None:
 
 
 @pytest.mark.parametrize(("text", "overrides", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_malformed_recipe(tmp_path: Path, cli, text: str | bytes, overrides: list[str], expected: str, monkeypatch) -> None:
+def test_malformed_recipe(
+    tmp_path: Path, cli, text: str | bytes, overrides: list[str], expected: str, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rows.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
     (tmp_path / "other.yaml").write_text("extends: bad.yaml\n" + OK_SOURCES)

@@ -31,16 +31,24 @@ train: {{seq_len: {seq}, batch_size: {batch}, max_steps: 3, packing: true}}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("hidden,layers,seq,batch", [(64, 2, 64, 8), (512, 4, 256, 8)])
-def test_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path: Path, hidden: int, layers: int, seq: int,
-                                                           batch: int) -> None:
+def test_estimate_is_within_a_quarter_of_the_measured_peak(
+    tmp_path: Path, hidden: int, layers: int, seq: int, batch: int
+) -> None:
     path = tiny(tmp_path, hidden, layers, seq, batch)
     env_cache = tmp_path / "c"
     assert run_subprocess("apply", str(path), "--target", "tokenize", cache=env_cache).returncode == 0
     # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across exec on Linux)
-    code = ("import sys; from runner.cli.main import main; main(['apply', sys.argv[1], '--target', 'train']);"
-            "print('PEAK', next(x.split()[1] for x in open('/proc/self/status') if x.startswith('VmHWM')))")
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT,
-                          env={**__import__("os").environ, "RUNNER_CACHE": str(env_cache)})
+    code = (
+        "import sys; from runner.cli.main import main; main(['apply', sys.argv[1], '--target', 'train']);"
+        "print('PEAK', next(x.split()[1] for x in open('/proc/self/status') if x.startswith('VmHWM')))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**__import__("os").environ, "RUNNER_CACHE": str(env_cache)},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak = int(next(x for x in proc.stdout.splitlines() if x.startswith("PEAK")).split()[1]) * 1024  # KiB on Linux
     e = api.training_memory(api.load(path, cache_dir=env_cache))
@@ -48,8 +56,16 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path: Path, hidde
 
 
 def test_estimate_adds_up_and_scales() -> None:
-    config = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
-              "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256, "tie_word_embeddings": False}
+    config = {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 14336,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+    }
     s = shape_from_config(config, "test")
     e = estimate(s, precision="bf16", rank=16, targets="auto", seq_len=1024, batch=1, gpu=True)
     params = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336) + 2 * 128256 * 4096  # Llama-3-8B's layout
@@ -62,7 +78,7 @@ def test_estimate_adds_up_and_scales() -> None:
     assert longer.activations == pytest.approx(2 * e.activations)
     falcon = shape_from_name("tiiuae/falcon-7b")
     assert falcon is not None and "guess" in falcon.source
-    assert 6e9 < 12 * falcon.layers * falcon.hidden ** 2 < 8e9
+    assert 6e9 < 12 * falcon.layers * falcon.hidden**2 < 8e9
 
 
 def test_plan_says_falcon_7b_will_not_fit_here(tmp_path: Path) -> None:

@@ -39,14 +39,19 @@ def test_interpolation_keeps_type(tmp_path: Path) -> None:
 
 
 def test_embedded_interpolation_is_text(tmp_path: Path) -> None:
-    text = BASE.replace("      min_chars: ${vars.minimum}", "      min_chars: 1\n    - kind: sql\n      where: length(id) > ${vars.minimum}")
+    text = BASE.replace(
+        "      min_chars: ${vars.minimum}",
+        "      min_chars: 1\n    - kind: sql\n      where: length(id) > ${vars.minimum}",
+    )
     r = recipe.load(write(tmp_path, "r.yaml", text)).recipe
     assert r.data.filters[1].where == "length(id) > 7"
 
 
 def test_extends_merges_mappings_and_replaces_lists(tmp_path: Path) -> None:
     write(tmp_path, "base/base.yaml", BASE)
-    child = write(tmp_path, "child.yaml", "extends: base/base.yaml\nvars:\n  minimum: 9\ndata:\n  split:\n    seed: 5\n")
+    child = write(
+        tmp_path, "child.yaml", "extends: base/base.yaml\nvars:\n  minimum: 9\ndata:\n  split:\n    seed: 5\n"
+    )
     loaded = recipe.load(child)
     r = loaded.recipe
     assert r.data.split.seed == 5 and r.data.split.validation == 0.2  # merged, not replaced

@@ -27,12 +27,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     work = tmp_path_factory.mktemp("serve")
     (work / "docs").mkdir()
-    (work / "docs" / "rivers.md").write_text("The Nile is the longest river in Africa and flows into the Mediterranean Sea.")
+    (work / "docs" / "rivers.md").write_text(
+        "The Nile is the longest river in Africa and flows into the Mediterranean Sea."
+    )
     (work / "docs" / "bread.md").write_text("Bread is baked from flour, water, yeast and salt.")
     (work / "r.yaml").write_text(f"""
 name: tiny
 data:
-  sources: [{{name: s, format: oasst, path: {ROOT / 'recipes/data/sample.oasst.jsonl'}, lang: [en]}}]
+  sources: [{{name: s, format: oasst, path: {ROOT / "recipes/data/sample.oasst.jsonl"}, lang: [en]}}]
 model:
   base: {{from_config: {{architecture: falcon, hidden_size: 64, layers: 2, heads: 4, seed: 0}}}}
   tokenizer: {{train: {{vocab_size: 400}}}}
@@ -65,20 +67,31 @@ def auth() -> dict[str, str]:
 
 
 def chat_body(**extra: object) -> dict:
-    return {"model": "tiny-tuned", "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "max_tokens": 12, **extra}
+    return {
+        "model": "tiny-tuned",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 12,
+        **extra,
+    }
 
 
 def test_models_lists_the_tuned_model_and_document_chat(server: str) -> None:
     r = httpx.get(f"{server}/v1/models", headers=auth())
     assert r.status_code == 200
-    assert [m["id"] for m in r.json()["data"]] == ["tiny-tuned", "tiny-base", "tiny-tuned+docs", "tiny-base+docs",
-                                                   "all-MiniLM-L6-v2"]
+    assert [m["id"] for m in r.json()["data"]] == [
+        "tiny-tuned",
+        "tiny-base",
+        "tiny-tuned+docs",
+        "tiny-base+docs",
+        "all-MiniLM-L6-v2",
+    ]
 
 
 def test_two_models_side_by_side(server: str) -> None:
     tuned = httpx.post(f"{server}/v1/chat/completions", json=chat_body(), headers=auth(), timeout=60).json()
-    base = httpx.post(f"{server}/v1/chat/completions", json=chat_body(model="tiny-base"), headers=auth(), timeout=60).json()
+    base = httpx.post(
+        f"{server}/v1/chat/completions", json=chat_body(model="tiny-base"), headers=auth(), timeout=60
+    ).json()
     assert tuned["model"] == "tiny-tuned" and base["model"] == "tiny-base"
     assert all(isinstance(r["choices"][0]["message"]["content"], str) for r in (tuned, base))
 
@@ -88,8 +101,9 @@ def test_chat_streaming_matches_non_streaming(server: str) -> None:
     text = whole["choices"][0]["message"]["content"]
     assert whole["usage"]["completion_tokens"] > 0 and whole["object"] == "chat.completion"
     pieces = []
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json=chat_body(stream=True), headers=auth(),
-                      timeout=60) as r:
+    with httpx.stream(
+        "POST", f"{server}/v1/chat/completions", json=chat_body(stream=True), headers=auth(), timeout=60
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
@@ -103,11 +117,16 @@ def test_the_openai_client_works(server: str) -> None:
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{server}/v1", api_key=TOKEN)
-    reply = client.chat.completions.create(model="tiny-tuned", messages=[{"role": "user", "content": "Hi"}],
-                                           max_tokens=8)
+    reply = client.chat.completions.create(
+        model="tiny-tuned", messages=[{"role": "user", "content": "Hi"}], max_tokens=8
+    )
     assert isinstance(reply.choices[0].message.content, str)
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="tiny-tuned", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, stream=True))
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="tiny-tuned", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, stream=True
+        )
+    )
     assert streamed.strip() == reply.choices[0].message.content.strip()
     done = client.completions.create(model="tiny-tuned", prompt="<human>: Hello\n<bot>: ", max_tokens=8)
     assert isinstance(done.choices[0].text, str)
@@ -116,14 +135,19 @@ def test_the_openai_client_works(server: str) -> None:
 
 
 def test_document_chat_returns_its_sources(server: str) -> None:
-    body = {"model": "tiny-tuned+docs", "messages": [{"role": "user", "content": "Which river is longest in Africa?"}],
-            "max_tokens": 8}
+    body = {
+        "model": "tiny-tuned+docs",
+        "messages": [{"role": "user", "content": "Which river is longest in Africa?"}],
+        "max_tokens": 8,
+    }
     r = httpx.post(f"{server}/v1/chat/completions", json=body, headers=auth(), timeout=60).json()
     assert r["sources"][0]["document"] == "docs/rivers.md" and "Nile" in r["sources"][0]["text"]
 
 
 def test_bad_requests_get_json_errors(server: str) -> None:
-    r = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers={**auth(), "content-type": "application/json"})
+    r = httpx.post(
+        f"{server}/v1/chat/completions", content=b"{not json", headers={**auth(), "content-type": "application/json"}
+    )
     assert r.status_code == 400 and "error" in r.json()
     r = httpx.post(f"{server}/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
@@ -156,7 +180,7 @@ def test_serving_an_unbuilt_recipe_is_a_clear_error(tmp_path: Path) -> None:
 
     (tmp_path / "r.yaml").write_text(f"""
 data:
-  sources: [{{name: s, format: oasst, path: {ROOT / 'recipes/data/sample.oasst.jsonl'}}}]
+  sources: [{{name: s, format: oasst, path: {ROOT / "recipes/data/sample.oasst.jsonl"}}}]
 model:
   base: {{from_config: {{architecture: llama, hidden_size: 64, layers: 1, heads: 4}}}}
   tokenizer: {{train: {{vocab_size: 300}}}}
@@ -169,9 +193,14 @@ def test_terminal_chat_carries_the_conversation(server: str) -> None:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "runner", "chat", str(SERVED["recipe"]), "--docs", "--max-tokens", "6"],
-                          input="Which river is longest?\nAnd the second?\n/reset\n/quit\n", capture_output=True,
-                          text=True, timeout=300, env={**__import__("os").environ, "RUNNER_CACHE": str(SERVED["cache"])})
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner", "chat", str(SERVED["recipe"]), "--docs", "--max-tokens", "6"],
+        input="Which river is longest?\nAnd the second?\n/reset\n/quit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "RUNNER_CACHE": str(SERVED["cache"])},
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("bot>") == 2 and "docs/rivers.md" in proc.stdout
 
@@ -180,8 +209,11 @@ def test_a_conversation_becomes_one_prompt_with_its_history() -> None:
     from runner.serving import Model
 
     m = Model("m", "human_bot", None, None)
-    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-               {"role": "user", "content": "Capital of France?"}]
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Capital of France?"},
+    ]
     assert m.prompt(history) == "<human>: Hi\n<bot>: Hello!\n<human>: Capital of France?\n<bot>:"
 
 
@@ -221,8 +253,12 @@ def long_server(server: str) -> Iterator[tuple[str, dict]]:
 
 def test_a_client_that_disconnects_frees_the_model(long_server: tuple[str, dict]) -> None:
     url, models = long_server
-    body = {"model": "tiny-tuned", "messages": [{"role": "user", "content": "Tell me everything."}],
-            "max_tokens": 1500, "stream": True}
+    body = {
+        "model": "tiny-tuned",
+        "messages": [{"role": "user", "content": "Tell me everything."}],
+        "max_tokens": 1500,
+        "stream": True,
+    }
     with httpx.Client(timeout=60) as client:
         with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
             lines = r.iter_lines()
@@ -244,8 +280,16 @@ def test_prompt_length_is_checked_before_generating(long_server: tuple[str, dict
     long = "word " * 9000
     for stream in (False, True):
         started = time.perf_counter()
-        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-            "model": "tiny-tuned", "messages": [{"role": "user", "content": long}], "max_tokens": 10, "stream": stream})
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=60,
+            json={
+                "model": "tiny-tuned",
+                "messages": [{"role": "user", "content": long}],
+                "max_tokens": 10,
+                "stream": stream,
+            },
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         assert "2048" in r.json()["error"]["message"] and time.perf_counter() - started < 5
     huge = "x" * 900_000
@@ -261,30 +305,41 @@ def test_every_openai_parameter_is_implemented_or_refused(server: str, long_serv
     client = OpenAI(base_url=f"{server}/v1", api_key=TOKEN, max_retries=0)
     chatty = OpenAI(base_url=f"{long_server[0]}/v1", api_key="none", max_retries=0)  # a model that says something
     messages = [{"role": "user", "content": "Name a primary color."}]
-    r = client.chat.completions.create(model="tiny-tuned", messages=messages, max_completion_tokens=6, n=3,
-                                       temperature=1.0, top_p=0.9, seed=7)
+    r = client.chat.completions.create(
+        model="tiny-tuned", messages=messages, max_completion_tokens=6, n=3, temperature=1.0, top_p=0.9, seed=7
+    )
     assert len(r.choices) == 3 and all(c.message.content is not None for c in r.choices)
-    again = client.chat.completions.create(model="tiny-tuned", messages=messages, max_completion_tokens=6, n=3,
-                                           temperature=1.0, top_p=0.9, seed=7)
+    again = client.chat.completions.create(
+        model="tiny-tuned", messages=messages, max_completion_tokens=6, n=3, temperature=1.0, top_p=0.9, seed=7
+    )
     assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices], "same seed, same text"
     assert r.usage.completion_tokens <= 18
-    lp = chatty.chat.completions.create(model="tiny-tuned", messages=messages, max_tokens=4, logprobs=True,
-                                        top_logprobs=3)
+    lp = chatty.chat.completions.create(
+        model="tiny-tuned", messages=messages, max_tokens=4, logprobs=True, top_logprobs=3
+    )
     content = lp.choices[0].logprobs.content
     assert content and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
     assert content[0].top_logprobs[0].logprob >= content[0].logprob - 1e-6, "greedy takes the most likely token"
     whole = chatty.completions.create(model="tiny-tuned", prompt="The capital of France is", max_tokens=12)
     text = whole.choices[0].text
-    cut = text[len(text) // 2:][:3]
+    cut = text[len(text) // 2 :][:3]
     assert cut.strip()
-    stopped = chatty.completions.create(model="tiny-tuned", prompt="The capital of France is", max_tokens=12, stop=[cut])
+    stopped = chatty.completions.create(
+        model="tiny-tuned", prompt="The capital of France is", max_tokens=12, stop=[cut]
+    )
     assert stopped.choices[0].text == text[: text.index(cut)].rstrip() and stopped.choices[0].finish_reason == "stop"
-    chunks = list(client.chat.completions.create(model="tiny-tuned", messages=messages, max_tokens=5, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-tuned", messages=messages, max_tokens=5, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[-1].usage is not None and chunks[-1].choices == []
-    for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
-                         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-                         ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"logit_bias": {"1": 5}}, "logit_bias")):
+    for extra, param in (
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ):
         with pytest.raises(BadRequestError) as err:
             client.chat.completions.create(model="tiny-tuned", messages=messages, max_tokens=4, **extra)
         assert param in str(err.value)
@@ -293,17 +348,28 @@ def test_every_openai_parameter_is_implemented_or_refused(server: str, long_serv
 
 
 def test_valid_openai_requests_are_accepted(server: str) -> None:
-    messages = [{"role": "developer", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 2?"}]},
-                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
-                                                                      "function": {"name": "add", "arguments": "{}"}}]},
-                {"role": "tool", "tool_call_id": "c1", "content": "4"},
-                {"role": "user", "content": "So?"}]
-    r = httpx.post(f"{server}/v1/chat/completions", headers=auth(), json={"model": "tiny-tuned", "messages": messages,
-                                                                          "max_tokens": 4})
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 2?"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "4"},
+        {"role": "user", "content": "So?"},
+    ]
+    r = httpx.post(
+        f"{server}/v1/chat/completions",
+        headers=auth(),
+        json={"model": "tiny-tuned", "messages": messages, "max_tokens": 4},
+    )
     assert r.status_code == 200, r.text
-    r = httpx.post(f"{server}/v1/completions", headers=auth(), json={"model": "tiny-tuned", "prompt": ["Hi", "Bye"],
-                                                                     "max_tokens": 3})
+    r = httpx.post(
+        f"{server}/v1/completions",
+        headers=auth(),
+        json={"model": "tiny-tuned", "prompt": ["Hi", "Bye"], "max_tokens": 3},
+    )
     assert r.status_code == 200 and [c["index"] for c in r.json()["choices"]] == [0, 1]
 
 
@@ -329,13 +395,20 @@ def test_small_things_a_client_notices(server: str) -> None:
     assert r.status_code == 405 and "error" in r.json()
     assert httpx.get(f"{server}/openapi.json").status_code == 401, "no token, no schema"
     assert httpx.get(f"{server}/v1/models", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
-    r = httpx.post(f"{server}/v1/embeddings", headers=auth(), json={"model": "all-MiniLM-L6-v2", "input": ["a b c", "d"]})
+    r = httpx.post(
+        f"{server}/v1/embeddings", headers=auth(), json={"model": "all-MiniLM-L6-v2", "input": ["a b c", "d"]}
+    )
     assert r.json()["usage"]["prompt_tokens"] > 4
-    r = httpx.post(f"{server}/v1/completions", headers=auth(),
-                   json={"model": "tiny-tuned+docs", "prompt": "Which river is longest?", "max_tokens": 3})
+    r = httpx.post(
+        f"{server}/v1/completions",
+        headers=auth(),
+        json={"model": "tiny-tuned+docs", "prompt": "Which river is longest?", "max_tokens": 3},
+    )
     assert r.status_code == 200 and r.json()["sources"][0]["document"] == "docs/rivers.md"
-    for body in ({"model": "tiny-tuned", "prompt": "", "max_tokens": 3},
-                 {"model": "tiny-tuned", "prompt": "Hi", "max_tokens": 3, "temperature": 1e-300}):
+    for body in (
+        {"model": "tiny-tuned", "prompt": "", "max_tokens": 3},
+        {"model": "tiny-tuned", "prompt": "Hi", "max_tokens": 3, "temperature": 1e-300},
+    ):
         assert httpx.post(f"{server}/v1/completions", headers=auth(), json=body).status_code == 200
 
 
@@ -343,8 +416,16 @@ def test_a_busy_port_is_a_clear_error(cli) -> None:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen()
-    code, _, err = cli("serve", str(SERVED["recipe"]), "--cache-dir", str(SERVED["cache"]), "--port",
-                       str(sock.getsockname()[1]), "--token", TOKEN)
+    code, _, err = cli(
+        "serve",
+        str(SERVED["recipe"]),
+        "--cache-dir",
+        str(SERVED["cache"]),
+        "--port",
+        str(sock.getsockname()[1]),
+        "--token",
+        TOKEN,
+    )
     sock.close()
     assert code == 1 and "is in use" in err
 
@@ -374,22 +455,71 @@ def malformed_requests() -> list[tuple[str, str, bytes, dict[str, str]]]:
     rng = random.Random(11)
     good = chat_body(max_tokens=1)  # valid answers are not the point here: keep them short
     out: list[tuple[str, str, bytes, dict[str, str]]] = []
-    values = [None, True, -1, 0, 1e308, -1e308, 1e-300, "", "x" * 3000, [], {}, [1, "a"], {"a": {"b": []}},
-              "9" * 5000, 2**70, float("nan") if False else "NaN"]
+    values = [
+        None,
+        True,
+        -1,
+        0,
+        1e308,
+        -1e308,
+        1e-300,
+        "",
+        "x" * 3000,
+        [],
+        {},
+        [1, "a"],
+        {"a": {"b": []}},
+        "9" * 5000,
+        2**70,
+        float("nan") if False else "NaN",
+    ]
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/search"):
-        for key in ("model", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
-                    "logprobs", "top_logprobs", "prompt", "input", "query", "k", "stream_options", "response_format"):
+        for key in (
+            "model",
+            "messages",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "n",
+            "stop",
+            "seed",
+            "stream",
+            "logprobs",
+            "top_logprobs",
+            "prompt",
+            "input",
+            "query",
+            "k",
+            "stream_options",
+            "response_format",
+        ):
             for v in values:
                 body = {**good, "prompt": "Hi", "input": "x", "query": "q", key: v}
                 out.append(("POST", path, json.dumps(body).encode(), {}))
     out = rng.sample(out, 300)  # of the 1,088 field x value cases, a fixed sample keeps the test short
-    out += [("POST", "/v1/chat/completions", b, {}) for b in
-            (b"", b"{", b"[]", b"null", b"\xff\xfe", b'{"model": ' + b"[" * 10000 + b"]" * 10000 + b"}",
-             b'{"model": "tiny-tuned", "max_tokens": ' + b"9" * 5000 + b"}", b'"text"', b"{}" * 100)]
-    out += [("POST", "/v1/chat/completions", json.dumps(good).encode(), {"content-type": ct})
-            for ct in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")]
+    out += [
+        ("POST", "/v1/chat/completions", b, {})
+        for b in (
+            b"",
+            b"{",
+            b"[]",
+            b"null",
+            b"\xff\xfe",
+            b'{"model": ' + b"[" * 10000 + b"]" * 10000 + b"}",
+            b'{"model": "tiny-tuned", "max_tokens": ' + b"9" * 5000 + b"}",
+            b'"text"',
+            b"{}" * 100,
+        )
+    ]
+    out += [
+        ("POST", "/v1/chat/completions", json.dumps(good).encode(), {"content-type": ct})
+        for ct in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+    ]
     out += [(m, "/v1/chat/completions", b"", {}) for m in ("GET", "PUT", "DELETE", "PATCH")]
-    out += [("GET", p, b"", {}) for p in ("/", "/docs", "/v1", "/v1/models/../../etc/passwd", "/%00", "/v1/models?x=" + "a" * 5000)]
+    out += [
+        ("GET", p, b"", {})
+        for p in ("/", "/docs", "/v1", "/v1/models/../../etc/passwd", "/%00", "/v1/models?x=" + "a" * 5000)
+    ]
     for _ in range(60):
         junk = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
         out.append(("POST", rng.choice(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]), junk, {}))
@@ -427,8 +557,14 @@ def test_concurrent_greedy_requests_are_batched_and_answer_as_alone(server: str)
     url, srv = start(create_app(models, ServeConfig(max_tokens=32, batch_size=8, batch_wait_ms=50)))
     try:
         with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(lambda p: httpx.post(f"{url}/v1/completions", timeout=60, json={
-                "model": "tiny-tuned", "prompt": p, "max_tokens": 12}).json()["choices"][0], prompts))
+            answers = list(
+                pool.map(
+                    lambda p: httpx.post(
+                        f"{url}/v1/completions", timeout=60, json={"model": "tiny-tuned", "prompt": p, "max_tokens": 12}
+                    ).json()["choices"][0],
+                    prompts,
+                )
+            )
     finally:
         srv.should_exit = True  # type: ignore[attr-defined]
     assert model.batcher is not None and model.batcher.largest > 1, "requests that arrived together ran together"
@@ -458,8 +594,9 @@ def test_requests_joining_a_running_batch_get_what_they_would_alone(server: str)
     model = load_models(build, ["tuned"])["tiny-tuned"]
     rng = random.Random(7)
     words = [w for w in (ROOT / "recipes" / "data" / "sample.oasst.jsonl").read_text().split() if w.isalpha()]
-    jobs = [(" ".join(rng.choices(words, k=rng.randint(1, 40))), rng.randint(1, 30), rng.randint(0, 30))
-            for _ in range(24)]
+    jobs = [
+        (" ".join(rng.choices(words, k=rng.randint(1, 40))), rng.randint(1, 30), rng.randint(0, 30)) for _ in range(24)
+    ]
     samplings = [Sampling(max_tokens=n, min_tokens=min(n, m)) for _, n, m in jobs]
     alone = [model.generate(p, s) for (p, _, _), s in zip(jobs, samplings)]
     assert len({o.completion_tokens for o in alone}) > 5, "answers of many lengths"
@@ -504,8 +641,11 @@ def test_streams_and_whole_answers_share_the_batch(server: str) -> None:
             assert (g.text, g.completion_tokens) == (a.text, a.completion_tokens)
         else:
             text, done = g
-            assert (text, done["completion_tokens"], done["finish_reason"]) == \
-                (a.text, a.completion_tokens, a.finish_reason)
+            assert (text, done["completion_tokens"], done["finish_reason"]) == (
+                a.text,
+                a.completion_tokens,
+                a.finish_reason,
+            )
     stream = model.stream("The Nile", Sampling(max_tokens=200, min_tokens=200))
     next(stream)
     stream.close()  # a client gone: the request leaves the batch within a step
@@ -526,10 +666,14 @@ def test_sigterm_after_dropped_streams_shuts_down(server: str) -> None:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", str(SERVED["recipe"]), "--port", str(port),
-                             "--quiet"], cwd=ROOT, env={**os.environ, "RUNNER_CACHE": str(SERVED["cache"]),
-                                                        "RUNNER_SERVE_TOKEN": TOKEN},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "serve", str(SERVED["recipe"]), "--port", str(port), "--quiet"],
+        cwd=ROOT,
+        env={**os.environ, "RUNNER_CACHE": str(SERVED["cache"]), "RUNNER_SERVE_TOKEN": TOKEN},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -539,8 +683,9 @@ def test_sigterm_after_dropped_streams_shuts_down(server: str) -> None:
         except httpx.HTTPError:
             time.sleep(0.2)
     for _ in range(3):  # streams dropped after the first event
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat_body(stream=True, max_tokens=32),
-                          headers=auth(), timeout=30) as r:
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json=chat_body(stream=True, max_tokens=32), headers=auth(), timeout=30
+        ) as r:
             next(r.iter_lines())
     proc.send_signal(signal.SIGTERM)
     try:

@@ -73,8 +73,12 @@ def expected_conversations(path: Path, keep, top: bool = False) -> tuple[set[str
 
 
 def default_keep(m: dict[str, Any], state: str | None) -> bool:
-    return (state in (None, "ready_for_export") and not m.get("deleted") and m.get("review_result") is True
-            and not m.get("synthetic"))
+    return (
+        state in (None, "ready_for_export")
+        and not m.get("deleted")
+        and m.get("review_result") is True
+        and not m.get("synthetic")
+    )
 
 
 def test_oasst_en100_trees_all_paths(tmp_path: Path) -> None:
@@ -85,14 +89,22 @@ def test_oasst_en100_trees_all_paths(tmp_path: Path) -> None:
     assert total == 1167
     got = rows(b, "select id, turns from source_o")
     assert {r["id"] for r in got} == {f"o/{leaf}" for leaf in leaves}
-    assert counts["source.o"] == {"in": 1167, "rows": len(leaves), "messages_used": len(used),
-                                  "rejects": 1167 - len(used)}
+    assert counts["source.o"] == {
+        "in": 1167,
+        "rows": len(leaves),
+        "messages_used": len(used),
+        "rejects": 1167 - len(used),
+    }
     # synthetic trees are rejected: each root as synthetic, the messages below as its children
     trees = [r for r, _ in read_trees(path) if r.get("synthetic")]
     reasons = rows(b, "select reason, detail, count(*) n from source_o__rejects group by all")
     by_reason = {(r["reason"], r["detail"]): r["n"] for r in reasons}
     assert by_reason[("synthetic", "model_name chip20b")] == len(trees) == 5
-    assert by_reason[("parent_dropped", "synthetic: model_name chip20b")] == sum(count_messages(r) - 1 for r in trees) == 17
+    assert (
+        by_reason[("parent_dropped", "synthetic: model_name chip20b")]
+        == sum(count_messages(r) - 1 for r in trees)
+        == 17
+    )
     assert all(r["turns"][-1]["role"] == "assistant" and r["turns"][0]["role"] == "user" for r in got)
 
 
@@ -125,8 +137,9 @@ def test_oasst_top_ranked_mode(tmp_path: Path) -> None:
     leaves, used = expected_conversations(path, default_keep, top=True)
     assert {r["id"] for r in rows(b, "select id from source_o")} == {f"o/{leaf}" for leaf in leaves}
     assert counts["source.o"]["messages_used"] == len(used)
-    n_not_top = rows(b, "select count(*) n from source_o__rejects where reason = 'rank' "
-                        "and detail like 'not the top-ranked%'")[0]["n"]
+    n_not_top = rows(
+        b, "select count(*) n from source_o__rejects where reason = 'rank' and detail like 'not the top-ranked%'"
+    )[0]["n"]
     assert n_not_top > 0
 
 
@@ -141,7 +154,12 @@ def test_oasst2_deleted_languages_states_and_repeated_trees(tmp_path: Path) -> N
     trees = read_trees(path)
     total = sum(count_messages(r) for r, _ in trees)
     assert total == 1552
-    assert counts["source.o"] == {"in": 1552, "rows": len(leaves), "messages_used": len(used), "rejects": 1552 - len(used)}
+    assert counts["source.o"] == {
+        "in": 1552,
+        "rows": len(leaves),
+        "messages_used": len(used),
+        "rejects": 1552 - len(used),
+    }
     # deleted messages in first copies of trees, whose ancestors are all kept
     first: dict[str, dict[str, Any]] = {}
     for root, _ in trees:
@@ -164,7 +182,9 @@ def test_oasst2_deleted_languages_states_and_repeated_trees(tmp_path: Path) -> N
 
 def test_oasst2_language_filter(tmp_path: Path) -> None:
     path = OASST / "oasst2_openpaws_filtered.trees.jsonl"
-    b, _ = build(tmp_path, f"[{{name: o, format: oasst, path: {path}, tree_states: null, require_review: false, lang: [es]}}]")
+    b, _ = build(
+        tmp_path, f"[{{name: o, format: oasst, path: {path}, tree_states: null, require_review: false, lang: [es]}}]"
+    )
 
     def keep(m: dict[str, Any], state: str | None) -> bool:
         return not m.get("deleted") and not m.get("synthetic") and m.get("lang") == "es"
@@ -208,8 +228,10 @@ def test_sharegpt_with_tool_roles(tmp_path: Path) -> None:
 def test_sharegpt_ids_and_prompt_only_file(tmp_path: Path) -> None:
     fastchat = SHARED_DATA / "instruct" / "fastchat_dummy_conversation.sharegpt.json"
     first_turn = SHARED_DATA / "instruct" / "sharegpt_v3_filtered_500_first_turn.json"
-    b, counts = build(tmp_path, f"[{{name: f, format: sharegpt, path: {fastchat}}}, "
-                                f"{{name: s, format: sharegpt, path: {first_turn}}}]")
+    b, counts = build(
+        tmp_path,
+        f"[{{name: f, format: sharegpt, path: {fastchat}}}, {{name: s, format: sharegpt, path: {first_turn}}}]",
+    )
     ids = {f"f/{r['id']}" for r in json.loads(fastchat.read_text())}
     assert {r["id"] for r in rows(b, "select id from source_f")} == ids
     assert counts["source.s"] == {"in": 500, "rows": 0, "rejects": 500}
@@ -223,7 +245,9 @@ def test_sharegpt_ids_and_prompt_only_file(tmp_path: Path) -> None:
 def test_h2ogpt_text_and_faq(tmp_path: Path) -> None:
     personality = SHARED_DATA / "h2ogpt" / "h2ogpt-personality.json"
     faq = SHARED_DATA / "h2ogpt" / "dai_faq.json"
-    b, counts = build(tmp_path, f"[{{name: p, format: h2ogpt, path: {personality}}}, {{name: q, format: alpaca, path: {faq}}}]")
+    b, counts = build(
+        tmp_path, f"[{{name: p, format: h2ogpt, path: {personality}}}, {{name: q, format: alpaca, path: {faq}}}]"
+    )
     records = json.loads(personality.read_text())
     assert counts["source.p"]["rows"] == len(records) == 128
     got = {r["id"]: r for r in rows(b, "select id, prompt_of(turns) p, response_of(turns) r from source_p")}

@@ -20,8 +20,17 @@ from tests.conftest import ROOT, run_subprocess
 SAMPLE = ROOT / "recipes" / "data" / "sample.oasst.jsonl"
 
 
-def recipe(tmp_path: Path, *, precision: str = "fp32", arch: str = "falcon", extra: str = "", steps: int = 12,
-           checkpoint_every: int = 50, nproc: int = 1, distributed: str = "") -> Path:
+def recipe(
+    tmp_path: Path,
+    *,
+    precision: str = "fp32",
+    arch: str = "falcon",
+    extra: str = "",
+    steps: int = 12,
+    checkpoint_every: int = 50,
+    nproc: int = 1,
+    distributed: str = "",
+) -> Path:
     text = f"""
 data:
   sources: [{{name: s, format: oasst, path: {SAMPLE}, lang: [en]}}]
@@ -136,16 +145,21 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     reference = reference_art.manifest["metrics"]
     path = recipe(tmp_path, steps=60, checkpoint_every=10)
     cache = tmp_path / "c2"
-    proc = subprocess.Popen([sys.executable, "-m", "runner", "apply", str(path)], cwd=ROOT,
-                            env={**os.environ, "RUNNER_CACHE": str(cache)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "apply", str(path)],
+        cwd=ROOT,
+        env={**os.environ, "RUNNER_CACHE": str(cache)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not list((cache / "scratch").glob("*/checkpoint-20")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    points = sorted(int(p.name.split("-")[1]) for p in (cache / "scratch").glob("*/checkpoint-*")
-                    if _complete(p))  # a kill can land while a checkpoint is being written
+    points = sorted(
+        int(p.name.split("-")[1]) for p in (cache / "scratch").glob("*/checkpoint-*") if _complete(p)
+    )  # a kill can land while a checkpoint is being written
     assert points and points[-1] < 60, "killed mid-training"
     resumed_art = train_artifact(path, cache)
     resumed = resumed_art.manifest["metrics"]
@@ -176,9 +190,13 @@ def test_deepspeed_is_configured_for_gpus_and_refused_on_cpu(tmp_path: Path) -> 
 
     cfg = Distributed(nproc=8, strategy="deepspeed", zero_stage=3, offload=True).deepspeed_config()
     zero = cfg["zero_optimization"]
-    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert (
+        zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    )
     assert cfg["train_micro_batch_size_per_gpu"] == "auto" and cfg["gradient_accumulation_steps"] == "auto"
-    assert "offload_param" not in Distributed(strategy="deepspeed", offload=True).deepspeed_config()["zero_optimization"]
+    assert (
+        "offload_param" not in Distributed(strategy="deepspeed", offload=True).deepspeed_config()["zero_optimization"]
+    )
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the refusal is for CPU-only machines")
     b = api.load(recipe(tmp_path, steps=2, nproc=2), overrides=["train.distributed.strategy=deepspeed"])
@@ -230,11 +248,26 @@ def test_two_nodes_of_one_process_train_what_one_node_of_two_does(tmp_path: Path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     path = recipe(tmp_path, steps=6, distributed=f"{{nproc: 1, nnodes: 2, rdzv_endpoint: '127.0.0.1:{port}'}}")
-    nodes = [subprocess.Popen([sys.executable, "-m", "runner", "apply", str(path), "--json",
-                               "--set", f"train.distributed.node_rank={rank}"], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ, "RUNNER_CACHE": str(tmp_path / f"node{rank}")})
-             for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "runner",
+                "apply",
+                str(path),
+                "--json",
+                "--set",
+                f"train.distributed.node_rank={rank}",
+            ],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "RUNNER_CACHE": str(tmp_path / f"node{rank}")},
+        )
+        for rank in (0, 1)
+    ]
     outs = [n.communicate(timeout=300) for n in nodes]
     assert all(n.returncode == 0 for n in nodes), [err[-2000:] for _, err in outs]
     keys, hashes = set(), set()
@@ -244,8 +277,14 @@ def test_two_nodes_of_one_process_train_what_one_node_of_two_does(tmp_path: Path
         art = tmp_path / f"node{rank}" / "artifacts" / key[:2] / key
         hashes.add(json.loads((art / "manifest.json").read_text())["output_hash"])
         files = sorted(str(p.relative_to(art / "data")) for p in (art / "data").rglob("*") if p.is_file())
-        assert files == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "loss.png",
-                         "ranks/rank0.json", "ranks/rank1.json", "train_result.json"]
+        assert files == [
+            "adapter/adapter_config.json",
+            "adapter/adapter_model.safetensors",
+            "loss.png",
+            "ranks/rank0.json",
+            "ranks/rank1.json",
+            "train_result.json",
+        ]
         for f in files:  # the weights, the losses, every rank's hash; the plot's title names its own key
             if f != "loss.png":
                 assert (art / "data" / f).read_bytes() == one_node.file(f).read_bytes(), (rank, f)
@@ -268,17 +307,31 @@ def test_torchrun_commands(tmp_path: Path) -> None:
 
     one = torchrun_command(tmp_path / "job.json", Distributed(nproc=2), "k" * 64)
     assert one[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    two = torchrun_command(tmp_path / "job.json", Distributed(nproc=4, nnodes=2, node_rank=1, rdzv_endpoint="h0:29400"),
-                           "k" * 64)
-    assert two[3:10] == ["--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--rdzv_backend=c10d",
-                         "--rdzv_endpoint=h0:29400", f"--rdzv_id=runner-{'k' * 16}", "--rdzv_conf=is_host=false"]
+    two = torchrun_command(
+        tmp_path / "job.json", Distributed(nproc=4, nnodes=2, node_rank=1, rdzv_endpoint="h0:29400"), "k" * 64
+    )
+    assert two[3:10] == [
+        "--nproc_per_node=4",
+        "--nnodes=2",
+        "--node_rank=1",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=h0:29400",
+        f"--rdzv_id=runner-{'k' * 16}",
+        "--rdzv_conf=is_host=false",
+    ]
 
 
 def test_missing_hub_model_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     path = recipe(tmp_path)
-    text = path.read_text().replace("base: {from_config: {architecture: falcon, hidden_size: 64, layers: 2, heads: 4, seed: 0}}",
-                                    "base: tiiuae/falcon-7b").replace("  tokenizer: {train: {vocab_size: 400}}\n", "")
+    text = (
+        path.read_text()
+        .replace(
+            "base: {from_config: {architecture: falcon, hidden_size: 64, layers: 2, heads: 4, seed: 0}}",
+            "base: tiiuae/falcon-7b",
+        )
+        .replace("  tokenizer: {train: {vocab_size: 400}}\n", "")
+    )
     path.write_text(text)
     proc = run_subprocess("apply", str(path), "--target", "tokenizer", cache=tmp_path / "c")
     assert proc.returncode == 1
@@ -287,10 +340,16 @@ def test_missing_hub_model_is_one_clear_error(tmp_path: Path, monkeypatch: pytes
 
 
 def test_plan_of_a_training_recipe_imports_no_ml(tmp_path: Path) -> None:
-    code = ("import sys; from runner.cli.main import main; main(['plan', sys.argv[1]]);"
-            "print('IMPORTED', [m for m in ('torch', 'transformers', 'peft', 'duckdb') if m in sys.modules])")
-    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "recipes" / "quickstart.yaml")], capture_output=True,
-                          text=True, env={**os.environ, "RUNNER_CACHE": str(tmp_path / "c")})
+    code = (
+        "import sys; from runner.cli.main import main; main(['plan', sys.argv[1]]);"
+        "print('IMPORTED', [m for m in ('torch', 'transformers', 'peft', 'duckdb') if m in sys.modules])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "recipes" / "quickstart.yaml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RUNNER_CACHE": str(tmp_path / "c")},
+    )
     assert "IMPORTED []" in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -301,7 +360,9 @@ def test_package_adapter_merged_and_gguf_errors(tmp_path: Path) -> None:
 
     # a stand-in for llama.cpp's converter that refuses the architecture, as the real one does for unknown ones
     refuse = tmp_path / "refuse.py"
-    refuse.write_text("import sys\nprint('ERROR: Model FalconForCausalLM is not supported', file=sys.stderr)\nsys.exit(1)\n")
+    refuse.write_text(
+        "import sys\nprint('ERROR: Model FalconForCausalLM is not supported', file=sys.stderr)\nsys.exit(1)\n"
+    )
     path = recipe(tmp_path, steps=5, extra=f"package: {{formats: [adapter, merged, gguf], gguf_converter: {refuse}}}\n")
     b = api.load(path)
     result = api.apply(b, keep_going=True)
@@ -341,9 +402,13 @@ def test_training_is_byte_identical_across_processes(tmp_path: Path) -> None:
     path = recipe(tmp_path, steps=4)
     hashes = []
     for seed in ("1", "2"):
-        proc = subprocess.run([sys.executable, "-m", "runner", "apply", str(path), "--json"], cwd=ROOT,
-                              capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed,
-                                                                   "RUNNER_CACHE": str(tmp_path / f"c{seed}")})
+        proc = subprocess.run(
+            [sys.executable, "-m", "runner", "apply", str(path), "--json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed, "RUNNER_CACHE": str(tmp_path / f"c{seed}")},
+        )
         assert proc.returncode == 0, proc.stderr
         key = next(s["key"] for s in json.loads(proc.stdout)["steps"] if s["step"] == "train")
         manifest = json.loads((tmp_path / f"c{seed}" / "artifacts" / key[:2] / key / "manifest.json").read_text())
@@ -384,13 +449,18 @@ def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path: Path) ->
     # early stopping: the tiny model overfits the sample within 300 steps; patience 2 stops it well before
     (tmp_path / "hot").mkdir()
     hot = recipe(tmp_path / "hot", steps=300, checkpoint_every=10)
-    hot.write_text(hot.read_text().replace("  checkpoint_every: 10\n", "  checkpoint_every: 10\n  eval_every: 10\n"
-                                           "  early_stopping: 2\n").replace("lr: 5.0e-3", "lr: 3.0e-2"))
+    hot.write_text(
+        hot.read_text()
+        .replace("  checkpoint_every: 10\n", "  checkpoint_every: 10\n  eval_every: 10\n  early_stopping: 2\n")
+        .replace("lr: 5.0e-3", "lr: 3.0e-2")
+    )
     art = train_artifact(hot)
     m, val = art.manifest["metrics"], json.loads(art.file("train_result.json").read_text())["validation"]
     assert m["early_stopped"] and m["steps"] < 300 and m["steps"] == val["steps"][-1]
     best = min(range(len(val["steps"])), key=lambda i: (val["losses"][i], val["steps"][i]))
-    assert m["val_best_step"] == val["steps"][best] == m["steps"] - 20, "stopped after 2 evaluations without a better one"
+    assert m["val_best_step"] == val["steps"][best] == m["steps"] - 20, (
+        "stopped after 2 evaluations without a better one"
+    )
 
 
 def test_tensorboard_tracking_writes_readable_event_files(tmp_path: Path) -> None:
@@ -441,29 +511,59 @@ def test_packaged_adapter_loads_alone_and_answers_as_the_server_does(tmp_path: P
     tok = AutoTokenizer.from_pretrained(adapter)
     served = load_models(b, ["tuned", "merged"])
     base = AutoModelForCausalLM.from_pretrained(pkg.file("base")).eval()
-    questions = ["What is a good way to learn to cook?", "Hello", "Can you write a poem about the sea?",
-                 "Why is the sky blue?", "Tell me a joke", "What is the capital of France?"]
+    questions = [
+        "What is a good way to learn to cook?",
+        "Hello",
+        "Can you write a poem about the sea?",
+        "Why is the sky blue?",
+        "Tell me a joke",
+        "What is the capital of France?",
+    ]
     for question in questions:
         messages = [{"role": "user", "content": question}]
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert prompt == f"<human>: {question}\n<bot>:"
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        mine = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("<human>:")[0].split("<bot>:")[0]
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=24,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        mine = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("<human>:")[0].split("<bot>:")[0]
         for name, m in served.items():
             assert m.generate(m.prompt(messages), Sampling(max_tokens=24)).text == mine, (name, question)
             # past the end-of-text token too (a tiny model stops early): the same weights pick the same tokens
             with torch.no_grad():
-                theirs = m.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                                          do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
-                ours = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                                      do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+                theirs = m.model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=24,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=None,
+                )
+                ours = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=24,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=None,
+                )
             assert theirs.tolist() == ours.tolist(), (name, question)
         with torch.no_grad():
-            plain = base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                                  do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+            plain = base.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=24,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=None,
+            )
         assert plain.tolist() != ours.tolist(), "the adapter changes what the model says"
     merged_files = sorted(p.name for p in pkg.file("merged").iterdir())
     assert merged_files == sorted(p.name for p in api.artifact(b, "merge").file("model").iterdir())
@@ -486,20 +586,33 @@ def test_hub_base_adapter_names_the_hub_id_and_commit(tmp_path: Path) -> None:
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     path = recipe(tmp_path, steps=2, extra="package: {formats: [adapter]}\n")
-    path.write_text(path.read_text().replace(
-        "base: {from_config: {architecture: falcon, hidden_size: 64, layers: 2, heads: 4, seed: 0}}", "base: acme/tiny")
-        .replace("  tokenizer: {train: {vocab_size: 400}}\n", ""))
+    path.write_text(
+        path.read_text()
+        .replace(
+            "base: {from_config: {architecture: falcon, hidden_size: 64, layers: 2, heads: 4, seed: 0}}",
+            "base: acme/tiny",
+        )
+        .replace("  tokenizer: {train: {vocab_size: 400}}\n", "")
+    )
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "RUNNER_CACHE": str(tmp_path / "c")}
-    build = subprocess.run([sys.executable, "-m", "runner", "apply", str(path)], cwd=ROOT, capture_output=True,
-                           text=True, env=env)
+    build = subprocess.run(
+        [sys.executable, "-m", "runner", "apply", str(path)], cwd=ROOT, capture_output=True, text=True, env=env
+    )
     assert build.returncode == 0, build.stderr
-    proc = subprocess.run([sys.executable, "-m", "runner", "show", str(path), "package", "--path"], cwd=ROOT,
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner", "show", str(path), "package", "--path"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     adapter = Path(proc.stdout.strip()) / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert (config["base_model_name_or_path"], config["revision"]) == ("acme/tiny", commit)
-    load = ("import sys; from peft import AutoPeftModelForCausalLM; "
-            "m = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1]); print(type(m).__name__, m.peft_config['default'].revision)")
+    load = (
+        "import sys; from peft import AutoPeftModelForCausalLM; "
+        "m = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1]); print(type(m).__name__, m.peft_config['default'].revision)"
+    )
     proc = subprocess.run([sys.executable, "-c", load, str(adapter)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and proc.stdout.split()[-2:] == ["PeftModelForCausalLM", commit], proc.stderr[-2000:]
 

@@ -14,25 +14,37 @@ from runner.graph import StepNode
 
 
 def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("apply", help="build what is not cached (only what changed)",
-                       description="Build the recipe's steps in order, reusing every cached artifact. Safe to "
-                                   "interrupt (nothing half-built is ever kept) and to run twice at once. A complete "
-                                   "apply writes RECIPE.lock (step keys, input hashes, library versions): commit it.")
+    p = sub.add_parser(
+        "apply",
+        help="build what is not cached (only what changed)",
+        description="Build the recipe's steps in order, reusing every cached artifact. Safe to "
+        "interrupt (nothing half-built is ever kept) and to run twice at once. A complete "
+        "apply writes RECIPE.lock (step keys, input hashes, library versions): commit it.",
+    )
     recipe_args(p, targets=True)
     p.add_argument("--dry-run", action="store_true", help="show the plan, build nothing")
     p.add_argument("--keep-going", action="store_true", help="after a failure, still build steps that do not need it")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
-    p.add_argument("--locked", action="store_true",
-                   help="CI mode: exit 3 if the recipe, its inputs or libraries drifted from RECIPE.lock, or any step "
-                        "comes out with another key or output hash than the lock's; steps not reproducible across "
-                        "machines (train, eval, embed, ...) are taken from the local or shared cache, never rebuilt. "
-                        "Never writes the lock")
-    p.add_argument("--verify", action="store_true",
-                   help="re-read every byte of every artifact the build uses (CI); by default each use checks "
-                        "sizes, the manifest's seal and file hashes through the stat cache")
-    p.add_argument("--rebuild-nondeterministic", action="store_true",
-                   help="with --locked: build a non-reproducible step the caches lack, and report its output hash "
-                        "and every downstream key that moved (the lock is still not written)")
+    p.add_argument(
+        "--locked",
+        action="store_true",
+        help="CI mode: exit 3 if the recipe, its inputs or libraries drifted from RECIPE.lock, or any step "
+        "comes out with another key or output hash than the lock's; steps not reproducible across "
+        "machines (train, eval, embed, ...) are taken from the local or shared cache, never rebuilt. "
+        "Never writes the lock",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-read every byte of every artifact the build uses (CI); by default each use checks "
+        "sizes, the manifest's seal and file hashes through the stat cache",
+    )
+    p.add_argument(
+        "--rebuild-nondeterministic",
+        action="store_true",
+        help="with --locked: build a non-reproducible step the caches lack, and report its output hash "
+        "and every downstream key that moved (the lock is still not written)",
+    )
     p.set_defaults(run=run)
 
 
@@ -44,9 +56,16 @@ class RichReporter(Reporter):
 
         self.out = console(stderr=True)
         self.quiet = quiet
-        self.progress_bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                     TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                                     console=self.out, transient=True, disable=quiet or not self.out.is_terminal)
+        self.progress_bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=self.out,
+            transient=True,
+            disable=quiet or not self.out.is_terminal,
+        )
         self.tasks: dict[str, Any] = {}
         self.last_line: dict[str, tuple[float, int]] = {}
 
@@ -61,8 +80,12 @@ class RichReporter(Reporter):
 
     def progress(self, node: StepNode, total: int | None, done: int, note: str = "") -> None:
         if node.name in self.tasks:
-            self.progress_bar.update(self.tasks[node.name], total=total, completed=done,
-                                     description=f"{node.name} {escape(note)}" if note else node.name)
+            self.progress_bar.update(
+                self.tasks[node.name],
+                total=total,
+                completed=done,
+                description=f"{node.name} {escape(note)}" if note else node.name,
+            )
         if self.quiet or self.out.is_terminal:
             return
         # piped (CI logs): a plain line every 10% of the work, or every 30 s
@@ -120,17 +143,32 @@ def run(args: argparse.Namespace) -> int:
         from runner.errors import UsageError
 
         raise UsageError("--rebuild-nondeterministic only applies with --locked")
-    result = api.apply(build, reporter=RichReporter(quiet=args.json), keep_going=args.keep_going, locked=args.locked,
-                       rebuild_nondeterministic=args.rebuild_nondeterministic)
+    result = api.apply(
+        build,
+        reporter=RichReporter(quiet=args.json),
+        keep_going=args.keep_going,
+        locked=args.locked,
+        rebuild_nondeterministic=args.rebuild_nondeterministic,
+    )
     for line in result.moved:
         console(stderr=True).print(f"[yellow]moved from the lock[/]: {escape(line)}")
     if args.json:
-        print_json({
-            "ok": result.ok,
-            "steps": [{"step": r.name, "state": r.state, "key": r.key, "seconds": round(r.seconds, 3),
-                       "rows": r.artifact.manifest.get("rows") if r.artifact else None, "error": r.error}
-                      for r in result.steps],
-        })
+        print_json(
+            {
+                "ok": result.ok,
+                "steps": [
+                    {
+                        "step": r.name,
+                        "state": r.state,
+                        "key": r.key,
+                        "seconds": round(r.seconds, 3),
+                        "rows": r.artifact.manifest.get("rows") if r.artifact else None,
+                        "error": r.error,
+                    }
+                    for r in result.steps
+                ],
+            }
+        )
     else:
         counts = result.counts()
         summary = ", ".join(f"{n} {state}" for state, n in counts.items())

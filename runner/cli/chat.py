@@ -8,9 +8,12 @@ from runner.cli.common import console, load, recipe_args
 
 
 def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("chat", help="interactive terminal chat with the recipe's model (--docs: document chat)",
-                       description="Each turn is answered with the whole conversation so far as context. Commands: "
-                                   "/reset forgets the conversation, /quit (or Ctrl-D) leaves.")
+    p = sub.add_parser(
+        "chat",
+        help="interactive terminal chat with the recipe's model (--docs: document chat)",
+        description="Each turn is answered with the whole conversation so far as context. Commands: "
+        "/reset forgets the conversation, /quit (or Ctrl-D) leaves.",
+    )
     recipe_args(p)
     p.add_argument("--docs", action="store_true", help="answer from the recipe's index and show the sources")
     p.add_argument("--variant", default="tuned", choices=["tuned", "base", "merged"])
@@ -50,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
         if index is not None:
             hits = index.search(line, build.loaded.recipe.serve.top_k)
             turn = docs_prompt(line, hits)
-        answer = "".join(model.stream(model.prompt(history + [{"role": "user", "content": turn}]),
-                                      Sampling(max_tokens=args.max_tokens)))
+        answer = "".join(
+            model.stream(
+                model.prompt(history + [{"role": "user", "content": turn}]), Sampling(max_tokens=args.max_tokens)
+            )
+        )
         out.print(f"[bold]bot>[/] {escape(answer)}")
         if index is not None:
             for i, h in enumerate(hits, start=1):

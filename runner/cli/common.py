@@ -11,30 +11,50 @@ from typing import Any
 def recipe_args(p: argparse.ArgumentParser, *, targets: bool = False) -> None:
     p.add_argument("recipe", help="path to the recipe YAML")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
         help="override a recipe value (YAML syntax; list items by index), e.g. --set data.split.seed=1; repeatable",
     )
     cache_arg(p)
     if targets:
-        p.add_argument("--target", dest="targets", action="append", default=[], metavar="STEP",
-                       help="only the steps needed for STEP (repeatable)")
+        p.add_argument(
+            "--target",
+            dest="targets",
+            action="append",
+            default=[],
+            metavar="STEP",
+            help="only the steps needed for STEP (repeatable)",
+        )
 
 
 def cache_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="artifact cache (default: $RUNNER_CACHE or ~/.cache/runner)")
-    p.add_argument("--cache-remote", default=None, metavar="URL",
-                   help="shared cache: s3://bucket/prefix, gs://…, az://…, file://… or a directory on a shared disk "
-                        "(it must exist). Artifacts are pulled by key before building and pushed after (default: "
-                        "$RUNNER_CACHE_REMOTE); pulled ones are verified byte for byte. Credentials come from the "
-                        "store's usual environment/profiles (e.g. AWS_PROFILE, AWS_ENDPOINT_URL), never the URL")
+    p.add_argument(
+        "--cache-dir", default=None, metavar="DIR", help="artifact cache (default: $RUNNER_CACHE or ~/.cache/runner)"
+    )
+    p.add_argument(
+        "--cache-remote",
+        default=None,
+        metavar="URL",
+        help="shared cache: s3://bucket/prefix, gs://…, az://…, file://… or a directory on a shared disk "
+        "(it must exist). Artifacts are pulled by key before building and pushed after (default: "
+        "$RUNNER_CACHE_REMOTE); pulled ones are verified byte for byte. Credentials come from the "
+        "store's usual environment/profiles (e.g. AWS_PROFILE, AWS_ENDPOINT_URL), never the URL",
+    )
 
 
 def load(args: argparse.Namespace) -> Any:
     from runner import api
 
-    return api.load(args.recipe, overrides=args.overrides, cache_dir=args.cache_dir, cache_remote=args.cache_remote,
-                    targets=getattr(args, "targets", ()))
+    return api.load(
+        args.recipe,
+        overrides=args.overrides,
+        cache_dir=args.cache_dir,
+        cache_remote=args.cache_remote,
+        targets=getattr(args, "targets", ()),
+    )
 
 
 def console(stderr: bool = False) -> Any:

@@ -8,11 +8,14 @@ from runner.cli.common import cache_arg, console, print_json
 
 
 def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("diff", help="compare two recipes (or RECIPE@REV): values, step keys, rows, metrics, generations",
-                       description="A and B are recipe paths, or a path with @REV for the recipe as committed at a "
-                                   "git revision (its relative paths resolve beside the current file). Outputs are "
-                                   "compared where both sides are built (run apply on each first).",
-                       epilog="example: runner diff recipes/quickstart.yaml@HEAD~1 recipes/quickstart.yaml --markdown")
+    p = sub.add_parser(
+        "diff",
+        help="compare two recipes (or RECIPE@REV): values, step keys, rows, metrics, generations",
+        description="A and B are recipe paths, or a path with @REV for the recipe as committed at a "
+        "git revision (its relative paths resolve beside the current file). Outputs are "
+        "compared where both sides are built (run apply on each first).",
+        epilog="example: runner diff recipes/quickstart.yaml@HEAD~1 recipes/quickstart.yaml --markdown",
+    )
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--set-a", action="append", default=[], metavar="KEY.PATH=VALUE", help="override on A")

@@ -8,9 +8,12 @@ from runner.cli.common import console, load, print_json, recipe_args
 
 
 def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("explain", help="follow a row id through the steps: kept where, dropped by which filter, why",
-                       description="Trace ROW_ID through the recipe's last apply. Row ids are SOURCE/N (record "
-                                   "number), SOURCE/ID for sources with an id field, SOURCE/MESSAGE_ID for oasst.")
+    p = sub.add_parser(
+        "explain",
+        help="follow a row id through the steps: kept where, dropped by which filter, why",
+        description="Trace ROW_ID through the recipe's last apply. Row ids are SOURCE/N (record "
+        "number), SOURCE/ID for sources with an id field, SOURCE/MESSAGE_ID for oasst.",
+    )
     recipe_args(p)
     p.add_argument("row_id", help="e.g. sample/12")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -8,13 +8,16 @@ from runner.cli.common import cache_arg, console, print_json
 
 
 def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("gc", help="delete artifacts that no recipe's last apply, lock file or running apply uses",
-                       description="Keep every artifact named by a recipe's last apply (its ref), by a lock file "
-                                   "(*.lock) under the given roots (default: the directories of the recipes the "
-                                   "refs name), or by an apply that is running now, and everything those build on; "
-                                   "delete the rest and any build left by a killed process. Refs of recipe files "
-                                   "that no longer exist are dropped. Safe while applies run. --dry-run lists "
-                                   "exactly what gc would delete.")
+    p = sub.add_parser(
+        "gc",
+        help="delete artifacts that no recipe's last apply, lock file or running apply uses",
+        description="Keep every artifact named by a recipe's last apply (its ref), by a lock file "
+        "(*.lock) under the given roots (default: the directories of the recipes the "
+        "refs name), or by an apply that is running now, and everything those build on; "
+        "delete the rest and any build left by a killed process. Refs of recipe files "
+        "that no longer exist are dropped. Safe while applies run. --dry-run lists "
+        "exactly what gc would delete.",
+    )
     p.add_argument("roots", nargs="*", metavar="ROOT", help="where to look for lock files to honour")
     cache_arg(p)
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")

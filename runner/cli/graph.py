@@ -8,8 +8,11 @@ from runner.cli.common import load, recipe_args
 
 
 def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("graph", help="print the step graph (text, or --mermaid for docs and PRs)",
-                       description="Print the recipe's steps in build order with their inputs.")
+    p = sub.add_parser(
+        "graph",
+        help="print the step graph (text, or --mermaid for docs and PRs)",
+        description="Print the recipe's steps in build order with their inputs.",
+    )
     recipe_args(p)
     p.add_argument("--mermaid", action="store_true", help="a mermaid flowchart instead of text")
     p.set_defaults(run=run)

@@ -8,11 +8,14 @@ from runner.cli.common import console, load, recipe_args
 
 
 def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("lock", help="check RECIPE.lock against the recipe and inputs (--check), or write it",
-                       description="--check recomputes every step key (upstream outputs taken from the lock, so "
-                                   "nothing is built) and fails, with what moved, on any drift: an edited recipe, a "
-                                   "changed input file, another library version. Without --check, writes the lock "
-                                   "from the cache (every step must be built: run apply first).")
+    p = sub.add_parser(
+        "lock",
+        help="check RECIPE.lock against the recipe and inputs (--check), or write it",
+        description="--check recomputes every step key (upstream outputs taken from the lock, so "
+        "nothing is built) and fails, with what moved, on any drift: an edited recipe, a "
+        "changed input file, another library version. Without --check, writes the lock "
+        "from the cache (every step must be built: run apply first).",
+    )
     recipe_args(p)
     p.add_argument("--check", action="store_true", help="only check; exit 3 on drift")
     p.set_defaults(run=run)

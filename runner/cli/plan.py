@@ -9,10 +9,13 @@ from runner.cli.common import console, load, print_json, recipe_args, short
 
 
 def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("plan", help="show which steps apply would run, and why",
-                       description="Compute every step's key and compare with the cache and with the recipe's "
-                                   "last apply. 'pending' steps wait on an upstream step that will run; they stay "
-                                   "cached if its output does not change (early cut-off).")
+    p = sub.add_parser(
+        "plan",
+        help="show which steps apply would run, and why",
+        description="Compute every step's key and compare with the cache and with the recipe's "
+        "last apply. 'pending' steps wait on an upstream step that will run; they stay "
+        "cached if its output does not change (early cut-off).",
+    )
     recipe_args(p, targets=True)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
@@ -50,4 +53,3 @@ def run(args: argparse.Namespace) -> int:
         line, fits = verdict(memory, machine_memory())
         console().print(line if fits else f"[bold red]{line}[/]")
     return 0
-

@@ -6,13 +6,20 @@ import argparse
 
 
 def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("reference", help="print the recipe reference (markdown) or the CLI reference",
-                       description="Print the recipe reference generated from the recipe's typed models, or "
-                                   "with --cli the help of every command. docs/reference.md embeds both.")
+    p = sub.add_parser(
+        "reference",
+        help="print the recipe reference (markdown) or the CLI reference",
+        description="Print the recipe reference generated from the recipe's typed models, or "
+        "with --cli the help of every command. docs/reference.md embeds both.",
+    )
     p.add_argument("--cli", action="store_true", help="the CLI reference instead")
-    p.add_argument("--update", metavar="FILE", nargs="+",
-                   help="rewrite the generated sections (recipe and CLI references, reject reasons) inside these "
-                        "Markdown files' <!-- NAME:start/end --> markers")
+    p.add_argument(
+        "--update",
+        metavar="FILE",
+        nargs="+",
+        help="rewrite the generated sections (recipe and CLI references, reject reasons) inside these "
+        "Markdown files' <!-- NAME:start/end --> markers",
+    )
     p.set_defaults(run=run)
 
 

@@ -9,23 +9,34 @@ from runner.cli.common import console, recipe_args
 
 
 def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("serve", help="serve the recipe's model over an OpenAI-compatible HTTP API",
-                       description="Endpoints: /v1/models, /v1/chat/completions and /v1/completions (stream: true for "
-                                   "SSE), /v1/embeddings, /v1/search, and document chat as model NAME-VARIANT+docs when "
-                                   "the recipe has an index (a recipe with only an index serves embeddings and search). "
-                                   "Greedy requests to one model share continuous batches (serve.batch_size); sampled, "
-                                   "seeded and logprobs requests run one at a time. The recipe's serve: section sets "
-                                   "host, port, variants, limits and the bearer token. Each request is logged to stderr "
-                                   "(method, path, status, latency, tokens; never bodies).",
-                       epilog="example: RUNNER_SERVE_TOKEN=secret runner serve recipes/quickstart.yaml --port 8000  "
-                              "then  OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='secret')")
+    p = sub.add_parser(
+        "serve",
+        help="serve the recipe's model over an OpenAI-compatible HTTP API",
+        description="Endpoints: /v1/models, /v1/chat/completions and /v1/completions (stream: true for "
+        "SSE), /v1/embeddings, /v1/search, and document chat as model NAME-VARIANT+docs when "
+        "the recipe has an index (a recipe with only an index serves embeddings and search). "
+        "Greedy requests to one model share continuous batches (serve.batch_size); sampled, "
+        "seeded and logprobs requests run one at a time. The recipe's serve: section sets "
+        "host, port, variants, limits and the bearer token. Each request is logged to stderr "
+        "(method, path, status, latency, tokens; never bodies).",
+        epilog="example: RUNNER_SERVE_TOKEN=secret runner serve recipes/quickstart.yaml --port 8000  "
+        "then  OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='secret')",
+    )
     recipe_args(p)
-    p.add_argument("--also", action="append", default=[], metavar="RECIPE",
-                   help="serve this recipe's models too (side by side, picked by the request's model)")
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="RECIPE",
+        help="serve this recipe's models too (side by side, picked by the request's model)",
+    )
     p.add_argument("--host", help="override serve.host")
     p.add_argument("--port", type=int, help="override serve.port")
-    p.add_argument("--token", help="require this bearer token. Prefer $RUNNER_SERVE_TOKEN (or serve.token_env): "
-                                   "a token on the command line is visible to every user in `ps`")
+    p.add_argument(
+        "--token",
+        help="require this bearer token. Prefer $RUNNER_SERVE_TOKEN (or serve.token_env): "
+        "a token on the command line is visible to every user in `ps`",
+    )
     p.add_argument("--quiet", action="store_true", help="no access log")
     p.set_defaults(run=run)
 
@@ -58,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     logging.getLogger("runner.serve").setLevel(logging.WARNING if args.quiet else logging.INFO)
     console(stderr=True).print(f"serving on http://{host}:{sock.getsockname()[1]}/v1  (models: GET /v1/models)")
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10,
-                                           timeout_keep_alive=15))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10, timeout_keep_alive=15)
+    )
     server.run(sockets=[sock])
     return 0
 
@@ -77,10 +89,14 @@ def launch_vllm(build: Any, args: argparse.Namespace) -> int:
     config = build.loaded.recipe.serve
     cmd = vllm_command(build, args.host or config.host, args.port if args.port is not None else config.port)
     if shutil.which(cmd[0]) is None:
-        raise RunnerError("serve.engine vllm needs vLLM (a GPU host with `pip install vllm`); it would run: "
-                          + shlex.join(cmd))
-    token = args.token or os.environ.get("RUNNER_SERVE_TOKEN") or (os.environ.get(config.token_env)
-                                                                   if config.token_env else None)
+        raise RunnerError(
+            "serve.engine vllm needs vLLM (a GPU host with `pip install vllm`); it would run: " + shlex.join(cmd)
+        )
+    token = (
+        args.token
+        or os.environ.get("RUNNER_SERVE_TOKEN")
+        or (os.environ.get(config.token_env) if config.token_env else None)
+    )
     env = {**os.environ, **({"VLLM_API_KEY": token} if token else {})}
     console(stderr=True).print(f"launching: {shlex.join(cmd)}")
     os.execvpe(cmd[0], cmd, env)

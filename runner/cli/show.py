@@ -9,9 +9,12 @@ from runner.errors import RunnerError
 
 
 def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("show", help="a step's manifest (files, rows, metrics, lineage) as JSON",
-                       description="Print the manifest of STEP's current artifact: its key, files with hashes, "
-                                   "row counts, metrics, timings, and lineage (params, input keys, file hashes).")
+    p = sub.add_parser(
+        "show",
+        help="a step's manifest (files, rows, metrics, lineage) as JSON",
+        description="Print the manifest of STEP's current artifact: its key, files with hashes, "
+        "row counts, metrics, timings, and lineage (params, input keys, file hashes).",
+    )
     recipe_args(p)
     p.add_argument("step", help="step name, as `runner plan` lists it (e.g. filter.length)")
     p.add_argument("--path", action="store_true", help="print only the artifact's data directory")

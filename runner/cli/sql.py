@@ -8,12 +8,14 @@ from runner.cli.common import load, print_json, recipe_args
 
 
 def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("sql", help="run DuckDB SQL over the recipe's step tables",
-                       description="Each built step's tables are views: `source_NAME`, `filter_NAME`, `format`, "
-                                   "`split__train`, `split__validation`; a step's rejects are `VIEW__rejects`. "
-                                   "Macros prompt_of(turns), response_of(turns), text_of(turns) are available.",
-                       epilog='example: runner sql recipe.yaml "select reason, count(*) from filter_length__rejects '
-                              'group by reason"')
+    p = sub.add_parser(
+        "sql",
+        help="run DuckDB SQL over the recipe's step tables",
+        description="Each built step's tables are views: `source_NAME`, `filter_NAME`, `format`, "
+        "`split__train`, `split__validation`; a step's rejects are `VIEW__rejects`. "
+        "Macros prompt_of(turns), response_of(turns), text_of(turns) are available.",
+        epilog='example: runner sql recipe.yaml "select reason, count(*) from filter_length__rejects group by reason"',
+    )
     recipe_args(p)
     p.add_argument("query", help="SQL to run")
     p.add_argument("--json", action="store_true", help="rows as JSON objects")

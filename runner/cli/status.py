@@ -9,12 +9,21 @@ from runner.cli.common import cache_arg, console, print_json, short
 
 
 def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("status", help="built steps of a recipe (rows, age), or a cache summary",
-                       description="With a recipe: each step, whether its current key is built, its rows and "
-                                   "when it was built. Without: the cache's size and the recipes it knows.")
+    p = sub.add_parser(
+        "status",
+        help="built steps of a recipe (rows, age), or a cache summary",
+        description="With a recipe: each step, whether its current key is built, its rows and "
+        "when it was built. Without: the cache's size and the recipes it knows.",
+    )
     p.add_argument("recipe", nargs="?", help="path to the recipe YAML")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a recipe value; repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe value; repeatable",
+    )
     cache_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
@@ -26,8 +35,12 @@ def run(args: argparse.Namespace) -> int:
     if args.recipe is None:
         cache = api.open_cache(args.cache_dir, args.cache_remote)
         refs = sorted(p.stem for p in cache.refs.glob("*.json"))
-        info = {"cache": str(cache.root), "artifacts": len(list(cache.keys())), "bytes": cache.size_bytes(),
-                "recipes": [(cache.read_ref(r) or {}).get("recipe") for r in refs]}
+        info = {
+            "cache": str(cache.root),
+            "artifacts": len(list(cache.keys())),
+            "bytes": cache.size_bytes(),
+            "recipes": [(cache.read_ref(r) or {}).get("recipe") for r in refs],
+        }
         if args.json:
             print_json(info)
         else:
@@ -41,8 +54,16 @@ def run(args: argparse.Namespace) -> int:
     for s in api.plan(build):
         art = build.cache.get(s.key) if s.state == "cached" and s.key else None
         m = art.manifest if art else {}
-        rows.append({"step": s.name, "built": art is not None, "key": s.key, "rows": m.get("rows"),
-                     "built_at": m.get("timings", {}).get("started"), "seconds": m.get("timings", {}).get("seconds")})
+        rows.append(
+            {
+                "step": s.name,
+                "built": art is not None,
+                "key": s.key,
+                "rows": m.get("rows"),
+                "built_at": m.get("timings", {}).get("started"),
+                "seconds": m.get("timings", {}).get("seconds"),
+            }
+        )
     if args.json:
         print_json(rows)
         return 0

@@ -8,10 +8,13 @@ from runner.cli.common import cache_arg, console, print_json
 
 
 def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("verify", help="re-hash every artifact's files against its manifest",
-                       description="Read every byte of every artifact in the cache (or of one recipe's steps) and "
-                                   "compare with the manifest. Exit 1 if anything is corrupt; --repair removes "
-                                   "corrupt artifacts so the next apply rebuilds them.")
+    p = sub.add_parser(
+        "verify",
+        help="re-hash every artifact's files against its manifest",
+        description="Read every byte of every artifact in the cache (or of one recipe's steps) and "
+        "compare with the manifest. Exit 1 if anything is corrupt; --repair removes "
+        "corrupt artifacts so the next apply rebuilds them.",
+    )
     p.add_argument("recipe", nargs="?", help="only this recipe's current artifacts")
     cache_arg(p)
     p.add_argument("--repair", action="store_true", help="delete corrupt artifacts (they are rebuilt on apply)")

@@ -20,5 +20,16 @@ from runner.steps import (
 )
 
 __all__ = [
-    "documents", "evaluation", "export", "filters", "filters_python", "indexing", "oasst", "packaging", "prompts", "sources", "split", "training",
+    "documents",
+    "evaluation",
+    "export",
+    "filters",
+    "filters_python",
+    "indexing",
+    "oasst",
+    "packaging",
+    "prompts",
+    "sources",
+    "split",
+    "training",
 ]

@@ -37,8 +37,11 @@ class DocumentSource(Params):
     path: str = Field(description="file or folder, relative to the recipe")
     glob: str = Field("**/*", description="inside a folder: which files")
     text: str = Field("text", description="for .json/.jsonl/.csv: the column holding the text")
-    id: str | None = Field(None, description="for tables: a column holding a stable document id (default: "
-                                             "FILE#ROW, which moves when rows are added or removed)")
+    id: str | None = Field(
+        None,
+        description="for tables: a column holding a stable document id (default: "
+        "FILE#ROW, which moves when rows are added or removed)",
+    )
     title: str | None = Field(None, description="for tables: a column holding a title")
     metadata: list[str] = Field(default_factory=list, description="for tables: columns kept with each document")
 
@@ -72,7 +75,11 @@ class ChunkParams(Params):
 def _files(root: Path, glob: str) -> list[Path]:
     if root.is_file():
         return [root]
-    return sorted(p for p in root.glob(glob) if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(
+        p
+        for p in root.glob(glob)
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 def read_table_rows(path: Path) -> list[Any]:
@@ -180,7 +187,9 @@ def read_docs(ctx: StepContext) -> None:
                 found = list(_read(f, src))
             except (ValueError, UnicodeDecodeError, RecursionError) as exc:
                 n_in += 1
-                reject(shown, src, Rejected("unreadable", "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)))
+                reject(
+                    shown, src, Rejected("unreadable", "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc))
+                )
                 continue
             for n, item in found:
                 n_in += 1
@@ -196,16 +205,24 @@ def read_docs(ctx: StepContext) -> None:
                     reject(doc_id, src, Rejected("duplicate_id", f"{shown} row {n} repeats the id of {first[doc_id]}"))
                 else:
                     first[doc_id] = f"{shown} row {n}"
-                    docs.append({"id": doc_id, "source": src.path, "title": title, "text": text,
-                                 "hash": hash_bytes(text.encode()),
-                                 "metadata": json.dumps(meta, sort_keys=True, default=str) if meta else None})
+                    docs.append(
+                        {
+                            "id": doc_id,
+                            "source": src.path,
+                            "title": title,
+                            "text": text,
+                            "hash": hash_bytes(text.encode()),
+                            "metadata": json.dumps(meta, sort_keys=True, default=str) if meta else None,
+                        }
+                    )
         ctx.progress(None, n_in)
     if not docs:
         ctx.metrics["warning"] = "no documents: the index will be empty"
     con = connect()
     try:
-        load_table(con, "d", "id VARCHAR, source VARCHAR, title VARCHAR, text VARCHAR, hash VARCHAR, metadata VARCHAR",
-                   docs)
+        load_table(
+            con, "d", "id VARCHAR, source VARCHAR, title VARCHAR, text VARCHAR, hash VARCHAR, metadata VARCHAR", docs
+        )
         load_table(con, "r", REJECT_COLUMNS, rejects)
         finish(ctx, con, "select * from d", "select * from r", n_in)
     finally:
@@ -302,12 +319,25 @@ def chunk_docs(ctx: StepContext) -> None:
         out: list[dict[str, Any]] = []
         for i, (doc_id, source, title, text) in enumerate(docs):
             for pos, chunk in enumerate(chunk_text(text, p.chunk.size, p.chunk.overlap, length)):
-                out.append({"id": f"{doc_id}@{pos}", "doc_id": doc_id, "source": source, "title": title,
-                            "position": pos, "text": chunk, "hash": hash_bytes(chunk.encode())})
+                out.append(
+                    {
+                        "id": f"{doc_id}@{pos}",
+                        "doc_id": doc_id,
+                        "source": source,
+                        "title": title,
+                        "position": pos,
+                        "text": chunk,
+                        "hash": hash_bytes(chunk.encode()),
+                    }
+                )
             if i % 100 == 0:
                 ctx.progress(len(docs), i)
-        load_table(con, "c", "id VARCHAR, doc_id VARCHAR, source VARCHAR, title VARCHAR, position INTEGER, "
-                             "text VARCHAR, hash VARCHAR", out)
+        load_table(
+            con,
+            "c",
+            "id VARCHAR, doc_id VARCHAR, source VARCHAR, title VARCHAR, position INTEGER, text VARCHAR, hash VARCHAR",
+            out,
+        )
         load_table(con, "none", REJECT_COLUMNS, [])
         used = len({c["doc_id"] for c in out})
         finish(ctx, con, "select * from c", "select * from none", len(docs), used=used, unit="documents")

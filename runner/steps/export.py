@@ -13,8 +13,7 @@ from runner.registry import StepContext, step
 class Export(Params):
     """Formats to write the split in (inside the step's artifact; `runner show RECIPE export --path`)."""
 
-    formats: list[Literal["jsonl", "parquet", "datasets"]] = Field(
-        default_factory=lambda: ["jsonl"], min_length=1)
+    formats: list[Literal["jsonl", "parquet", "datasets"]] = Field(default_factory=lambda: ["jsonl"], min_length=1)
 
 
 @step("export", version="1", params=Export, libs=("duckdb", "datasets"))
@@ -31,8 +30,10 @@ def export_split(ctx: StepContext) -> None:
             if "jsonl" in p.formats:
                 con.execute(f"copy (select * from {source}) to {quote_path(ctx.out / f'{split}.jsonl')} (format json)")
             if "parquet" in p.formats:
-                con.execute(f"copy (select * from {source}) to {quote_path(ctx.out / f'{split}.parquet')} "
-                            "(format parquet, compression zstd)")
+                con.execute(
+                    f"copy (select * from {source}) to {quote_path(ctx.out / f'{split}.parquet')} "
+                    "(format parquet, compression zstd)"
+                )
             ctx.rows[split] = int(scalar(con, f"select count(*) from {source}"))
             if "datasets" in p.formats:
                 parts[split] = con.sql(f"select * from {source}").to_arrow_table()

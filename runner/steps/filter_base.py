@@ -90,11 +90,14 @@ def run_filter(ctx: StepContext) -> None:
         try:
             if p.transform():  # rows change: write them (a plain scan and filter keeps their order)
                 con.execute(f"create temp table t as select *, {reason} as _reason from {source}")
-                finish(ctx, con,
-                       "select * exclude (_reason, file_row_number) from t where _reason is null order by file_row_number",
-                       f"select id, source, {sql_literal(ctx.name)} as step, _reason.reason as reason, "
-                       "_reason.detail as detail from t where _reason is not null order by file_row_number",
-                       scalar(con, "select count(*) from t"))
+                finish(
+                    ctx,
+                    con,
+                    "select * exclude (_reason, file_row_number) from t where _reason is null order by file_row_number",
+                    f"select id, source, {sql_literal(ctx.name)} as step, _reason.reason as reason, "
+                    "_reason.detail as detail from t where _reason is not null order by file_row_number",
+                    scalar(con, "select count(*) from t"),
+                )
             else:
                 # project only what the mask needs: a window (dedup) then never carries the text along
                 judged = f"select file_row_number as n, id, source, {reason} as reason from {source}"

@@ -86,7 +86,9 @@ class LengthFilter(FilterBase):
             if bound is not None:
                 word = "below min" if op == "<" else "above max"
                 detail = f"{sql_literal(self.field + ' has ')} || ({measure}) || {sql_literal(f' {unit}, {word}_{unit} {bound}')}"
-                checks.append(f"when {measure} {op} {bound} then {why('too_short' if op == '<' else 'too_long', detail)}")
+                checks.append(
+                    f"when {measure} {op} {bound} then {why('too_short' if op == '<' else 'too_long', detail)}"
+                )
         return "case " + " ".join(checks) + " else null end"
 
 
@@ -126,8 +128,10 @@ class CleanFilter(FilterBase):
 
     def reason(self) -> str:
         empty = "list_position(list_transform(turns, lambda t: t.text = ''), true)"
-        return (f"case when {empty} > 0 then {why('empty_after_clean', f'{chr(39)}turn {chr(39)} || {empty} || {chr(39)} is empty{chr(39)}')} "
-                "else null end")
+        return (
+            f"case when {empty} > 0 then {why('empty_after_clean', f'{chr(39)}turn {chr(39)} || {empty} || {chr(39)} is empty{chr(39)}')} "
+            "else null end"
+        )
 
 
 @filter_kind()
@@ -190,8 +194,10 @@ class ProfanityFilter(FilterBase):
             return "null"
         pattern = sql_literal(words_regex(words))
         value = f"coalesce({FIELD_SQL[self.field]}, '')"
-        return (f"case when regexp_matches({value}, {pattern}) then "
-                f"{why('profanity', f'lower(regexp_extract({value}, {pattern}, 1))')} else null end")
+        return (
+            f"case when regexp_matches({value}, {pattern}) then "
+            f"{why('profanity', f'lower(regexp_extract({value}, {pattern}, 1))')} else null end"
+        )
 
 
 def _better_profanity_list() -> Any:
@@ -214,11 +220,24 @@ def words_regex(words: list[str]) -> str:
 
 
 UNHELPFUL = [
-    "as an ai language model", "as a language model", "i'm just an ai", "i am just an ai",
-    "i'm sorry, but i cannot", "i am sorry, but i cannot", "i'm sorry, but i can't", "i cannot fulfill",
-    "i'm not able to provide", "i am not able to provide", "i don't have personal opinions",
-    "i do not have personal opinions", "i don't have the ability", "i do not have the ability",
-    "i'm unable to", "i am unable to", "my knowledge cutoff", "i apologize, but",
+    "as an ai language model",
+    "as a language model",
+    "i'm just an ai",
+    "i am just an ai",
+    "i'm sorry, but i cannot",
+    "i am sorry, but i cannot",
+    "i'm sorry, but i can't",
+    "i cannot fulfill",
+    "i'm not able to provide",
+    "i am not able to provide",
+    "i don't have personal opinions",
+    "i do not have personal opinions",
+    "i don't have the ability",
+    "i do not have the ability",
+    "i'm unable to",
+    "i am unable to",
+    "my knowledge cutoff",
+    "i apologize, but",
 ]
 
 
@@ -228,7 +247,9 @@ class UnhelpfulFilter(FilterBase):
 
     kind: Literal["unhelpful"]
     field: FieldName = "response"
-    phrases: list[str] = Field(default_factory=lambda: list(UNHELPFUL), description="phrases (default: a built-in list)")
+    phrases: list[str] = Field(
+        default_factory=lambda: list(UNHELPFUL), description="phrases (default: a built-in list)"
+    )
     extra_phrases: list[str] = Field(default_factory=list)
 
     def reason(self) -> str:
@@ -238,7 +259,9 @@ class UnhelpfulFilter(FilterBase):
         pattern = "(" + "|".join(re.escape(p) for p in phrases) + ")"
         value = f"lower(coalesce({FIELD_SQL[self.field]}, ''))"
         detail = f"regexp_extract({value}, {sql_literal(pattern)}, 1)"
-        return f"case when regexp_matches({value}, {sql_literal(pattern)}) then {why('unhelpful', detail)} else null end"
+        return (
+            f"case when regexp_matches({value}, {sql_literal(pattern)}) then {why('unhelpful', detail)} else null end"
+        )
 
 
 @filter_kind(libs=("duckdb", "torch", "transformers"), reproducible=lambda p: p.model is None)
@@ -292,8 +315,10 @@ class LimitFilter(FilterBase):
     n: int = Field(ge=0)
 
     def reason(self) -> str:
-        return (f"case when row_number() over (order by file_row_number) > {self.n} "
-                f"then {why('beyond_limit', sql_literal(f'beyond the first {self.n}'))} else null end")
+        return (
+            f"case when row_number() over (order by file_row_number) > {self.n} "
+            f"then {why('beyond_limit', sql_literal(f'beyond the first {self.n}'))} else null end"
+        )
 
 
 @filter_kind()
@@ -303,7 +328,8 @@ class TruncateFilter(FilterBase):
     kind: Literal["truncate"]
     max_chars: int = Field(ge=1)
     roles: list[Literal["system", "user", "assistant", "tool"]] = Field(
-        default_factory=lambda: ["system", "user", "assistant", "tool"])
+        default_factory=lambda: ["system", "user", "assistant", "tool"]
+    )
 
     def transform(self) -> str:
         roles = ", ".join(sql_literal(r) for r in self.roles)

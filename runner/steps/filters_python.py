@@ -53,7 +53,9 @@ class NearDedupFilter(FilterBase):
 
     kind: Literal["near_dedup"]
     field: FieldName = "text"
-    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity of word n-grams that counts as a duplicate")
+    threshold: float = Field(
+        0.8, gt=0, lt=1, description="Jaccard similarity of word n-grams that counts as a duplicate"
+    )
     ngram: int = Field(3, ge=1, description="words per shingle")
     num_perm: int = Field(128, ge=16, le=1024)
     seed: int = 1
@@ -164,4 +166,3 @@ class SimilarityFilter(FilterBase):
     def reason(self) -> str:
         detail = f"'prompt/response similarity ' || round(_value, 3) || ' < {self.min_similarity}'"
         return f"case when _value < {self.min_similarity} then {why('off_topic', detail)} else null end"
-

@@ -30,7 +30,11 @@ def converter_config(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("model_type") == "gpt_neox":
         out.setdefault("rotary_pct", rope.get("partial_rotary_factor", 0.25))
         out.setdefault("rotary_emb_base", rope.get("rope_theta", 10000.0))
-    if config.get("model_type") == "falcon" and config.get("multi_query") and not config.get("new_decoder_architecture"):
+    if (
+        config.get("model_type") == "falcon"
+        and config.get("multi_query")
+        and not config.get("new_decoder_architecture")
+    ):
         out["num_kv_heads"] = 1
     return out
 
@@ -43,8 +47,13 @@ def splits_like_gpt2(model_dir: Path) -> bool:
     except (OSError, ValueError):
         return False
     pre = spec.get("pre_tokenizer") or {}
-    return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
-            and not pre.get("add_prefix_space", False) and (spec.get("model") or {}).get("type") == "BPE")
+    return (
+        spec.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True)
+        and not pre.get("add_prefix_space", False)
+        and (spec.get("model") or {}).get("type") == "BPE"
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -33,9 +33,11 @@ class HnswConfig(Params):
     M: int = Field(16, ge=2)
     ef_construction: int = Field(200, ge=8)
     ef_search: int | Literal["auto"] = Field(
-        "auto", description="search breadth; auto: the smallest that gives a sample of the index recall@10 >= 0.999 "
-                            "against exact search (so new queries get >= 0.995), measured at build time (recorded in "
-                            "the manifest either way)")
+        "auto",
+        description="search breadth; auto: the smallest that gives a sample of the index recall@10 >= 0.999 "
+        "against exact search (so new queries get >= 0.995), measured at build time (recorded in "
+        "the manifest either way)",
+    )
     threads: int = Field(1, ge=1, description="build threads (1 keeps the index file byte-identical run to run)")
 
 
@@ -45,8 +47,11 @@ class RetrievalEval(Params):
 
     questions: str = Field(description="JSONL/JSON/CSV file of questions, relative to the recipe")
     question_field: str = "question"
-    gold_field: str = Field("document", description="field holding the id(s) of the relevant document(s): one id, "
-                                                    "a list, or a bracketed list in text (`[12 34]`)")
+    gold_field: str = Field(
+        "document",
+        description="field holding the id(s) of the relevant document(s): one id, "
+        "a list, or a bracketed list in text (`[12 34]`)",
+    )
     k: int | list[int] = Field(5, description="cut-off(s); metrics are named with theirs, e.g. recall@5")
 
     def ks(self) -> list[int]:
@@ -66,9 +71,14 @@ class IndexSection(Params):
     exact_below: int = Field(1000, ge=0, description="collections smaller than this use exact search")
     hybrid: bool = Field(False, description="also keep a BM25 index; queries fuse both rankings (RRF)")
     group_by: Literal["document", "chunk"] = Field(
-        "document", description="results are documents (each with its best chunk) or raw chunks")
-    depth: int = Field(100, ge=1, description="candidates taken from each ranking before fusing and grouping, so the "
-                                              "order of the first k results does not depend on k")
+        "document", description="results are documents (each with its best chunk) or raw chunks"
+    )
+    depth: int = Field(
+        100,
+        ge=1,
+        description="candidates taken from each ranking before fusing and grouping, so the "
+        "order of the first k results does not depend on k",
+    )
     eval: RetrievalEval | None = Field(None, description="measure retrieval quality on a question set after indexing")
 
 
@@ -87,7 +97,9 @@ def model_identity(ctx: StepContext, model: str) -> str:
     from runner.steps.embedding import model_files
     from stores.hashing import hash_json
 
-    return hash_json({"model": model_files(model, ctx.files), "libs": {lib: lib_version(lib) for lib in EMBED_LIBS}})[:32]
+    return hash_json({"model": model_files(model, ctx.files), "libs": {lib: lib_version(lib) for lib in EMBED_LIBS}})[
+        :32
+    ]
 
 
 @step("embed", version="2", params=EmbedConfig, libs=EMBED_LIBS, reproducible=False)
@@ -127,19 +139,37 @@ def embed_chunks(ctx: StepContext) -> None:
     vectors = {**known, **fresh}
     dim = len(next(iter(vectors.values()))) if vectors else 0
     matrix = np.stack([vectors[h] for _, h, _ in rows]).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
-    table = pa.table({"id": [r[0] for r in rows], "hash": [r[1] for r in rows],
-                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), max(dim, 1))
-                      if rows else pa.array([], pa.list_(pa.float32()))})
+    table = pa.table(
+        {
+            "id": [r[0] for r in rows],
+            "hash": [r[1] for r in rows],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), max(dim, 1))
+            if rows
+            else pa.array([], pa.list_(pa.float32())),
+        }
+    )
     pq.write_table(table, ctx.out / "vectors.parquet")
     ctx.table("vectors", "vectors.parquet", len(rows))
-    ctx.metrics.update({"model": p.model, "model_identity": model_identity(ctx, p.model), "dim": dim,
-                        "model_files": model_files(p.model, ctx.files),
-                        "embedded": len(fresh), "reused": len(rows) - sum(1 for _, h, _ in rows if h in fresh),
-                        "encode_seconds": round(encode_seconds, 3)})
+    ctx.metrics.update(
+        {
+            "model": p.model,
+            "model_identity": model_identity(ctx, p.model),
+            "dim": dim,
+            "model_files": model_files(p.model, ctx.files),
+            "embedded": len(fresh),
+            "reused": len(rows) - sum(1 for _, h, _ in rows if h in fresh),
+            "encode_seconds": round(encode_seconds, 3),
+        }
+    )
 
 
-@step("index", version="3", params=IndexParams, libs=("hnswlib", "numpy", "bm25s"),
-      reproducible=lambda p: p.hnsw.threads == 1)  # hnswlib builds with threads insert in any order
+@step(
+    "index",
+    version="3",
+    params=IndexParams,
+    libs=("hnswlib", "numpy", "bm25s"),
+    reproducible=lambda p: p.hnsw.threads == 1,
+)  # hnswlib builds with threads insert in any order
 def build_index(ctx: StepContext) -> None:
     import numpy as np
     import pyarrow.parquet as pq
@@ -151,23 +181,46 @@ def build_index(ctx: StepContext) -> None:
     p: IndexParams = ctx.params
     vec_art = ctx.input("embed")
     table = pq.read_table(vec_art.file("vectors.parquet"))
-    matrix = np.asarray(table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                        dtype=np.float32).reshape(table.num_rows, -1) if table.num_rows else np.zeros((0, 0), np.float32)
+    matrix = (
+        np.asarray(
+            table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32
+        ).reshape(table.num_rows, -1)
+        if table.num_rows
+        else np.zeros((0, 0), np.float32)
+    )
     con = connect()
     try:
-        con.execute(f"copy (select c.* from {open_input(ctx, 'chunk')} c) to {quote_path(ctx.out / 'chunks.parquet')} "
-                    "(format parquet)")
-        ids = [r[0] for r in con.execute(f"select id from read_parquet({quote_path(ctx.out / 'chunks.parquet')})").fetchall()]
+        con.execute(
+            f"copy (select c.* from {open_input(ctx, 'chunk')} c) to {quote_path(ctx.out / 'chunks.parquet')} "
+            "(format parquet)"
+        )
+        ids = [
+            r[0]
+            for r in con.execute(f"select id from read_parquet({quote_path(ctx.out / 'chunks.parquet')})").fetchall()
+        ]
     finally:
         con.close()
     if ids != table.column("id").to_pylist():
         raise RuntimeError("chunks and vectors are out of step")
-    info = {"model": vec_art.manifest["metrics"]["model"], "model_identity": vec_art.manifest["metrics"]["model_identity"],
-            "model_files": vec_art.manifest["metrics"].get("model_files"), "hybrid": p.hybrid,
-            "group_by": p.group_by, "depth": p.depth}
-    built = build(matrix, ctx.out / "index", metric=p.hnsw.metric, m=p.hnsw.M, ef_construction=p.hnsw.ef_construction,
-                  exact=len(ids) < p.exact_below, info=info, threads=p.hnsw.threads,
-                  ef_search=None if p.hnsw.ef_search == "auto" else p.hnsw.ef_search)
+    info = {
+        "model": vec_art.manifest["metrics"]["model"],
+        "model_identity": vec_art.manifest["metrics"]["model_identity"],
+        "model_files": vec_art.manifest["metrics"].get("model_files"),
+        "hybrid": p.hybrid,
+        "group_by": p.group_by,
+        "depth": p.depth,
+    }
+    built = build(
+        matrix,
+        ctx.out / "index",
+        metric=p.hnsw.metric,
+        m=p.hnsw.M,
+        ef_construction=p.hnsw.ef_construction,
+        exact=len(ids) < p.exact_below,
+        info=info,
+        threads=p.hnsw.threads,
+        ef_search=None if p.hnsw.ef_search == "auto" else p.hnsw.ef_search,
+    )
     info.update({k: built[k] for k in ("ef_search", "sample_recall@10") if k in built})
     if not ids:
         ctx.metrics["warning"] = "the index is empty: no document gave a chunk"
@@ -215,8 +268,9 @@ def ranking_metrics(ranked: list[str], relevant: set[str], k: int) -> tuple[floa
     return found / len(relevant), (1 / first if first else 0.0), (dcg / ideal if ideal else 0.0)
 
 
-@step("index.eval", version="2", params=RetrievalEvalParams, libs=EMBED_LIBS + ("hnswlib", "duckdb"),
-      reproducible=False)
+@step(
+    "index.eval", version="2", params=RetrievalEvalParams, libs=EMBED_LIBS + ("hnswlib", "duckdb"), reproducible=False
+)
 def evaluate_retrieval(ctx: StepContext) -> None:
     import json
 
@@ -237,21 +291,27 @@ def evaluate_retrieval(ctx: StepContext) -> None:
         q = row.get(p.eval.question_field) if isinstance(row, dict) else None
         gold = gold_ids(row.get(p.eval.gold_field)) if isinstance(row, dict) else []
         if not isinstance(q, str) or not q.strip() or not gold:
-            raise StepError(f"{p.eval.questions} row {n}: needs text {p.eval.question_field!r} and document id(s) in "
-                            f"{p.eval.gold_field!r}")
+            raise StepError(
+                f"{p.eval.questions} row {n}: needs text {p.eval.question_field!r} and document id(s) in "
+                f"{p.eval.gold_field!r}"
+            )
         pairs.append((q, gold))
     retriever = Retriever(ctx.input("index"), ctx.files)
     known = {c[1] for c in retriever.chunks}
     unknown = sorted({g for _, gold in pairs for g in gold} - known)
     if unknown:
-        raise StepError(f"{p.eval.questions}: {len(unknown)} gold document id(s) match no indexed document, e.g. "
-                        f"{', '.join(repr(u) for u in unknown[:5])}; document ids look like {next(iter(known), '?')!r} "
-                        "(set the documents' `id:` column to match your question file)")
+        raise StepError(
+            f"{p.eval.questions}: {len(unknown)} gold document id(s) match no indexed document, e.g. "
+            f"{', '.join(repr(u) for u in unknown[:5])}; document ids look like {next(iter(known), '?')!r} "
+            "(set the documents' `id:` column to match your question file)"
+        )
     ks = p.eval.ks()
     questions = [q for q, _ in pairs]
     vectors = retriever.embed(questions)
-    levels = {"": retriever.search_vectors(vectors, questions, max(ks), group_by="document"),
-              "chunk_": retriever.search_vectors(vectors, questions, max(ks), group_by="chunk")}
+    levels = {
+        "": retriever.search_vectors(vectors, questions, max(ks), group_by="document"),
+        "chunk_": retriever.search_vectors(vectors, questions, max(ks), group_by="chunk"),
+    }
     for prefix, hits in levels.items():
         for k in ks:
             scores = [ranking_metrics([h.doc_id for h in hs], set(gold), k) for hs, (_, gold) in zip(hits, pairs)]
@@ -259,9 +319,17 @@ def evaluate_retrieval(ctx: StepContext) -> None:
                 ctx.metrics[f"{prefix}{name}@{k}"] = sum(s[i] for s in scores) / len(scores) if scores else None
     ctx.metrics["questions"] = len(pairs)
     docs = levels[""]
-    ranks = [next((i for i, h in enumerate(hs, start=1) if h.doc_id in gold), None) for hs, (_, gold) in zip(docs, pairs)]
-    table = pa.table({"question": questions, "gold": [json.dumps(g) for _, g in pairs], "rank": ranks,
-                      "top": [json.dumps([h.doc_id for h in hs]) for hs in docs]})
+    ranks = [
+        next((i for i, h in enumerate(hs, start=1) if h.doc_id in gold), None) for hs, (_, gold) in zip(docs, pairs)
+    ]
+    table = pa.table(
+        {
+            "question": questions,
+            "gold": [json.dumps(g) for _, g in pairs],
+            "rank": ranks,
+            "top": [json.dumps([h.doc_id for h in hs]) for hs in docs],
+        }
+    )
     con = connect()
     con.register("r", table)
     con.execute(f"copy (select * from r) to {quote_path(ctx.out / 'results.parquet')} (format parquet)")

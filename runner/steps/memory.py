@@ -75,8 +75,17 @@ def shape_from_config(config: dict[str, Any], source: str) -> Shape:
         kv = int(config.get("num_key_value_heads") or config.get("num_kv_heads") or heads)
     inter = int(config.get("intermediate_size") or config.get("ffn_hidden_size") or 4 * hidden)
     layers = int(config.get("num_hidden_layers") or config.get("n_layer") or config["num_layers"])
-    return Shape(arch, int(config.get("vocab_size", 50_000)), hidden, layers, heads, kv, inter,
-                 bool(config.get("tie_word_embeddings", arch == "falcon")), source)
+    return Shape(
+        arch,
+        int(config.get("vocab_size", 50_000)),
+        hidden,
+        layers,
+        heads,
+        kv,
+        inter,
+        bool(config.get("tie_word_embeddings", arch == "falcon")),
+        source,
+    )
 
 
 def shape_from_name(name: str) -> Shape | None:
@@ -88,8 +97,17 @@ def shape_from_name(name: str) -> Shape | None:
     hidden = int(round((params * 142 / 12) ** (1 / 3) / 64) * 64) or 64  # params ~ 12 L h^2 with L ~ h / 142
     layers = max(1, round(params / (12 * hidden * hidden)))
     heads = max(1, hidden // 64)
-    return Shape("unknown", 65_000, hidden, layers, heads, heads, 4 * hidden, True,
-                 f"a guess from the name {name!r} (the model is not in the local Hugging Face cache)")
+    return Shape(
+        "unknown",
+        65_000,
+        hidden,
+        layers,
+        heads,
+        heads,
+        4 * hidden,
+        True,
+        f"a guess from the name {name!r} (the model is not in the local Hugging Face cache)",
+    )
 
 
 def model_shape(spec: Any, tokenizer_vocab: int | None, base_dir: Path | None) -> Shape | None:
@@ -98,9 +116,17 @@ def model_shape(spec: Any, tokenizer_vocab: int | None, base_dir: Path | None) -
 
     if isinstance(spec.base, BaseRef):
         fc = spec.base.from_config
-        return Shape(fc.architecture, tokenizer_vocab or 50_000, fc.hidden_size, fc.layers, fc.heads,
-                     1 if fc.architecture == "falcon" else fc.heads, fc.intermediate_size or 4 * fc.hidden_size,
-                     fc.architecture == "falcon", "the recipe's from_config")
+        return Shape(
+            fc.architecture,
+            tokenizer_vocab or 50_000,
+            fc.hidden_size,
+            fc.layers,
+            fc.heads,
+            1 if fc.architecture == "falcon" else fc.heads,
+            fc.intermediate_size or 4 * fc.hidden_size,
+            fc.architecture == "falcon",
+            "the recipe's from_config",
+        )
     if base_dir is not None and (base_dir / "config.json").is_file():
         return shape_from_config(json.loads((base_dir / "config.json").read_text()), f"{base_dir}/config.json")
     return shape_from_name(str(spec.base))
@@ -110,15 +136,34 @@ def _modules(s: Shape) -> dict[str, tuple[int, int]]:
     """Each linear layer of one block: (in, out)."""
     kv = s.kv_heads * (s.hidden // s.heads)
     if s.architecture == "llama":
-        return {"q_proj": (s.hidden, s.hidden), "k_proj": (s.hidden, kv), "v_proj": (s.hidden, kv),
-                "o_proj": (s.hidden, s.hidden), "gate_proj": (s.hidden, s.intermediate),
-                "up_proj": (s.hidden, s.intermediate), "down_proj": (s.intermediate, s.hidden)}
-    return {"query_key_value": (s.hidden, s.hidden + 2 * kv), "dense": (s.hidden, s.hidden),
-            "dense_h_to_4h": (s.hidden, s.intermediate), "dense_4h_to_h": (s.intermediate, s.hidden)}
+        return {
+            "q_proj": (s.hidden, s.hidden),
+            "k_proj": (s.hidden, kv),
+            "v_proj": (s.hidden, kv),
+            "o_proj": (s.hidden, s.hidden),
+            "gate_proj": (s.hidden, s.intermediate),
+            "up_proj": (s.hidden, s.intermediate),
+            "down_proj": (s.intermediate, s.hidden),
+        }
+    return {
+        "query_key_value": (s.hidden, s.hidden + 2 * kv),
+        "dense": (s.hidden, s.hidden),
+        "dense_h_to_4h": (s.hidden, s.intermediate),
+        "dense_4h_to_h": (s.intermediate, s.hidden),
+    }
 
 
-def estimate(s: Shape, *, precision: str, rank: int, targets: list[str] | str, seq_len: int, batch: int,
-             processes: int = 1, gpu: bool = False) -> Estimate:
+def estimate(
+    s: Shape,
+    *,
+    precision: str,
+    rank: int,
+    targets: list[str] | str,
+    seq_len: int,
+    batch: int,
+    processes: int = 1,
+    gpu: bool = False,
+) -> Estimate:
     modules = _modules(s)
     linear = s.layers * sum(i * o for i, o in modules.values())
     embeddings = s.vocab * s.hidden * (1 if s.tied else 2)
@@ -140,8 +185,12 @@ def machine_memory() -> dict[str, float]:
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            text = subprocess.run([smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                                  capture_output=True, text=True, timeout=10).stdout
+            text = subprocess.run(
+                [smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
             sizes = [float(x) * 1024**2 for x in text.split()]
             if sizes:
                 out["gpu"] = min(sizes)
@@ -152,8 +201,10 @@ def machine_memory() -> dict[str, float]:
 
 def verdict(e: Estimate, machine: dict[str, float]) -> tuple[str, bool]:
     """One line for `runner plan`, and whether it fits."""
-    parts = (f"weights {e.weights / GIB:.2f}, LoRA + optimizer {e.lora / GIB:.2f}, activations "
-             f"{e.activations / GIB:.2f}, runtime {e.runtime / GIB:.2f}")
+    parts = (
+        f"weights {e.weights / GIB:.2f}, LoRA + optimizer {e.lora / GIB:.2f}, activations "
+        f"{e.activations / GIB:.2f}, runtime {e.runtime / GIB:.2f}"
+    )
     each = f" per process, {e.total / GIB:.1f} GiB for {e.processes}" if e.processes > 1 else ""
     line = f"train needs about {e.per_process / GIB:.1f} GiB{each} ({parts}; shape: {e.shape.source})"
     if "gpu" in machine:

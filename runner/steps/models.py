@@ -87,7 +87,9 @@ class ModelSpec(Params):
     @model_validator(mode="after")
     def _config_needs_tokenizer(self) -> ModelSpec:
         if isinstance(self.base, BaseRef) and self.tokenizer is None:
-            raise ValueError("a from_config model has no tokenizer of its own: set tokenizer: {train: {...}} or {path: ...}")
+            raise ValueError(
+                "a from_config model has no tokenizer of its own: set tokenizer: {train: {...}} or {path: ...}"
+            )
         return self
 
     def is_local(self) -> bool:
@@ -116,10 +118,12 @@ def hub_commit(repo: str, revision: str) -> str | None:
 def missing_model_message(repo: str, revision: str) -> str:
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    return (f"model {repo} (revision {revision}) is not in the Hugging Face cache ({HF_HUB_CACHE}) and models are "
-            f"not downloaded at run time. On a machine with internet run `huggingface-cli download {repo} "
-            f"--revision {revision}` and copy the cache here (or set HF_HOME to it), or set model.base to a local "
-            "directory with the weights in safetensors")
+    return (
+        f"model {repo} (revision {revision}) is not in the Hugging Face cache ({HF_HUB_CACHE}) and models are "
+        f"not downloaded at run time. On a machine with internet run `huggingface-cli download {repo} "
+        f"--revision {revision}` and copy the cache here (or set HF_HOME to it), or set model.base to a local "
+        "directory with the weights in safetensors"
+    )
 
 
 def base_dir(spec: ModelSpec, files: dict[str, Path], built: Path | None) -> Path:
@@ -141,17 +145,32 @@ def build_config(fc: FromConfig, vocab_size: int, bos: int | None, eos: int | No
     from transformers import FalconConfig, GPTNeoXConfig, LlamaConfig
 
     inter = fc.intermediate_size or 4 * fc.hidden_size
-    common = {"vocab_size": vocab_size, "hidden_size": fc.hidden_size, "num_hidden_layers": fc.layers,
-              "num_attention_heads": fc.heads, "bos_token_id": bos, "eos_token_id": eos}
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": fc.hidden_size,
+        "num_hidden_layers": fc.layers,
+        "num_attention_heads": fc.heads,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+    }
     if fc.architecture == "falcon":
         # Falcon-7B's layout: multi-query attention, parallel attention/MLP, no biases
         # (num_kv_heads=1 says multi-query in the field llama.cpp's converter reads; transformers reads multi_query)
-        return FalconConfig(**common, multi_query=True, num_kv_heads=1, parallel_attn=True, bias=False,
-                            new_decoder_architecture=False, ffn_hidden_size=inter, max_position_embeddings=fc.max_positions)
+        return FalconConfig(
+            **common,
+            multi_query=True,
+            num_kv_heads=1,
+            parallel_attn=True,
+            bias=False,
+            new_decoder_architecture=False,
+            ffn_hidden_size=inter,
+            max_position_embeddings=fc.max_positions,
+        )
     if fc.architecture == "gpt_neox":
         return GPTNeoXConfig(**common, intermediate_size=inter, max_position_embeddings=fc.max_positions)
-    return LlamaConfig(**common, intermediate_size=inter, num_key_value_heads=fc.heads,
-                       max_position_embeddings=fc.max_positions)
+    return LlamaConfig(
+        **common, intermediate_size=inter, num_key_value_heads=fc.heads, max_position_embeddings=fc.max_positions
+    )
 
 
 def torch_dtype(precision: Precision) -> Any:
@@ -172,31 +191,42 @@ def load_model(path: Path, precision: Precision, *, trust_remote_code: bool = Fa
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code,
-                              "local_files_only": True, "dtype": torch_dtype(precision)}
+    kwargs: dict[str, Any] = {
+        "use_safetensors": True,
+        "trust_remote_code": trust_remote_code,
+        "local_files_only": True,
+        "dtype": torch_dtype(precision),
+    }
     if precision in ("int8", "int4"):
         check_bitsandbytes(precision)
         kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_8bit=True) if precision == "int8" else
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+            BitsAndBytesConfig(load_in_8bit=True)
+            if precision == "int8"
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        )
         kwargs["dtype"] = torch.float32
         kwargs["device_map"] = {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
-        raise StepError(f"could not load a model from {path} ({str(exc).splitlines()[0]}); weights must be "
-                        "safetensors (pickled .bin weights are refused)") from None
+        raise StepError(
+            f"could not load a model from {path} ({str(exc).splitlines()[0]}); weights must be "
+            "safetensors (pickled .bin weights are refused)"
+        ) from None
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
-            raise StepError(f"{path} needs custom code from the hub; set model.trust_remote_code: true if you "
-                            "trust it") from None
+            raise StepError(
+                f"{path} needs custom code from the hub; set model.trust_remote_code: true if you trust it"
+            ) from None
         raise
     if precision in ("int8", "int4"):
         swap_unquantized_linears(model, precision)
         n, left = count_quantized(model)
         if n == 0 or left:
-            raise StepError(f"{precision} quantization did not take: {n} quantized layers, {len(left)} linear layers "
-                            f"left unquantized (e.g. {left[:3]})")
+            raise StepError(
+                f"{precision} quantization did not take: {n} quantized layers, {len(left)} linear layers "
+                f"left unquantized (e.g. {left[:3]})"
+            )
     return model
 
 
@@ -204,8 +234,10 @@ def check_bitsandbytes(precision: Precision) -> None:
     try:
         import bitsandbytes  # noqa: F401
     except Exception as exc:  # bitsandbytes raises assorted errors on hardware it does not support
-        raise StepError(f"precision {precision} needs bitsandbytes, which does not load here ({exc}); "
-                        "use fp32 or bf16 on this machine") from None
+        raise StepError(
+            f"precision {precision} needs bitsandbytes, which does not load here ({exc}); "
+            "use fp32 or bf16 on this machine"
+        ) from None
 
 
 def _is_plain_linear(module: Any) -> bool:
@@ -227,16 +259,20 @@ def swap_unquantized_linears(model: Any, precision: Precision) -> int:
                 continue
             bias = child.bias is not None
             if precision == "int8":
-                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias, has_fp16_weights=False,
-                                          threshold=6.0)
-                new.weight = bnb.nn.Int8Params(child.weight.data.to(torch.float16), requires_grad=False,
-                                               has_fp16_weights=False)
+                new = bnb.nn.Linear8bitLt(
+                    child.in_features, child.out_features, bias=bias, has_fp16_weights=False, threshold=6.0
+                )
+                new.weight = bnb.nn.Int8Params(
+                    child.weight.data.to(torch.float16), requires_grad=False, has_fp16_weights=False
+                )
             else:
                 if child.in_features % 32 or child.out_features % 32:
-                    raise StepError(f"int4 needs layer widths divisible by 32; {name} is "
-                                    f"{child.in_features}x{child.out_features}")
-                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias, compute_dtype=torch.float32,
-                                        quant_type="nf4")
+                    raise StepError(
+                        f"int4 needs layer widths divisible by 32; {name} is {child.in_features}x{child.out_features}"
+                    )
+                new = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=bias, compute_dtype=torch.float32, quant_type="nf4"
+                )
                 new.weight = bnb.nn.Params4bit(child.weight.data.float(), requires_grad=False, quant_type="nf4")
             if bias:
                 new.bias = torch.nn.Parameter(child.bias.data.float(), requires_grad=False)
@@ -263,8 +299,9 @@ def lora_targets(model: Any, requested: list[str] | Literal["auto"]) -> list[str
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
         missing = [t for t in requested if t not in names]
         if missing:
-            raise StepError(f"LoRA target modules {missing} are not in this {model_type} model; "
-                            f"it has e.g. {sorted(names)[:12]}")
+            raise StepError(
+                f"LoRA target modules {missing} are not in this {model_type} model; it has e.g. {sorted(names)[:12]}"
+            )
         return list(requested)
     key = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon"}.get(model_type, model_type)
     if key not in LORA_TARGETS:

@@ -39,11 +39,13 @@ class OasstSource(SourceBase):
     include_deleted: bool = False
     require_review: bool = Field(True, description="drop messages whose review_result is not true")
     include_synthetic: bool = Field(False, description="keep model-written (synthetic) messages")
-    tree_states: list[str] | None = Field(["ready_for_export"],
-                                          description="keep trees in these states (null: any; trees with no state pass)")
+    tree_states: list[str] | None = Field(
+        ["ready_for_export"], description="keep trees in these states (null: any; trees with no state pass)"
+    )
     max_rank: int | None = Field(None, ge=0, description="drop assistant replies ranked worse than this (0 = best)")
-    labels: dict[str, LabelBound] = Field(default_factory=dict,
-                                          description="label bounds, e.g. {quality: {min: 0.5}, toxicity: {max: 0.2}}")
+    labels: dict[str, LabelBound] = Field(
+        default_factory=dict, description="label bounds, e.g. {quality: {min: 0.5}, toxicity: {max: 0.2}}"
+    )
     score_label: str = Field("quality", description="label whose value becomes the row's score")
 
     def read(self, ctx: StepContext) -> None:
@@ -113,8 +115,9 @@ def _nested(raw: dict[str, Any], tree_state: str | None, out: list[Msg]) -> Msg:
     return m
 
 
-def read_trees(lines: Iterator[tuple[int, dict[str, Any] | None, Rejected | None]]
-               ) -> tuple[list[Msg], list[Msg], list[tuple[int, Rejected]]]:
+def read_trees(
+    lines: Iterator[tuple[int, dict[str, Any] | None, Rejected | None]],
+) -> tuple[list[Msg], list[Msg], list[tuple[int, Rejected]]]:
     """(roots, every message, bad lines). Flat messages are linked by parent_id after reading."""
     roots: list[Msg] = []
     every: list[Msg] = []
@@ -186,7 +189,7 @@ def _prune(m: Msg, p: OasstSource, parent_reason: Rejected | None) -> None:
     if p.mode == "top" and m.role == "user" and m.reason is None:
         live = [c for c in m.children if c.role == "assistant" and _own_reason(c, p) is None]
         if live:
-            best = min(live, key=lambda c: (c.raw.get("rank") if isinstance(c.raw.get("rank"), int) else 1 << 30))
+            best = min(live, key=lambda c: c.raw.get("rank") if isinstance(c.raw.get("rank"), int) else 1 << 30)
             for c in live:
                 if c is not best:
                     c.reason = Rejected("rank", f"not the top-ranked reply (rank {c.raw.get('rank')})")
@@ -233,21 +236,35 @@ def read_oasst(ctx: StepContext) -> None:
     for path in conversations(roots, p):
         used.update(id(m) for m in path)
         leaf = path[-1]
-        rows.append({
-            "id": f"{p.name}/{leaf.id}",
-            "source": p.name,
-            "turns": [{"role": m.role, "text": m.raw["text"]} for m in path],
-            "score": _label(leaf.raw, p.score_label),
-            "lang": path[0].raw.get("lang"),
-            "group_id": f"{p.name}/{path[0].root or path[0].id}",
-            "tools": None,
-        })
-    rejects = [{"id": f"{p.name}/line-{n}", "source": p.name, "step": ctx.name, "reason": why.reason,
-                "detail": why.detail} for n, why in bad]
+        rows.append(
+            {
+                "id": f"{p.name}/{leaf.id}",
+                "source": p.name,
+                "turns": [{"role": m.role, "text": m.raw["text"]} for m in path],
+                "score": _label(leaf.raw, p.score_label),
+                "lang": path[0].raw.get("lang"),
+                "group_id": f"{p.name}/{path[0].root or path[0].id}",
+                "tools": None,
+            }
+        )
+    rejects = [
+        {"id": f"{p.name}/line-{n}", "source": p.name, "step": ctx.name, "reason": why.reason, "detail": why.detail}
+        for n, why in bad
+    ]
     for m in every:
         if id(m) not in used:
-            why = m.reason or (Rejected("unanswered", "no kept assistant reply follows this prompt") if m.role == "user"
-                               else Rejected("parent_dropped", "no kept conversation reaches it"))
-            rejects.append({"id": f"{p.name}/{m.id}", "source": p.name, "step": ctx.name, "reason": why.reason,
-                            "detail": why.detail})
+            why = m.reason or (
+                Rejected("unanswered", "no kept assistant reply follows this prompt")
+                if m.role == "user"
+                else Rejected("parent_dropped", "no kept conversation reaches it")
+            )
+            rejects.append(
+                {
+                    "id": f"{p.name}/{m.id}",
+                    "source": p.name,
+                    "step": ctx.name,
+                    "reason": why.reason,
+                    "detail": why.detail,
+                }
+            )
     write_tables(ctx, rows, rejects, len(every) + len(bad), used=len(used), unit="messages")

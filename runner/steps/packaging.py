@@ -33,19 +33,25 @@ from runner.steps.train_config import TrainParams
 class PackageConfig(Params):
     """Which deployable forms of the tuned model to build."""
 
-    formats: list[Literal["adapter", "merged", "gguf"]] = Field(default_factory=lambda: ["adapter", "merged"], min_length=1)
+    formats: list[Literal["adapter", "merged", "gguf"]] = Field(
+        default_factory=lambda: ["adapter", "merged"], min_length=1
+    )
     gguf_converter: str | None = Field(None, description="path to llama.cpp's convert_hf_to_gguf.py (for gguf)")
     gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q4_K_M"] = Field(
-        "f16", description="f32/f16/bf16/q8_0 are written by the converter; q4_K_M by llama.cpp's quantizer "
-                           "(llama-cpp-python) from f16")
+        "f16",
+        description="f32/f16/bf16/q8_0 are written by the converter; q4_K_M by llama.cpp's quantizer "
+        "(llama-cpp-python) from f16",
+    )
 
     @model_validator(mode="after")
     def _gguf_needs_converter(self) -> PackageConfig:
         if "gguf" in self.formats and self.gguf_converter is None:
-            raise ValueError("gguf needs gguf_converter: the path to llama.cpp's convert_hf_to_gguf.py; runner "
-                             "does not download it. It ships in llama-cpp-python's source distribution: `pip download "
-                             "llama-cpp-python --no-binary :all: --no-deps`, unpack it, and name "
-                             "vendor/llama.cpp/convert_hf_to_gguf.py")
+            raise ValueError(
+                "gguf needs gguf_converter: the path to llama.cpp's convert_hf_to_gguf.py; runner "
+                "does not download it. It ships in llama-cpp-python's source distribution: `pip download "
+                "llama-cpp-python --no-binary :all: --no-deps`, unpack it, and name "
+                "vendor/llama.cpp/convert_hf_to_gguf.py"
+            )
         return self
 
     def external_paths(self) -> dict[str, str]:
@@ -58,8 +64,13 @@ class PackageParams(Params):
     template: Literal["human_bot", "plain", "chat"] = Field(description="the prompt format, for the chat template")
 
 
-@step("package", version="2", params=PackageParams, libs=("torch", "transformers", "peft", "safetensors"),
-      reproducible=False)
+@step(
+    "package",
+    version="2",
+    params=PackageParams,
+    libs=("torch", "transformers", "peft", "safetensors"),
+    reproducible=False,
+)
 def package(ctx: StepContext) -> None:
     from runner.steps.quiet import quiet_ml
 
@@ -95,16 +106,28 @@ def package(ctx: StepContext) -> None:
 def convert(script: Path, merged: Path, out: Path, kind: str) -> None:
     """llama.cpp's converter (through `runner.steps.gguf`); q4_K_M is quantized from f16 by llama.cpp itself."""
     first = out.with_name("model-f16.gguf.tmp") if kind == "q4_K_M" else out
-    proc = subprocess.run([sys.executable, "-m", "runner.steps.gguf", str(script), str(merged), str(first),
-                           "f16" if kind == "q4_K_M" else kind], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runner.steps.gguf",
+            str(script),
+            str(merged),
+            str(first),
+            "f16" if kind == "q4_K_M" else kind,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0 or not first.exists():
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
         raise StepError(f"GGUF conversion failed (the converter decides which architectures it supports):\n{tail}")
     if kind == "q4_K_M":
         llama_cpp = llama_cpp_quiet()
         if llama_cpp is None:
-            raise StepError("gguf_type q4_K_M needs llama.cpp's quantizer: pip install 'runner[gguf]' "
-                            "(llama-cpp-python)")
+            raise StepError(
+                "gguf_type q4_K_M needs llama.cpp's quantizer: pip install 'runner[gguf]' (llama-cpp-python)"
+            )
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
         if llama_cpp.llama_model_quantize(str(first).encode(), str(out).encode(), params) != 0:
@@ -112,8 +135,12 @@ def convert(script: Path, merged: Path, out: Path, kind: str) -> None:
         first.unlink()
 
 
-PROMPTS = ["<human>: What is the capital of France?\n<bot>:", "<human>: Tell me a story about a dog.\n<bot>:",
-           "The quick brown fox", "<human>: How do I bake bread?\n<bot>:"]
+PROMPTS = [
+    "<human>: What is the capital of France?\n<bot>:",
+    "<human>: Tell me a story about a dog.\n<bot>:",
+    "The quick brown fox",
+    "<human>: How do I bake bread?\n<bot>:",
+]
 
 
 def check_gguf(script: Path, path: Path, merged: Path, tokens: int = 16) -> dict[str, Any]:
@@ -154,6 +181,12 @@ def check_gguf(script: Path, path: Path, merged: Path, tokens: int = 16) -> dict
                 break
         agree += sum(a == b for a, b in zip(got, ref))
         total += tokens
-    facts.update({"llama_cpp_check": "ran", "prompts": len(PROMPTS), "tokenizer_agrees": same_tokens == len(PROMPTS),
-                  "greedy_agreement": round(agree / total, 4)})
+    facts.update(
+        {
+            "llama_cpp_check": "ran",
+            "prompts": len(PROMPTS),
+            "tokenizer_agrees": same_tokens == len(PROMPTS),
+            "greedy_agreement": round(agree / total, 4),
+        }
+    )
     return facts

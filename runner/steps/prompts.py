@@ -34,7 +34,8 @@ TEMPLATES = {
     "human_bot": (
         f"case t.role when 'user' then '{HUMAN}' || t.text when 'tool' then '{HUMAN}' || t.text "
         f"when 'assistant' then '{BOT} ' || t.text else t.text end",
-        f"'{BOT}'", "' '",
+        f"'{BOT}'",
+        "' '",
         f"chr(10) || '{HUMAN.strip()}'",
     ),
     "plain": ("t.text", "''", "''", "''"),
@@ -46,15 +47,21 @@ _TOOLS = "{% if tools %}" + TOOLS_LINE + "{{ tools | tojson }}" + _NL + "{% endi
 CHAT_TEMPLATES = {
     # Jinja chat templates that render exactly what `render_prompt` does, for tokenizers saved beside a
     # packaged model (so `tokenizer.apply_chat_template` prompts it as runner trained and serves it)
-    "human_bot": _TOOLS + "{% for m in messages %}{% if m['role'] == 'user' or m['role'] == 'tool' %}" + HUMAN +
-                 "{{ m['content'] }}{% elif m['role'] == 'assistant' %}" + BOT + " {{ m['content'] }}"
-                 "{% else %}{{ m['content'] }}{% endif %}" + _NL + "{% endfor %}"
-                 "{% if add_generation_prompt %}" + BOT + "{% endif %}",
+    "human_bot": _TOOLS
+    + "{% for m in messages %}{% if m['role'] == 'user' or m['role'] == 'tool' %}"
+    + HUMAN
+    + "{{ m['content'] }}{% elif m['role'] == 'assistant' %}"
+    + BOT
+    + " {{ m['content'] }}"
+    "{% else %}{{ m['content'] }}{% endif %}" + _NL + "{% endfor %}"
+    "{% if add_generation_prompt %}" + BOT + "{% endif %}",
     "plain": _TOOLS + "{% for m in messages %}{{ m['content'] }}" + _NL + "{% endfor %}",
 }
 
 
-def render_prompt(template: str, messages: list[dict[str, str]], tokenizer: Any = None, tools: str | None = None) -> str:
+def render_prompt(
+    template: str, messages: list[dict[str, str]], tokenizer: Any = None, tools: str | None = None
+) -> str:
     """The prompt a model continues with its reply: `messages` ({role, content}) rendered as the format step
     renders the turns before a training reply. `tools` is a JSON list of tool schemas."""
     if template == "chat":
@@ -86,7 +93,8 @@ class PromptFormat(Params):
     DIR_FIELDS = frozenset({"tokenizer"})
 
     template: Literal["human_bot", "plain", "chat"] = Field(
-        "human_bot", description="h2oGPT `<human>:/<bot>:`, plain text, or a tokenizer's chat template")
+        "human_bot", description="h2oGPT `<human>:/<bot>:`, plain text, or a tokenizer's chat template"
+    )
     tokenizer: str | None = Field(None, description="for `chat`: a local tokenizer directory with a chat template")
 
     @model_validator(mode="after")
@@ -107,9 +115,11 @@ def format_rows(ctx: StepContext) -> None:
     p: PromptFormat = ctx.params
     con = connect()
     try:
-        problem = (f"case when len(turns) < 2 then {why('bad_shape', chr(39) + 'needs a prompt turn before the reply' + chr(39))} "
-                   f"when turns[-1].role <> 'assistant' then {why('bad_shape', chr(39) + 'does not end with an assistant turn' + chr(39))} "
-                   "else null end")
+        problem = (
+            f"case when len(turns) < 2 then {why('bad_shape', chr(39) + 'needs a prompt turn before the reply' + chr(39))} "
+            f"when turns[-1].role <> 'assistant' then {why('bad_shape', chr(39) + 'does not end with an assistant turn' + chr(39))} "
+            "else null end"
+        )
         if p.template == "chat":
             source = open_input(ctx, row_numbers=True)
             table = con.sql(f"select id, turns, tools from {source}").to_arrow_table()
@@ -169,7 +179,7 @@ def _register_chat(con: Any, ctx: StepContext, table: Any) -> None:
                 problem = f"chat template failed: {exc}"
             else:
                 if full.startswith(prompt):
-                    completion = full[len(prompt):]
+                    completion = full[len(prompt) :]
                 else:
                     problem = "chat template does not extend the prompt with the reply"
         out["id"].append(row_id)

@@ -30,19 +30,28 @@ def reward_scores(model_dir: Path, table: Any, batch_size: int, ctx: StepContext
 
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True,
-                                                                   use_safetensors=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, local_files_only=True, use_safetensors=True
+        )
     except (OSError, ValueError) as exc:
-        raise StepError(f"reward model {model_dir} could not be loaded ({exc}); it must be a local directory "
-                        "with a sequence-classification model in safetensors") from None
+        raise StepError(
+            f"reward model {model_dir} could not be loaded ({exc}); it must be a local directory "
+            "with a sequence-classification model in safetensors"
+        ) from None
     model.eval()
     prompts = [p or "" for p in table.column("prompt").to_pylist()]
     replies = [r or "" for r in table.column("response").to_pylist()]
     scores: list[float] = []
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
-            enc = tok(prompts[i : i + batch_size], replies[i : i + batch_size], truncation=True, max_length=512,
-                      padding=True, return_tensors="pt")
+            enc = tok(
+                prompts[i : i + batch_size],
+                replies[i : i + batch_size],
+                truncation=True,
+                max_length=512,
+                padding=True,
+                return_tensors="pt",
+            )
             logits = model(**enc).logits
             scores.extend(logits[:, 0].float().tolist())
             ctx.progress(len(prompts), min(i + batch_size, len(prompts)))

@@ -84,8 +84,11 @@ class Columns(Params):
     id: str | None = Field(None, description="field with a stable row id (default: record number)")
     score: str | None = Field(None, description="field with a numeric quality score")
     lang: str | None = Field(None, description="field with a language code")
-    group: str | None = Field(None, description="field grouping rows for the split (e.g. a conversation id): "
-                                                "rows sharing it land on one side (default: each record alone)")
+    group: str | None = Field(
+        None,
+        description="field grouping rows for the split (e.g. a conversation id): "
+        "rows sharing it land on one side (default: each record alone)",
+    )
 
 
 @source_kind("source.table")
@@ -187,7 +190,11 @@ def _jsonl(path: Path) -> Iterator[Record]:
             except (ValueError, RecursionError) as exc:
                 yield n, None, Rejected("unreadable", f"line {n}: invalid JSON ({exc})")
                 continue
-            yield (n, value, None) if isinstance(value, dict) else (n, None, Rejected("unreadable", f"line {n}: not a JSON object"))
+            yield (
+                (n, value, None)
+                if isinstance(value, dict)
+                else (n, None, Rejected("unreadable", f"line {n}: not a JSON object"))
+            )
 
 
 def _json(path: Path) -> Iterator[Record]:
@@ -198,7 +205,11 @@ def _json(path: Path) -> Iterator[Record]:
     if not isinstance(value, list):
         raise StepError(f"{path}: expected a JSON array of objects, got {type(value).__name__}")
     for n, item in enumerate(value, start=1):
-        yield (n, item, None) if isinstance(item, dict) else (n, None, Rejected("unreadable", f"record {n}: not a JSON object"))
+        yield (
+            (n, item, None)
+            if isinstance(item, dict)
+            else (n, None, Rejected("unreadable", f"record {n}: not a JSON object"))
+        )
 
 
 def _json_or_jsonl(path: Path) -> Iterator[Record]:
@@ -266,8 +277,16 @@ def _tools(value: Any) -> str | None:
     return json.dumps(value, sort_keys=True, ensure_ascii=False) if value else None
 
 
-def _row(source: str, row_id: str, turns: list[Turn], score: Any = None, lang: str | None = None, *,
-         group: str | None = None, tools: str | None = None) -> dict[str, Any]:
+def _row(
+    source: str,
+    row_id: str,
+    turns: list[Turn],
+    score: Any = None,
+    lang: str | None = None,
+    *,
+    group: str | None = None,
+    tools: str | None = None,
+) -> dict[str, Any]:
     if not any(t["role"] == "assistant" for t in turns):
         raise Rejected("no_reply", "no assistant reply")
     for i, t in enumerate(turns):
@@ -276,13 +295,26 @@ def _row(source: str, row_id: str, turns: list[Turn], score: Any = None, lang: s
     if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
         raise Rejected("bad_value", "score is not a number")
     row_id = f"{source}/{row_id}"
-    return {"id": row_id, "source": source, "turns": turns, "score": score, "lang": lang,
-            "group_id": f"{source}/{group}" if group is not None else row_id, "tools": tools}
+    return {
+        "id": row_id,
+        "source": source,
+        "turns": turns,
+        "score": score,
+        "lang": lang,
+        "group_id": f"{source}/{group}" if group is not None else row_id,
+        "tools": tools,
+    }
 
 
 def record_id(src: SourceBase, n: int, rec: dict[str, Any] | None) -> str:
     """A record's own id (its id field, where the format has one), else its record number."""
-    field = src.columns.id if isinstance(src, (TableSource, HfDiskSource)) else "id" if isinstance(src, ShareGptSource) else None
+    field = (
+        src.columns.id
+        if isinstance(src, (TableSource, HfDiskSource))
+        else "id"
+        if isinstance(src, ShareGptSource)
+        else None
+    )
     value = rec.get(field) if field and rec is not None else None
     return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else str(n)
 
@@ -297,11 +329,19 @@ def table_row(src: TableSource | HfDiskSource, n: int, rec: dict[str, Any]) -> d
     turns.append({"role": "assistant", "text": _text(rec, cols.response, required=True) or ""})
     score = rec.get(cols.score) if cols.score else None
     group = rec.get(cols.group) if cols.group else None
-    return _row(src.name, record_id(src, n, rec), turns, score, _text(rec, cols.lang, False),
-                group=None if group is None else str(group))
+    return _row(
+        src.name,
+        record_id(src, n, rec),
+        turns,
+        score,
+        _text(rec, cols.lang, False),
+        group=None if group is None else str(group),
+    )
 
 
-def _instruction_row(src: SourceBase, n: int, rec: dict[str, Any], extra_field: str, reply_field: str) -> dict[str, Any]:
+def _instruction_row(
+    src: SourceBase, n: int, rec: dict[str, Any], extra_field: str, reply_field: str
+) -> dict[str, Any]:
     """Alpaca and Dolly: an instruction, optional extra text after a blank line, a reply."""
     prompt = _text(rec, "instruction", True) or ""
     extra = _text(rec, extra_field, False)
@@ -324,9 +364,19 @@ def dolly_row(src: DollySource, n: int, rec: dict[str, Any]) -> dict[str, Any]:
 
 
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-    "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system",
-    "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
 }
 
 
@@ -369,13 +419,20 @@ def h2ogpt_row(src: H2oGptSource, n: int, rec: dict[str, Any]) -> dict[str, Any]
 
 
 def reject(source: str, step: str, row_id: str, why: Rejected, n: int | None = None) -> dict[str, Any]:
-    detail = why.detail if n is None or why.detail.startswith(("line ", "row ", "record ")) else f"record {n}: {why.detail}"
+    detail = (
+        why.detail if n is None or why.detail.startswith(("line ", "row ", "record ")) else f"record {n}: {why.detail}"
+    )
     return {"id": f"{source}/{row_id}", "source": source, "step": step, "reason": why.reason, "detail": detail}
 
 
 def write_tables(
-    ctx: StepContext, rows: list[dict[str, Any]], rejects: list[dict[str, Any]], n_in: int, *,
-    used: int | None = None, unit: str = "rows",
+    ctx: StepContext,
+    rows: list[dict[str, Any]],
+    rejects: list[dict[str, Any]],
+    n_in: int,
+    *,
+    used: int | None = None,
+    unit: str = "rows",
 ) -> None:
     """Write a source's rows (ids unique) and rejects, checking nothing was lost."""
     from runner.steps.tables import finish, load_table
@@ -390,8 +447,12 @@ def write_tables(
         con.close()
 
 
-def convert_records(ctx: StepContext, src: SourceBase, records: Iterator[Record],
-                    convert: Callable[[int, dict[str, Any]], dict[str, Any]]) -> None:
+def convert_records(
+    ctx: StepContext,
+    src: SourceBase,
+    records: Iterator[Record],
+    convert: Callable[[int, dict[str, Any]], dict[str, Any]],
+) -> None:
     """Each record becomes a row or a reject; a record repeating an earlier row's id is a `duplicate_id` reject."""
     rows: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
@@ -405,7 +466,9 @@ def convert_records(ctx: StepContext, src: SourceBase, records: Iterator[Record]
             try:
                 row = convert(n, record)  # type: ignore[arg-type]
                 if row["id"] in first:
-                    raise Rejected("duplicate_id", f"record {n} repeats the id of record {first[row['id']]}, which is kept")
+                    raise Rejected(
+                        "duplicate_id", f"record {n} repeats the id of record {first[row['id']]}, which is kept"
+                    )
                 first[row["id"]] = n
                 rows.append(row)
                 continue
@@ -416,8 +479,12 @@ def convert_records(ctx: StepContext, src: SourceBase, records: Iterator[Record]
 
 
 READERS: dict[str, Callable[[Path], Iterator[Record]]] = {
-    "jsonl": _jsonl, "json": _json, "csv": _csv,
+    "jsonl": _jsonl,
+    "json": _json,
+    "csv": _csv,
 }
+
+
 def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
     """Parquet is typed, so it is converted in DuckDB without a Python loop, with the same rejects as
     the other table formats (missing or empty text, a repeated id)."""
@@ -430,11 +497,20 @@ def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
     try:
         source = f"read_parquet({quote_path(path)}, file_row_number = true)"
         try:
-            types = dict(con.execute(f"select column_name, column_type from (describe select * from {source})").fetchall())
+            types = dict(
+                con.execute(f"select column_name, column_type from (describe select * from {source})").fetchall()
+            )
         except Exception as exc:  # duckdb raises IOException/InvalidInputException for a bad file
             raise StepError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-        wanted = {"prompt": cols.prompt, "response": cols.response, "system": cols.system, "id": cols.id,
-                  "score": cols.score, "lang": cols.lang, "group": cols.group}
+        wanted = {
+            "prompt": cols.prompt,
+            "response": cols.response,
+            "system": cols.system,
+            "id": cols.id,
+            "score": cols.score,
+            "lang": cols.lang,
+            "group": cols.group,
+        }
         for role, column in wanted.items():
             if column is None:
                 continue
@@ -459,11 +535,11 @@ def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
         empty = "regexp_full_match({0}, '\\s*')"
         con.execute(f"""create temp table r as select {name} || '/' || {row_id} as id, {name} as source,
             {turns}::STRUCT(role VARCHAR, text VARCHAR)[] as turns,
-            {q.get('score', 'null')}::DOUBLE as score, {q.get('lang', 'null')}::VARCHAR as lang,
-            case when {q['prompt']} is null then {{'reason': 'missing_field', 'detail': 'missing field {cols.prompt}'}}
-                 when {q['response']} is null then {{'reason': 'missing_field', 'detail': 'missing field {cols.response}'}}
-                 when {empty.format(q['prompt'])} then {{'reason': 'empty_text', 'detail': 'turn 1 (user) is empty'}}
-                 when {empty.format(q['response'])} then {{'reason': 'empty_text', 'detail': 'turn 2 (assistant) is empty'}}
+            {q.get("score", "null")}::DOUBLE as score, {q.get("lang", "null")}::VARCHAR as lang,
+            case when {q["prompt"]} is null then {{'reason': 'missing_field', 'detail': 'missing field {cols.prompt}'}}
+                 when {q["response"]} is null then {{'reason': 'missing_field', 'detail': 'missing field {cols.response}'}}
+                 when {empty.format(q["prompt"])} then {{'reason': 'empty_text', 'detail': 'turn 1 (user) is empty'}}
+                 when {empty.format(q["response"])} then {{'reason': 'empty_text', 'detail': 'turn 2 (assistant) is empty'}}
             end as _why, file_row_number from {source} {limit}""")
         con.execute(f"""create temp table t as select * exclude (_why),
             {group} as group_id, null::varchar as tools,
@@ -472,11 +548,14 @@ def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
                         (min(file_row_number) over (partition by id, _why is null) + 1) || ', which is kept'}}
                  else _why end as _why
             from r""")
-        finish(ctx, con, "select id, source, turns, score, lang, group_id, tools from t where _why is null "
-                         "order by file_row_number",
-               f"select id, source, {sql_literal(ctx.name)} as step, _why.reason as reason, "
-               f"'record ' || {n} || ': ' || _why.detail as detail from t where _why is not null order by file_row_number",
-               int(scalar(con, "select count(*) from t")))
+        finish(
+            ctx,
+            con,
+            "select id, source, turns, score, lang, group_id, tools from t where _why is null order by file_row_number",
+            f"select id, source, {sql_literal(ctx.name)} as step, _why.reason as reason, "
+            f"'record ' || {n} || ': ' || _why.detail as detail from t where _why is not null order by file_row_number",
+            int(scalar(con, "select count(*) from t")),
+        )
     finally:
         con.close()
 

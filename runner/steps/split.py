@@ -25,9 +25,11 @@ class Split(Params):
     validation: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of groups held out for validation")
     seed: int = 0
     group_by: str = Field(
-        "auto", min_length=1,
+        "auto",
+        min_length=1,
         description="what keeps rows together: `auto` (the conversation tree for oasst, the record otherwise), "
-                    "`row`, `prompt` (identical prompt text), or a column of the table sources (read into the group)")
+        "`row`, `prompt` (identical prompt text), or a column of the table sources (read into the group)",
+    )
 
 
 @step("split", version="2", params=Split, libs=("duckdb",))
@@ -46,18 +48,27 @@ def split_rows(ctx: StepContext) -> None:
     con = connect()
     try:
         counts = {}
-        con.execute(f"create temp table s as select {side} as val, coalesce({group}, id) as g, "
-                    f"coalesce(group_id, id) as conversation from read_parquet({quote_path(inp.file(rows_file))})")
+        con.execute(
+            f"create temp table s as select {side} as val, coalesce({group}, id) as g, "
+            f"coalesce(group_id, id) as conversation from read_parquet({quote_path(inp.file(rows_file))})"
+        )
         for name, keep in (("train", "not val"), ("validation", "val")):
             mask = f"{name}.mask.parquet"
-            con.execute(f"copy (select {keep} as keep from s) to {quote_path(ctx.out / mask)} (format parquet, compression zstd)")
+            con.execute(
+                f"copy (select {keep} as keep from s) to {quote_path(ctx.out / mask)} (format parquet, compression zstd)"
+            )
             counts[name] = scalar(con, f"select count(*) from read_parquet({quote_path(ctx.out / mask)}) where keep")
             ctx.view(name, inp, rows_file, mask, counts[name])
             ctx.metrics[f"{name}_groups"] = int(scalar(con, f"select count(distinct g) from s where {keep}"))
         ctx.metrics["group_by"] = p.group_by
         # rows whose conversation has rows on the other side: 0 unless group_by splits conversations up
-        ctx.metrics["leaked_rows"] = int(scalar(con, "select count(*) from s where conversation in "
-                                                     "(select conversation from s group by 1 having count(distinct val) > 1)"))
+        ctx.metrics["leaked_rows"] = int(
+            scalar(
+                con,
+                "select count(*) from s where conversation in "
+                "(select conversation from s group by 1 having count(distinct val) > 1)",
+            )
+        )
         check_balance(ctx, int(inp.manifest["rows"]["rows"]), counts["train"] + counts["validation"], 0)
     finally:
         con.close()

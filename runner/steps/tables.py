@@ -80,10 +80,15 @@ def finish_view(ctx: StepContext, con: duckdb.DuckDBPyConnection, rejected_sql: 
         keep_in = f"(select i as n, true as keep from range({int(inp.manifest['rows']['rows'])}) t(i))"
     con.execute(f"create temp table _rejected as {rejected_sql}")
     rejected = write_parquet(
-        con, f"select id, source, '{ctx.name}' as step, reason.reason as reason, reason.detail as detail "
-             "from _rejected order by n", ctx.out / REJECTS)
-    con.execute(f"copy (select k.keep and r.n is null as keep from {keep_in} k left join _rejected r using (n) "
-                f"order by k.n) to {quote_path(ctx.out / MASK)} (format parquet, compression zstd)")
+        con,
+        f"select id, source, '{ctx.name}' as step, reason.reason as reason, reason.detail as detail "
+        "from _rejected order by n",
+        ctx.out / REJECTS,
+    )
+    con.execute(
+        f"copy (select k.keep and r.n is null as keep from {keep_in} k left join _rejected r using (n) "
+        f"order by k.n) to {quote_path(ctx.out / MASK)} (format parquet, compression zstd)"
+    )
     kept = scalar(con, f"select count(*) from read_parquet({quote_path(ctx.out / MASK)}) where keep")
     ctx.view("rows", base, base_file, MASK, kept)
     ctx.table("rejects", REJECTS, rejected, side=True)

@@ -18,8 +18,10 @@ class Lora(Params):
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["auto"] = Field(
-        "auto", description="`auto`: Falcon/GPT-NeoX query_key_value, dense, dense_h_to_4h, dense_4h_to_h; "
-                            "Llama q/k/v/o/gate/up/down_proj")
+        "auto",
+        description="`auto`: Falcon/GPT-NeoX query_key_value, dense, dense_h_to_4h, dense_4h_to_h; "
+        "Llama q/k/v/o/gate/up/down_proj",
+    )
 
 
 class Distributed(Params):
@@ -31,10 +33,14 @@ class Distributed(Params):
     nproc: int = Field(1, ge=1, description="processes per host")
     nnodes: int = Field(1, ge=1, description="hosts")
     node_rank: int = Field(0, ge=0, exclude=True, description="this host's number, 0 .. nnodes-1 (not in the key)")
-    rdzv_endpoint: str | None = Field(None, exclude=True, description="HOST:PORT where the hosts meet, reachable "
-                                                                      "from all of them (nnodes > 1; not in the key)")
+    rdzv_endpoint: str | None = Field(
+        None,
+        exclude=True,
+        description="HOST:PORT where the hosts meet, reachable from all of them (nnodes > 1; not in the key)",
+    )
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
-        "ddp", description="ddp (CPU or GPU); fsdp and deepspeed (ZeRO, through transformers' integration) need GPUs")
+        "ddp", description="ddp (CPU or GPU); fsdp and deepspeed (ZeRO, through transformers' integration) need GPUs"
+    )
     zero_stage: Literal[1, 2, 3] = Field(2, description="deepspeed: ZeRO stage")
     offload: bool = Field(False, description="deepspeed: optimizer state (stage 3: parameters too) offloaded to CPU")
 
@@ -46,9 +52,14 @@ class Distributed(Params):
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
             if self.zero_stage == 3:
                 zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-        return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
-                "zero_optimization": zero}
+        return {
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "bf16": {"enabled": "auto"},
+            "fp16": {"enabled": "auto"},
+            "zero_optimization": zero,
+        }
 
     @model_validator(mode="after")
     def _nodes(self) -> Distributed:
@@ -69,7 +80,9 @@ class TrainConfig(Params):
     seq_len: int = Field(256, ge=8)
     packing: bool = Field(False, description="concatenate examples into full seq_len blocks (no padding)")
     batch_size: int = Field(8, ge=1)
-    group_by_length: bool = Field(True, description="batch examples of similar length (less padding); no effect when packed")
+    group_by_length: bool = Field(
+        True, description="batch examples of similar length (less padding); no effect when packed"
+    )
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-4, gt=0)
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
@@ -78,14 +91,21 @@ class TrainConfig(Params):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (overrides epochs)")
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1, description="optimiser steps between checkpoints (resume after a kill)")
-    eval_every: int | None = Field(None, ge=1, description="optimiser steps between held-out loss evaluations during "
-                                                           "training; the adapter kept is the best by that loss")
-    early_stopping: int | None = Field(None, ge=1, description="stop after this many evaluations without a better "
-                                                               "held-out loss (needs eval_every)")
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="optimiser steps between held-out loss evaluations during "
+        "training; the adapter kept is the best by that loss",
+    )
+    early_stopping: int | None = Field(
+        None, ge=1, description="stop after this many evaluations without a better held-out loss (needs eval_every)"
+    )
     merge: bool = Field(False, description="also write the base model with the adapter merged in")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=list, description="experiment tracking through transformers' integrations (off by default); "
-                                          "TensorBoard's event files go into the artifact's `tensorboard/`")
+        default_factory=list,
+        description="experiment tracking through transformers' integrations (off by default); "
+        "TensorBoard's event files go into the artifact's `tensorboard/`",
+    )
     distributed: Distributed = Distributed()
 
     @model_validator(mode="after")
@@ -93,8 +113,10 @@ class TrainConfig(Params):
         if self.early_stopping is not None and self.eval_every is None:
             raise ValueError("early_stopping needs eval_every")
         if self.eval_every is not None and self.checkpoint_every % self.eval_every:
-            raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of eval_every "
-                             f"({self.eval_every}) so the best checkpoint can be kept")
+            raise ValueError(
+                f"checkpoint_every ({self.checkpoint_every}) must be a multiple of eval_every "
+                f"({self.eval_every}) so the best checkpoint can be kept"
+            )
         return self
 
 

@@ -60,35 +60,42 @@ def torchrun_command(job_file: Path, dist: Any, key: str) -> list[str]:
     if dist.nnodes == 1:
         cmd.append("--standalone")
     else:
-        cmd += [f"--nnodes={dist.nnodes}", f"--node_rank={dist.node_rank}", "--rdzv_backend=c10d",
-                f"--rdzv_endpoint={dist.rdzv_endpoint}", f"--rdzv_id=runner-{key[:16]}",
-                f"--rdzv_conf=is_host={'true' if dist.node_rank == 0 else 'false'}"]
+        cmd += [
+            f"--nnodes={dist.nnodes}",
+            f"--node_rank={dist.node_rank}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={dist.rdzv_endpoint}",
+            f"--rdzv_id=runner-{key[:16]}",
+            f"--rdzv_conf=is_host={'true' if dist.node_rank == 0 else 'false'}",
+        ]
     return cmd + ["-m", "runner.steps.trainer", str(job_file)]
 
 
-def launch_distributed(job: dict[str, Any], dist: Any, scratch: Path, log: Path,
-                       progress: Callable[..., None]) -> None:
+def launch_distributed(job: dict[str, Any], dist: Any, scratch: Path, log: Path, progress: Callable[..., None]) -> None:
     """Run the job under torchrun; workers' progress lines feed `progress`, everything else goes to `log`."""
     job_file = scratch / "job.json"
     job_file.write_text(json.dumps(job))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if dist.nnodes == 1 and sys.platform == "linux":  # every rank is on this host: gloo talks over loopback,
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")   # whatever the host name resolves to
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # whatever the host name resolves to
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as sink:
-        with subprocess.Popen(torchrun_command(job_file, dist, job["key"]), env=env, stdout=subprocess.PIPE,
-                              stderr=sink, text=True) as proc:
+        with subprocess.Popen(
+            torchrun_command(job_file, dist, job["key"]), env=env, stdout=subprocess.PIPE, stderr=sink, text=True
+        ) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:
                 if line.startswith(PROGRESS):
-                    total, done, note = json.loads(line[len(PROGRESS):])
+                    total, done, note = json.loads(line[len(PROGRESS) :])
                     progress(total, done, note)
                 else:
                     sink.write(line)
         code = proc.returncode
     if code != 0:
-        raise StepError(f"distributed training ({dist.nnodes} node(s) x {dist.nproc} processes) failed: "
-                        f"{worker_error(log.read_text())} (full output in {log})")
+        raise StepError(
+            f"distributed training ({dist.nnodes} node(s) x {dist.nproc} processes) failed: "
+            f"{worker_error(log.read_text())} (full output in {log})"
+        )
 
 
 def worker_error(output: str) -> str:
@@ -164,8 +171,10 @@ def run(job: dict[str, Any], progress: Any = None) -> None:
     node's first process writes the outputs (DDP keeps the weights equal on every rank) and prints progress
     lines for the launcher; all processes leave the process group together."""
     if progress is None and os.environ.get("LOCAL_RANK", "0") == "0":
+
         def progress(total: int, done: int, note: str = "") -> None:
             print(PROGRESS + json.dumps([total, done, note]), flush=True)
+
     import torch.distributed as dist
 
     try:
@@ -204,8 +213,14 @@ def _run(job: dict[str, Any], progress: Any) -> None:
     timing: dict[str, float] = {}
     facts["tokens"] = sum(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
     callbacks = _callbacks(t, progress, facts["tokens"], timing, out if rank == 0 else None)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=validation,
-                      data_collator=collator(tok.pad_token_id), callbacks=callbacks)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=validation,
+        data_collator=collator(tok.pad_token_id),
+        callbacks=callbacks,
+    )
     trainer.remove_callback(PrinterCallback)
     if args.fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         raise StepError("FSDP was asked for but accelerate did not enable it on this hardware; use strategy: ddp")
@@ -216,8 +231,14 @@ def _run(job: dict[str, Any], progress: Any) -> None:
         return
     # facts about this run (how long, resumed or not) go to the manifest only, never into the artifact's
     # files: the files are the result, and the result must not change with the clock
-    (scratch / "run.json").write_text(json.dumps({"train_seconds": timing.get("end", 0) - timing.get("start", 0),
-                                                  "resumed_from": Path(resume).name if resume else None}))
+    (scratch / "run.json").write_text(
+        json.dumps(
+            {
+                "train_seconds": timing.get("end", 0) - timing.get("start", 0),
+                "resumed_from": Path(resume).name if resume else None,
+            }
+        )
+    )
     _save(job, p, model, trainer, facts, digests)
 
 
@@ -235,8 +256,16 @@ def _lora_model(p: Any, base: Path) -> tuple[Any, dict[str, Any]]:
         facts["quantized_layers"] = count_quantized(model)[0]  # before LoRA wraps the layers
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     facts["lora_targets"] = lora_targets(model, p.lora.target_modules)
-    model = get_peft_model(model, LoraConfig(r=p.lora.rank, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
-                                             target_modules=facts["lora_targets"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=p.lora.rank,
+            lora_alpha=p.lora.alpha,
+            lora_dropout=p.lora.dropout,
+            target_modules=facts["lora_targets"],
+            task_type="CAUSAL_LM",
+        ),
+    )
     facts["trainable_params"] = sum(x.numel() for x in model.parameters() if x.requires_grad)
     facts["total_params"] = sum(x.numel() for x in model.parameters())
     return model, facts
@@ -251,14 +280,33 @@ def _arguments(p: Any, scratch: Path, world: int, key: str) -> Any:
     nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     cuda = torch.cuda.is_available()
     return TrainingArguments(
-        output_dir=str(scratch), per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr, lr_scheduler_type=t.schedule, warmup_steps=t.warmup_steps, num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1, seed=t.seed, data_seed=t.seed, logging_steps=1, save_strategy="steps",
-        save_steps=t.checkpoint_every, save_total_limit=2, save_on_each_node=nodes > 1, use_cpu=not cuda, disable_tqdm=True,
+        output_dir=str(scratch),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.schedule,
+        warmup_steps=t.warmup_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=t.checkpoint_every,
+        save_total_limit=2,
+        save_on_each_node=nodes > 1,
+        use_cpu=not cuda,
+        disable_tqdm=True,
         train_sampling_strategy="group_by_length" if t.group_by_length and not t.packing else "random",
-        dataloader_num_workers=0, remove_unused_columns=False, log_level="error",
-        eval_strategy="steps" if t.eval_every else "no", eval_steps=t.eval_every, per_device_eval_batch_size=t.batch_size,
-        load_best_model_at_end=bool(t.eval_every), metric_for_best_model="eval_loss", greater_is_better=False,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        log_level="error",
+        eval_strategy="steps" if t.eval_every else "no",
+        eval_steps=t.eval_every,
+        per_device_eval_batch_size=t.batch_size,
+        load_best_model_at_end=bool(t.eval_every),
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
         ddp_backend=("nccl" if cuda else "gloo") if world > 1 else None,
         fsdp="full_shard" if t.distributed.strategy == "fsdp" and world > 1 else "",
         deepspeed=t.distributed.deepspeed_config() if t.distributed.strategy == "deepspeed" else None,
@@ -268,7 +316,9 @@ def _arguments(p: Any, scratch: Path, world: int, key: str) -> Any:
     )
 
 
-def _callbacks(t: Any, progress: Any, tokens: int, timing: dict[str, float], tensorboard_root: Path | None) -> list[Any]:
+def _callbacks(
+    t: Any, progress: Any, tokens: int, timing: dict[str, float], tensorboard_root: Path | None
+) -> list[Any]:
     """The clock (progress lines with loss, tokens/s and ETA; `timing` gets start and end), early stopping and
     TensorBoard (written into the artifact, by rank 0: `tensorboard_root`) as the recipe asks."""
     from transformers import TrainerCallback
@@ -291,9 +341,12 @@ def _callbacks(t: Any, progress: Any, tokens: int, timing: dict[str, float], ten
             left = (state.max_steps - state.global_step) / rate if rate else 0.0
             # every rank holds the whole dataset and `epoch` counts what all ranks together have been through
             per_s = tokens * ((state.epoch or 0.0) - timing["first_epoch"]) / elapsed if elapsed > 0 else 0.0
-            progress(state.max_steps, state.global_step,
-                     f"epoch {state.epoch or 0:.2f}, loss {logs['loss']:.4f}, lr {logs.get('learning_rate', 0):.2e}, "
-                     f"{per_s:,.0f} tokens/s, ETA {left:.0f} s")
+            progress(
+                state.max_steps,
+                state.global_step,
+                f"epoch {state.epoch or 0:.2f}, loss {logs['loss']:.4f}, lr {logs.get('learning_rate', 0):.2e}, "
+                f"{per_s:,.0f} tokens/s, ETA {left:.0f} s",
+            )
 
     callbacks: list[Any] = [Clock()]
     if t.early_stopping:
@@ -320,8 +373,9 @@ def _rank_digests(model: Any, rank: int, world: int) -> list[dict[str, Any]]:
     return digests
 
 
-def _save(job: dict[str, Any], p: Any, model: Any, trainer: Any, facts: dict[str, Any],
-          digests: list[dict[str, Any]]) -> None:
+def _save(
+    job: dict[str, Any], p: Any, model: Any, trainer: Any, facts: dict[str, Any], digests: list[dict[str, Any]]
+) -> None:
     """The artifact: the adapter, the rank hashes, train_result.json (losses and metrics) and the loss plot."""
     out = Path(job["out"])
     (out / "ranks").mkdir(parents=True, exist_ok=True)
@@ -332,12 +386,18 @@ def _save(job: dict[str, Any], p: Any, model: Any, trainer: Any, facts: dict[str
     steps = [h["step"] for h in history if "loss" in h]
     trainable, total = facts["trainable_params"], facts["total_params"]
     metrics = {
-        "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
         # the mean of the logged losses, not result.training_loss: that one covers only this run's steps, so a
         # resumed run would write a different number (and a different artifact) for the same training
-        "train_loss_mean": sum(losses) / len(losses) if losses else None, "steps": trainer.state.global_step,
-        "trainable_params": trainable, "total_params": total, "trainable_percent": round(100 * trainable / total, 4),
-        "lora_targets": facts["lora_targets"], "precision": p.model.precision, "world_size": len(digests),
+        "train_loss_mean": sum(losses) / len(losses) if losses else None,
+        "steps": trainer.state.global_step,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": round(100 * trainable / total, 4),
+        "lora_targets": facts["lora_targets"],
+        "precision": p.model.precision,
+        "world_size": len(digests),
         "fsdp": bool(getattr(trainer, "is_fsdp_enabled", False)),
         "epochs_done": trainer.state.epoch,
     }
@@ -352,12 +412,26 @@ def _save(job: dict[str, Any], p: Any, model: Any, trainer: Any, facts: dict[str
     val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     if val:
         best_step, best = min(val, key=lambda x: (x[1], x[0]))
-        metrics.update({"val_loss_best": best, "val_best_step": best_step, "val_loss_last": val[-1][1],
-                        "early_stopped": trainer.state.global_step < trainer.state.max_steps})
-    (out / "train_result.json").write_text(json.dumps({"metrics": metrics, "losses": losses, "steps": steps,
-                                                        "validation": {"steps": [s for s, _ in val],
-                                                                       "losses": [v for _, v in val]},
-                                                        "tokens_per_epoch": facts["tokens"]}, sort_keys=True))
+        metrics.update(
+            {
+                "val_loss_best": best,
+                "val_best_step": best_step,
+                "val_loss_last": val[-1][1],
+                "early_stopped": trainer.state.global_step < trainer.state.max_steps,
+            }
+        )
+    (out / "train_result.json").write_text(
+        json.dumps(
+            {
+                "metrics": metrics,
+                "losses": losses,
+                "steps": steps,
+                "validation": {"steps": [s for s, _ in val], "losses": [v for _, v in val]},
+                "tokens_per_epoch": facts["tokens"],
+            },
+            sort_keys=True,
+        )
+    )
     plot(steps, losses, val, out / "loss.png", title=f"train {str(job.get('key', ''))[:12]}")
 
 

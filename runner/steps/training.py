@@ -39,17 +39,25 @@ def make_tokenizer(ctx: StepContext) -> None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         special = ["<|endoftext|>", "<|pad|>"]
-        trainer = trainers.BpeTrainer(vocab_size=p.tokenizer.train.vocab_size, min_frequency=p.tokenizer.train.min_frequency,
-                                      special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=p.tokenizer.train.vocab_size,
+            min_frequency=p.tokenizer.train.min_frequency,
+            special_tokens=special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         tok.train_from_iterator(texts, trainer)
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                       pad_token="<|pad|>")
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|pad|>"
+        )
     else:
         from runner.steps.models import ModelSpec, base_dir
 
-        source = ctx.files[p.tokenizer.path] if p.tokenizer is not None and p.tokenizer.path else \
-            base_dir(ModelSpec(base=p.base or "", revision=p.commit or "main"), ctx.files, None)
+        source = (
+            ctx.files[p.tokenizer.path]
+            if p.tokenizer is not None and p.tokenizer.path
+            else base_dir(ModelSpec(base=p.base or "", revision=p.commit or "main"), ctx.files, None)
+        )
         try:
             fast = AutoTokenizer.from_pretrained(source, local_files_only=True)
         except (OSError, ValueError) as exc:
@@ -127,8 +135,13 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int) -> list[tupl
     return [(ids[i : i + seq_len], labels[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
 
 
-@step("train", version="3", params=TrainParams, libs=("torch", "transformers", "peft", "bitsandbytes", "accelerate"),
-      reproducible=False)
+@step(
+    "train",
+    version="3",
+    params=TrainParams,
+    libs=("torch", "transformers", "peft", "bitsandbytes", "accelerate"),
+    reproducible=False,
+)
 def train(ctx: StepContext) -> None:
     """Fine-tune LoRA adapters; resumable from the checkpoints in the step's scratch dir."""
     import runner.steps.trainer as trainer
@@ -141,14 +154,18 @@ def train(ctx: StepContext) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise StepError("strategy fsdp needs GPUs: on CPU, accelerate silently falls back to plain data "
-                            "parallelism, so runner refuses; use train.distributed.strategy: ddp here")
+            raise StepError(
+                "strategy fsdp needs GPUs: on CPU, accelerate silently falls back to plain data "
+                "parallelism, so runner refuses; use train.distributed.strategy: ddp here"
+            )
     if p.train.distributed.strategy == "deepspeed":
         import torch
 
         if not torch.cuda.is_available():
-            raise StepError("strategy deepspeed needs GPUs (DeepSpeed's ZeRO runs on CUDA); use "
-                            "train.distributed.strategy: ddp here")
+            raise StepError(
+                "strategy deepspeed needs GPUs (DeepSpeed's ZeRO runs on CUDA); use "
+                "train.distributed.strategy: ddp here"
+            )
         if importlib.util.find_spec("deepspeed") is None:
             raise StepError("strategy deepspeed needs the deepspeed package: pip install deepspeed")
     ctx.scratch.mkdir(parents=True, exist_ok=True)
@@ -162,7 +179,9 @@ def train(ctx: StepContext) -> None:
     ctx.metrics.update(json.loads((ctx.scratch / "run.json").read_text()))
 
 
-@step("merge", version="3", params=MergeParams, libs=("torch", "transformers", "peft", "safetensors"), reproducible=False)
+@step(
+    "merge", version="3", params=MergeParams, libs=("torch", "transformers", "peft", "safetensors"), reproducible=False
+)
 def merge(ctx: StepContext) -> None:
     """The base model with the trained adapter merged in (fp32 or bf16/fp16 weights), as safetensors, with
     the tokenizer and a chat template that prompts it as it was trained. `package` and `serve` use it."""
