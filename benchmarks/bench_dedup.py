@@ -3,10 +3,14 @@ writes mask and rejects) against datasketch's own MinHashLSH written by hand, wi
 3-grams of the lower-cased text), 128 permutations and threshold 0.8, and the same exact-Jaccard check of
 every LSH candidate (without it, LSH drops rows that are not near-duplicates). Both must reject the same rows.
 
+Also datatrove's own MinHash dedup (4 stages, 2 workers, 11 bands x 11 hashes: threshold ~0.80; given the same
+shingles by overriding its shingling): it has no exact check and removes whole clusters, so the table shows
+how many rows both remove and how many only one of them does.
+
 Rows: real Alpaca replies (../shared/data) and edited copies of them (a word changed, a sentence added),
 repeated with distinct suffixes up to --rows.
 
-    python benchmarks/bench_dedup.py [--rows 100000]
+    python benchmarks/bench_dedup.py [--rows 100000] [--skip-datatrove]   (datatrove: the bench extra)
 """
 
 from __future__ import annotations
@@ -62,9 +66,78 @@ def by_hand(texts: list[str]) -> set[int]:
     return dropped
 
 
+def by_datatrove(texts: list[str], work: Path) -> set[int]:
+    """datatrove's MinHash pipeline over the same texts (2 shards, 2 workers), with runner's shingles."""
+    import datatrove.pipeline.dedup.minhash as minhash
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.readers import ParquetReader
+    from datatrove.pipeline.writers import ParquetWriter
+
+    minhash.load_word_tokenizer = lambda language: None  # its word tokenizer (spaCy) is not used: our shingles
+
+    class SameShingles(MinhashDedupSignature):  # type: ignore[misc]
+        def get_shingles(self, text: str) -> np.ndarray:
+            return np.fromiter((self._hash_func(s.encode()) for s in shingles(text)), dtype=np.uint64).reshape((-1, 1))
+
+    half = len(texts) // 2
+    (work / "in").mkdir()
+    for k, (lo, hi) in enumerate([(0, half), (half, len(texts))]):
+        pq.write_table(
+            pa.table({"text": texts[lo:hi], "id": [str(i) for i in range(lo, hi)]}), work / "in" / f"{k:05d}.parquet"
+        )
+    config = MinhashConfig(num_buckets=11, hashes_per_bucket=11)  # 121 hashes, threshold ~(1/11)^(1/11) = 0.80
+    logs = str(work / "logs")
+    s1 = LocalPipelineExecutor(
+        [ParquetReader(str(work / "in")), SameShingles(str(work / "sigs"), config=config)],
+        tasks=2,
+        workers=2,
+        logging_dir=logs + "/1",
+    )
+    s2 = LocalPipelineExecutor(
+        [MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=config)],
+        tasks=config.num_buckets,
+        workers=2,
+        logging_dir=logs + "/2",
+        depends=s1,
+    )
+    s3 = LocalPipelineExecutor(
+        [MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=config)],
+        tasks=1,
+        logging_dir=logs + "/3",
+        depends=s2,
+    )
+    s4 = LocalPipelineExecutor(
+        [
+            ParquetReader(str(work / "in")),
+            MinhashDedupFilter(str(work / "remove")),
+            ParquetWriter(str(work / "kept"), output_filename="${rank}.parquet"),
+        ],
+        tasks=2,
+        workers=2,
+        logging_dir=logs + "/4",
+        depends=s3,
+    )
+    s4.run()
+    kept = {
+        int(i) for f in (work / "kept").glob("*.parquet") for i in pq.read_table(f, columns=["id"])["id"].to_pylist()
+    }
+    return set(range(len(texts))) - kept
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--skip-datatrove", action="store_true")
     args = ap.parse_args()
     from runner import api
 
@@ -92,6 +165,19 @@ def main() -> None:
         f"runner near_dedup step: {step.seconds:.1f} s (whole apply incl. source {total:.1f} s); "
         f"datasketch by hand: {hand:.1f} s -> datasketch / runner = {hand / step.seconds:.2f}x"
     )
+    if not args.skip_datatrove:
+        from loguru import logger
+
+        logger.remove()  # datatrove's per-stage reports
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            dt = by_datatrove([r["response"] for r in data], Path(tmp))
+            dt_s = time.perf_counter() - t
+        print(
+            f"datatrove MinHash (4 stages, 2 workers, 11x11 bands): {dt_s:.1f} s -> datatrove / runner = {dt_s / step.seconds:.2f}x; "
+            f"it removes {len(dt):,} rows: {len(dt & ours):,} of runner's, {len(dt - ours):,} runner keeps, "
+            f"and keeps {len(ours - dt):,} that runner removes"
+        )
 
 
 if __name__ == "__main__":
