@@ -129,6 +129,8 @@ def run_sql(work: Path, out: Path) -> None:
 
 
 def run_datatrove(work: Path, out: Path) -> None:
+    import shutil
+
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.exact_dedup import (
         ExactDedupConfig,
@@ -146,6 +148,7 @@ def run_datatrove(work: Path, out: Path) -> None:
 
     config = ExactDedupConfig(content_getter=lambda doc: normalise(doc.text).encode())
     d = work / "datatrove"
+    shutil.rmtree(d, ignore_errors=True)  # a fresh run: datatrove skips the tasks its logs mark completed
     logs = str(d / "logs")
     stage1 = LocalPipelineExecutor(
         [

@@ -58,7 +58,7 @@ def prepare(work: Path, seq_len: int, epochs: float) -> dict[str, str]:
     from runner import api
     from stores.datastore import table_sql
 
-    build = api.load(recipe(work, seq_len, epochs, False), cache_dir=work / "cache", targets=["tokenize"])
+    build = api.load(recipe(work, seq_len, epochs, False), cache_dir=work / "cache", targets=["tokenize", "model.init"])
     result = api.apply(build)
     assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
     arts = {s.name: s.artifact for s in result.steps}
@@ -91,6 +91,22 @@ def child_runner(work: Path, args: argparse.Namespace, packing: bool) -> dict[st
     }
 
 
+def same(args: argparse.Namespace) -> dict[str, object]:
+    """The training arguments every trainer here gets (runner's recipe says the same)."""
+    return {
+        "per_device_train_batch_size": 8,
+        "learning_rate": 1e-3,
+        "num_train_epochs": args.epochs,
+        "seed": 0,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "logging_steps": 50,
+        "disable_tqdm": True,
+        "lr_scheduler_type": "cosine",
+    }
+
+
 def _peft_model(paths: dict[str, str]):  # noqa: ANN202
     import torch
     from peft import LoraConfig, get_peft_model
@@ -114,16 +130,7 @@ def child_trl(work: Path, args: argparse.Namespace, packing: bool, paths: dict[s
     ds = Dataset.from_dict({"prompt": [r[0] for r in rows], "completion": [r[1] for r in rows]})
     config = SFTConfig(
         output_dir=str(work / "trl-out"),
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        num_train_epochs=args.epochs,
-        seed=0,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=50,
-        disable_tqdm=True,
-        lr_scheduler_type="cosine",
+        **same(args),
         max_length=args.seq_len,
         packing=packing,
         packing_strategy="wrapped",
@@ -158,16 +165,7 @@ def child_trainer(work: Path, args: argparse.Namespace, paths: dict[str, str]) -
     )
     targs = TrainingArguments(
         output_dir=str(work / "plain-out"),
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        num_train_epochs=args.epochs,
-        seed=0,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=50,
-        disable_tqdm=True,
-        lr_scheduler_type="cosine",
+        **same(args),
         train_sampling_strategy="group_by_length",
         dataloader_num_workers=0,
     )

@@ -13,6 +13,7 @@ has, for filters and for `runner sql`:
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ def connect(
 ) -> duckdb.DuckDBPyConnection:
     """A connection with runner's macros; relative file paths resolve against `search_path` when given."""
     config = {"file_search_path": str(search_path)} if search_path is not None else {}
+    # bounded memory: beyond it DuckDB spills sorts, windows and joins to disk (not to the working directory)
+    config["memory_limit"] = os.environ.get("RUNNER_DUCKDB_MEMORY", "2GB")
+    config["temp_directory"] = os.path.join(tempfile.gettempdir(), "runner-duckdb")
     con = duckdb.connect(str(database), read_only=read_only, config=config)
     # insertion order is what keeps outputs byte-identical run to run
     con.execute("set preserve_insertion_order = true")

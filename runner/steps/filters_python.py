@@ -65,36 +65,39 @@ class NearDedupFilter(FilterBase):
 
     def shingles(self, text: str | None) -> set[str]:
         """Word n-grams of the lower-cased text (a shorter text is one shingle)."""
-        words = (text or "").lower().split()
-        return {" ".join(words[j : j + self.ngram]) for j in range(max(1, len(words) - self.ngram + 1))}
+        return word_shingles(text, self.ngram)
 
     def python(self, ctx: StepContext, table: Any) -> list[Any]:
         from functools import lru_cache
 
-        from datasketch import MinHash, MinHashLSH
+        from datasketch import LeanMinHash, MinHash, MinHashLSH
 
         lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
+        scheme = MinHash(num_perm=self.num_perm, seed=self.seed).scheme  # how the blocks' values were made
         out: list[Any] = []
         ids = table.column("id").to_pylist()
         texts = table.column("text").to_pylist()
         kept = lru_cache(maxsize=65536)(lambda j: self.shingles(texts[j]))  # candidates are kept rows, often again
-        for i, text in enumerate(texts):
-            shingles = self.shingles(text)
-            m = MinHash(num_perm=self.num_perm, seed=self.seed)
-            m.update_batch([s.encode() for s in shingles])
-            best: tuple[float, int] | None = None
-            for j in lsh.query(m):  # candidates only: confirm each with the exact Jaccard
-                other = kept(j)
-                jaccard = len(shingles & other) / len(shingles | other)
-                if jaccard >= self.threshold and (best is None or (jaccard, -j) > (best[0], -best[1])):
-                    best = (jaccard, j)
-            if best is None:
-                lsh.insert(i, m)
-                out.append(None)
-            else:
-                out.append(f"of {ids[best[1]]} (jaccard {best[0]:.3f})")
-            if i % 5000 == 0:
-                ctx.progress(table.num_rows, i)
+        i = 0
+        for block in signature_blocks(texts, self.ngram, self.num_perm, self.seed):
+            for hashvalues in block:
+                m = LeanMinHash(seed=self.seed, hashvalues=hashvalues, scheme=scheme)
+                best: tuple[float, int] | None = None
+                candidates = lsh.query(m)
+                if candidates:  # candidates only: confirm each with the exact Jaccard
+                    shingles = self.shingles(texts[i])
+                    for j in candidates:
+                        other = kept(j)
+                        jaccard = len(shingles & other) / len(shingles | other)
+                        if jaccard >= self.threshold and (best is None or (jaccard, -j) > (best[0], -best[1])):
+                            best = (jaccard, j)
+                if best is None:
+                    lsh.insert(i, m, check_duplication=False)
+                    out.append(None)
+                else:
+                    out.append(f"of {ids[best[1]]} (jaccard {best[0]:.3f})")
+                i += 1
+            ctx.progress(table.num_rows, i)
         return out
 
     def reason(self) -> str:
@@ -166,3 +169,44 @@ class SimilarityFilter(FilterBase):
     def reason(self) -> str:
         detail = f"'prompt/response similarity ' || round(_value, 3) || ' < {self.min_similarity}'"
         return f"case when _value < {self.min_similarity} then {why('off_topic', detail)} else null end"
+
+
+def word_shingles(text: str | None, n: int) -> set[str]:
+    words = (text or "").lower().split()
+    return {" ".join(words[j : j + n]) for j in range(max(1, len(words) - n + 1))}
+
+
+def _signatures(texts: list[str | None], n: int, num_perm: int, seed: int) -> Any:
+    """datasketch's MinHash values (its sha1 hash and permutations, shared across the block) of each text's
+    word n-grams, one uint64 row per text."""
+    import numpy as np
+    from datasketch import MinHash
+
+    sets = [[s.encode() for s in word_shingles(t, n)] for t in texts]
+    return np.stack([m.hashvalues for m in MinHash.bulk(sets, num_perm=num_perm, seed=seed)])
+
+
+def signature_blocks(texts: list[str | None], n: int, num_perm: int, seed: int, block: int = 20_000) -> Any:
+    """MinHash values in blocks, in text order: computed by worker processes (one per core) ahead of the
+    caller when there are many texts, so the sequential LSH pass overlaps them. The same values as in-process."""
+    import multiprocessing
+    import os
+
+    starts = range(0, len(texts), block)
+    workers = min(os.cpu_count() or 1, 4)
+    # forked workers (they run only datasketch and numpy); where fork is not offered, in-process
+    if len(starts) < 3 or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        for s in starts:
+            yield _signatures(texts[s : s + block], n, num_perm, seed)
+        return
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        pending: deque[Any] = deque()
+        for s in starts:  # at most 2 blocks per worker in flight: memory stays bounded
+            pending.append(pool.submit(_signatures, texts[s : s + block], n, num_perm, seed))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

@@ -119,14 +119,15 @@ def embed_chunks(ctx: StepContext) -> None:
     con.close()
     memo = VectorMemo(ctx.memo(f"vectors-{model_identity(ctx, p.model)}"))
     known = memo.get(sorted({r[1] for r in rows}))
-    todo = sorted({(h, t) for _, h, t in rows if h not in known})
+    # by length, so each batch holds texts of about one length (least padding); by hash among equals
+    todo = sorted({(h, t) for _, h, t in rows if h not in known}, key=lambda x: (len(x[1]), x[0]))
     fresh: dict[str, Any] = {}
     encode_seconds = 0.0
     if todo:
         import time
 
         model = load_embedder(p.model, ctx.files)
-        step_size = 1024  # large calls let the model sort by length (less padding); each is committed to the memo
+        step_size = 1024  # each call's vectors are committed to the memo (a killed build keeps them)
         for i in range(0, len(todo), step_size):
             part = todo[i : i + step_size]
             started = time.perf_counter()

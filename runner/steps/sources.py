@@ -541,12 +541,18 @@ def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
                  when {empty.format(q["prompt"])} then {{'reason': 'empty_text', 'detail': 'turn 1 (user) is empty'}}
                  when {empty.format(q["response"])} then {{'reason': 'empty_text', 'detail': 'turn 2 (assistant) is empty'}}
             end as _why, file_row_number from {source} {limit}""")
+        # ids from an id column may repeat (later ones are rejects); record numbers never do: no window then
+        why_dup = (
+            """case when _why is null and row_number() over (partition by id, _why is null
+                                                                    order by file_row_number) > 1
+                 then {'reason': 'duplicate_id', 'detail': 'repeats the id of record ' ||
+                        (min(file_row_number) over (partition by id, _why is null) + 1) || ', which is kept'}
+                 else _why end"""
+            if "id" in q
+            else "_why"
+        )
         con.execute(f"""create temp table t as select * exclude (_why),
-            {group} as group_id, null::varchar as tools,
-            case when _why is null and row_number() over (partition by id, _why is null order by file_row_number) > 1
-                 then {{'reason': 'duplicate_id', 'detail': 'repeats the id of record ' ||
-                        (min(file_row_number) over (partition by id, _why is null) + 1) || ', which is kept'}}
-                 else _why end as _why
+            {group} as group_id, null::varchar as tools, {why_dup} as _why
             from r""")
         finish(
             ctx,
