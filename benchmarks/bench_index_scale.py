@@ -104,17 +104,27 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     vectors = embeddings(corpus[:size], args.cache / f"corpus-{size}.npy")
     queries = embeddings(claims, args.cache / "claims.npy")
-    print(f"{'vectors':>8} {'ef auto':>7} {'sample recall@10':>16} {'claims recall@10':>16} {'build s':>8}")
+    print(
+        f"{'vectors':>8} {'ef auto':>7} {'sample recall@10':>16} {'claims recall@10':>16} {'build s':>8} "
+        f"{'index MiB':>9} {'queries/s':>9}"
+    )
     for n in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             info = build(vectors[:n], Path(tmp), metric="cosine", m=16, ef_construction=200, exact=False, info={})
             seconds = time.perf_counter() - started
+            mib = sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2**20  # the index in memory is as big
             index = VectorIndex.open(Path(tmp))
+            index.hnsw.set_num_threads(1)
+            started = time.perf_counter()
             got, _ = index.nearest(queries, 10)
+            qps = len(queries) / (time.perf_counter() - started)
             truth, _ = exact_search(vectors[:n], queries, 10, "cosine")
             recall = float(np.mean([len(set(a) & set(t)) / 10 for a, t in zip(got.tolist(), truth.tolist())]))
-        print(f"{n:>8,} {info['ef_search']:>7} {info['sample_recall@10']:>16.4f} {recall:>16.4f} {seconds:>8.1f}")
+        print(
+            f"{n:>8,} {info['ef_search']:>7} {info['sample_recall@10']:>16.4f} {recall:>16.4f} {seconds:>8.1f} "
+            f"{mib:>9.1f} {qps:>9,.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def export_split(ctx: StepContext) -> None:
                 )
             ctx.rows[split] = int(scalar(con, f"select count(*) from {source}"))
             if "datasets" in p.formats:
-                parts[split] = con.sql(f"select * from {source}").to_arrow_table()
+                parts[split] = con.sql(f"select * from {source}").fetch_record_batch(100_000).read_all()
         if "datasets" in p.formats:
             import datasets
 

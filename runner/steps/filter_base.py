@@ -83,7 +83,10 @@ def run_filter(ctx: StepContext) -> None:
         if p.derived():
             source = f"(select *, {p.derived()} from {source})"
         if p.python_input():
-            table = con.sql(f"select {p.python_input()} from {source} order by file_row_number").to_arrow_table()
+            # streamed out of DuckDB and put in order by Arrow: a sort carrying every text would have to fit in
+            # DuckDB's memory limit, the Python side's copy does not
+            query = f"select file_row_number as _n, {p.python_input()} from {source}"
+            table = con.sql(query).fetch_record_batch(100_000).read_all().sort_by("_n").drop(["_n"])
             values = p.python(ctx, table)
             con.register("_py", pa.table({"_id": table.column("id"), "_value": pa.array(values)}))
             source = f"(select s.*, _py._value from {source} s join _py on s.id = _py._id)"

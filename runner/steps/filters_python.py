@@ -86,9 +86,13 @@ class NearDedupFilter(FilterBase):
                 candidates = lsh.query(m)
                 if candidates:  # candidates only: confirm each with the exact Jaccard
                     shingles = self.shingles(texts[i])
+                    size = len(shingles)
                     for j in candidates:
                         other = kept(j)
-                        jaccard = len(shingles & other) / len(shingles | other)
+                        if min(size, len(other)) < self.threshold * max(size, len(other)) - 1e-9:
+                            continue  # Jaccard <= the smaller set / the larger: below the threshold
+                        common = len(shingles & other)
+                        jaccard = common / (size + len(other) - common)
                         if jaccard >= self.threshold and (best is None or (jaccard, -j) > (best[0], -best[1])):
                             best = (jaccard, j)
                 if best is None:

@@ -122,7 +122,7 @@ def format_rows(ctx: StepContext) -> None:
         )
         if p.template == "chat":
             source = open_input(ctx, row_numbers=True)
-            table = con.sql(f"select id, turns, tools from {source}").to_arrow_table()
+            table = con.sql(f"select id, turns, tools from {source}").fetch_record_batch(100_000).read_all()
             _register_chat(con, ctx, table)
             problem_chat = f"case when c.problem is not null then {why('template_failed', 'c.problem')} end"
             con.execute(f"""create temp table t as select s.id, s.source, s.group_id, s.file_row_number, c.prompt,
