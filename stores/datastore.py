@@ -41,8 +41,10 @@ def connect(
 ) -> duckdb.DuckDBPyConnection:
     """A connection with runner's macros; relative file paths resolve against `search_path` when given."""
     config = {"file_search_path": str(search_path)} if search_path is not None else {}
-    # bounded memory: beyond it DuckDB spills sorts, windows and joins to disk (not to the working directory)
-    config["memory_limit"] = os.environ.get("RUNNER_DUCKDB_MEMORY", "2GB")
+    # RUNNER_DUCKDB_MEMORY bounds DuckDB's memory: beyond it, sorts, windows and joins spill to disk (never
+    # to the working directory); unset, DuckDB takes up to 80% of RAM as it needs
+    if os.environ.get("RUNNER_DUCKDB_MEMORY"):
+        config["memory_limit"] = os.environ["RUNNER_DUCKDB_MEMORY"]
     config["temp_directory"] = os.path.join(tempfile.gettempdir(), "runner-duckdb")
     con = duckdb.connect(str(database), read_only=read_only, config=config)
     # insertion order is what keeps outputs byte-identical run to run

@@ -19,7 +19,7 @@ Turn a declarative YAML recipe into a fine-tuned, served LLM, reproducibly.
 A recipe becomes a graph of content-hashed steps (sources, filters, format, split, ...).
 `apply` builds only the steps whose key is not already in the cache; `plan` says which
 those are and why. The cache lives in $RUNNER_CACHE (default ~/.cache/runner), or --cache-dir.
-Data steps run DuckDB within $RUNNER_DUCKDB_MEMORY (default 2GB) and spill to $TMPDIR/runner-duckdb.
+$RUNNER_DUCKDB_MEMORY (e.g. 2GB) bounds DuckDB's memory in data steps; beyond it they spill to $TMPDIR.
 """
 
 EPILOG = """\
