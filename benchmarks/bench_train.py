@@ -107,6 +107,20 @@ def same(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def timed(trainer: object, tokens: float) -> dict[str, float]:
+    """Seconds in the training loop (as runner's manifest times it), tokens fed, the last logged loss."""
+    import time
+
+    start = time.perf_counter()
+    result = trainer.train()  # type: ignore[attr-defined]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # type: ignore[attr-defined]
+    return {
+        "seconds": time.perf_counter() - start,
+        "tokens": tokens,
+        "loss": losses[-1] if losses else result.training_loss,
+    }
+
+
 def _peft_model(paths: dict[str, str]):  # noqa: ANN202
     import torch
     from peft import LoraConfig, get_peft_model
@@ -119,7 +133,6 @@ def _peft_model(paths: dict[str, str]):  # noqa: ANN202
 
 
 def child_trl(work: Path, args: argparse.Namespace, packing: bool, paths: dict[str, str]) -> dict[str, float]:
-    import time
 
     from datasets import Dataset
     from transformers import AutoTokenizer, PrinterCallback
@@ -139,20 +152,10 @@ def child_trl(work: Path, args: argparse.Namespace, packing: bool, paths: dict[s
     )
     trainer = SFTTrainer(model=_peft_model(paths), args=config, train_dataset=ds, processing_class=tok)
     trainer.remove_callback(PrinterCallback)
-    data = trainer.train_dataset
-    tokens = sum(len(x) for x in data["input_ids"]) * args.epochs
-    start = time.perf_counter()
-    result = trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {
-        "seconds": time.perf_counter() - start,
-        "tokens": tokens,
-        "loss": losses[-1] if losses else result.training_loss,
-    }
+    return timed(trainer, sum(len(x) for x in trainer.train_dataset["input_ids"]) * args.epochs)
 
 
 def child_trainer(work: Path, args: argparse.Namespace, paths: dict[str, str]) -> dict[str, float]:
-    import time
 
     from datasets import Dataset
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling, PrinterCallback, Trainer, TrainingArguments
@@ -176,15 +179,7 @@ def child_trainer(work: Path, args: argparse.Namespace, paths: dict[str, str]) -
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
     )
     trainer.remove_callback(PrinterCallback)
-    tokens = sum(len(x) for x in ds["input_ids"]) * args.epochs
-    start = time.perf_counter()
-    result = trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {
-        "seconds": time.perf_counter() - start,
-        "tokens": tokens,
-        "loss": losses[-1] if losses else result.training_loss,
-    }
+    return timed(trainer, sum(len(x) for x in ds["input_ids"]) * args.epochs)
 
 
 def child(name: str, work: Path, args: argparse.Namespace) -> None:
