@@ -71,6 +71,8 @@ def _tag(model: type[BaseModel]) -> str:
 def _walk(model: type[BaseModel], path: str, seen: set[type[BaseModel]], out: list[str]) -> None:
     """Sections in key-path order: a model, then the models under each of its keys (a model used at
     two key paths is described at the first)."""
+    from runner.schema import models_in
+
     if model in seen:
         return
     seen.add(model)
@@ -78,7 +80,7 @@ def _walk(model: type[BaseModel], path: str, seen: set[type[BaseModel]], out: li
     for name, field in model.model_fields.items():
         plural = typing.get_origin(_unwrap(field.annotation)) is list
         key = f"{path}.{name}" if path else name
-        for sub in _models_in(field.annotation):
+        for sub in models_in(field.annotation):
             _walk(sub, key + ("[]" if plural else ""), seen, out)
 
 
@@ -92,12 +94,6 @@ def _unwrap(annotation: Any) -> Any:
             annotation = next(a for a in args if a is not type(None))
         else:
             return annotation
-
-
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
 def recipe_reference() -> str:

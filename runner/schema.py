@@ -124,9 +124,13 @@ def _models(model: type[BaseModel], seen: set[type[BaseModel]]) -> None:
         return
     seen.add(model)
     for field in model.model_fields.values():
-        for arg in _types(field.annotation):
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                _models(arg, seen)
+        for sub in models_in(field.annotation):
+            _models(sub, seen)
+
+
+def models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The models an annotation names, in order (inside unions, lists, Optional, Annotated)."""
+    return [t for t in _types(annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
 
 
 def _types(annotation: Any) -> list[Any]:
