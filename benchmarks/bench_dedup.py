@@ -10,7 +10,9 @@ how many rows both remove and how many only one of them does.
 Rows: real Alpaca replies (../shared/data) and edited copies of them (a word changed, a sentence added),
 repeated with distinct suffixes up to --rows.
 
-    python benchmarks/bench_dedup.py [--rows 100000] [--skip-datatrove]   (datatrove: the bench extra)
+    python benchmarks/bench_dedup.py [--rows 100000] [--repeat 3] [--hand-repeat 1] [--skip-datatrove]
+
+(datatrove: the bench extra). runner's time is its step's own (the source step is not counted).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -134,14 +137,10 @@ def by_datatrove(texts: list[str], work: Path) -> set[int]:
     return set(range(len(texts))) - kept
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=100_000)
-    ap.add_argument("--skip-datatrove", action="store_true")
-    args = ap.parse_args()
+def run_runner(data: list[dict[str, str]]) -> tuple[float, set[int]]:
+    """runner's near_dedup step (its own seconds, from a fresh cache) and the rows it rejects."""
     from runner import api
 
-    data = rows(args.rows)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "rows.jsonl"
         src.write_text("".join(json.dumps(r) + "\n" for r in data))
@@ -149,34 +148,66 @@ def main() -> None:
             "data:\n  sources: [{name: s, format: jsonl, path: rows.jsonl}]\n"
             "  filters: [{kind: near_dedup, field: response, threshold: 0.8}]\n"
         )
-        t = time.perf_counter()
         b = api.load(Path(tmp) / "r.yaml", cache_dir=Path(tmp) / "cache")
         result = api.apply(b)
         assert result.ok
-        total = time.perf_counter() - t
         step = next(s for s in result.steps if s.name == "filter.near_dedup")
-        ours = {int(r[0].split("/")[1]) - 1 for r in api.sql(b, "select id from filter_near_dedup__rejects")[1]}
-    t = time.perf_counter()
-    theirs = by_hand([r["response"] for r in data])
-    hand = time.perf_counter() - t
-    assert ours == theirs, (len(ours), len(theirs), len(ours ^ theirs))
-    print(f"{args.rows:,} rows, {len(ours):,} near-duplicates found by both (same rows)")
-    print(
-        f"runner near_dedup step: {step.seconds:.1f} s (whole apply incl. source {total:.1f} s); "
-        f"datasketch by hand: {hand:.1f} s -> datasketch / runner = {hand / step.seconds:.2f}x"
-    )
-    if not args.skip_datatrove:
-        from loguru import logger
+        rejected = {int(r[0].split("/")[1]) - 1 for r in api.sql(b, "select id from filter_near_dedup__rejects")[1]}
+    return step.seconds, rejected
 
-        logger.remove()  # datatrove's per-stage reports
-        with tempfile.TemporaryDirectory() as tmp:
-            t = time.perf_counter()
-            dt = by_datatrove([r["response"] for r in data], Path(tmp))
-            dt_s = time.perf_counter() - t
+
+def run_datasketch(data: list[dict[str, str]]) -> tuple[float, set[int]]:
+    t = time.perf_counter()
+    dropped = by_hand([r["response"] for r in data])
+    return time.perf_counter() - t, dropped
+
+
+def run_datatrove(data: list[dict[str, str]]) -> tuple[float, set[int]]:
+    from loguru import logger
+
+    logger.remove()  # datatrove's per-stage reports
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        dropped = by_datatrove([r["response"] for r in data], Path(tmp))
+        return time.perf_counter() - t, dropped
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of runner and datatrove (median and spread)")
+    ap.add_argument(
+        "--hand-repeat", type=int, default=1, help="runs of datasketch by hand (the slowest; its rows are the check)"
+    )
+    ap.add_argument("--skip-datatrove", action="store_true")
+    args = ap.parse_args()
+    data = rows(args.rows)
+    plan = [("runner", run_runner, args.repeat), ("datasketch", run_datasketch, args.hand_repeat)]
+    if not args.skip_datatrove:
+        plan.append(("datatrove", run_datatrove, args.repeat))
+    times: dict[str, list[float]] = {name: [] for name, _, _ in plan}
+    dropped: dict[str, set[int]] = {}
+    for k in range(max(n for _, _, n in plan)):
+        for name, run, n in plan:
+            if k < n:
+                seconds, rows_out = run(data)
+                times[name].append(seconds)
+                assert dropped.setdefault(name, rows_out) == rows_out, f"{name} changed its rows between runs"
+    ours = dropped["runner"]
+    assert ours == dropped["datasketch"], (len(ours), len(dropped["datasketch"]), len(ours ^ dropped["datasketch"]))
+    print(f"{args.rows:,} rows; runner and datasketch by hand remove the same {len(ours):,} rows")
+    base = statistics.median(times["runner"])
+    print(f"{'':<12} {'seconds, median (min-max)':>28} {'runs':>5} {'time / runner':>14}")
+    for name, _, _ in plan:
+        s = sorted(times[name])
         print(
-            f"datatrove MinHash (4 stages, 2 workers, 11x11 bands): {dt_s:.1f} s -> datatrove / runner = {dt_s / step.seconds:.2f}x; "
-            f"it removes {len(dt):,} rows: {len(dt & ours):,} of runner's, {len(dt - ours):,} runner keeps, "
-            f"and keeps {len(ours - dt):,} that runner removes"
+            f"{name:<12} {statistics.median(s):>10.1f} ({s[0]:.1f}-{s[-1]:.1f}) {len(s):>12} {statistics.median(s) / base:>13.2f}x"
+        )
+    if "datatrove" in dropped:
+        dt = dropped["datatrove"]
+        print(
+            f"datatrove (4 stages, 2 workers, 11x11 bands, no exact check) removes {len(dt):,} rows: "
+            f"{len(dt & ours):,} of runner's, {len(dt - ours):,} runner keeps, {len(ours - dt):,} runner removes and it keeps"
         )
 
 

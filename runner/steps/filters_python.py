@@ -48,8 +48,9 @@ class LanguageFilter(FilterBase):
 class NearDedupFilter(FilterBase):
     """Drop near-duplicates: rows whose word n-gram Jaccard similarity with an earlier kept row is at least
     `threshold`. MinHash LSH (datasketch) proposes candidates; every candidate is checked with the exact
-    Jaccard of the same shingles before a row is dropped, so no reject is below the threshold. Pairs above
-    it are found with LSH's recall (the S-curve of its bands and rows at `num_perm`)."""
+    Jaccard of the same shingles (compared by 64-bit hash, see `shingle_keys`) before a row is dropped, so no
+    reject is below the threshold. Pairs above it are found with LSH's recall (the S-curve of its bands and
+    rows at `num_perm`)."""
 
     kind: Literal["near_dedup"]
     field: FieldName = "text"
@@ -68,8 +69,6 @@ class NearDedupFilter(FilterBase):
         return word_shingles(text, self.ngram)
 
     def python(self, ctx: StepContext, table: Any) -> list[Any]:
-        from functools import lru_cache
-
         from datasketch import LeanMinHash, MinHash, MinHashLSH
 
         lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
@@ -77,26 +76,20 @@ class NearDedupFilter(FilterBase):
         out: list[Any] = []
         ids = table.column("id").to_pylist()
         texts = table.column("text").to_pylist()
-        kept = lru_cache(maxsize=65536)(lambda j: self.shingles(texts[j]))  # candidates are kept rows, often again
+        kept = _Recent(lambda j: shingle_keys(self.shingles(texts[j])))  # candidates are kept rows, often again
         i = 0
-        for block in signature_blocks(texts, self.ngram, self.num_perm, self.seed):
-            for hashvalues in block:
+        for values, keys, bounds in signature_blocks(texts, self.ngram, self.num_perm, self.seed):
+            for r, hashvalues in enumerate(values):
                 m = LeanMinHash(seed=self.seed, hashvalues=hashvalues, scheme=scheme)
+                key = frozenset(keys[bounds[r] : bounds[r + 1]].tolist())
                 best: tuple[float, int] | None = None
-                candidates = lsh.query(m)
-                if candidates:  # candidates only: confirm each with the exact Jaccard
-                    shingles = self.shingles(texts[i])
-                    size = len(shingles)
-                    for j in candidates:
-                        other = kept(j)
-                        if min(size, len(other)) < self.threshold * max(size, len(other)) - 1e-9:
-                            continue  # Jaccard <= the smaller set / the larger: below the threshold
-                        common = len(shingles & other)
-                        jaccard = common / (size + len(other) - common)
-                        if jaccard >= self.threshold and (best is None or (jaccard, -j) > (best[0], -best[1])):
-                            best = (jaccard, j)
+                for j in lsh.query(m):  # candidates only: each checked with the Jaccard of the shingles
+                    jaccard = _jaccard(key, kept[j])
+                    if jaccard >= self.threshold and (best is None or (jaccard, -j) > (best[0], -best[1])):
+                        best = (jaccard, j)
                 if best is None:
                     lsh.insert(i, m, check_duplication=False)
+                    kept[i] = key
                     out.append(None)
                 else:
                     out.append(f"of {ids[best[1]]} (jaccard {best[0]:.3f})")
@@ -177,21 +170,57 @@ class SimilarityFilter(FilterBase):
 
 def word_shingles(text: str | None, n: int) -> set[str]:
     words = (text or "").lower().split()
-    return {" ".join(words[j : j + n]) for j in range(max(1, len(words) - n + 1))}
+    if len(words) <= n:
+        return {" ".join(words)}
+    return set(map(" ".join, zip(*(words[k:] for k in range(n)))))
+
+
+def shingle_keys(shingles: set[str]) -> frozenset[int]:
+    """The shingles' 64-bit string hashes: cheaper to compare than the strings and to send between processes
+    (forked workers hash as their parent does). A Jaccard of these is the shingles' own unless two distinct
+    shingles of the pair share a hash: odds of about |a| * |b| in 2^64, 1e-16 for texts of 100 shingles."""
+    return frozenset(map(hash, shingles))
+
+
+def _jaccard(a: frozenset[int], b: frozenset[int]) -> float:
+    common = len(a & b)
+    return common / (len(a) + len(b) - common)
+
+
+class _Recent(dict[int, Any]):
+    """The last `size` values set (or made by `make` for a key asked for and missing), by key."""
+
+    def __init__(self, make: Any, size: int = 65_536) -> None:
+        super().__init__()
+        self.make, self.size = make, size
+
+    def __missing__(self, key: int) -> Any:
+        self[key] = value = self.make(key)
+        return value
+
+    def __setitem__(self, key: int, value: Any) -> None:
+        super().pop(key, None)  # to the end: the most recent
+        super().__setitem__(key, value)
+        if len(self) > self.size:
+            del self[next(iter(self))]
 
 
 def _signatures(texts: list[str | None], n: int, num_perm: int, seed: int) -> Any:
-    """datasketch's MinHash values (its sha1 hash and permutations, shared across the block) of each text's
-    word n-grams, one uint64 row per text."""
+    """Each text's word n-grams as datasketch's MinHash values (its sha1 hash and permutations, one row of
+    `num_perm` per text) and as `shingle_keys` (flat: text r's from bounds[r] to bounds[r + 1])."""
     import numpy as np
     from datasketch import MinHash
 
-    sets = [[s.encode() for s in word_shingles(t, n)] for t in texts]
-    return np.stack([m.hashvalues for m in MinHash.bulk(sets, num_perm=num_perm, seed=seed)])
+    sets = [word_shingles(t, n) for t in texts]
+    bounds = np.concatenate([[0], np.cumsum(np.fromiter(map(len, sets), np.int64, len(sets)))])
+    keys = np.fromiter((hash(s) for x in sets for s in x), np.int64, int(bounds[-1]))
+    encoded = ("\n".join(x).encode().split(b"\n") for x in sets)  # shingles hold no newline (split on spaces)
+    values = np.stack([m.hashvalues for m in MinHash.bulk(encoded, num_perm=num_perm, seed=seed)])
+    return values, keys, bounds
 
 
 def signature_blocks(texts: list[str | None], n: int, num_perm: int, seed: int, block: int = 20_000) -> Any:
-    """MinHash values in blocks, in text order: computed by worker processes (one per core) ahead of the
+    """`_signatures` in blocks, in text order: computed by worker processes (one per core) ahead of the
     caller when there are many texts, so the sequential LSH pass overlaps them. The same values as in-process."""
     import multiprocessing
     import os
