@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,47 +35,59 @@ PROMPTS = [
 ]
 
 
-def serve(recipe: Path, cache: str, batch_size: int, *sets: str) -> tuple[str, subprocess.Popen]:
-    """`runner serve` in its own process, as users run it (so the load generator never shares its GIL)."""
-    import httpx
-
+def free_port() -> int:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "runner",
-            "serve",
-            str(recipe),
-            "--port",
-            str(port),
-            "--quiet",
-            "--set",
-            f"serve.batch_size={batch_size}",
-            "--set",
-            "serve.max_tokens=256",
-            *[x for kv in sets for x in ("--set", kv)],
-        ],
-        env={**os.environ, "RUNNER_CACHE": cache, "OMP_NUM_THREADS": "2"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    return port
+
+
+def started(cmd: list[str], env: dict[str, str], base: str) -> subprocess.Popen:
+    """A server process, once `base`/v1/models answers (its log in a file: a pipe nobody reads would fill and stall
+    it; the log's end is the error if it does not start)."""
+    import httpx
+
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         try:
-            httpx.get(url.replace("chat/completions", "models"), timeout=1)
-            return url, proc
+            httpx.get(f"{base}/v1/models", timeout=1)
+            return proc
         except httpx.HTTPError:
             time.sleep(0.2)
-    raise RuntimeError("runner serve did not start")
+    proc.kill()
+    log.seek(0)
+    raise RuntimeError(f"{' '.join(cmd[:4])} did not start: {log.read().decode(errors='replace')[-2000:]}")
 
 
-def load(clients: int, url: str, seconds: float, max_tokens: int, model: str = "quickstart-tuned") -> dict[str, float]:
-    """`clients` concurrent clients (asyncio, one thread), each sending requests back to back for `seconds`."""
+def serve(recipe: Path, cache: str, batch_size: int, *sets: str) -> tuple[str, subprocess.Popen]:
+    """`runner serve` in its own process, as users run it (so the load generator never shares its GIL)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "runner", "serve", str(recipe), "--port", str(port), "--quiet"]
+    for kv in (f"serve.batch_size={batch_size}", "serve.max_tokens=256", *sets):
+        cmd += ["--set", kv]
+    proc = started(cmd, {"RUNNER_CACHE": cache, "OMP_NUM_THREADS": "2"}, f"http://127.0.0.1:{port}")
+    return f"http://127.0.0.1:{port}/v1/chat/completions", proc
+
+
+def chat(model: str, question: str, max_tokens: int) -> dict[str, object]:
+    """A chat completion request to `runner serve`: exactly `max_tokens` tokens (`min_tokens` holds off the end)."""
+    messages = [{"role": "user", "content": question}]
+    return {"model": model, "max_tokens": max_tokens, "min_tokens": max_tokens, "messages": messages}
+
+
+def load(
+    clients: int,
+    url: str,
+    seconds: float,
+    max_tokens: int,
+    model: str = "quickstart-tuned",
+    body: Callable[[str, str, int], dict[str, object]] = chat,
+) -> dict[str, float]:
+    """`clients` concurrent clients (asyncio, one thread), each sending requests (`body(model, question,
+    max_tokens)`) back to back for `seconds`."""
     import asyncio
 
     import httpx
@@ -86,15 +99,7 @@ def load(clients: int, url: str, seconds: float, max_tokens: int, model: str = "
         i = c
         while time.perf_counter() < stop:
             t = time.perf_counter()
-            r = await http.post(
-                url,
-                json={
-                    "model": model,
-                    "max_tokens": max_tokens,
-                    "min_tokens": max_tokens,
-                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                },
-            )
+            r = await http.post(url, json=body(model, PROMPTS[i % len(PROMPTS)], max_tokens))
             r.raise_for_status()
             latencies.append(time.perf_counter() - t)
             tokens[0] += r.json()["usage"]["completion_tokens"]

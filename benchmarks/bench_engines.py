@@ -1,9 +1,13 @@
 """Serving engines on the same model: runner's built-in (transformers, continuous batching) on the merged
 quickstart model vs llama.cpp (`serve.engine: llama_cpp`) on its GGUF at f16 and q8_0, each behind `runner serve`
-in its own process, 1 and 4 asyncio clients, greedy answers of exactly --max-tokens tokens. Prints tokens/s,
-p50 and p99 per engine (median of --repeats runs) and each engine's ratio to the built-in one.
+in its own process, and the same GGUF files in llama.cpp's own OpenAI server (llama-cpp-python's
+`llama_cpp.server`, on all cores as runner's engine runs it), 1 and 4 asyncio clients, greedy answers of exactly
+--max-tokens tokens (its server is sent the prompt runner would build, with the end-of-text token banned by
+`logit_bias`). Prints tokens/s, p50 and p99 per engine (median of --repeats runs) and each engine's ratio to
+the built-in one.
 
-Needs the `gguf` extra and llama.cpp's converter (RUNNER_GGUF_CONVERTER, as in .ci/run).
+Needs the `gguf` extra, llama.cpp's converter (RUNNER_GGUF_CONVERTER, as in .ci/run) and, for llama.cpp's own
+server, the `bench` extra (its server's packages).
 
     python benchmarks/bench_engines.py [--seconds 6] [--max-tokens 32] [--repeats 3]
 """
@@ -19,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_batching import load, serve  # noqa: E402
+from bench_batching import free_port, load, serve, started  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,10 +55,17 @@ def main() -> None:
         for engine, (model, sets) in engines.items():
             url, proc = serve(recipe, str(cache), 16, *sets)
             try:
-                load(1, url, 2, args.max_tokens, model)  # warm-up
-                for clients in (1, 4):
-                    runs = [load(clients, url, args.seconds, args.max_tokens, model) for _ in range(args.repeats)]
-                    results[(engine, clients)] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                results.update(measure(engine, url, model, args))
+            finally:
+                proc.terminate()
+                proc.wait()
+        for gguf_type in ("f16", "q8_0"):
+            build = api.load(
+                recipe, cache_dir=cache, overrides=["serve.engine=llama_cpp", f"package.gguf_type={gguf_type}"]
+            )
+            url, proc, body = llama_server(build, gguf_type)
+            try:
+                results.update(measure(f"llama.cpp's server {gguf_type}", url, "gguf", args, body))
             finally:
                 proc.terminate()
                 proc.wait()
@@ -65,6 +76,57 @@ def main() -> None:
             f"{engine:<28} {clients:>7} {m['tokens_per_s']:>9.0f} {m['p50'] * 1000:>7.0f} {m['p99'] * 1000:>7.0f} "
             f"{m['tokens_per_s'] / base:>10.2f}x"
         )
+    for gguf_type in ("f16", "q8_0"):
+        for clients in (1, 4):
+            ours, theirs = (
+                results[(f"llama.cpp {gguf_type}", clients)],
+                results[(f"llama.cpp's server {gguf_type}", clients)],
+            )
+            print(
+                f"{gguf_type}, {clients} client(s): runner serve (llama.cpp engine) / llama.cpp's server = "
+                f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x tokens/s"
+            )
+
+
+def measure(engine: str, url: str, model: str, args: argparse.Namespace, *body: object) -> dict:
+    load(1, url, 2, args.max_tokens, model, *body)  # type: ignore[arg-type]  # warm-up
+    out = {}
+    for clients in (1, 4):
+        runs = [load(clients, url, args.seconds, args.max_tokens, model, *body) for _ in range(args.repeats)]  # type: ignore[arg-type]
+        out[(engine, clients)] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    return out
+
+
+def llama_server(build: object, gguf_type: str) -> tuple[str, object, object]:
+    """llama.cpp's own server on the package's GGUF (threads and context as runner's engine sets them), and the
+    request that asks it what runner's server is asked: the prompt runner renders, greedy, exactly N tokens."""
+    from transformers import AutoTokenizer
+
+    from runner.steps.prompts import render_prompt
+
+    have = build.built()  # type: ignore[attr-defined]
+    recipe = build.loaded.recipe  # type: ignore[attr-defined]
+    tok = AutoTokenizer.from_pretrained(have["merge"].file("model"))
+    port, cores = free_port(), str(os.cpu_count() or 1)
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(have["package"].file(f"model-{gguf_type}.gguf"))]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(recipe.serve.n_ctx)]
+    cmd += ["--n_threads", cores, "--n_threads_batch", cores, "--verbose", "false"]
+    proc = started(cmd, {}, f"http://127.0.0.1:{port}")
+    template = recipe.data.prompt.template
+
+    def body(model: str, question: str, max_tokens: int) -> dict[str, object]:
+        prompt = render_prompt(template, [{"role": "user", "content": question}], tok)
+        return {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stop": ["<human>:", "<bot>:"] if template == "human_bot" else [],
+            "logit_bias": {str(tok.eos_token_id): -100.0},
+            "logit_bias_type": "input_ids",
+        }
+
+    return f"http://127.0.0.1:{port}/v1/completions", proc, body
 
 
 if __name__ == "__main__":

@@ -303,7 +303,7 @@ def main() -> None:
 def _rows(work: Path) -> int:
     import duckdb
 
-    return int(duckdb.sql(f"select count(*) from '{work / 'data.parquet'}'").fetchone()[0])  # type: ignore[index]
+    return int(duckdb.sql(f"select count(*) from '{work / 'data.parquet'}'").fetchall()[0][0])
 
 
 if __name__ == "__main__":

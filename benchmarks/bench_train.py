@@ -14,7 +14,12 @@ prompt-completion mode), on the whole text in the plain Trainer (its collator ha
 The model is a Falcon built from its config (hidden 256, 4 layers) with a BPE tokenizer trained on the data;
 the rows are the Alpaca sample in ../shared/data (formatted by runner's format step, h2oGPT prompts).
 
-    python benchmarks/bench_train.py [--repeat 3] [--threads 2] [--epochs 1] [--seq-len 256]   (needs: trl)
+Time to the same validation loss: runner and TRL (packing off and on) run again with a validation loss every
+--eval-every steps on the same held-out rows (the reply's tokens only in both); the table gives the seconds
+into training at which each first reached the highest of the runs' best losses (a loss every run reaches).
+
+    python benchmarks/bench_train.py [--repeat 3] [--threads 2] [--epochs 1] [--seq-len 256] [--eval-every 10]
+    (needs: trl)
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 ALPACA = ROOT.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
@@ -35,8 +41,9 @@ CONFIGS = ["runner", "runner-packing", "trl", "trl-packing", "trainer-grouped"]
 TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
 
-def recipe(work: Path, seq_len: int, epochs: float, packing: bool) -> Path:
-    path = work / f"bench-{packing}.yaml"
+def recipe(work: Path, seq_len: int, epochs: float, packing: bool, eval_every: int = 0) -> Path:
+    path = work / f"bench-{packing}-{eval_every}.yaml"
+    evals = f", eval_every: {eval_every}" if eval_every else ""
     path.write_text(f"""
 data:
   sources: [{{name: a, format: alpaca, path: {ALPACA}}}]
@@ -46,7 +53,7 @@ model:
   tokenizer: {{train: {{vocab_size: 2000}}}}
 lora: {{rank: 16, alpha: 32, dropout: 0.0, target_modules: {TARGETS}}}
 train: {{seq_len: {seq_len}, packing: {str(packing).lower()}, batch_size: 8, lr: 1.0e-3, epochs: {epochs}, seed: 0,
-         checkpoint_every: 100000}}
+         checkpoint_every: 100000{evals}}}
 """)
     return path
 
@@ -63,9 +70,10 @@ def prepare(work: Path, seq_len: int, epochs: float) -> dict[str, str]:
     assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
     arts = {s.name: s.artifact for s in result.steps}
     split = arts["split"]
-    sql = table_sql(split.path, split.manifest, "train", lambda key: build.cache.path(key))
-    rows = duckdb.sql(f"select prompt, completion from {sql}").fetchall()
-    (work / "rows.json").write_text(json.dumps(rows))
+    for table in ("train", "validation"):
+        sql = table_sql(split.path, split.manifest, table, lambda key: build.cache.path(key))
+        rows = duckdb.sql(f"select prompt, completion from {sql}").fetchall()
+        (work / f"{table}.json").write_text(json.dumps(rows))
     return {"tokenizer": str(arts["tokenizer"].file("tokenizer")), "model": str(arts["model.init"].file("model"))}
 
 
@@ -75,7 +83,7 @@ def prepare(work: Path, seq_len: int, epochs: float) -> dict[str, str]:
 def child_runner(work: Path, args: argparse.Namespace, packing: bool) -> dict[str, float]:
     from runner import api
 
-    build = api.load(recipe(work, args.seq_len, args.epochs, packing), cache_dir=work / "cache")
+    build = api.load(recipe(work, args.seq_len, args.epochs, packing, args.eval_every), cache_dir=work / "cache")
     for p in api.plan(build):  # train again: drop the cached train and eval artifacts
         if p.name in ("train", "eval") and p.key and build.cache.get(p.key):
             build.cache.remove(p.key)
@@ -84,16 +92,20 @@ def child_runner(work: Path, args: argparse.Namespace, packing: bool) -> dict[st
     train = next(s.artifact for s in result.steps if s.name == "train")
     facts = json.loads(train.file("train_result.json").read_text())
     tokens = facts["tokens_per_epoch"] * args.epochs
+    val = facts["validation"]
     return {
         "seconds": train.manifest["metrics"]["train_seconds"],
         "tokens": tokens,
         "loss": facts["metrics"]["train_loss_last"],
+        "evals": list(zip(val["steps"], train.manifest["metrics"]["eval_seconds"], val["losses"])),
     }
 
 
 def same(args: argparse.Namespace) -> dict[str, object]:
     """The training arguments every trainer here gets (runner's recipe says the same)."""
+    evals = {"eval_strategy": "steps", "eval_steps": args.eval_every, "per_device_eval_batch_size": 8}
     return {
+        **(evals if args.eval_every else {}),
         "per_device_train_batch_size": 8,
         "learning_rate": 1e-3,
         "num_train_epochs": args.epochs,
@@ -107,10 +119,21 @@ def same(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def timed(trainer: object, tokens: float) -> dict[str, float]:
-    """Seconds in the training loop (as runner's manifest times it), tokens fed, the last logged loss."""
+def timed(trainer: object, tokens: float) -> dict[str, object]:
+    """Seconds in the training loop (as runner's manifest times it), tokens fed, the last logged loss, and each
+    validation loss with its step and the seconds into training it was known at (runner's manifest records
+    the same)."""
     import time
 
+    from transformers import TrainerCallback
+
+    start, evals = time.perf_counter(), []
+
+    class Clock(TrainerCallback):  # type: ignore[misc]
+        def on_evaluate(self, args, state, control, metrics=None, **kw):  # noqa: ANN001, ANN003, ANN202
+            evals.append((state.global_step, time.perf_counter() - start, metrics["eval_loss"]))
+
+    trainer.add_callback(Clock)  # type: ignore[attr-defined]
     start = time.perf_counter()
     result = trainer.train()  # type: ignore[attr-defined]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # type: ignore[attr-defined]
@@ -118,6 +141,7 @@ def timed(trainer: object, tokens: float) -> dict[str, float]:
         "seconds": time.perf_counter() - start,
         "tokens": tokens,
         "loss": losses[-1] if losses else result.training_loss,
+        "evals": evals,
     }
 
 
@@ -139,8 +163,10 @@ def child_trl(work: Path, args: argparse.Namespace, packing: bool, paths: dict[s
     from trl import SFTConfig, SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
-    rows = json.loads((work / "rows.json").read_text())
-    ds = Dataset.from_dict({"prompt": [r[0] for r in rows], "completion": [r[1] for r in rows]})
+    ds, val = (
+        Dataset.from_dict({"prompt": [r[0] for r in rows], "completion": [r[1] for r in rows]})
+        for rows in (json.loads((work / f"{t}.json").read_text()) for t in ("train", "validation"))
+    )
     config = SFTConfig(
         output_dir=str(work / "trl-out"),
         **same(args),
@@ -150,7 +176,13 @@ def child_trl(work: Path, args: argparse.Namespace, packing: bool, paths: dict[s
         dataloader_num_workers=0,
         completion_only_loss=True,
     )
-    trainer = SFTTrainer(model=_peft_model(paths), args=config, train_dataset=ds, processing_class=tok)
+    trainer = SFTTrainer(
+        model=_peft_model(paths),
+        args=config,
+        train_dataset=ds,
+        eval_dataset=val if args.eval_every else None,
+        processing_class=tok,
+    )
     trainer.remove_callback(PrinterCallback)
     return timed(trainer, sum(len(x) for x in trainer.train_dataset["input_ids"]) * args.epochs)
 
@@ -161,7 +193,7 @@ def child_trainer(work: Path, args: argparse.Namespace, paths: dict[str, str]) -
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling, PrinterCallback, Trainer, TrainingArguments
 
     tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
-    rows = json.loads((work / "rows.json").read_text())
+    rows = json.loads((work / "train.json").read_text())
     texts = [p + c + tok.eos_token for p, c in rows]
     ds = Dataset.from_dict({"text": texts}).map(
         lambda b: tok(b["text"], truncation=True, max_length=args.seq_len), batched=True, remove_columns=["text"]
@@ -206,6 +238,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=",".join(CONFIGS))
+    ap.add_argument(
+        "--eval-every", type=int, default=10, help="steps between validation losses in the time-to-loss runs (0: none)"
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -219,30 +254,27 @@ def main() -> None:
         "PYTHONPATH": str(ROOT),
         "TOKENIZERS_PARALLELISM": "false",
     }
+
+    def run(work: Path, name: str, eval_every: int) -> dict[str, Any]:
+        cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--eval-every", str(eval_every)]
+        cmd += ["--epochs", str(args.epochs), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+        with open(work / f"log-{name}.txt", "a") as log:
+            subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+        shutil.rmtree(work / "trl-out", ignore_errors=True)
+        return json.loads((work / f"result-{name}.json").read_text())
+
+    # the loss runs: trainers whose validation loss counts the reply only (the plain Trainer's counts the prompt)
+    to_loss = [n for n in names if not n.startswith("trainer")] if args.eval_every else []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "paths.json").write_text(json.dumps(prepare(work, args.seq_len, args.epochs)))
-        results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+        results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+        curves: dict[str, list[dict[str, Any]]] = {n: [] for n in to_loss}
         for _ in range(args.repeat):
             for name in names:  # interleaved, so machine noise hits all alike
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    name,
-                    "--work",
-                    str(work),
-                    "--epochs",
-                    str(args.epochs),
-                    "--seq-len",
-                    str(args.seq_len),
-                    "--threads",
-                    str(args.threads),
-                ]
-                with open(work / f"log-{name}.txt", "a") as log:
-                    subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
-                results[name].append(json.loads((work / f"result-{name}.json").read_text()))
-                shutil.rmtree(work / "trl-out", ignore_errors=True)
+                results[name].append(run(work, name, 0))
+            for name in to_loss:  # evaluation takes time: these runs are not in the tokens/s table
+                curves[name].append(run(work, name, args.eval_every))
     print(
         f"tiny Falcon LoRA, {args.epochs:g} epoch(s), seq_len {args.seq_len}, batch 8, torch threads "
         f"{args.threads}, {os.cpu_count()} cores; median (min-max) of {args.repeat}"
@@ -258,6 +290,29 @@ def main() -> None:
     for ours, theirs in (("runner", "trl"), ("runner-packing", "trl-packing"), ("runner", "trainer-grouped")):
         if ours in rate and theirs in rate:
             print(f"  {ours} / {theirs}: {statistics.median(rate[ours]) / statistics.median(rate[theirs]):.2f}x")
+    if curves:
+        time_to_loss(curves, args.eval_every)
+
+
+def time_to_loss(curves: dict[str, list[dict[str, Any]]], every: int) -> None:
+    """Seconds into training at which each trainer's validation loss first reached the loss every run reaches
+    (the highest of the runs' best), from the runs with a validation loss every `every` steps."""
+    target = max(min(loss for _, _, loss in r["evals"]) for runs in curves.values() for r in runs)
+    print(f"time to validation loss {target:.3f} (the best loss every run reaches), evaluated every {every} steps:")
+    reached: dict[str, float] = {}
+    for name, runs in curves.items():
+        seconds = sorted(next(t for _, t, loss in r["evals"] if loss <= target) for r in runs)
+        steps = [next(s for s, _, loss in r["evals"] if loss <= target) for r in runs]
+        first = statistics.median(r["evals"][0][2] for r in runs)
+        best = statistics.median(min(loss for _, _, loss in r["evals"]) for r in runs)
+        reached[name] = statistics.median(seconds)
+        print(
+            f"  {name:<16} {reached[name]:>7.1f} s ({seconds[0]:.1f}-{seconds[-1]:.1f}) at step "
+            f"{statistics.median(steps):.0f}; first validation loss {first:.3f}, best {best:.3f}"
+        )
+    for ours, theirs in (("runner", "trl"), ("runner-packing", "trl-packing")):
+        if ours in reached and theirs in reached:
+            print(f"  {theirs} time / {ours} time: {reached[theirs] / reached[ours]:.2f}x")
 
 
 if __name__ == "__main__":

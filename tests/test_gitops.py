@@ -359,3 +359,18 @@ def test_s3_push_pull_tamper_and_a_server_killed_mid_push(
     assert fresh.pull(key) is None
     assert cache.push(key)
     assert fresh.pull(key) is not None, fresh.pull_problems
+
+
+def test_constraints_pin_what_the_committed_locks_were_built_with() -> None:
+    """README and CI install with recipes/constraints.txt: it must name every library of every committed lock at
+    the lock's version, or a new release on the package index would move the step keys the locks hold."""
+    pins = {}
+    for line in (ROOT / "recipes" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip()] = version.strip()
+    for lock in sorted((ROOT / "recipes").glob("*.lock")):
+        for name, version in json.loads(lock.read_text())["libraries"].items():
+            assert pins.get(name) == version.split("+")[0], (
+                f"{lock.name}: {name} {version}, constraints: {pins.get(name)}"
+            )

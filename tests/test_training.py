@@ -445,6 +445,9 @@ def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path: Path) ->
     best = min(range(4), key=lambda i: (val["losses"][i], val["steps"][i]))
     m = art.manifest["metrics"]
     assert m["val_best_step"] == val["steps"][best] and m["val_loss_best"] == val["losses"][best]
+    # when each loss was known (the manifest only: clock readings are no part of the result)
+    assert len(m["eval_seconds"]) == 4 and 0 < m["eval_seconds"][0] and m["eval_seconds"] == sorted(m["eval_seconds"])
+    assert m["eval_seconds"][-1] <= m["train_seconds"] and "eval_seconds" not in json.dumps(result)
     assert art.file("loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # early stopping: the tiny model overfits the sample within 300 steps; patience 2 stops it well before
     (tmp_path / "hot").mkdir()

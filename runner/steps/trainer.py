@@ -210,7 +210,7 @@ def _run(job: dict[str, Any], progress: Any) -> None:
     if validation is not None and len(validation) == 0:
         raise StepError("train.eval_every needs validation rows; set data.split.validation above 0")
     args = _arguments(p, scratch, world, str(job.get("key", "")))
-    timing: dict[str, float] = {}
+    timing: dict[str, Any] = {}
     facts["tokens"] = sum(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
     callbacks = _callbacks(t, progress, facts["tokens"], timing, out if rank == 0 else None)
     trainer = Trainer(
@@ -235,6 +235,7 @@ def _run(job: dict[str, Any], progress: Any) -> None:
         json.dumps(
             {
                 "train_seconds": timing.get("end", 0) - timing.get("start", 0),
+                "eval_seconds": timing.get("evals", []),  # seconds into training, one per validation loss
                 "resumed_from": Path(resume).name if resume else None,
             }
         )
@@ -316,9 +317,7 @@ def _arguments(p: Any, scratch: Path, world: int, key: str) -> Any:
     )
 
 
-def _callbacks(
-    t: Any, progress: Any, tokens: int, timing: dict[str, float], tensorboard_root: Path | None
-) -> list[Any]:
+def _callbacks(t: Any, progress: Any, tokens: int, timing: dict[str, Any], tensorboard_root: Path | None) -> list[Any]:
     """The clock (progress lines with loss, tokens/s and ETA; `timing` gets start and end), early stopping and
     TensorBoard (written into the artifact, by rank 0: `tensorboard_root`) as the recipe asks."""
     from transformers import TrainerCallback
@@ -331,6 +330,9 @@ def _callbacks(
 
         def on_train_end(self, *a: Any, **k: Any) -> None:
             timing["end"] = time.perf_counter()
+
+        def on_evaluate(self, *a: Any, **k: Any) -> None:  # when each validation loss was known
+            timing.setdefault("evals", []).append(round(time.perf_counter() - timing["start"], 3))
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **k: Any) -> None:
             if progress is None or not logs or "loss" not in logs:
