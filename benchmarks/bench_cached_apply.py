@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,11 +64,15 @@ def main() -> None:
     ap.add_argument("--recipe", default="recipes/quickstart.yaml")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as dvc_dir:
-        env = {**os.environ, "RUNNER_CACHE": cache}
-        apply = [sys.executable, "-m", "runner", "apply", args.recipe]
+        # a copy of the recipe's directory: a complete apply writes its lock beside the recipe
+        copy = Path(cache) / "recipes"
+        shutil.copytree(Path(args.recipe).resolve().parent, copy)
+        recipe = str(copy / Path(args.recipe).name)
+        env = {**os.environ, "RUNNER_CACHE": str(Path(cache) / "cache")}
+        apply = [sys.executable, "-m", "runner", "apply", recipe]
         baseline = [sys.executable, "-c", "import duckdb, yaml, pydantic"]
         first = wall(apply, env)
-        dvc_project(args.recipe, Path(dvc_dir))
+        dvc_project(recipe, Path(dvc_dir))
         runs: dict[str, list[float]] = {
             "runner apply (cached)": [],
             "dvc status": [],

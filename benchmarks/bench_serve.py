@@ -11,6 +11,7 @@ and generated tokens/s. Then the same prompts one at a time: streamed through th
 from __future__ import annotations
 
 import argparse
+import shutil
 import socket
 import statistics
 import tempfile
@@ -43,7 +44,8 @@ def main() -> None:
     from runner import api
 
     with tempfile.TemporaryDirectory() as tmp:
-        build = api.load(ROOT / "recipes" / "quickstart.yaml", cache_dir=tmp)
+        shutil.copytree(ROOT / "recipes", Path(tmp) / "recipes")  # a complete apply writes its lock beside it
+        build = api.load(Path(tmp) / "recipes" / "quickstart.yaml", cache_dir=Path(tmp) / "cache")
         assert api.apply(build).ok
         app, _ = api.serve_app([build])
         sock = socket.socket()
