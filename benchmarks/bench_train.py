@@ -127,7 +127,7 @@ def timed(trainer: object, tokens: float) -> dict[str, object]:
 
     from transformers import TrainerCallback
 
-    start, evals = time.perf_counter(), []
+    evals: list[tuple[int, float, float]] = []
 
     class Clock(TrainerCallback):  # type: ignore[misc]
         def on_evaluate(self, args, state, control, metrics=None, **kw):  # noqa: ANN001, ANN003, ANN202

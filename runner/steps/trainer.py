@@ -318,8 +318,9 @@ def _arguments(p: Any, scratch: Path, world: int, key: str) -> Any:
 
 
 def _callbacks(t: Any, progress: Any, tokens: int, timing: dict[str, Any], tensorboard_root: Path | None) -> list[Any]:
-    """The clock (progress lines with loss, tokens/s and ETA; `timing` gets start and end), early stopping and
-    TensorBoard (written into the artifact, by rank 0: `tensorboard_root`) as the recipe asks."""
+    """The clock (progress lines with loss, tokens/s and ETA; `timing` gets start, end and when each evaluation
+    ended), early stopping and TensorBoard (written into the artifact, by rank 0: `tensorboard_root`) as the
+    recipe asks."""
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):  # type: ignore[misc]
