@@ -352,6 +352,37 @@ def test_repeated_ids_in_parquet_are_rejects(tmp_path: Path) -> None:
     assert got == [("p/u1", "duplicate_id"), ("p/u3", "empty_text")]
 
 
+def test_parquet_source_keeps_file_order_across_row_groups(tmp_path: Path) -> None:
+    """A parquet source without an id column streams the file into its rows (no sort): over a file of many
+    row groups, read in parallel, the stored rows are still the file's records in order, each as pyarrow
+    reads it, and the empty replies are the rejects."""
+    import duckdb
+    import pyarrow.parquet as pq
+
+    alpaca = json.loads((INSTRUCT / "alpaca_en_demo.json").read_text())
+    records = [
+        (f"{r['instruction']} #{k}", "" if (k + n) % 97 == 0 else r["output"])
+        for k in range(40)
+        for n, r in enumerate(alpaca)
+    ]
+    con = duckdb.connect()
+    con.execute(
+        "create table t as select unnest($1::varchar[]) as q, unnest($2::varchar[]) as a",
+        [[q for q, _ in records], [a for _, a in records]],
+    )
+    con.execute(f"copy t to '{tmp_path / 'd.parquet'}' (format parquet, row_group_size 2048)")
+    assert pq.ParquetFile(tmp_path / "d.parquet").num_row_groups > 10
+    b, m = apply(
+        tmp_path, "data:\n  sources: [{name: p, format: parquet, path: d.parquet, columns: {prompt: q, response: a}}]\n"
+    )
+    rows = pq.read_table(b.cache.path(m["source.p"]["key"]) / "data" / "rows.parquet").to_pylist()
+    expected = [(f"p/{n}", q, a) for n, (q, a) in enumerate(records, start=1) if a.strip()]
+    assert [(r["id"], r["turns"][0]["text"], r["turns"][1]["text"]) for r in rows] == expected
+    rejects = query(b, "select id from source_p__rejects order by id")
+    assert len(rejects) == len(records) - len(expected) > 0
+    assert m["source.p"]["rows"] == {"in": len(records), "rows": len(expected), "rejects": len(rejects)}
+
+
 # -- 7. reasons are a short, documented list ----------------------------------------------------
 
 

@@ -204,3 +204,40 @@ def test_a_new_filter_kind_is_one_class_in_one_file(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="no_digits"):
         api.load(tmp_path / "r.yaml")
     assert "NoDigitsFilter" not in docs.recipe_reference()
+
+
+def test_dedup_normalisation_is_the_regex_it_stands_for(tmp_path: Path) -> None:
+    """dedup's key text is `regexp_replace(lower(trim(x)), '\\s+', ' ', 'g')`, computed without the regex for
+    speed: the same string for real prompts and for random mixes of every kind of white space; and dedup of
+    real prompts given white-space/case variants keeps exactly the first of each (checked in Python)."""
+    import random
+
+    import duckdb
+
+    from runner.steps.filters import normalise_sql
+
+    rng = random.Random(7)
+    alphabet = ["a", "B", "é", " ", "  ", "\t", "\n", "\r", "\f", "\v", "\u00a0", "\u2003", "\u3000", "\r\n"]
+    prompts = [p for _, p, _ in alpaca_records()]
+    texts = prompts + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(5000)]
+    texts += [" \t " + p.replace(" ", "  \n ", 3) + "\f " for p in prompts[:200]]
+    con = duckdb.connect()
+    con.execute("create table t as select unnest($1::varchar[]) as x", [texts])
+    old, new = "regexp_replace(lower(trim(x)), '\\s+', ' ', 'g')", normalise_sql("x")
+    assert con.execute(f"select count(*) from t where {old} is distinct from {new}").fetchall() == [(0,)]
+    assert con.execute(f"select count(*) from t where {new} <> x").fetchall()[0][0] > 5000  # it does change text
+
+    # dedup of variants of real prompts: only the ASCII white space RE2 calls \s collapses, ends lose spaces
+    variants = [(" " + p.upper() + "  ", p.replace(" ", "\t\n "), p.replace(" ", "\v")) for p in prompts[:150]]
+    records = [{"prompt": v, "response": f"reply {i}-{j}"} for i, vs in enumerate(variants) for j, v in enumerate(vs)]
+    write_jsonl(tmp_path / "v.jsonl", records)
+    b, counts = run(tmp_path, "[{kind: dedup, field: prompt}]", "{name: v, format: jsonl, path: v.jsonl}")
+    seen: set[str] = set()
+    expected = set()
+    for n, r in enumerate(records, start=1):
+        key = re.sub(r"[\t\n\f\r ]+", " ", r["prompt"].strip(" ").lower())
+        if key not in seen:
+            seen.add(key)
+            expected.add(f"v/{n}")
+    assert kept_ids(b, "filter_dedup") == expected
+    assert counts["filter.dedup"]["rejects"] == len(records) - len(expected) >= 140

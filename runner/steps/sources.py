@@ -533,34 +533,42 @@ def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
         group = f"coalesce({name} || '/' || {q['group']}::varchar, id)" if "group" in q else "id"
         limit = f"where file_row_number < {p.limit}" if p.limit else ""
         empty = "regexp_full_match({0}, '\\s*')"
-        con.execute(f"""create temp table r as select {name} || '/' || {row_id} as id, {name} as source,
+        rows = f"""select {name} || '/' || {row_id} as id, {name} as source,
             {turns}::STRUCT(role VARCHAR, text VARCHAR)[] as turns,
             {q.get("score", "null")}::DOUBLE as score, {q.get("lang", "null")}::VARCHAR as lang,
             case when {q["prompt"]} is null then {{'reason': 'missing_field', 'detail': 'missing field {cols.prompt}'}}
                  when {q["response"]} is null then {{'reason': 'missing_field', 'detail': 'missing field {cols.response}'}}
                  when {empty.format(q["prompt"])} then {{'reason': 'empty_text', 'detail': 'turn 1 (user) is empty'}}
                  when {empty.format(q["response"])} then {{'reason': 'empty_text', 'detail': 'turn 2 (assistant) is empty'}}
-            end as _why, file_row_number from {source} {limit}""")
-        # ids from an id column may repeat (later ones are rejects); record numbers never do: no window then
-        why_dup = (
-            """case when _why is null and row_number() over (partition by id, _why is null
-                                                                    order by file_row_number) > 1
-                 then {'reason': 'duplicate_id', 'detail': 'repeats the id of record ' ||
-                        (min(file_row_number) over (partition by id, _why is null) + 1) || ', which is kept'}
-                 else _why end"""
-            if "id" in q
-            else "_why"
-        )
-        con.execute(f"""create temp table t as select * exclude (_why),
-            {group} as group_id, null::varchar as tools, {why_dup} as _why
-            from r""")
+            end as _why, file_row_number from {source} {limit}"""
+        if "id" in q:
+            # ids from an id column may repeat (later ones are rejects): a window over every row, so the rows
+            # are materialised and written in file order
+            con.execute(f"create temp table r as {rows}")
+            con.execute(f"""create temp table t as select * exclude (_why),
+                {group} as group_id, null::varchar as tools,
+                case when _why is null and row_number() over (partition by id, _why is null
+                                                              order by file_row_number) > 1
+                     then {{'reason': 'duplicate_id', 'detail': 'repeats the id of record ' ||
+                            (min(file_row_number) over (partition by id, _why is null) + 1) || ', which is kept'}}
+                     else _why end as _why
+                from r""")
+            table, order = "t", " order by file_row_number"
+        else:
+            # record numbers never repeat: the file is streamed straight to the rows (a scan and filter keep
+            # the file's order), no copy of the rows in between
+            table, order = (
+                f"(select * exclude (_why), {group} as group_id, null::varchar as tools, _why from ({rows}))",
+                "",
+            )
         finish(
             ctx,
             con,
-            "select id, source, turns, score, lang, group_id, tools from t where _why is null order by file_row_number",
+            f"select id, source, turns, score, lang, group_id, tools from {table} where _why is null{order}",
             f"select id, source, {sql_literal(ctx.name)} as step, _why.reason as reason, "
-            f"'record ' || {n} || ': ' || _why.detail as detail from t where _why is not null order by file_row_number",
-            int(scalar(con, "select count(*) from t")),
+            f"'record ' || {n} || ': ' || _why.detail as detail from {table} where _why is not null "
+            "order by file_row_number",
+            int(scalar(con, f"select count(*) from {source} {limit}")),
         )
     finally:
         con.close()
