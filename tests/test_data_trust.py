@@ -205,15 +205,18 @@ def test_near_dedup_keeps_the_pair_the_issue_found(tmp_path: Path) -> None:
 
 def test_near_dedup_signatures_from_workers_are_datasketchs_own() -> None:
     """The worker processes' MinHash values and shingle keys, block by block, are what datasketch and the
-    shingles give for each real text in this process."""
+    shingles give for each real text in this process (keys: 64 bits of each shingle's SHA-1)."""
+    import hashlib
+
     import numpy as np
     from datasketch import MinHash
 
     from runner.steps.filters_python import signature_blocks
 
     records = json.loads((INSTRUCT / "alpaca_en_demo.json").read_text())
-    texts = [r["output"] for r in records[:400]] + [None, "", "one", "two words"]
-    blocks = list(signature_blocks(texts, 3, 128, 1, block=60))  # 7 blocks: the forked workers' path
+    texts = [r["output"] for r in records[:400]] + [None, "", "one", "two words", "Ünïcode wörds — ça va  bien"]
+    # 3 blocks (the forked workers' path), each of several 64-text runs (the bulk computation's unit)
+    blocks = list(signature_blocks(texts, 3, 128, 1, block=150))
     values = np.concatenate([v for v, _, _ in blocks])
     keys = [frozenset(k[b[r] : b[r + 1]].tolist()) for _, k, b in blocks for r in range(len(b) - 1)]
     assert len(values) == len(keys) == len(texts)
@@ -222,7 +225,9 @@ def test_near_dedup_signatures_from_workers_are_datasketchs_own() -> None:
         m = MinHash(num_perm=128, seed=1)
         m.update_batch([s.encode() for s in own])
         assert np.array_equal(row, m.hashvalues)
-        assert key == frozenset(hash(s) for s in own)
+        assert key == frozenset(
+            int.from_bytes(hashlib.sha1(s.encode()).digest()[4:12], "little", signed=True) for s in own
+        )
 
 
 # -- 3. tool schemas reach the prompt -----------------------------------------------------------
