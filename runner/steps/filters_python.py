@@ -243,10 +243,10 @@ def _signatures(texts: list[str | None], n: int, num_perm: int, seed: int) -> An
     import numpy as np
     from datasketch import MinHash
 
-    scheme = MinHash(num_perm=num_perm, seed=seed)
-    if scheme.scheme != "affine32":
-        raise StepError(f"near_dedup computes datasketch's affine32 MinHash; this datasketch uses {scheme.scheme}")
-    a, b = scheme.permutations
+    minhash = MinHash(num_perm=num_perm, seed=seed)  # for its scheme and permutations
+    if minhash.scheme != "affine32":
+        raise StepError(f"near_dedup computes datasketch's affine32 MinHash; this datasketch uses {minhash.scheme}")
+    a, b = minhash.permutations
     sets = [word_shingles(t, n) for t in texts]
     bounds = np.concatenate([[0], np.cumsum(np.fromiter(map(len, sets), np.int64, len(sets)))])
     hashed, keys = shingle_hashes(sets)
