@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from runner.retrieval import docs_prompt
 from runner.schema import ServeConfig
-from runner.serving import ContextTooLong, Model, NotSupported, Output, Sampling, batching
+from runner.serving import ContextTooLong, Model, NotSupported, Output, Sampling, batching, on_model_thread
 
 log = logging.getLogger("runner.serve")
 BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive
@@ -293,7 +293,7 @@ class Service:
         )
 
     def search(self, question: str) -> tuple[str, list[dict[str, Any]]]:
-        hits = self.retriever.search(question, self.config.top_k) if question.strip() else []
+        hits = on_model_thread(self.retriever.search, question, self.config.top_k) if question.strip() else []
         sources = [
             {"id": h.chunk_id, "document": h.doc_id, "title": h.title, "score": round(h.score, 4), "text": h.text}
             for h in hits
@@ -518,7 +518,7 @@ class Service:
                 400, f"the index's embedding model is {self.retriever.model_name!r}; ask for that one", param="model"
             )
         texts = [req.input] if isinstance(req.input, str) else req.input
-        vectors = self.retriever.embed(texts)
+        vectors = on_model_thread(self.retriever.embed, texts)  # torch: on the one thread that runs models
         tokens = sum(len(ids) for ids in self.retriever.model.tokenizer(texts, truncation=True)["input_ids"])
         request.state.tokens = tokens
         return {
@@ -537,7 +537,7 @@ class Service:
             raise ApiError(404, "this recipe has no index to search", "not_found")
         if not req.query.strip():
             raise ApiError(400, "query is empty", param="query")
-        hits = self.retriever.search(req.query, req.k, group_by=req.group_by)
+        hits = on_model_thread(lambda: self.retriever.search(req.query, req.k, group_by=req.group_by))
         return {"object": "list", "data": [h._asdict() for h in hits]}
 
 

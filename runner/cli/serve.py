@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 from typing import Any
 
 from runner.cli.common import console, recipe_args
@@ -41,23 +42,15 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound (a port in use is a clear error)."""
     import errno
-    import logging
-    import socket
 
-    import uvicorn
-
-    from runner import api
-    from runner.cli.common import load
     from runner.errors import RunnerError
 
-    builds = [load(args)] + [api.load(r, cache_dir=args.cache_dir, cache_remote=args.cache_remote) for r in args.also]
-    if builds[0].loaded.recipe.serve.engine == "vllm":
-        return launch_vllm(builds[0], args)
-    app, config = api.serve_app(builds, token=args.token)
-    host, port = args.host or config.host, args.port if args.port is not None else config.port
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and without it every
+    # response's second write waited for the client's delayed ACK (~40 ms a request on loopback)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -66,6 +59,23 @@ def run(args: argparse.Namespace) -> int:
         if exc.errno == errno.EADDRINUSE:
             raise RunnerError(f"port {port} on {host} is in use (another server?); choose one with --port") from None
         raise RunnerError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from runner import api
+    from runner.cli.common import load
+
+    builds = [load(args)] + [api.load(r, cache_dir=args.cache_dir, cache_remote=args.cache_remote) for r in args.also]
+    if builds[0].loaded.recipe.serve.engine == "vllm":
+        return launch_vllm(builds[0], args)
+    app, config = api.serve_app(builds, token=args.token)
+    host, port = args.host or config.host, args.port if args.port is not None else config.port
+    sock = listen(host, port)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     logging.getLogger("runner.serve").setLevel(logging.WARNING if args.quiet else logging.INFO)
     console(stderr=True).print(f"serving on http://{host}:{sock.getsockname()[1]}/v1  (models: GET /v1/models)")
