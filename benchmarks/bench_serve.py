@@ -3,11 +3,11 @@
 runs in its own process, as users run it (a client in the server's process would share its GIL).
 
 N clients send chat requests (half streamed) for T seconds; prints requests, errors, p50/p99 latency
-and generated tokens/s. Then the same prompts one at a time: streamed through the server vs
-`model.generate` in-process, --repeat passes each, interleaved (generate, streamed, streamed, generate, ...),
-median and spread; target: streaming overhead <= 10%.
+and generated tokens/s. Then the same prompts one at a time: `model.generate` in-process vs whole answers and
+streams through the server, --repeat passes each, interleaved (each round in a rotated order), median and
+spread; target: serving overhead <= 10%.
 
-    python benchmarks/bench_serve.py [--clients 4] [--seconds 20] [--max-tokens 32] [--repeat 3]
+    python benchmarks/bench_serve.py [--clients 4] [--seconds 20] [--max-tokens 32] [--repeat 3] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="passes of each side of the overhead comparison")
+    ap.add_argument("--cache", help="runner's cache (default: a new one, so the quickstart is built first)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe override for the server")
     args = ap.parse_args()
     import httpx
@@ -44,9 +45,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(ROOT / "recipes", Path(tmp) / "recipes")  # a complete apply writes its lock beside it
         recipe = Path(tmp) / "recipes" / "quickstart.yaml"
-        build = api.load(recipe, cache_dir=Path(tmp) / "cache")
+        cache = Path(args.cache or Path(tmp) / "cache")
+        build = api.load(recipe, cache_dir=cache)
         assert api.apply(build).ok
-        url, server = serve(recipe, str(Path(tmp) / "cache"), 16, *args.set)  # serve's default batch size
+        url, server = serve(recipe, str(cache), 16, *args.set)  # serve's default batch size
         try:
 
             def body(i: int, stream: bool) -> dict:
@@ -124,29 +126,38 @@ def main() -> None:
                         )
                 return time.perf_counter() - t
 
-            def streamed_pass(client: httpx.Client) -> float:
+            def http_pass(client: httpx.Client, stream: bool) -> float:
                 t = time.perf_counter()
                 for i in range(len(prompts)):
-                    stream_call(client, i)
+                    if stream:
+                        stream_call(client, i)
+                    else:
+                        client.post(url, json=body(i, False), timeout=120).raise_for_status()
                 return time.perf_counter() - t
 
-            direct: list[float] = []
-            streamed: list[float] = []
+            passes: dict[str, list[float]] = {
+                "model.generate": [],
+                "whole answers over HTTP": [],
+                "streamed over HTTP": [],
+            }
             with httpx.Client() as client:
-                for rep in range(2 * args.repeat):  # generate, streamed, streamed, generate, generate, streamed, ...
-                    if (rep + 1) // 2 % 2:
-                        streamed.append(streamed_pass(client))
-                    else:
-                        direct.append(direct_pass())
+                http_pass(client, True)  # warm-up
+                sides = list(passes)
+                for rep in range(args.repeat):  # interleaved, each pass in a rotated order
+                    for side in sides[rep % 3 :] + sides[: rep % 3]:
+                        if side == "model.generate":
+                            passes[side].append(direct_pass())
+                        else:
+                            passes[side].append(http_pass(client, side.startswith("streamed")))
         finally:
             server.terminate()
             server.wait()
-    gen_s, http_s = statistics.median(direct), statistics.median(streamed)
-    print(
-        f"{len(prompts)} generations per pass, median (min-max) of {args.repeat} passes: model.generate {gen_s:.2f} s "
-        f"({min(direct):.2f}-{max(direct):.2f}), streamed over HTTP {http_s:.2f} s ({min(streamed):.2f}-{max(streamed):.2f}) "
-        f"-> overhead {100 * (http_s / gen_s - 1):+.1f}% (target <= 10%)"
-    )
+    gen_s = statistics.median(passes["model.generate"])
+    print(f"{len(prompts)} generations per pass, median (min-max) of {args.repeat} passes, one at a time:")
+    for side, times in passes.items():
+        med = statistics.median(times)
+        overhead = "" if side == "model.generate" else f" -> overhead {100 * (med / gen_s - 1):+.1f}% (target <= 10%)"
+        print(f"  {side:24s} {med:.2f} s ({min(times):.2f}-{max(times):.2f}){overhead}")
 
 
 if __name__ == "__main__":

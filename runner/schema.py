@@ -59,7 +59,11 @@ class ServeConfig(Params):
         "a time)",
     )
     batch_wait_ms: float = Field(
-        5.0, ge=0, le=1000, description="how long a request that finds the model idle waits for others to start with it"
+        0.0,
+        ge=0,
+        le=1000,
+        description="how long a request that finds the model idle waits for others to start with it (0: not at "
+        "all; requests that arrive later join at the next token step)",
     )
     engine: Literal["transformers", "llama_cpp", "vllm"] = Field(
         "transformers",

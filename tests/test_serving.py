@@ -275,6 +275,33 @@ def test_a_client_that_disconnects_frees_the_model(long_server: tuple[str, dict]
     assert not models["tiny-tuned"].lock.locked()
 
 
+def test_a_client_that_disconnects_leaves_the_batch(server: str) -> None:
+    """A batched stream whose client hangs up mid-answer leaves the batch within a step (the server learns of it
+    from the connection, not by asking at every token)."""
+    from runner.schema import ServeConfig
+    from runner.served import load_models
+    from runner.server import create_app
+
+    models = load_models(api.load(SERVED["recipe"], cache_dir=SERVED["cache"]), ["tuned"])
+    url, srv = start(create_app(models, ServeConfig(max_tokens=1500, batch_size=8)))
+    batcher = models["tiny-tuned"].batcher
+    body = {"model": "tiny-tuned", "prompt": "Hello", "max_tokens": 1500, "min_tokens": 1500, "stream": True}
+    try:
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                assert sum(line.startswith("data:") for line in (next(lines) for _ in range(8))) >= 3
+                assert batcher is not None and batcher.in_flight == 1
+            closed = time.perf_counter()  # the connection is closed here, ~1,490 tokens (seconds of work) early
+            while batcher.in_flight and time.perf_counter() - closed < 5:
+                time.sleep(0.01)
+            assert batcher.in_flight == 0 and time.perf_counter() - closed < 1, "it ran on after the client left"
+            r = client.post(f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 5, "min_tokens": 5})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    finally:
+        srv.should_exit = True  # type: ignore[attr-defined]
+
+
 def test_prompt_length_is_checked_before_generating(long_server: tuple[str, dict]) -> None:
     url, models = long_server
     context = models["tiny-tuned"].context
