@@ -48,7 +48,7 @@ class StepContext:
     tables: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     side_files: list[str] = field(default_factory=list)
-    views: dict[str, dict[str, str]] = field(default_factory=dict)
+    views: dict[str, dict[str, Any]] = field(default_factory=dict)
     requires: list[str] = field(default_factory=list)
     progress: Callable[..., None] = lambda total, done, note="": None  # (total, done, note: "loss 2.31, ...")
     locate: Callable[[str], Artifact | None] = lambda key: None
@@ -81,20 +81,26 @@ class StepContext:
             )
         return art
 
-    def view(self, name: str, base: Artifact, base_file: str, mask: str, rows: int) -> None:
-        """Declare a masked view: rows of `base_file` in artifact `base` where the boolean column in `mask` is true.
+    def view(
+        self, name: str, base: Artifact | None, base_file: str, mask: str, rows: int, select: str | None = None
+    ) -> None:
+        """Declare a masked view: rows of `base_file` in artifact `base` (None: this step's own output) where the
+        boolean column in `mask` is true, their columns computed by the select list `select` if given.
 
         The base is recorded in `requires` (gc keeps it) and its output hash in a `view.json`
         file, so the view's output hash changes whenever the rows it shows do.
         """
         import json
 
-        self.views[name] = {"base": base.key, "base_file": base_file, "mask": mask}
+        self.views[name] = {"base": base and base.key, "base_file": base_file, "mask": mask}
+        if select:
+            self.views[name]["select"] = select
         self.rows[name] = rows
-        if base.key not in self.requires:
+        if base is not None and base.key not in self.requires:
             self.requires.append(base.key)
+        record = {"base_output_hash": base and base.output_hash, "base_file": base_file, "mask": mask}
         (self.out / f"{name}.view.json").write_text(
-            json.dumps({"base_output_hash": base.output_hash, "base_file": base_file, "mask": mask}, sort_keys=True)
+            json.dumps(record | ({"select": select} if select else {}), sort_keys=True)
         )
 
     def table(self, name: str, relpath: str, rows: int, *, side: bool = False) -> Path:

@@ -86,16 +86,20 @@ def table_sql(
 
     A table is either a Parquet file in the artifact (`manifest["tables"][table]`), or a *masked
     view* (`manifest["views"][table]`): the rows of another artifact's Parquet table (`base`, a
-    key that `locate` turns into that artifact's directory) where a boolean `keep` column, one
-    value per base row and stored in this artifact, is true. Filters write views, so a chain of
-    filters stores each row once. Without `row_numbers` rows come in their stored order; with
+    key that `locate` turns into that artifact's directory; None: this artifact's own file) where
+    a boolean `keep` column, one value per base row and stored in this artifact, is true; with
+    `select`, a select list computing the view's columns from the base file's (a Parquet source
+    keeps its input file as it is, and its rows are computed from it as they are read). Filters
+    write views, so a chain of filters stores each row once. Without `row_numbers` rows come in their stored order; with
     it, `file_row_number` (the row's position in the Parquet file it lives in) comes along and
     the order is the reader's to impose (`order by file_row_number`), which saves a sort.
     """
     view = manifest.get("views", {}).get(table)
     if view is not None:
-        base_dir = locate(view["base"])
+        base_dir = artifact if view["base"] is None else locate(view["base"])
         base = f"read_parquet({quote_path(base_dir / 'data' / view['base_file'])}, file_row_number = true)"
+        if view.get("select"):  # the base file's own columns, computed into the view's (a source's input file)
+            base = f"(select {view['select']}, file_row_number from {base})"
         mask = f"read_parquet({quote_path(artifact / 'data' / view['mask'])}, file_row_number = true)"
         # a semi join on row numbers runs in parallel (a positional join does not); it may reorder rows
         rows = f"(select * from {base} where file_row_number in (select file_row_number from {mask} where keep))"

@@ -358,9 +358,9 @@ def test_repeated_ids_in_parquet_are_rejects(tmp_path: Path) -> None:
 
 
 def test_parquet_source_keeps_file_order_across_row_groups(tmp_path: Path) -> None:
-    """A parquet source without an id column streams the file into its rows (no sort): over a file of many
-    row groups, read in parallel, the stored rows are still the file's records in order, each as pyarrow
-    reads it, and the empty replies are the rejects."""
+    """A parquet source without an id column keeps the file and reads its rows from it: over a file of many
+    row groups, read in parallel, its rows are still the file's records in order, each as DuckDB wrote it,
+    and the empty replies are the rejects."""
     import duckdb
     import pyarrow.parquet as pq
 
@@ -380,12 +380,64 @@ def test_parquet_source_keeps_file_order_across_row_groups(tmp_path: Path) -> No
     b, m = apply(
         tmp_path, "data:\n  sources: [{name: p, format: parquet, path: d.parquet, columns: {prompt: q, response: a}}]\n"
     )
-    rows = pq.read_table(b.cache.path(m["source.p"]["key"]) / "data" / "rows.parquet").to_pylist()
+    rows = [tuple(r.values()) for r in query(b, "select id, turns[1].text, turns[2].text from source_p")]
     expected = [(f"p/{n}", q, a) for n, (q, a) in enumerate(records, start=1) if a.strip()]
-    assert [(r["id"], r["turns"][0]["text"], r["turns"][1]["text"]) for r in rows] == expected
+    assert rows == expected
     rejects = query(b, "select id from source_p__rejects order by id")
     assert len(rejects) == len(records) - len(expected) > 0
     assert m["source.p"]["rows"] == {"in": len(records), "rows": len(expected), "rejects": len(rejects)}
+
+
+def test_parquet_source_view_is_the_rows_it_would_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same parquet file through the view of its copy and through rows written out (forced by a low row-group
+    limit): the same rows, rejects, counts and filter results, column for column (system, score, lang, group)."""
+    import duckdb
+
+    from runner.steps import sources
+
+    alpaca = json.loads((INSTRUCT / "alpaca_en_demo.json").read_text())
+    con = duckdb.connect()
+    con.execute(
+        "create table t as select unnest($1::varchar[]) as q, unnest($2::varchar[]) as a, unnest($3::varchar[]) as sys, "
+        "unnest($4::double[]) as s, unnest($5::varchar[]) as lang, unnest($6::bigint[]) as g",
+        [
+            [None if n % 101 == 0 else r["instruction"] for n, r in enumerate(alpaca)],
+            ["  " if n % 89 == 0 else r["output"] for n, r in enumerate(alpaca)],
+            ["Be brief." if n % 3 == 0 else "" for n in range(len(alpaca))],
+            [(n * 37 % 100) / 100 for n in range(len(alpaca))],
+            ["en" if n % 2 else "de" for n in range(len(alpaca))],
+            [n // 4 for n in range(len(alpaca))],
+        ],
+    )
+    con.execute(f"copy t to '{tmp_path / 'd.parquet'}' (format parquet, row_group_size 100)")
+    recipe = (
+        "data:\n  sources: [{name: p, format: parquet, path: d.parquet, columns: "
+        "{prompt: q, response: a, system: sys, score: s, lang: lang, group: g}}]\n"
+        "  filters: [{kind: length, min_chars: 40}, {kind: sql, where: \"score >= 0.3 and lang = 'en'\"}]\n"
+    )
+    (tmp_path / "r.yaml").write_text(recipe)
+    seen = []
+    for limit in (sources.VIEW_ROW_GROUP_LIMIT, 50):  # 50: the file's row groups are "too large" to view
+        monkeypatch.setattr(sources, "VIEW_ROW_GROUP_LIMIT", limit)
+        b = api.load(tmp_path / "r.yaml", cache_dir=tmp_path / f"cache-{limit}")
+        result = api.apply(b)
+        assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
+        manifest = next(s.artifact.manifest for s in result.steps if s.name == "source.p")
+        assert ("rows" in manifest["views"]) == (limit != 50) and ("rows" in manifest["tables"]) == (limit == 50)
+        seen.append(
+            {
+                table: api.sql(b, f"select * from {table}")
+                for table in ("source_p", "source_p__rejects", "filter_length", "filter_sql", "filter_sql__rejects")
+            }
+            | {"rows": [s.artifact.manifest["rows"] for s in result.steps]}
+        )
+    assert seen[0] == seen[1]
+    rows = [dict(zip(seen[0]["source_p"][0], r)) for r in seen[0]["source_p"][1]]
+    kept = [(n, r) for n, r in enumerate(alpaca) if n % 101 and n % 89]  # independent of runner: no empty text
+    assert [r["id"] for r in rows] == [f"p/{n + 1}" for n, _ in kept]
+    assert [r["group_id"] for r in rows] == [f"p/{n // 4}" for n, _ in kept]
+    assert [r["turns"][-1]["text"] for r in rows] == [r["output"] for _, r in kept]
+    assert [len(r["turns"]) for r in rows] == [3 if n % 3 == 0 else 2 for n, _ in kept]
 
 
 # -- 7. reasons are a short, documented list ----------------------------------------------------

@@ -71,8 +71,8 @@ def finish_view(ctx: StepContext, con: duckdb.DuckDBPyConnection, rejected_sql: 
 
     inp = ctx.input()
     view = inp.manifest.get("views", {}).get("rows")
-    if view is not None:
-        base, base_file = ctx.artifact(view["base"]), view["base_file"]
+    if view is not None:  # the same base and columns, through a new mask
+        base, base_file = inp if view["base"] is None else ctx.artifact(view["base"]), view["base_file"]
         keep_in = f"read_parquet({quote_path(inp.file(view['mask']))}, file_row_number = true)"
         keep_in = f"(select file_row_number as n, keep from {keep_in})"
     else:
@@ -90,7 +90,7 @@ def finish_view(ctx: StepContext, con: duckdb.DuckDBPyConnection, rejected_sql: 
         f"order by k.n) to {quote_path(ctx.out / MASK)} (format parquet, compression zstd)"
     )
     kept = scalar(con, f"select count(*) from read_parquet({quote_path(ctx.out / MASK)}) where keep")
-    ctx.view("rows", base, base_file, MASK, kept)
+    ctx.view("rows", base, base_file, MASK, kept, view and view.get("select"))
     ctx.table("rejects", REJECTS, rejected, side=True)
     check_balance(ctx, int(inp.manifest["rows"]["rows"]), kept, rejected)
 
