@@ -68,7 +68,6 @@ def run_filter(ctx: StepContext) -> None:
     """Filters that only drop rows write a masked view of their input (no copy of the rows);
     filters that rewrite text (clean, truncate) write the rows they keep."""
     import duckdb
-    import pyarrow as pa
 
     from runner.steps.tables import finish, finish_view, open_input, scalar
     from stores.datastore import connect
@@ -83,6 +82,8 @@ def run_filter(ctx: StepContext) -> None:
         if p.derived():
             source = f"(select *, {p.derived()} from {source})"
         if p.python_input():
+            import pyarrow as pa  # here only: importing it takes ~0.35 s, more than most SQL filters' work
+
             # streamed out of DuckDB and put in order by Arrow: a sort carrying every text would have to fit in
             # DuckDB's memory limit, the Python side's copy does not
             query = f"select file_row_number as _n, {p.python_input()} from {source}"
