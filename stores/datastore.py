@@ -90,9 +90,10 @@ def table_sql(
     a boolean `keep` column, one value per base row and stored in this artifact, is true; with
     `select`, a select list computing the view's columns from the base file's (a Parquet source
     keeps its input file as it is, and its rows are computed from it as they are read). Filters
-    write views, so a chain of filters stores each row once. Without `row_numbers` rows come in their stored order; with
-    it, `file_row_number` (the row's position in the Parquet file it lives in) comes along and
-    the order is the reader's to impose (`order by file_row_number`), which saves a sort.
+    write views, so a chain of filters stores each row once. Without `row_numbers` rows come in
+    their stored order; with it, `file_row_number` (the row's position in the Parquet file it
+    lives in) comes along and the order is the reader's to impose (`order by file_row_number`),
+    which saves a sort.
     """
     view = manifest.get("views", {}).get(table)
     if view is not None:
