@@ -1,5 +1,6 @@
 """Continuous batching in `runner serve`: throughput and latency at 1, 4 and 16 concurrent clients, served with
-batching (serve.batch_size 16) and one request at a time (batch_size 1), the same model in one run.
+batching (serve.batch_size 16) and one request at a time (batch_size 1), the same model in one run: both
+servers up at once, measured in turn.
 
 The quickstart's tiny Falcon behind `runner serve` in its own process; greedy chat completions of exactly
 --max-tokens tokens each (`min_tokens` holds the end-of-text token off, so every answer costs the same), each
@@ -7,7 +8,7 @@ client (asyncio, in this process) sending requests back to back for --seconds.
 Prints requests, generated tokens/s, p50 and p99 latency per setting, and the ratios.
 Target: >= 3x tokens/s at 16 clients, p99 at 16 clients no worse than 2x the single-client p99.
 
-    python benchmarks/bench_batching.py [--seconds 10] [--max-tokens 32] [--repeats 3]
+    python benchmarks/bench_batching.py [--seconds 10] [--max-tokens 32] [--repeats 3] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -127,25 +128,34 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cache", help="runner's cache (default: a new one, so the quickstart is built first)")
     args = ap.parse_args()
     from runner import api
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = Path(tmp) / "quickstart.yaml"  # a copy: a complete apply writes its lock beside the recipe
         shutil.copytree(ROOT / "recipes", Path(tmp), dirs_exist_ok=True)
-        assert api.apply(api.load(recipe, cache_dir=Path(tmp) / "cache")).ok
+        cache = str(args.cache or Path(tmp) / "cache")
+        assert api.apply(api.load(recipe, cache_dir=Path(cache))).ok
         results: dict[tuple[int, int], list[dict[str, float]]] = {}
-        for batch_size in (1, 16):
-            url, proc = serve(recipe, str(Path(tmp) / "cache"), batch_size)
-            try:
+        # both servers up at once, measured in turn (the order alternating), so a machine that slows down or
+        # speeds up during the run weighs on both sides alike
+        servers = {batch_size: serve(recipe, cache, batch_size) for batch_size in (1, 16)}
+        try:
+            for url, _ in servers.values():
                 load(1, url, 2, args.max_tokens)  # warm-up
+            for rep in range(args.repeats):
                 for clients in (1, 4, 16):
-                    results[(batch_size, clients)] = [
-                        load(clients, url, args.seconds, args.max_tokens) for _ in range(args.repeats)
-                    ]
-            finally:
+                    for batch_size in (1, 16) if rep % 2 == 0 else (16, 1):
+                        url = servers[batch_size][0]
+                        results.setdefault((batch_size, clients), []).append(
+                            load(clients, url, args.seconds, args.max_tokens)
+                        )
+        finally:
+            for _, proc in servers.values():
                 proc.terminate()
                 proc.wait()
+        results = dict(sorted(results.items()))
     print(f"{'batch':>5} {'clients':>7} {'requests':>8} {'tokens/s (median, min-max)':>28} {'p50 ms':>7} {'p99 ms':>7}")
     med = {}
     for (batch_size, clients), runs in results.items():
