@@ -501,7 +501,7 @@ def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
     read in parallel (over 1,048,576 rows) is written as rows instead, in row groups of 100,000."""
     import shutil
 
-    from runner.steps.tables import MASK, REJECTS, check_balance, finish, scalar
+    from runner.steps.tables import MASK, REJECTS, check_balance, finish, scalar, write_mask
     from stores.datastore import connect, quote_ident, quote_path, write_parquet
     from stores.sql import sql_string as sql_literal
 
@@ -557,28 +557,26 @@ def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
                  when {empty.format(q["prompt"])} then {{'reason': 'empty_text', 'detail': 'turn 1 (user) is empty'}}
                  when {empty.format(q["response"])} then {{'reason': 'empty_text', 'detail': 'turn 2 (assistant) is empty'}}
             end"""
-        reject = (
-            f"{sql_literal(ctx.name)} as step, _why.reason as reason, 'record ' || {n} || ': ' || _why.detail as detail"
-        )
+
+        def reject(number: str) -> str:  # a reject's step, reason and detail, `number` its file row number
+            detail = f"'record ' || ({number} + 1) || ': ' || _why.detail"
+            return f"{sql_literal(ctx.name)} as step, _why.reason as reason, {detail} as detail"
+
         if "id" not in q and not p.limit and (largest_group or 0) <= VIEW_ROW_GROUP_LIMIT:
             shutil.copyfile(path, ctx.out / "input.parquet")
             source = f"read_parquet({quote_path(ctx.out / 'input.parquet')}, file_row_number = true)"
             con.execute(
-                f"create temp table _rejected as select * from (select file_row_number, {row_id} as id, "
+                f"create temp table _rejected as select * from (select file_row_number as n, {row_id} as id, "
                 f"{why} as _why from {source}) where _why is not null"
             )
             rejected = write_parquet(
-                con, f"select id, {name} as source, {reject} from _rejected order by file_row_number", ctx.out / REJECTS
+                con, f"select id, {name} as source, {reject('n')} from _rejected order by n", ctx.out / REJECTS
             )
             total = int(scalar(con, f"select count(*) from {source}"))
-            con.execute(
-                f"copy (select r.file_row_number is null as keep from range({total}) k(file_row_number) "
-                f"left join _rejected r using (file_row_number) order by k.file_row_number) "
-                f"to {quote_path(ctx.out / MASK)} (format parquet, compression zstd)"
-            )
-            ctx.view("rows", None, "input.parquet", MASK, total - rejected, columns)
+            kept = write_mask(ctx, con, f"(select i as n, true as keep from range({total}) t(i))")
+            ctx.view("rows", None, "input.parquet", MASK, kept, columns)
             ctx.table("rejects", REJECTS, rejected, side=True)
-            check_balance(ctx, total, total - rejected, rejected)
+            check_balance(ctx, total, kept, rejected)
             return
         limit = f"where file_row_number < {p.limit}" if p.limit else ""
         rows = f"select {columns}, {why} as _why, file_row_number from {source} {limit}"
@@ -602,7 +600,7 @@ def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
             ctx,
             con,
             f"select id, source, turns, score, lang, group_id, tools from {table} where _why is null{order}",
-            f"select id, source, {reject} from {table} where _why is not null order by file_row_number",
+            f"select id, source, {reject('file_row_number')} from {table} where _why is not null order by file_row_number",
             int(scalar(con, f"select count(*) from {source} {limit}")),
         )
     finally:

@@ -85,14 +85,22 @@ def finish_view(ctx: StepContext, con: duckdb.DuckDBPyConnection, rejected_sql: 
         "from _rejected order by n",
         ctx.out / REJECTS,
     )
+    kept = write_mask(ctx, con, keep_in)
+    ctx.view("rows", base, base_file, MASK, kept, view and view.get("select"))
+    ctx.table("rejects", REJECTS, rejected, side=True)
+    check_balance(ctx, int(inp.manifest["rows"]["rows"]), kept, rejected)
+
+
+def write_mask(ctx: StepContext, con: duckdb.DuckDBPyConnection, keep_in: str) -> int:
+    """Write the step's mask, one `keep` per base row in base order: kept in `keep_in` (SQL of n, keep) and not
+    in the temp table `_rejected` (its base row numbers in `n`). Returns how many rows it keeps."""
+    from stores.datastore import quote_path
+
     con.execute(
         f"copy (select k.keep and r.n is null as keep from {keep_in} k left join _rejected r using (n) "
         f"order by k.n) to {quote_path(ctx.out / MASK)} (format parquet, compression zstd)"
     )
-    kept = scalar(con, f"select count(*) from read_parquet({quote_path(ctx.out / MASK)}) where keep")
-    ctx.view("rows", base, base_file, MASK, kept, view and view.get("select"))
-    ctx.table("rejects", REJECTS, rejected, side=True)
-    check_balance(ctx, int(inp.manifest["rows"]["rows"]), kept, rejected)
+    return int(scalar(con, f"select count(*) from read_parquet({quote_path(ctx.out / MASK)}) where keep"))
 
 
 def load_table(con: duckdb.DuckDBPyConnection, name: str, columns: str, rows: list[dict[str, Any]]) -> None:
