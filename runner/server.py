@@ -488,8 +488,10 @@ class Service:
                     yield _event({**first, "sources": sources} if sources else first)
                 # a client gone cancels this generator at its next await (StreamingResponse listens for the
                 # disconnect), and the finally below frees the model
+                # a piece's event is _event(piece(text, None)), its JSON around the text rendered once
+                head, _, tail = _event(piece(_HOLE, None)).rpartition(json.dumps(_HOLE))
                 async for text in _pumped(pieces):
-                    yield _event(piece(text, None))
+                    yield head + json.dumps(text) + tail
                 yield _event(piece(None, done.get("finish_reason", "stop")))
                 if include_usage:
                     p, c = done.get("prompt_tokens", 0), done.get("completion_tokens", 0)
@@ -587,6 +589,9 @@ def _reseed(s: Sampling, seed: int) -> Sampling:
     from dataclasses import replace
 
     return replace(s, seed=seed)
+
+
+_HOLE = "\x00piece\x00"  # stands for a piece's text in its event's rendered JSON (the last one there is it)
 
 
 def _event(obj: dict[str, Any]) -> str:

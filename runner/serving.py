@@ -136,18 +136,20 @@ class Model:
             or (cancel is not None and cancel.is_set())
         ):
             return True
-        return stopped(self.tokenizer.decode(new[-16:], skip_special_tokens=True), self.stops + list(s.stop))
+        decode = (_backend(self.tokenizer) or self.tokenizer).decode
+        return stopped(decode(new[-16:], skip_special_tokens=True), self.stops + list(s.stop))
 
     def _kwargs(self, s: Sampling, cancel: threading.Event, start: int) -> dict[str, Any]:
         """generate()'s arguments for one request whose prompt is `start` tokens long."""
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        stops, decode = self.stops + list(s.stop), self.tokenizer.decode
+        stops, decode = self.stops + list(s.stop), (_backend(self.tokenizer) or self.tokenizer).decode
 
         class Cancelled(StoppingCriteria):  # type: ignore[misc]
             def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> bool:
                 # cancelled, or a stop string in the answer: nothing more is wanted (as the batcher decides)
-                return cancel.is_set() or stopped(decode(input_ids[0, start:][-16:], skip_special_tokens=True), stops)
+                tail = input_ids[0, start:][-16:].tolist()
+                return cancel.is_set() or stopped(decode(tail, skip_special_tokens=True), stops)
 
         kw: dict[str, Any] = {
             "max_new_tokens": s.max_tokens,
@@ -509,9 +511,38 @@ def batching(models: dict[str, Model], config: ServeConfig) -> dict[str, Model]:
     return models
 
 
+def _backend(tokenizer: Any) -> Any:
+    """The `tokenizers` tokenizer whose decode is `tokenizer.decode`'s, when there is one: a fast tokenizer that
+    does not clean up spaces after decoding (transformers' wrapper around it costs more than the decode). As
+    transformers decides, a BPE tokenizer's clean-up is ignored unless forced."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    cleans = getattr(tokenizer, "clean_up_tokenization_spaces", False) and (
+        backend is None
+        or type(backend.model).__name__ != "BPE"
+        or getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+    )
+    return None if cleans else backend
+
+
 def decoded(tokens: Any, tokenizer: Any, produced: dict[str, int]) -> Iterator[str]:
     """Text pieces from a queue of token ids ended by None (or an exception, raised here); a character split
-    across tokens waits for the rest. `produced["n"]` counts the tokens."""
+    across tokens waits for the rest. `produced["n"]` counts the tokens. Together the pieces are
+    `tokenizer.decode(ids, skip_special_tokens=True)` (up to a character left incomplete at the end)."""
+    backend, n = _backend(tokenizer), 0
+    if backend is not None:  # incremental, in Rust: one token's work per token
+        from tokenizers.decoders import DecodeStream
+
+        stream = DecodeStream(skip_special_tokens=True)
+        while (item := tokens.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            n += 1
+            produced["n"] = n
+            if piece := stream.step(backend, item):
+                yield piece
+        return
+    # no such decoder (spaces cleaned up after decoding can change text already decoded: "do n" becomes "don't"
+    # a token later): whole lines, which the clean-up's rules never reach across, and the rest at the end
     new: list[int] = []
     sent = ""
     while (item := tokens.get()) is not None:
@@ -520,9 +551,11 @@ def decoded(tokens: Any, tokenizer: Any, produced: dict[str, int]) -> Iterator[s
         new.append(item)
         produced["n"] = len(new)
         text = tokenizer.decode(new, skip_special_tokens=True)
-        if len(text) > len(sent) and not text.endswith("\ufffd"):
-            yield text[len(sent) :]
-            sent = text
+        if (lines := text.rfind("\n") + 1) > len(sent):
+            yield text[len(sent) : lines]
+            sent = text[:lines]
+    if rest := tokenizer.decode(new, skip_special_tokens=True)[len(sent) :].rstrip("\ufffd"):
+        yield rest
 
 
 def stopped(tail: str, stops: list[str]) -> bool:

@@ -218,6 +218,98 @@ def test_a_conversation_becomes_one_prompt_with_its_history() -> None:
     assert m.prompt(history) == "<human>: Hi\n<bot>: Hello!\n<human>: Capital of France?\n<bot>:"
 
 
+def _oasst_texts() -> list[str]:
+    from tests.conftest import SHARED_DATA
+
+    texts: list[str] = []
+
+    def walk(node: dict) -> None:
+        texts.append(node["text"])
+        for reply in node.get("replies", []):
+            walk(reply)
+
+    for line in (SHARED_DATA / "oasst" / "oasst2_openpaws_filtered.trees.jsonl").read_text().splitlines():
+        walk(json.loads(line)["prompt"])
+    return texts
+
+
+def _tokenizers(texts: list[str]) -> dict[str, Any]:
+    """Kinds of tokenizer a served model may have: byte-level BPE (runner's own, GPT-2/Falcon style),
+    SentencePiece-style BPE with byte fallback (Llama style), WordPiece (BERT style); with and without the
+    clean-up of spaces after decoding (many configs ask for it; transformers applies it only to non-BPE ones)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from runner.steps.embedding import model_dir
+
+    byte = Tokenizer(models.BPE(unk_token=None))
+    byte.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=1500, special_tokens=special, initial_alphabet=alphabet)
+    )
+    sp = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    sp.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    fallback = [f"<0x{i:02X}>" for i in range(256)]
+    sp.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1200, special_tokens=["<unk>", "</s>", *fallback]))
+    return {
+        "byte-level": PreTrainedTokenizerFast(tokenizer_object=byte, eos_token="<|endoftext|>"),
+        "byte-level, clean-up asked (BPE: ignored)": PreTrainedTokenizerFast(
+            tokenizer_object=byte, eos_token="<|endoftext|>", clean_up_tokenization_spaces=True
+        ),
+        "byte-fallback": PreTrainedTokenizerFast(tokenizer_object=sp, eos_token="</s>", unk_token="<unk>"),
+        "wordpiece": AutoTokenizer.from_pretrained(model_dir("all-MiniLM-L6-v2", {})),
+        "wordpiece, spaces cleaned up": AutoTokenizer.from_pretrained(
+            model_dir("all-MiniLM-L6-v2", {}), clean_up_tokenization_spaces=True
+        ),
+    }
+
+
+def test_streamed_pieces_are_the_decoded_answer() -> None:
+    """A stream's pieces, joined, are what `tokenizer.decode` gives for the whole answer (special tokens skipped),
+    on real multilingual answers (oasst: Chinese, Japanese, emoji, code) cut at any token, so also mid-character,
+    for the tokenizer kinds served models have; and each piece comes as soon as its tokens have (whole lines when
+    the tokenizer cleans up spaces, which can change text already decoded)."""
+    import queue
+    import random
+
+    from runner.serving import decoded
+
+    class Generated(queue.Queue):  # the tokens generated so far: reading past them raises queue.Empty
+        def get(self, block: bool = True, timeout: float | None = None) -> Any:
+            return super().get(block=False)
+
+    texts = _oasst_texts()
+    rng = random.Random(7)
+    for kind, tok in _tokenizers(texts).items():
+        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        for text in rng.sample(texts, 150):
+            ids = tok(text, add_special_tokens=False)["input_ids"][: rng.randint(1, 120)]
+            ids.insert(rng.randint(0, len(ids)), eos)  # a special token mid-answer is skipped, as decode skips it
+            whole = tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")  # U+FFFD: a character not whole yet
+            for ended in (False, True):
+                tokens = Generated()
+                for i in [*ids, None] if ended else ids:
+                    tokens.put(i)
+                produced: dict[str, int] = {}
+                streamed = ""
+                try:
+                    for piece in decoded(tokens, tok, produced):
+                        streamed += piece
+                except queue.Empty:  # every token generated so far is read, and the answer goes on
+                    assert not ended
+                if not ended and kind == "wordpiece, spaces cleaned up":
+                    assert streamed == whole[: whole.rfind("\n") + 1], (kind, ids)
+                else:
+                    assert streamed == whole, (kind, ended, ids)
+                assert produced["n"] == len(ids)
+
+
 # -- real clients: cancellation, context limits, the OpenAI surface, hardening -------------------------
 
 
