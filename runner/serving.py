@@ -262,36 +262,50 @@ class Model:
 
     def _pieces(self, ids: list[int], s: Sampling, cancel: threading.Event, produced: dict[str, int]) -> Iterator[str]:
         """One generation alone, a job on the model thread holding the model while it runs; its text as it comes."""
+        import queue
+
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers.generation.streamers import BaseStreamer
 
         enc = torch.tensor([ids])
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        tokens: queue.Queue[Any] = queue.Queue()
+
+        class Tokens(BaseStreamer):  # type: ignore[misc]
+            """generate() hands it the prompt, then each new token: the new ones go to `tokens`."""
+
+            prompt = True
+
+            def put(self, value: Any) -> None:
+                if self.prompt:
+                    self.prompt = False
+                    return
+                for token in value.reshape(-1).tolist():
+                    tokens.put(token)
+
+            def end(self) -> None:
+                tokens.put(None)
 
         def work() -> None:
             try:
                 with self.lock, torch.no_grad():
                     if s.seed is not None:
                         torch.manual_seed(s.seed)
-                    out = self.model.generate(
+                    self.model.generate(
                         input_ids=enc,
                         attention_mask=torch.ones_like(enc),
                         **self._kwargs(s, cancel, len(ids)),
-                        streamer=streamer,
+                        streamer=Tokens(),
                     )
             except BaseException:
-                streamer.end()  # the reader must not wait for text that will never come
+                tokens.put(None)  # the reader must not wait for text that will never come
                 raise
-            new = out[0, len(ids) :].tolist()
-            eos = self.tokenizer.eos_token_id
-            produced["n"] = new.index(eos) + 1 if eos in new else len(new)
 
         from concurrent.futures import wait
 
         job = model_thread().submit(work)
         try:
-            yield from streamer
-            job.result()  # a generation that failed ended the streamer early: its error, as the batcher gives it
+            yield from decoded(tokens, self.tokenizer, produced)
+            job.result()  # a generation that failed ended the stream early: its error, as the batcher gives it
         finally:
             cancel.set()
             wait([job])
@@ -527,23 +541,27 @@ def _backend(tokenizer: Any) -> Any:
 def decoded(tokens: Any, tokenizer: Any, produced: dict[str, int]) -> Iterator[str]:
     """Text pieces from a queue of token ids ended by None (or an exception, raised here); a character split
     across tokens waits for the rest. `produced["n"]` counts the tokens. Together the pieces are
-    `tokenizer.decode(ids, skip_special_tokens=True)` (up to a character left incomplete at the end)."""
-    backend, n = _backend(tokenizer), 0
+    `tokenizer.decode(ids, skip_special_tokens=True)`, a character the answer ends inside of included (as U+FFFD,
+    the way decode shows it)."""
+    backend = _backend(tokenizer)
+    new: list[int] = []
     if backend is not None:  # incremental, in Rust: one token's work per token
         from tokenizers.decoders import DecodeStream
 
-        stream = DecodeStream(skip_special_tokens=True)
+        stream, length = DecodeStream(skip_special_tokens=True), 0
         while (item := tokens.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
-            n += 1
-            produced["n"] = n
+            new.append(item)
+            produced["n"] = len(new)
             if piece := stream.step(backend, item):
                 yield piece
+                length += len(piece)
+        if rest := backend.decode(new, skip_special_tokens=True)[length:]:
+            yield rest
         return
     # no such decoder (spaces cleaned up after decoding can change text already decoded: "do n" becomes "don't"
     # a token later): whole lines, which the clean-up's rules never reach across, and the rest at the end
-    new: list[int] = []
     sent = ""
     while (item := tokens.get()) is not None:
         if isinstance(item, BaseException):
@@ -554,7 +572,7 @@ def decoded(tokens: Any, tokenizer: Any, produced: dict[str, int]) -> Iterator[s
         if (lines := text.rfind("\n") + 1) > len(sent):
             yield text[len(sent) : lines]
             sent = text[:lines]
-    if rest := tokenizer.decode(new, skip_special_tokens=True)[len(sent) :].rstrip("\ufffd"):
+    if rest := tokenizer.decode(new, skip_special_tokens=True)[len(sent) :]:
         yield rest
 
 

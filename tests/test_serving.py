@@ -291,7 +291,8 @@ def test_streamed_pieces_are_the_decoded_answer() -> None:
         for text in rng.sample(texts, 150):
             ids = tok(text, add_special_tokens=False)["input_ids"][: rng.randint(1, 120)]
             ids.insert(rng.randint(0, len(ids)), eos)  # a special token mid-answer is skipped, as decode skips it
-            whole = tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")  # U+FFFD: a character not whole yet
+            whole = tok.decode(ids, skip_special_tokens=True)
+            so_far = whole.rstrip("\ufffd")  # mid-answer, a character not whole yet (U+FFFD) waits for the rest
             for ended in (False, True):
                 tokens = Generated()
                 for i in [*ids, None] if ended else ids:
@@ -303,10 +304,12 @@ def test_streamed_pieces_are_the_decoded_answer() -> None:
                         streamed += piece
                 except queue.Empty:  # every token generated so far is read, and the answer goes on
                     assert not ended
-                if not ended and kind == "wordpiece, spaces cleaned up":
+                if ended:
+                    assert streamed == whole, (kind, ids)
+                elif kind == "wordpiece, spaces cleaned up":
                     assert streamed == whole[: whole.rfind("\n") + 1], (kind, ids)
                 else:
-                    assert streamed == whole, (kind, ended, ids)
+                    assert streamed == so_far, (kind, ids)
                 assert produced["n"] == len(ids)
 
 
@@ -809,6 +812,11 @@ def test_every_generation_runs_on_the_one_model_thread(server: str) -> None:
     assert embeddings and model.batcher.largest >= 1 and all(isinstance(a, str) for a in answers)
     assert len(threads) == 1 and next(iter(threads)).startswith("runner-model"), threads
     assert answers[1] == answers[3] == model.generate("The Nile", greedy).text  # batched, whole and streamed
+    done: dict = {}
+    streamed = "".join(model.stream("The Nile", sampled, done=done))  # alone, as generate() runs it
+    whole = model.generate("The Nile", sampled)
+    assert answers[0] == answers[2] == streamed == whole.text
+    assert done["completion_tokens"] == whole.completion_tokens and done["finish_reason"] == whole.finish_reason
 
 
 def test_the_server_socket_sends_without_waiting_for_acks() -> None:
