@@ -1,10 +1,11 @@
 """Serving engines on the same model: runner's built-in (transformers, continuous batching) on the merged
 quickstart model vs llama.cpp (`serve.engine: llama_cpp`) on its GGUF at f16 and q8_0, each behind `runner serve`
 in its own process, and the same GGUF files in llama.cpp's own OpenAI server (llama-cpp-python's
-`llama_cpp.server`, on all cores as runner's engine runs it), 1 and 4 asyncio clients, greedy answers of exactly
---max-tokens tokens (its server is sent the prompt runner would build, with the end-of-text token banned by
-`logit_bias`). Prints tokens/s, p50 and p99 per engine (median of --repeats runs) and each engine's ratio to
-the built-in one.
+`llama_cpp.server`, on all cores as runner's engine runs it), 1 and 4 asyncio clients, greedy answers of up to
+--max-tokens tokens: the end-of-text token is held off on every side (`min_tokens`; llama.cpp's server gets
+`logit_bias`) and every side stops at the template's stop strings (its server is sent the prompt runner would
+build and those strings), so most answers end there, before --max-tokens. Tokens are each server's own count.
+Prints tokens/s, p50 and p99 per engine (median of --repeats runs) and each engine's ratio to the built-in one.
 
 Needs the `gguf` extra, llama.cpp's converter (RUNNER_GGUF_CONVERTER, as in .ci/run) and, for llama.cpp's own
 server, the `bench` extra (its server's packages).
@@ -99,7 +100,8 @@ def measure(engine: str, url: str, model: str, args: argparse.Namespace, *body: 
 
 def llama_server(build: object, gguf_type: str) -> tuple[str, object, object]:
     """llama.cpp's own server on the package's GGUF (threads and context as runner's engine sets them), and the
-    request that asks it what runner's server is asked: the prompt runner renders, greedy, exactly N tokens."""
+    request that asks it what runner's server is asked: the prompt runner renders, greedy, no end-of-text token,
+    ended at the template's stop strings or N tokens."""
     from transformers import AutoTokenizer
 
     from runner.steps.prompts import render_prompt

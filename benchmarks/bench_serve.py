@@ -3,16 +3,18 @@
 runs in its own process, as users run it (a client in the server's process would share its GIL).
 
 N clients send chat requests (half streamed) for T seconds; prints requests, errors, p50/p99 latency
-and generated tokens/s. Then the same prompts one at a time: `model.generate` in-process vs whole answers and
-streams through the server, --repeat passes each, interleaved (each round in a rotated order), median and
-spread; target: serving overhead <= 10%.
+and generated tokens/s. Then the same answers one at a time, --repeat rounds of the six prompts, each answer from
+every side in turn (rotated): `model.generate` in-process, whole and streamed (transformers' TextIteratorStreamer,
+read by the caller; generation on one kept thread, its best setting), against whole answers and streams through
+the server. Overhead: the median round-by-round ratio, with quartiles; target: serving overhead <= 10%.
 
-    python benchmarks/bench_serve.py [--clients 4] [--seconds 20] [--max-tokens 32] [--repeat 3] [--cache DIR]
+    python benchmarks/bench_serve.py [--clients 4] [--seconds 20] [--max-tokens 32] [--repeat 15] [--cache DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -21,6 +23,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_batching import PROMPTS, serve  # noqa: E402
@@ -33,7 +36,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=3, help="passes of each side of the overhead comparison")
+    ap.add_argument("--repeat", type=int, default=15, help="rounds of the overhead comparison (six answers each)")
     ap.add_argument("--cache", help="runner's cache (default: a new one, so the quickstart is built first)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe override for the server")
     args = ap.parse_args()
@@ -59,13 +62,15 @@ def main() -> None:
                     "stream": stream,
                 }
 
-            def stream_call(client: httpx.Client, i: int) -> int:
-                pieces = 0
+            def stream_call(client: httpx.Client, i: int, text: bool = False) -> Any:
+                """The stream's content pieces counted (or, with `text`, joined)."""
+                pieces: list[str] = []
                 with client.stream("POST", url, json=body(i, True), timeout=120) as r:
                     r.raise_for_status()
                     for line in r.iter_lines():
-                        pieces += line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line
-                return pieces
+                        if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
+                            pieces.append(json.loads(line[6:])["choices"][0]["delta"]["content"] if text else "")
+                return "".join(pieces) if text else len(pieces)
 
             latencies: list[float] = []
             tokens = errors = 0
@@ -106,58 +111,86 @@ def main() -> None:
                 f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, {tokens / wall:.0f} generated tokens/s"
             )
 
-            # streaming through HTTP vs model.generate in-process, same prompts, one at a time
+            # the same answers one at a time: in-process transformers vs through the server, whole and streamed
+            from transformers import TextIteratorStreamer
+
             from runner.served import load_models
-            from runner.serving import Sampling
+            from runner.serving import Sampling, model_thread
 
             model = next(iter(load_models(build, ["tuned"]).values()))
-            prompts = [model.prompt([{"role": "user", "content": p}]) for p in PROMPTS] * 3
+            prompts = [model.prompt([{"role": "user", "content": p}]) for p in PROMPTS]
+            # in-process generation on one thread kept for it, as the server keeps one (torch starts an OpenMP
+            # team per calling thread: a new thread per answer measured 2.2x slower, and a second thread that
+            # ran torch once, 2x; this is its best setting): runner's model thread, the one this process has
+            worker = model_thread()
 
-            def direct_pass() -> float:
-                t = time.perf_counter()
-                for p in prompts:
-                    enc = model.tokenizer(p, return_tensors="pt", add_special_tokens=False)
-                    with torch.no_grad():
-                        model.model.generate(
-                            **enc,
-                            **model._kwargs(
-                                Sampling(max_tokens=args.max_tokens), threading.Event(), enc["input_ids"].shape[1]
-                            ),
-                        )
-                return time.perf_counter() - t
+            def generate(i: int, streamer: object = None) -> None:
+                enc = model.tokenizer(prompts[i], return_tensors="pt", add_special_tokens=False)
+                kw = model._kwargs(Sampling(max_tokens=args.max_tokens), threading.Event(), enc["input_ids"].shape[1])
+                with torch.no_grad():
+                    model.model.generate(**enc, **kw, streamer=streamer)
 
-            def http_pass(client: httpx.Client, stream: bool) -> float:
-                t = time.perf_counter()
-                for i in range(len(prompts)):
-                    if stream:
-                        stream_call(client, i)
-                    else:
-                        client.post(url, json=body(i, False), timeout=120).raise_for_status()
-                return time.perf_counter() - t
+            def direct(i: int) -> None:
+                worker.submit(generate, i).result()
 
-            passes: dict[str, list[float]] = {
-                "model.generate": [],
-                "whole answers over HTTP": [],
-                "streamed over HTTP": [],
+            def direct_streamed(i: int) -> None:  # transformers' own way to stream, read by the caller
+                streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+                job = worker.submit(generate, i, streamer)
+                for _ in streamer:
+                    pass
+                job.result()
+
+            sides = {
+                "model.generate": direct,
+                "model.generate streamed": direct_streamed,
+                "whole answers over HTTP": lambda i: client.post(url, json=body(i, False), timeout=120).json(),
+                "streamed over HTTP": lambda i: stream_call(client, i),
             }
+            names = list(sides)
+            rounds: dict[str, list[float]] = {side: [] for side in sides}
             with httpx.Client() as client:
-                http_pass(client, True)  # warm-up
-                sides = list(passes)
-                for rep in range(args.repeat):  # interleaved, each pass in a rotated order
-                    for side in sides[rep % 3 :] + sides[: rep % 3]:
-                        if side == "model.generate":
-                            passes[side].append(direct_pass())
-                        else:
-                            passes[side].append(http_pass(client, side.startswith("streamed")))
+                for i in range(len(prompts)):  # warm-up, and the same answer from the server, whole and streamed
+                    for side in names:
+                        sides[side](i)
+                    alone = model.generate(prompts[i], Sampling(max_tokens=args.max_tokens)).text
+                    whole = sides["whole answers over HTTP"](i)["choices"][0]["message"]["content"]
+                    assert whole == stream_call(client, i, text=True) == alone, (whole, alone)
+                for rep in range(args.repeat):  # each answer from each side in turn, in a rotated order
+                    spent = dict.fromkeys(sides, 0.0)
+                    for i in range(len(prompts)):
+                        k = (rep * len(prompts) + i) % len(names)
+                        for side in names[k:] + names[:k]:
+                            t = time.perf_counter()
+                            sides[side](i)
+                            spent[side] += time.perf_counter() - t
+                    for side in sides:
+                        rounds[side].append(spent[side])
         finally:
             server.terminate()
             server.wait()
-    gen_s = statistics.median(passes["model.generate"])
-    print(f"{len(prompts)} generations per pass, median (min-max) of {args.repeat} passes, one at a time:")
-    for side, times in passes.items():
-        med = statistics.median(times)
-        overhead = "" if side == "model.generate" else f" -> overhead {100 * (med / gen_s - 1):+.1f}% (target <= 10%)"
-        print(f"  {side:24s} {med:.2f} s ({min(times):.2f}-{max(times):.2f}){overhead}")
+    print(
+        f"{len(prompts)} answers per round, {args.repeat} rounds, one answer at a time; "
+        "median (min-max) per round, and the overhead against the in-process side it does the work of:"
+    )
+    against = {"whole answers over HTTP": "model.generate", "streamed over HTTP": "model.generate streamed"}
+    for side, times in rounds.items():
+        line = f"  {side:24s} {statistics.median(times):.3f} s ({min(times):.3f}-{max(times):.3f})"
+        for base in dict.fromkeys([against[side], "model.generate"]) if side in against else []:
+            line += f"\n      vs {base}: {overhead(times, rounds[base])} (target <= 10%)"
+        print(line)
+
+
+def overhead(times: list[float], base: list[float]) -> str:
+    """The median of round-by-round ratios (each round's answers against the same answers in-process, run
+    beside them, so drift in the machine's speed cancels) with its quartiles, and the ratio of the medians."""
+    ratios = [t / b for t, b in zip(times, base)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    mid = statistics.median(ratios)
+    ratio_of_medians = statistics.median(times) / statistics.median(base)
+    return (
+        f"{100 * (mid - 1):+.1f}% (quartiles {100 * (q1 - 1):+.1f}% to {100 * (q3 - 1):+.1f}%), "
+        f"ratio of medians {100 * (ratio_of_medians - 1):+.1f}%"
+    )
 
 
 if __name__ == "__main__":
