@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.serving import Model, NotSupported, Output, Sampling, decoded, model_thread, on_model_thread
+from runner.serving import Model, NotSupported, Output, Sampling, on_model_thread
 
 
 @dataclass
@@ -65,24 +65,7 @@ class LlamaCppModel(Model):
         return self.output(ids, on_model_thread(self._run, ids, s, cancel or threading.Event()), s)
 
     def _pieces(self, ids: list[int], s: Sampling, cancel: threading.Event, produced: dict[str, int]) -> Iterator[str]:
-        import queue
-        from concurrent.futures import wait
-
-        tokens: queue.Queue[Any] = queue.Queue()
-
-        def work() -> None:
-            try:
-                self._run(ids, s, cancel, tokens.put)
-                tokens.put(None)
-            except BaseException as exc:  # noqa: BLE001 (handed to the reader)
-                tokens.put(exc)
-
-        job = model_thread().submit(work)
-        try:
-            yield from decoded(tokens, self.tokenizer, produced)
-        finally:
-            cancel.set()
-            wait([job])
+        return self.alone(lambda emit: self._run(ids, s, cancel, emit), cancel, produced)
 
 
 def load(name: str, gguf: Path, tokenizer_dir: Path, template: str, *, n_ctx: int) -> LlamaCppModel:

@@ -136,20 +136,23 @@ class Model:
             or (cancel is not None and cancel.is_set())
         ):
             return True
-        decode = (_backend(self.tokenizer) or self.tokenizer).decode
-        return stopped(decode(new[-16:], skip_special_tokens=True), self.stops + list(s.stop))
+        return stopped(self.decode(new[-16:]), self.stops + list(s.stop))
+
+    def decode(self, ids: list[int]) -> str:
+        """`tokenizer.decode(ids, skip_special_tokens=True)`, through the tokenizers backend where that gives the
+        same text (transformers' wrapper around it costs more than the decode, at every token step)."""
+        return (_backend(self.tokenizer) or self.tokenizer).decode(ids, skip_special_tokens=True)
 
     def _kwargs(self, s: Sampling, cancel: threading.Event, start: int) -> dict[str, Any]:
         """generate()'s arguments for one request whose prompt is `start` tokens long."""
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        stops, decode = self.stops + list(s.stop), (_backend(self.tokenizer) or self.tokenizer).decode
+        stops, decode = self.stops + list(s.stop), self.decode
 
         class Cancelled(StoppingCriteria):  # type: ignore[misc]
             def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> bool:
                 # cancelled, or a stop string in the answer: nothing more is wanted (as the batcher decides)
-                tail = input_ids[0, start:][-16:].tolist()
-                return cancel.is_set() or stopped(decode(tail, skip_special_tokens=True), stops)
+                return cancel.is_set() or stopped(decode(input_ids[0, start:][-16:].tolist()), stops)
 
         kw: dict[str, Any] = {
             "max_new_tokens": s.max_tokens,
@@ -195,7 +198,7 @@ class Model:
         new = new[: s.max_tokens]
         count = new.index(eos) + 1 if eos in new else len(new)  # generated tokens, the end-of-text one included
         new = new[: count - 1] if eos in new else new
-        text, stopped = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), self.stops + list(s.stop))
+        text, stopped = cut_at_stop(self.decode(new), self.stops + list(s.stop))
         logprobs = self._logprobs(new, scores, s.logprobs) if s.logprobs is not None else None
         finish = "stop" if stopped or count < s.max_tokens else "length"
         return Output(text, len(ids), count, finish, logprobs)
@@ -261,54 +264,64 @@ class Model:
                 )
 
     def _pieces(self, ids: list[int], s: Sampling, cancel: threading.Event, produced: dict[str, int]) -> Iterator[str]:
-        """One generation alone, a job on the model thread holding the model while it runs; its text as it comes."""
-        import queue
-
+        """One generation alone (transformers' `generate`, its new tokens handed on by a streamer)."""
         import torch
         from transformers.generation.streamers import BaseStreamer
 
         enc = torch.tensor([ids])
-        tokens: queue.Queue[Any] = queue.Queue()
 
         class Tokens(BaseStreamer):  # type: ignore[misc]
-            """generate() hands it the prompt, then each new token: the new ones go to `tokens`."""
+            """generate() hands it the prompt, then each new token: the new ones go to `emit`."""
 
-            prompt = True
+            def __init__(self, emit: Callable[[int], None]) -> None:
+                self.emit, self.prompt = emit, True
 
             def put(self, value: Any) -> None:
                 if self.prompt:
                     self.prompt = False
                     return
                 for token in value.reshape(-1).tolist():
-                    tokens.put(token)
+                    self.emit(token)
 
             def end(self) -> None:
-                tokens.put(None)
+                pass
 
-        def work() -> None:
-            try:
-                with self.lock, torch.no_grad():
-                    if s.seed is not None:
-                        torch.manual_seed(s.seed)
-                    self.model.generate(
-                        input_ids=enc,
-                        attention_mask=torch.ones_like(enc),
-                        **self._kwargs(s, cancel, len(ids)),
-                        streamer=Tokens(),
-                    )
-            except BaseException:
-                tokens.put(None)  # the reader must not wait for text that will never come
-                raise
+        def work(emit: Callable[[int], None]) -> None:
+            with self.lock, torch.no_grad():
+                if s.seed is not None:
+                    torch.manual_seed(s.seed)
+                self.model.generate(
+                    input_ids=enc,
+                    attention_mask=torch.ones_like(enc),
+                    **self._kwargs(s, cancel, len(ids)),
+                    streamer=Tokens(emit),
+                )
 
+        return self.alone(work, cancel, produced)
+
+    def alone(
+        self, work: Callable[[Callable[[int], None]], None], cancel: threading.Event, produced: dict[str, int]
+    ) -> Iterator[str]:
+        """The text of a generation run alone, a job on the model thread holding the model while it runs:
+        `work(emit)` generates, handing each new token id to `emit`; its error, if any, reaches the reader."""
+        import queue
         from concurrent.futures import wait
 
-        job = model_thread().submit(work)
+        tokens: queue.Queue[Any] = queue.Queue()
+
+        def job() -> None:
+            try:
+                work(tokens.put)
+                tokens.put(None)
+            except BaseException as exc:  # noqa: BLE001 (handed to the reader)
+                tokens.put(exc)
+
+        running = model_thread().submit(job)
         try:
             yield from decoded(tokens, self.tokenizer, produced)
-            job.result()  # a generation that failed ended the stream early: its error, as the batcher gives it
         finally:
             cancel.set()
-            wait([job])
+            wait([running])
 
 
 @dataclass
@@ -543,36 +556,28 @@ def decoded(tokens: Any, tokenizer: Any, produced: dict[str, int]) -> Iterator[s
     across tokens waits for the rest. `produced["n"]` counts the tokens. Together the pieces are
     `tokenizer.decode(ids, skip_special_tokens=True)`, a character the answer ends inside of included (as U+FFFD,
     the way decode shows it)."""
-    backend = _backend(tokenizer)
-    new: list[int] = []
-    if backend is not None:  # incremental, in Rust: one token's work per token
+    backend, stream = _backend(tokenizer), None
+    if backend is not None:
         from tokenizers.decoders import DecodeStream
 
-        stream, length = DecodeStream(skip_special_tokens=True), 0
-        while (item := tokens.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            new.append(item)
-            produced["n"] = len(new)
-            if piece := stream.step(backend, item):
-                yield piece
-                length += len(piece)
-        if rest := backend.decode(new, skip_special_tokens=True)[length:]:
-            yield rest
-        return
-    # no such decoder (spaces cleaned up after decoding can change text already decoded: "do n" becomes "don't"
-    # a token later): whole lines, which the clean-up's rules never reach across, and the rest at the end
-    sent = ""
+        stream = DecodeStream(skip_special_tokens=True)
+    new: list[int] = []
+    length = 0  # characters yielded
     while (item := tokens.get()) is not None:
         if isinstance(item, BaseException):
             raise item
         new.append(item)
         produced["n"] = len(new)
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        if (lines := text.rfind("\n") + 1) > len(sent):
-            yield text[len(sent) : lines]
-            sent = text[:lines]
-    if rest := tokenizer.decode(new, skip_special_tokens=True)[len(sent) :]:
+        if stream is not None:  # incremental, in Rust: one token's work per token
+            piece = stream.step(backend, item) or ""
+        else:  # spaces cleaned up after decoding can change text already decoded ("do n" becomes "don't" a
+            # token later): whole lines, which the clean-up's rules never reach across
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            piece = text[length : text.rfind("\n") + 1]
+        if piece:
+            yield piece
+            length += len(piece)
+    if rest := (backend or tokenizer).decode(new, skip_special_tokens=True)[length:]:
         yield rest
 
 
