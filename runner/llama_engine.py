@@ -11,7 +11,7 @@ an OpenMP team per calling thread, as torch's are: 4 clients generating on their
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,8 +64,8 @@ class LlamaCppModel(Model):
         ids = self.encode(prompt, s.max_tokens)
         return self.output(ids, on_model_thread(self._run, ids, s, cancel or threading.Event()), s)
 
-    def _pieces(self, ids: list[int], s: Sampling, cancel: threading.Event, produced: dict[str, int]) -> Iterator[str]:
-        return self.alone(lambda emit: self._run(ids, s, cancel, emit), cancel, produced)
+    def _alone(self, ids: list[int], s: Sampling, cancel: threading.Event, put: Callable[[Any], None]) -> None:
+        self.alone(lambda emit: self._run(ids, s, cancel, emit), put)
 
 
 def load(name: str, gguf: Path, tokenizer_dir: Path, template: str, *, n_ctx: int) -> LlamaCppModel:

@@ -18,7 +18,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import Request  # imported only by `runner serve` (api.serve_app), never by the CLI at large
@@ -464,7 +464,7 @@ class Service:
         include_usage: bool,
     ) -> Any:
         try:
-            model.encode(prompt, s.max_tokens)  # refuse a prompt that does not fit before the stream starts
+            ids = model.encode(prompt, s.max_tokens)  # a prompt that does not fit is refused before the stream
         except ContextTooLong as exc:
             raise ApiError(
                 400, str(exc), param="messages" if chat else "prompt", code="context_length_exceeded"
@@ -477,8 +477,17 @@ class Service:
             return {**base, "choices": [{"index": 0, "text": text or "", "finish_reason": finish}]}
 
         async def events() -> AsyncIterator[str]:
-            cancel, done = threading.Event(), {}
-            pieces = model.stream(prompt, s, cancel, done)
+            # the tokens come from the model thread straight to this loop, which decodes them: a stream holds
+            # no thread while it waits (a thread reading them for the loop cost a wake-up at every token)
+            loop, tokens = asyncio.get_running_loop(), asyncio.Queue[Any]()
+
+            def put(item: Any) -> None:  # on the model thread
+                try:
+                    loop.call_soon_threadsafe(tokens.put_nowait, item)
+                except RuntimeError:  # the loop is closed (the server stopped): nobody is reading
+                    pass
+
+            pieces = model.unfold(ids, s, threading.Event(), put)
             try:
                 if chat:
                     first = {
@@ -490,22 +499,19 @@ class Service:
                 # disconnect), and the finally below frees the model
                 # a piece's event is _event(piece(text, None)), its JSON around the text rendered once
                 head, _, tail = _event(piece(_HOLE, None)).rpartition(json.dumps(_HOLE))
-                async for text in _pumped(pieces):
-                    yield head + json.dumps(text) + tail
-                yield _event(piece(None, done.get("finish_reason", "stop")))
+                while not pieces.done:
+                    if text := pieces.take(await tokens.get()):
+                        yield head + json.dumps(text) + tail
+                done = pieces.usage(len(ids), s.max_tokens)
+                end = _event(piece(None, done["finish_reason"]))  # the last events go out in one write
                 if include_usage:
-                    p, c = done.get("prompt_tokens", 0), done.get("completion_tokens", 0)
-                    yield _event(
-                        {
-                            **base,
-                            "choices": [],
-                            "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
-                        }
-                    )
-                request.state.tokens = done.get("prompt_tokens", 0) + done.get("completion_tokens", 0)
-                yield "data: [DONE]\n\n"
+                    p, c = done["prompt_tokens"], done["completion_tokens"]
+                    usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+                    end += _event({**base, "choices": [], "usage": usage})
+                request.state.tokens = done["prompt_tokens"] + done["completion_tokens"]
+                yield end + "data: [DONE]\n\n"
             finally:
-                cancel.set()  # a client gone (or done): the model is free within one token step
+                pieces.cancel.set()  # a client gone (or done): the model is free within one token step
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -538,42 +544,6 @@ class Service:
             raise ApiError(400, "query is empty", param="query")
         hits = on_model_thread(lambda: self.retriever.search(req.query, req.k, group_by=req.group_by))
         return {"object": "list", "data": [h._asdict() for h in hits]}
-
-
-_PUMPS: set[asyncio.Future[Any]] = set()  # the pumps running: asyncio keeps only weak references to tasks
-
-
-async def _pumped(pieces: Iterator[str]) -> AsyncIterator[str]:
-    """The items of a blocking iterator, read on one worker thread for its whole length and handed to the event
-    loop as they come. A thread hop per item instead (`iterate_in_threadpool`) took the CPU from the model
-    thread at every token: on the quickstart model, one client, it put streams at +23% over `model.generate`
-    against +15% this way."""
-    loop = asyncio.get_running_loop()
-    items: asyncio.Queue[Any] = asyncio.Queue()
-    end = object()
-
-    def hand(item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(items.put_nowait, item)
-        except RuntimeError:  # the loop is closed (the server stopped): nobody is reading
-            pass
-
-    def pump() -> None:
-        try:
-            for item in pieces:
-                hand(item)
-        except BaseException as exc:  # noqa: BLE001 (the reader raises it)
-            hand(exc)
-        else:
-            hand(end)
-
-    job = asyncio.ensure_future(run_in_threadpool(pump))
-    _PUMPS.add(job)
-    job.add_done_callback(_PUMPS.discard)
-    while (item := await items.get()) is not end:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
 
 
 def _vector(v: Any, encoding: str) -> Any:

@@ -221,49 +221,34 @@ class Model:
     def stream(
         self, prompt: str, s: Sampling, cancel: threading.Event | None = None, done: dict[str, Any] | None = None
     ) -> Iterator[str]:
-        """Text pieces as they are generated, cut before a stop string. Greedy streams run in the batcher with
-        the others, any other alone in its own thread; either way set `cancel` (or stop iterating) and the model
-        is free of it within one token step. `done` receives finish_reason and token counts at the end."""
-        cancel = cancel or threading.Event()
-        ids = self.encode(prompt, s.max_tokens)
-        produced: dict[str, int] = {}
-        if self.batcher is not None and s.greedy and s.seed is None and s.logprobs is None:
-            pieces = self.batcher.pieces(ids, s, cancel, produced)
-        else:
-            pieces = self._pieces(ids, s, cancel, produced)
-        stops = self.stops + list(s.stop)
-        held, stopped = "", False
-        try:
-            for piece in pieces:
-                held += piece
-                text, stopped = cut_at_stop(held, stops)
-                if stopped:
-                    cancel.set()  # the rest is not wanted: free the model now
-                    if text:
-                        yield text
-                    break
-                # what may begin a stop string waits, and so does whitespace before it: `generate` cuts both
-                safe = len(held[: len(held) - _partial_stop(held, stops)].rstrip())
-                if safe > 0:
-                    yield held[:safe]
-                    held = held[safe:]
-            else:
-                if held:
-                    yield held
-        finally:
-            cancel.set()  # done, stopped or abandoned: nothing more is wanted
-            pieces.close()
-            if done is not None:
-                n = produced.get("n", 0)
-                done.update(
-                    {
-                        "prompt_tokens": len(ids),
-                        "completion_tokens": n,
-                        "finish_reason": "stop" if stopped or n < s.max_tokens else "length",
-                    }
-                )
+        """Text pieces as they are generated, cut before a stop string (see `unfold`); stop iterating and the
+        model is free of it within one token step. `done` receives finish_reason and token counts at the end."""
+        import queue
 
-    def _pieces(self, ids: list[int], s: Sampling, cancel: threading.Event, produced: dict[str, int]) -> Iterator[str]:
+        ids = self.encode(prompt, s.max_tokens)
+        tokens: queue.Queue[Any] = queue.Queue()
+        pieces = self.unfold(ids, s, cancel or threading.Event(), tokens.put)
+        try:
+            while not pieces.done:
+                if piece := pieces.take(tokens.get()):
+                    yield piece
+        finally:
+            pieces.cancel.set()  # done, stopped or abandoned: nothing more is wanted
+            if done is not None:
+                done.update(pieces.usage(len(ids), s.max_tokens))
+
+    def unfold(self, ids: list[int], s: Sampling, cancel: threading.Event, put: Callable[[Any], None]) -> Pieces:
+        """Start the answer to prompt tokens `ids`: each new token id goes to `put` (called on the model thread)
+        as it comes, then None, or the exception that ended it. Greedy requests run in the batcher with the
+        others, any other alone as a job of its own; either way set `cancel` and the model is free of it within
+        one token step. Returns the `Pieces` that turn those tokens into the answer's text."""
+        if self.batcher is not None and s.greedy and s.seed is None and s.logprobs is None:
+            self.batcher.add(ids, s, cancel, put)
+        else:
+            self._alone(ids, s, cancel, put)
+        return Pieces(self.tokenizer, self.stops + list(s.stop), cancel)
+
+    def _alone(self, ids: list[int], s: Sampling, cancel: threading.Event, put: Callable[[Any], None]) -> None:
         """One generation alone (transformers' `generate`, its new tokens handed on by a streamer)."""
         import torch
         from transformers.generation.streamers import BaseStreamer
@@ -297,31 +282,78 @@ class Model:
                     streamer=Tokens(emit),
                 )
 
-        return self.alone(work, cancel, produced)
+        self.alone(work, put)
 
-    def alone(
-        self, work: Callable[[Callable[[int], None]], None], cancel: threading.Event, produced: dict[str, int]
-    ) -> Iterator[str]:
-        """The text of a generation run alone, a job on the model thread holding the model while it runs:
-        `work(emit)` generates, handing each new token id to `emit`; its error, if any, reaches the reader."""
-        import queue
-        from concurrent.futures import wait
-
-        tokens: queue.Queue[Any] = queue.Queue()
+    def alone(self, work: Callable[[Callable[[int], None]], None], put: Callable[[Any], None]) -> None:
+        """Queue a generation to run alone, a job on the model thread holding the model while it runs: `work(emit)`
+        generates, handing each new token id to `emit` (that is, `put`); then `put(None)`, or its error."""
 
         def job() -> None:
             try:
-                work(tokens.put)
-                tokens.put(None)
+                work(put)
+                put(None)
             except BaseException as exc:  # noqa: BLE001 (handed to the reader)
-                tokens.put(exc)
+                put(exc)
 
-        running = model_thread().submit(job)
-        try:
-            yield from decoded(tokens, self.tokenizer, produced)
-        finally:
-            cancel.set()
-            wait([running])
+        model_thread().submit(job)
+
+
+class Pieces:
+    """An answer's text as its token ids come, in pieces to send. `take(token)` gives what may go out now: a
+    character split across tokens waits for the rest, and so does what may begin a stop string (with whitespace
+    before it, which `generate` cuts too). Joined, the pieces are `Model.output`'s text: `tokenizer.decode(ids,
+    skip_special_tokens=True)` (a character the answer ends inside of as U+FFFD, the way decode shows it) cut
+    before the first stop string. When a stop string is seen or the answer ends, `done` is set and so is
+    `cancel`: nothing more is wanted."""
+
+    def __init__(self, tokenizer: Any, stops: list[str], cancel: threading.Event) -> None:
+        self.tokenizer, self.stops, self.cancel = tokenizer, stops, cancel
+        self.backend, self.stream = _backend(tokenizer), None
+        if self.backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self.stream = DecodeStream(skip_special_tokens=True)
+        self.ids: list[int] = []  # the tokens taken
+        self.length = 0  # characters of their decoded text taken so far
+        self.held = ""  # taken, not yet let out
+        self.stopped = self.done = False
+
+    def take(self, item: int | BaseException | None) -> str:
+        """What may go out now that `item` came: a new token id, None for the end, or an exception (raised)."""
+        if isinstance(item, BaseException):
+            self.cancel.set()
+            raise item
+        if item is None:
+            self.done = True
+            return self._out((self.backend or self.tokenizer).decode(self.ids, skip_special_tokens=True)[self.length :])
+        self.ids.append(item)
+        if self.stream is not None:  # incremental, in Rust: one token's work per token
+            piece = self.stream.step(self.backend, item) or ""
+        else:  # spaces cleaned up after decoding can change text already decoded ("do n" becomes "don't" a
+            # token later): whole lines, which the clean-up's rules never reach across
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            piece = text[self.length : text.rfind("\n") + 1]
+        self.length += len(piece)
+        return self._out(piece)
+
+    def _out(self, piece: str) -> str:
+        held = self.held + piece
+        text, self.stopped = cut_at_stop(held, self.stops)
+        if self.stopped or self.done:
+            self.held, self.done = "", True
+            self.cancel.set()
+            return text
+        safe = len(held) - _partial_stop(held, self.stops)
+        if self.stops:  # whitespace before a stop string is cut with it: it waits too
+            safe = len(held[:safe].rstrip())
+        self.held = held[safe:]
+        return held[:safe]
+
+    def usage(self, prompt_tokens: int, max_tokens: int) -> dict[str, Any]:
+        """Token counts and finish_reason, as `Model.output` gives them for a whole answer."""
+        n = len(self.ids)
+        finish = "stop" if self.stopped or n < max_tokens else "length"
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "finish_reason": finish}
 
 
 @dataclass
@@ -329,22 +361,22 @@ class _Request:
     ids: list[int]
     s: Sampling
     future: Any = None  # a whole answer: its Output is set here
-    tokens: Any = None  # a stream: each token is put here, then None (or the exception)
+    put: Callable[[Any], None] | None = None  # a stream: each token goes here, then None (or the exception)
     cancel: threading.Event | None = None
     new: list[int] = field(default_factory=list)
 
     def finish(self, output: Callable[[], Output]) -> None:
         if self.future is not None:
             self.future.set_result(output())
-        else:
-            self.tokens.put(None)
+        elif self.put is not None:
+            self.put(None)
 
     def fail(self, exc: BaseException) -> None:
         if self.future is not None:
             if not self.future.done():
                 self.future.set_exception(exc)
-        else:
-            self.tokens.put(exc)
+        elif self.put is not None:
+            self.put(exc)
 
 
 class Batcher:
@@ -376,16 +408,9 @@ class Batcher:
         self._put(_Request(ids, s, future=future))
         return future.result()
 
-    def pieces(self, ids: list[int], s: Sampling, cancel: threading.Event, produced: dict[str, int]) -> Iterator[str]:
-        """A stream's text as its tokens come from the batch (a character split across tokens waits for the rest)."""
-        import queue
-
-        tokens: queue.Queue[Any] = queue.Queue()
-        self._put(_Request(ids, s, tokens=tokens, cancel=cancel))
-        try:
-            yield from decoded(tokens, self.model.tokenizer, produced)
-        finally:
-            cancel.set()  # leaves the batch at the next step if it has not yet
+    def add(self, ids: list[int], s: Sampling, cancel: threading.Event, put: Callable[[Any], None]) -> None:
+        """A stream joins: each of its tokens goes to `put` as the batch makes it, then None (`Model.unfold`)."""
+        self._put(_Request(ids, s, put=put, cancel=cancel))
 
     def _put(self, request: _Request) -> None:
         if _is_model_thread():  # its steps run there: waiting for them there would wait forever
@@ -454,8 +479,8 @@ class Batcher:
             if eos is not None and len(r.new) < r.s.min_tokens:
                 row[eos] = float("-inf")
             r.new.append(int(row.argmax()))
-            if r.tokens is not None:
-                r.tokens.put(r.new[-1])
+            if r.put is not None:
+                r.put(r.new[-1])
 
     def _forward(self, input_ids: Any, mask: Any, cache: Any) -> Any:
         import torch
@@ -549,36 +574,6 @@ def _backend(tokenizer: Any) -> Any:
         or getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
     )
     return None if cleans else backend
-
-
-def decoded(tokens: Any, tokenizer: Any, produced: dict[str, int]) -> Iterator[str]:
-    """Text pieces from a queue of token ids ended by None (or an exception, raised here); a character split
-    across tokens waits for the rest. `produced["n"]` counts the tokens. Together the pieces are
-    `tokenizer.decode(ids, skip_special_tokens=True)`, a character the answer ends inside of included (as U+FFFD,
-    the way decode shows it)."""
-    backend, stream = _backend(tokenizer), None
-    if backend is not None:
-        from tokenizers.decoders import DecodeStream
-
-        stream = DecodeStream(skip_special_tokens=True)
-    new: list[int] = []
-    length = 0  # characters yielded
-    while (item := tokens.get()) is not None:
-        if isinstance(item, BaseException):
-            raise item
-        new.append(item)
-        produced["n"] = len(new)
-        if stream is not None:  # incremental, in Rust: one token's work per token
-            piece = stream.step(backend, item) or ""
-        else:  # spaces cleaned up after decoding can change text already decoded ("do n" becomes "don't" a
-            # token later): whole lines, which the clean-up's rules never reach across
-            text = tokenizer.decode(new, skip_special_tokens=True)
-            piece = text[length : text.rfind("\n") + 1]
-        if piece:
-            yield piece
-            length += len(piece)
-    if rest := (backend or tokenizer).decode(new, skip_special_tokens=True)[length:]:
-        yield rest
 
 
 def stopped(tail: str, stops: list[str]) -> bool:

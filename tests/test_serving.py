@@ -275,14 +275,9 @@ def test_streamed_pieces_are_the_decoded_answer() -> None:
     on real multilingual answers (oasst: Chinese, Japanese, emoji, code) cut at any token, so also mid-character,
     for the tokenizer kinds served models have; and each piece comes as soon as its tokens have (whole lines when
     the tokenizer cleans up spaces, which can change text already decoded)."""
-    import queue
     import random
 
-    from runner.serving import decoded
-
-    class Generated(queue.Queue):  # the tokens generated so far: reading past them raises queue.Empty
-        def get(self, block: bool = True, timeout: float | None = None) -> Any:
-            return super().get(block=False)
+    from runner.serving import Pieces
 
     texts = _oasst_texts()
     rng = random.Random(7)
@@ -294,23 +289,16 @@ def test_streamed_pieces_are_the_decoded_answer() -> None:
             whole = tok.decode(ids, skip_special_tokens=True)
             so_far = whole.rstrip("\ufffd")  # mid-answer, a character not whole yet (U+FFFD) waits for the rest
             for ended in (False, True):
-                tokens = Generated()
-                for i in [*ids, None] if ended else ids:
-                    tokens.put(i)
-                produced: dict[str, int] = {}
-                streamed = ""
-                try:
-                    for piece in decoded(tokens, tok, produced):
-                        streamed += piece
-                except queue.Empty:  # every token generated so far is read, and the answer goes on
-                    assert not ended
+                pieces = Pieces(tok, [], threading.Event())
+                streamed = "".join(pieces.take(i) for i in ([*ids, None] if ended else ids))
+                assert pieces.done == ended and pieces.cancel.is_set() == ended
                 if ended:
                     assert streamed == whole, (kind, ids)
                 elif kind == "wordpiece, spaces cleaned up":
                     assert streamed == whole[: whole.rfind("\n") + 1], (kind, ids)
                 else:
                     assert streamed == so_far, (kind, ids)
-                assert produced["n"] == len(ids)
+                assert len(pieces.ids) == len(ids)
 
 
 # -- real clients: cancellation, context limits, the OpenAI surface, hardening -------------------------
