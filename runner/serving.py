@@ -1,5 +1,5 @@
 """Model runtime for serving and terminal chat: a built recipe's model (base + LoRA adapter, or merged),
-its tokenizer and prompt template; generation whole or streamed, greedy requests in continuous batches."""
+its tokenizer and prompt template; generation whole or streamed, in continuous batches (seeded and logprobs requests alone)."""
 
 from __future__ import annotations
 
@@ -97,8 +97,13 @@ class Model:
     lock: threading.Lock = field(default_factory=threading.Lock)
     precision: str = "fp32"  # the trained precision: int8/int4 models are served quantized
     quantized_layers: int = 0
-    batcher: Batcher | None = None  # set by `batching`: greedy requests run in continuous batches
+    batcher: Batcher | None = None  # set by `batching`: requests run in continuous batches (see `batched`)
     batchable: bool = True  # whether `batching` may give it a batcher
+
+    def batched(self, s: Sampling) -> bool:
+        """Whether a request runs in the batcher: greedy or sampled; seeded ones run alone (their seed repeats the
+        draws of `generate` alone, whatever else is in flight), and so do logprobs ones."""
+        return self.batcher is not None and s.seed is None and s.logprobs is None
 
     def prompt(self, messages: list[dict[str, str]]) -> str:
         """A conversation (history carried across turns, as h2oGPT does) as the model's prompt text."""
@@ -173,7 +178,7 @@ class Model:
 
         cancel = cancel or threading.Event()
         ids = self.encode(prompt, s.max_tokens)
-        if self.batcher is not None and s.greedy and s.seed is None and s.logprobs is None:
+        if self.batched(s):
             return self.batcher.submit(ids, s)
 
         def alone() -> Any:
@@ -242,7 +247,7 @@ class Model:
         as it comes, then None, or the exception that ended it. Greedy requests run in the batcher with the
         others, any other alone as a job of its own; either way set `cancel` and the model is free of it within
         one token step. Returns the `Pieces` that turn those tokens into the answer's text."""
-        if self.batcher is not None and s.greedy and s.seed is None and s.logprobs is None:
+        if self.batched(s):
             self.batcher.add(ids, s, cancel, put)
         else:
             self._alone(ids, s, cancel, put)
@@ -380,12 +385,13 @@ class _Request:
 
 
 class Batcher:
-    """Continuous batching for one model: greedy requests (whole answers and streams) join the running batch
-    between two token steps, and leave it the step they finish, so nobody waits for another's answer to end.
-    Every request keeps its own attention mask and positions over one shared, left-padded KV cache, so each gets
-    the tokens it would get alone (up to float rounding). A request that arrives when the model is idle waits
+    """Continuous batching for one model: requests (greedy or sampled, whole answers and streams) join the running
+    batch between two token steps, and leave it the step they finish, so nobody waits for another's answer to
+    end. Every request keeps its own attention mask and positions over one shared, left-padded KV cache, so each
+    gets the next-token logits it would get alone (up to float rounding): a greedy request its tokens, a sampled
+    one draws from the distribution `generate` draws from. A request that arrives when the model is idle waits
     up to `wait` seconds for company. Each token step is one job on the model thread: a request that runs alone
-    (sampled, seeded) takes its turn between two steps."""
+    (seeded, logprobs) takes its turn between two steps."""
 
     def __init__(self, model: Model, size: int, wait: float) -> None:
         import queue
@@ -473,12 +479,12 @@ class Batcher:
         self._schedule()
 
     def _pick(self, logits: Any, reqs: list[_Request]) -> None:
-        """The greedy next token of each request (the end-of-text token held off until `min_tokens`)."""
+        """The next token of each request, greedy or drawn (the end-of-text token held off until `min_tokens`)."""
         eos = self.model.tokenizer.eos_token_id
         for r, row in zip(reqs, logits):
             if eos is not None and len(r.new) < r.s.min_tokens:
                 row[eos] = float("-inf")
-            r.new.append(int(row.argmax()))
+            r.new.append(int(row.argmax()) if r.s.greedy else drawn(row, r.s))
             if r.put is not None:
                 r.put(r.new[-1])
 
@@ -574,6 +580,18 @@ def _backend(tokenizer: Any) -> Any:
         or getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
     )
     return None if cleans else backend
+
+
+def drawn(logits: Any, s: Sampling) -> int:
+    """A token drawn from a row of next-token logits as `generate(do_sample=True, temperature, top_p, top_k=0)`
+    draws it: transformers' own warpers, in its order, then one draw from the softmax."""
+    import torch
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(s.temperature)(None, logits[None])
+    if s.top_p < 1.0:
+        scores = TopPLogitsWarper(s.top_p)(None, scores)
+    return int(torch.multinomial(torch.softmax(scores, dim=-1), 1))
 
 
 def stopped(tail: str, stops: list[str]) -> bool:

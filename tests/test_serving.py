@@ -768,6 +768,86 @@ def test_streams_and_whole_answers_share_the_batch(server: str) -> None:
     assert model.generate(prompts[1], samplings[1]).text == alone[1].text
 
 
+def test_sampled_requests_share_the_batch_and_draw_as_generate_does(server: str) -> None:
+    """Sampled requests (no seed) run in the batch beside greedy ones, which still answer as alone. Each token
+    drawn there lies in the nucleus `generate(do_sample=True)` keeps at that step (its own processed scores for
+    the same prefix), and the draw follows softmax(logits / temperature) cut to the top_p nucleus, checked by
+    hand."""
+    import collections
+    import math
+    import queue
+
+    import torch
+
+    from runner.served import load_models
+    from runner.serving import Batcher, Sampling
+    from runner.serving import drawn as draw
+
+    build = api.load(SERVED["recipe"], cache_dir=SERVED["cache"])
+    model = load_models(build, ["tuned"])["tiny-tuned"]
+    prompt = "The Nile"
+    ids = model.encode(prompt, 6)
+    sampled, greedy = Sampling(max_tokens=6, temperature=0.7, top_p=0.8, min_tokens=6), Sampling(max_tokens=6)
+    alone = model.generate(prompt, greedy)
+
+    def generate_probs(prefix: list[int], min_new: int) -> Any:
+        """What `generate` draws the next token after `prefix` from: its processed scores, softmaxed."""
+        enc = torch.tensor([prefix])
+        with torch.no_grad():
+            out = model.model.generate(
+                input_ids=enc,
+                attention_mask=torch.ones_like(enc),
+                max_new_tokens=1,
+                min_new_tokens=min_new,
+                do_sample=True,
+                temperature=sampled.temperature,
+                top_p=sampled.top_p,
+                top_k=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=model.tokenizer.pad_token_id,
+            )
+        return torch.softmax(out.scores[0][0].float(), dim=-1)
+
+    model.batcher = Batcher(model, size=16, wait=0.05)
+    jobs = [greedy if i % 5 == 0 else sampled for i in range(40)]
+
+    def ask(i: int) -> Any:
+        if i % 2:
+            return model.generate(prompt, jobs[i]).text
+        return "".join(model.stream(prompt, jobs[i]))
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(ask, range(len(jobs))))
+    assert model.batcher.largest > 8, "sampled requests ran in the batch (only 8 of the 40 are greedy)"
+    assert all(a == alone.text for a, s in zip(answers, jobs) if s is greedy)
+
+    def drawn(s: Sampling) -> list[int]:  # the token ids of one answer from the batch
+        got: queue.Queue[Any] = queue.Queue()
+        model.unfold(ids, s, threading.Event(), got.put)
+        return list(iter(got.get, None))
+
+    # every drawn token is one generate could draw there, replayed on the same prefix
+    with ThreadPoolExecutor(16) as pool:
+        answers_ids = list(pool.map(lambda _: drawn(sampled), range(16)))
+    assert model.batcher.largest == 16
+    for new in answers_ids:
+        for t, token in enumerate(new):
+            assert generate_probs(ids + new[:t], 1)[token] > 0, (new, t)
+    # and the draw follows the distribution, worked out by hand on logits whose nucleus is small
+    logits, t, top_p = [2.0, 1.0, 0.5, 0.0, -1.0], 0.7, 0.8
+    probs = [math.exp(v / t) for v in logits]
+    probs = [v / sum(probs) for v in probs]  # 0.700, 0.168, 0.082, ... (descending already)
+    keep = next(k for k in range(1, 6) if sum(probs[:k]) >= top_p)  # the fewest tokens holding top_p of it
+    expected = [v / sum(probs[:keep]) if i < keep else 0.0 for i, v in enumerate(probs)]
+    torch.manual_seed(0)
+    row = torch.tensor(logits)
+    counts = collections.Counter(
+        draw(row.clone(), Sampling(max_tokens=1, temperature=t, top_p=top_p)) for _ in range(20000)
+    )
+    assert keep == 2 and all(abs(counts[i] / 20000 - e) < 0.015 for i, e in enumerate(expected)), (counts, expected)
+
+
 def test_every_generation_runs_on_the_one_model_thread(server: str) -> None:
     """torch runs an OpenMP team per calling thread: generating on a thread per request, or on several threads
     in turn, was 1.3x-2.3x slower on 2 cores. Whole answers and streams, greedy (batched) or sampled (alone),
