@@ -2,7 +2,8 @@
 batching (serve.batch_size 16) and one request at a time (batch_size 1), the same model in one run: both
 servers up at once, measured in turn.
 
-The quickstart's tiny Falcon behind `runner serve` in its own process; greedy chat completions of at most
+The quickstart's tiny Falcon behind `runner serve` in its own process; greedy (or, with --temperature,
+sampled) chat completions of at most
 --max-tokens tokens (`min_tokens` holds the end-of-text token off, but the h2oGPT template's stop strings still
 end most answers early: five of the six prompts answer in 9-11 tokens, one runs to 32), each client (asyncio,
 in this process) sending requests back to back for --seconds. Tokens/s counts the tokens generated; the p99
@@ -10,7 +11,7 @@ latencies are those of the 32-token answers.
 Prints requests, generated tokens/s, p50 and p99 latency per setting, and the ratios.
 Target: >= 3x tokens/s at 16 clients, p99 at 16 clients no worse than 2x the single-client p99.
 
-    python benchmarks/bench_batching.py [--seconds 10] [--max-tokens 32] [--repeats 3] [--cache DIR]
+    python benchmarks/bench_batching.py [--seconds 10] [--max-tokens 32] [--repeats 3] [--temperature 0] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -75,11 +76,17 @@ def serve(recipe: Path, cache: str, batch_size: int, *sets: str) -> tuple[str, s
     return f"http://127.0.0.1:{port}/v1/chat/completions", proc
 
 
-def chat(model: str, question: str, max_tokens: int) -> dict[str, object]:
+def chat(model: str, question: str, max_tokens: int, temperature: float = 0.0) -> dict[str, object]:
     """A chat completion request to `runner serve` of at most `max_tokens` tokens (`min_tokens` holds off the
-    end-of-text token; a stop string of the template still ends the answer)."""
+    end-of-text token; a stop string of the template still ends the answer), greedy unless `temperature`."""
     messages = [{"role": "user", "content": question}]
-    return {"model": model, "max_tokens": max_tokens, "min_tokens": max_tokens, "messages": messages}
+    return {
+        "model": model,
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+        "messages": messages,
+        "temperature": temperature,
+    }
 
 
 def load(
@@ -132,8 +139,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cache", help="runner's cache (default: a new one, so the quickstart is built first)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampled answers at this temperature (0: greedy)")
     args = ap.parse_args()
+    from functools import partial
+
     from runner import api
+
+    body = partial(chat, temperature=args.temperature)
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = Path(tmp) / "quickstart.yaml"  # a copy: a complete apply writes its lock beside the recipe
@@ -146,13 +158,13 @@ def main() -> None:
         servers = {batch_size: serve(recipe, cache, batch_size) for batch_size in (1, 16)}
         try:
             for url, _ in servers.values():
-                load(1, url, 2, args.max_tokens)  # warm-up
+                load(1, url, 2, args.max_tokens, body=body)  # warm-up
             for rep in range(args.repeats):
                 for clients in (1, 4, 16):
                     for batch_size in (1, 16) if rep % 2 == 0 else (16, 1):
                         url = servers[batch_size][0]
                         results.setdefault((batch_size, clients), []).append(
-                            load(clients, url, args.seconds, args.max_tokens)
+                            load(clients, url, args.seconds, args.max_tokens, body=body)
                         )
         finally:
             for _, proc in servers.values():

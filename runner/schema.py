@@ -54,9 +54,8 @@ class ServeConfig(Params):
     batch_size: int = Field(
         16,
         ge=1,
-        description="greedy requests (whole or streamed) generating together at most; "
-        "others join between token steps (continuous batching; 1: one at "
-        "a time)",
+        description="requests (greedy or sampled, whole or streamed; seeded and logprobs ones run alone) "
+        "generating together at most; others join between token steps (continuous batching; 1: one at a time)",
     )
     batch_wait_ms: float = Field(
         0.0,
