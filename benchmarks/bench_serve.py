@@ -127,7 +127,7 @@ def main() -> None:
             def generate(i: int, streamer: object = None) -> None:
                 enc = model.tokenizer(prompts[i], return_tensors="pt", add_special_tokens=False)
                 kw = model._kwargs(Sampling(max_tokens=args.max_tokens), threading.Event(), enc["input_ids"].shape[1])
-                with torch.no_grad():
+                with torch.inference_mode():  # its best setting, as the server's (no_grad measured 7-9% slower a step)
                     model.model.generate(**enc, **kw, streamer=streamer)
 
             def direct(i: int) -> None:
