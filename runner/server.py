@@ -139,7 +139,8 @@ class CompletionRequest(Common):
             raise ApiError(400, "echo, suffix and best_of are not supported", param="echo")
         if self.logprobs is not None and self.stream:
             raise ApiError(400, "logprobs is not supported with stream: true", param="logprobs")
-        if isinstance(self.prompt, list) and len(self.prompt) * self.n > 8:
+        several = isinstance(self.prompt, list) and bool(self.prompt) and isinstance(self.prompt[0], str)
+        if (len(self.prompt) if several else 1) * self.n > 8:  # a list of token ids is one prompt
             raise ApiError(400, "at most 8 completions per request (prompts x n)", param="prompt")
 
 
@@ -300,9 +301,17 @@ class Service:
         ]
         return docs_prompt(question, hits), sources
 
-    def run(self, model: Model, prompt: str, s: Sampling, n: int) -> list[Output]:
+    def run(self, model: Model, prompts: list[str], s: Sampling, n: int) -> list[Output]:
+        """`n` answers to each prompt, in order (a seeded request's choice i uses seed + i). Answers the batcher
+        takes are asked at once, so they share its token steps; the others run one after another."""
+        jobs = [(p, s if s.seed is None or i == 0 else _reseed(s, s.seed + i)) for p in prompts for i in range(n)]
         try:
-            return [model.generate(prompt, s if s.seed is None or i == 0 else _reseed(s, s.seed + i)) for i in range(n)]
+            if len(jobs) > 1 and model.batched(s):
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(len(jobs)) as pool:  # at most 8 (prompts x n is checked)
+                    return list(pool.map(lambda job: model.generate(*job), jobs))
+            return [model.generate(p, js) for p, js in jobs]
         except ContextTooLong as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except NotSupported as exc:
@@ -355,7 +364,7 @@ class Service:
                 chat=True,
                 include_usage=bool(req.stream_options and req.stream_options.include_usage),
             )
-        outputs = await run_in_threadpool(self.run, model, prompt, s, req.n)
+        outputs = await run_in_threadpool(self.run, model, [prompt], s, req.n)
         request.state.tokens = _usage(outputs)["total_tokens"]
         choices = []
         for i, o in enumerate(outputs):
@@ -419,7 +428,7 @@ class Service:
                 chat=False,
                 include_usage=bool(req.stream_options and req.stream_options.include_usage),
             )
-        outputs = [o for p in prompts for o in await run_in_threadpool(self.run, model, p, s, req.n)]
+        outputs = await run_in_threadpool(self.run, model, prompts, s, req.n)
         request.state.tokens = _usage(outputs)["total_tokens"]
         choices = []
         for i, o in enumerate(outputs):

@@ -848,6 +848,38 @@ def test_sampled_requests_share_the_batch_and_draw_as_generate_does(server: str)
     assert keep == 2 and all(abs(counts[i] / 20000 - e) < 0.015 for i, e in enumerate(expected)), (counts, expected)
 
 
+def test_a_requests_answers_share_the_batch(server: str) -> None:
+    """A request's several answers (n, or several prompts) are asked of the batcher at once, so they share its
+    token steps, each still the answer it gets alone; a prompt of token ids is one prompt, however long."""
+    from runner.schema import ServeConfig
+    from runner.served import load_models
+    from runner.server import create_app
+    from runner.serving import Sampling
+
+    build = api.load(SERVED["recipe"], cache_dir=SERVED["cache"])
+    models = load_models(build, ["tuned"])
+    model = models["tiny-tuned"]
+    prompts = ["The Nile", "Bread is made of", "Paris"]
+    alone = [model.generate(p, Sampling(max_tokens=8, min_tokens=8)).text for p in prompts]
+    ids = model.tokenizer("The Nile is the longest river in Africa, and it flows north", add_special_tokens=False)
+    ids = ids["input_ids"]
+    assert len(ids) > 8
+    by_ids = model.generate(model.tokenizer.decode(ids), Sampling(max_tokens=8, min_tokens=8)).text
+    url, srv = start(create_app(models, ServeConfig(max_tokens=32, batch_size=8, batch_wait_ms=50)))
+    try:
+        body = {"model": "tiny-tuned", "max_tokens": 8, "min_tokens": 8}
+        r = httpx.post(f"{url}/v1/completions", json={**body, "prompt": prompts, "n": 2}, timeout=60).json()
+        assert [c["text"] for c in r["choices"]] == [a for a in alone for _ in range(2)]
+        assert model.batcher is not None and model.batcher.largest == 6
+        r = httpx.post(f"{url}/v1/completions", json={**body, "prompt": ids}, timeout=60)
+        assert r.status_code == 200 and [c["text"] for c in r.json()["choices"]] == [by_ids], r.text
+        sampled = {**body, "prompt": "The Nile", "n": 8, "temperature": 1.0}
+        r = httpx.post(f"{url}/v1/completions", json=sampled, timeout=60).json()
+        assert len(r["choices"]) == 8 and r["usage"]["completion_tokens"] == 64 and model.batcher.largest == 8
+    finally:
+        srv.should_exit = True  # type: ignore[attr-defined]
+
+
 def test_every_generation_runs_on_the_one_model_thread(server: str) -> None:
     """torch runs an OpenMP team per calling thread: generating on a thread per request, or on several threads
     in turn, was 1.3x-2.3x slower on 2 cores. Whole answers and streams, greedy (batched) or sampled (alone),
