@@ -4,9 +4,11 @@ runs in its own process, as users run it (a client in the server's process would
 
 N clients send chat requests (half streamed) for T seconds; prints requests, errors, p50/p99 latency
 and generated tokens/s. Then the same answers one at a time, --repeat rounds of the six prompts, each answer from
-every side in turn (rotated, a 20 ms pause before each): `model.generate` in-process, whole and streamed (transformers' TextIteratorStreamer,
-read by the caller; generation on one kept thread, its best setting), against whole answers and streams through
-the server. Overhead: the median round-by-round ratio, with quartiles; target: serving overhead <= 10%.
+every side in turn (rotated, a 20 ms pause before each): `model.generate` in-process, whole and streamed
+(transformers' TextIteratorStreamer, read by the caller; generation on one kept thread, its best setting), against
+whole answers and streams through the server, the streams read by httpx and, to split the server's part from the
+client's, as raw socket bytes. Overhead: the median round-by-round ratio, with quartiles; target: serving
+overhead <= 10%.
 
     python benchmarks/bench_serve.py [--clients 4] [--seconds 20] [--max-tokens 32] [--repeat 15] [--cache DIR]
 """
@@ -71,6 +73,23 @@ def main() -> None:
                         if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
                             pieces.append(json.loads(line[6:])["choices"][0]["delta"]["content"] if text else "")
                 return "".join(pieces) if text else len(pieces)
+
+            def raw_stream(i: int) -> bytes:
+                """The stream's bytes read off a socket, nothing parsed: the server's part of a stream without
+                the client's (httpx's work per event shares the two cores with the model)."""
+                import socket
+                from urllib.parse import urlsplit
+
+                where, payload = urlsplit(url), json.dumps(body(i, True)).encode()
+                head = f"POST {where.path} HTTP/1.1\r\nHost: {where.netloc}\r\nContent-Type: application/json\r\n"
+                with socket.create_connection((where.hostname, where.port)) as sock:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+                    got = b""
+                    while not got.endswith(b"\r\n0\r\n\r\n") and (chunk := sock.recv(65536)):
+                        got += chunk
+                assert got.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in got, got[-300:]
+                return got
 
             latencies: list[float] = []
             tokens = errors = 0
@@ -145,6 +164,7 @@ def main() -> None:
                 "model.generate streamed": direct_streamed,
                 "whole answers over HTTP": lambda i: client.post(url, json=body(i, False), timeout=120).json(),
                 "streamed over HTTP": lambda i: stream_call(client, i),
+                "streamed, read raw": raw_stream,
             }
             names = list(sides)
             rounds: dict[str, list[float]] = {side: [] for side in sides}
@@ -177,7 +197,11 @@ def main() -> None:
         f"{len(prompts)} answers per round, {args.repeat} rounds, one answer at a time; "
         "median (min-max) per round, and the overhead against the in-process side it does the work of:"
     )
-    against = {"whole answers over HTTP": "model.generate", "streamed over HTTP": "model.generate streamed"}
+    against = {
+        "whole answers over HTTP": "model.generate",
+        "streamed over HTTP": "model.generate streamed",
+        "streamed, read raw": "model.generate streamed",
+    }
     for side, times in rounds.items():
         line = f"  {side:24s} {statistics.median(times):.3f} s ({min(times):.3f}-{max(times):.3f})"
         for base in dict.fromkeys([against[side], "model.generate"]) if side in against else []:

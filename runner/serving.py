@@ -493,7 +493,6 @@ class Batcher:
                 r.put(r.new[-1])
 
     def _forward(self, input_ids: Any, mask: Any, cache: Any) -> Any:
-
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
         with self.model.lock:
             out = self.model.model(
