@@ -133,14 +133,19 @@ class CompletionRequest(Common):
     suffix: str | None = None
     best_of: int | None = None
 
+    @property
+    def by_ids(self) -> bool:
+        """The prompt is one prompt, given as token ids."""
+        return isinstance(self.prompt, list) and bool(self.prompt) and isinstance(self.prompt[0], int)
+
     def check(self) -> None:
         super().check()
         if self.echo or self.suffix or (self.best_of or 1) > 1:
             raise ApiError(400, "echo, suffix and best_of are not supported", param="echo")
         if self.logprobs is not None and self.stream:
             raise ApiError(400, "logprobs is not supported with stream: true", param="logprobs")
-        several = isinstance(self.prompt, list) and bool(self.prompt) and isinstance(self.prompt[0], str)
-        if (len(self.prompt) if several else 1) * self.n > 8:  # a list of token ids is one prompt
+        prompts = 1 if isinstance(self.prompt, str) or self.by_ids else max(1, len(self.prompt))
+        if prompts * self.n > 8:
             raise ApiError(400, "at most 8 completions per request (prompts x n)", param="prompt")
 
 
@@ -306,12 +311,7 @@ class Service:
         takes are asked at once, so they share its token steps; the others run one after another."""
         jobs = [(p, s if s.seed is None or i == 0 else _reseed(s, s.seed + i)) for p in prompts for i in range(n)]
         try:
-            if len(jobs) > 1 and model.batched(s):
-                from concurrent.futures import ThreadPoolExecutor
-
-                with ThreadPoolExecutor(len(jobs)) as pool:  # at most 8 (prompts x n is checked)
-                    return list(pool.map(lambda job: model.generate(*job), jobs))
-            return [model.generate(p, js) for p, js in jobs]
+            return model.generate_all(jobs)
         except ContextTooLong as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except NotSupported as exc:
@@ -405,7 +405,7 @@ class Service:
         s = self.sampling(req, req.logprobs)
         if isinstance(req.prompt, str):
             prompts = [req.prompt]
-        elif req.prompt and isinstance(req.prompt[0], int):
+        elif req.by_ids:
             prompts = [model.tokenizer.decode(req.prompt)]
         else:
             prompts = [str(p) for p in req.prompt] or [""]

@@ -177,12 +177,19 @@ class Model:
         cancel = cancel or threading.Event()
         ids = self.encode(prompt, s.max_tokens)
         if self.batched(s):
-            return self.batcher.submit(ids, s)
+            return self.batcher.submit([(ids, s)])[0]
         scores = s.logprobs is not None
         out = on_model_thread(
             lambda: self._generate(ids, s, cancel, output_scores=scores, return_dict_in_generate=True)
         )
         return self.output(ids, out.sequences[0, len(ids) :].tolist(), s, out.scores)
+
+    def generate_all(self, jobs: list[tuple[str, Sampling]]) -> list[Output]:
+        """Whole answers to several prompts, in order. When the batcher takes them all they join it together, so
+        they share its token steps; otherwise they run one after another."""
+        if all(self.batched(s) for _, s in jobs):
+            return self.batcher.submit([(self.encode(p, s.max_tokens), s) for p, s in jobs])
+        return [self.generate(p, s) for p, s in jobs]
 
     def _generate(self, ids: list[int], s: Sampling, cancel: threading.Event, **extra: Any) -> Any:
         """transformers' `generate` for one request alone, holding the model (seeded first if asked), in inference
@@ -393,21 +400,24 @@ class Batcher:
         self._state = threading.Lock()
         self._scheduled = False  # a step is queued on (or running on) the model thread
 
-    def submit(self, ids: list[int], s: Sampling) -> Output:
+    def submit(self, jobs: list[tuple[list[int], Sampling]]) -> list[Output]:
+        """Whole answers to prompt tokens: the requests join together, and the answers come back in order."""
         from concurrent.futures import Future
 
-        future: Future[Output] = Future()
-        self._put(_Request(ids, s, future=future))
-        return future.result()
+        futures: list[Future[Output]] = [Future() for _ in jobs]
+        self._put(*[_Request(ids, s, future=f) for (ids, s), f in zip(jobs, futures)])
+        return [f.result() for f in futures]
 
     def add(self, ids: list[int], s: Sampling, cancel: threading.Event, put: Callable[[Any], None]) -> None:
         """A stream joins: each of its tokens goes to `put` as the batch makes it, then None (`Model.unfold`)."""
         self._put(_Request(ids, s, put=put, cancel=cancel))
 
-    def _put(self, request: _Request) -> None:
+    def _put(self, *requests: _Request) -> None:
         if _is_model_thread():  # its steps run there: waiting for them there would wait forever
             raise RuntimeError("a batched request was made from the model thread")
-        self.queue.put(request)
+        # queued back to back, then a step scheduled: an idle batcher takes them all in one prefill
+        for request in requests:
+            self.queue.put(request)
         self._schedule()
 
     def _schedule(self) -> None:

@@ -716,7 +716,7 @@ def test_requests_joining_a_running_batch_get_what_they_would_alone(server: str)
 
     def ask(i: int) -> Any:
         time.sleep(0.02 * i)  # staggered: most arrive while others are generating
-        return batcher.submit(model.encode(jobs[i][0], jobs[i][1]), samplings[i])
+        return batcher.submit([(model.encode(jobs[i][0], jobs[i][1]), samplings[i])])[0]
 
     with ThreadPoolExecutor(24) as pool:
         together = list(pool.map(ask, range(len(jobs))))
