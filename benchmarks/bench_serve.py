@@ -133,19 +133,23 @@ def main() -> None:
             # the same answers one at a time: in-process transformers vs through the server, whole and streamed
             from transformers import TextIteratorStreamer
 
-            from runner.served import load_models
-            from runner.serving import Sampling, model_thread
+            from runner.serve.engine import Sampling
+            from runner.serve.hf import TransformersEngine
+            from runner.serve.thread import model_thread
 
-            model = next(iter(load_models(build, ["tuned"]).values()))
-            prompts = [model.prompt([{"role": "user", "content": p}]) for p in PROMPTS]
+            model = api.model(build, variant="tuned")
+            assert isinstance(model, TransformersEngine)
+            prompts = [model.codec.prompt([{"role": "user", "content": p}]) for p in PROMPTS]
             # in-process generation on one thread kept for it, as the server keeps one (torch starts an OpenMP
             # team per calling thread: a new thread per answer measured 2.2x slower, and a second thread that
             # ran torch once, 2x; this is its best setting): runner's model thread, the one this process has
             worker = model_thread()
 
             def generate(i: int, streamer: object = None) -> None:
-                enc = model.tokenizer(prompts[i], return_tensors="pt", add_special_tokens=False)
-                kw = model._kwargs(Sampling(max_tokens=args.max_tokens), threading.Event(), enc["input_ids"].shape[1])
+                enc = model.codec.tokenizer(prompts[i], return_tensors="pt", add_special_tokens=False)
+                kw = model.generate_kwargs(
+                    Sampling(max_tokens=args.max_tokens), threading.Event(), enc["input_ids"].shape[1]
+                )
                 with torch.inference_mode():  # its best setting, as the server's (no_grad measured 7-9% slower a step)
                     model.model.generate(**enc, **kw, streamer=streamer)
 
@@ -153,7 +157,7 @@ def main() -> None:
                 worker.submit(generate, i).result()
 
             def direct_streamed(i: int) -> None:  # transformers' own way to stream, read by the caller
-                streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+                streamer = TextIteratorStreamer(model.codec.tokenizer, skip_prompt=True, skip_special_tokens=True)
                 job = worker.submit(generate, i, streamer)
                 for _ in streamer:
                     pass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner import engine, recipe
 from runner.compile import compile_recipe
@@ -13,6 +13,10 @@ from runner.errors import LockedError, RunnerError, UsageError
 from runner.graph import Graph, GraphError
 from stores.cache import Artifact, ArtifactCache, default_cache_dir
 from stores.hashing import hash_bytes
+
+if TYPE_CHECKING:
+    from runner.schema import Variant
+    from runner.serve.engine import Engine
 
 __all__ = [
     "ApplyResult",
@@ -446,11 +450,21 @@ def cached_results(build: Build, steps: list[engine.StepPlan]) -> list[engine.St
     ]
 
 
+def model(build: Build, *, variant: Variant = "tuned") -> Engine:
+    """A built recipe's model, loaded to answer: `variant` is tuned (base + LoRA adapter), base or merged, in the
+    recipe's `serve.engine` (llama_cpp serves the package's GGUF whatever the variant). Generate with
+    `runner.serve.engine.stream(model, model.codec.prompt(messages), Sampling(max_tokens=64))`, or whole answers
+    with `model.generate_all([(prompt, sampling)])`."""
+    from runner.serve.load import load_models
+
+    return next(iter(load_models(build, [variant]).values()))
+
+
 def serve_app(builds: list[Build], *, token: str | None = None) -> tuple[Any, Any]:
     """The OpenAI-compatible app over one or more built recipes (their models side by side); the first
     recipe's `serve:` section sets host, port and limits, and its index (if any) answers document chat."""
-    from runner.served import load_models
-    from runner.server import create_app
+    from runner.serve.app import create_app
+    from runner.serve.load import load_models
 
     config = builds[0].loaded.recipe.serve
     models = {}

@@ -112,9 +112,9 @@ def test_llama_cpp_engine_behind_runners_server(tmp_path: Path) -> None:
     from openai import BadRequestError, OpenAI
 
     from runner.schema import ServeConfig
-    from runner.served import load_models
-    from runner.server import create_app
-    from runner.serving import Sampling
+    from runner.serve.app import create_app
+    from runner.serve.engine import Sampling
+    from runner.serve.load import load_models
     from tests.test_serving import start
 
     path = tiny(tmp_path, "llama", "f16")
@@ -122,11 +122,11 @@ def test_llama_cpp_engine_behind_runners_server(tmp_path: Path) -> None:
     b = api.load(path, cache_dir=tmp_path / "c")
     assert api.apply(b).ok
     models = load_models(b, [])
-    assert list(models) == ["t-gguf"] and models["t-gguf"].batcher is None
+    assert list(models) == ["t-gguf"] and getattr(models["t-gguf"], "batcher", None) is None
     reference = load_models(
         api.load(path, cache_dir=tmp_path / "c", overrides=["serve.engine=transformers"]), ["merged"]
     )["t-merged"]
-    llm = models["t-gguf"].model
+    llm = models["t-gguf"].llm
     threads: set[str] = set()  # where llama.cpp runs: its CPU threads are an OpenMP team per calling thread
     llm_generate = llm.generate
 
@@ -141,7 +141,9 @@ def test_llama_cpp_engine_behind_runners_server(tmp_path: Path) -> None:
         client = OpenAI(base_url=f"{url}/v1", api_key="secret")
         for question in ("What is the capital of France?", "How do I bake bread?"):
             messages = [{"role": "user", "content": question}]
-            want = reference.generate(reference.prompt(messages), Sampling(max_tokens=12, min_tokens=12))
+            want = reference.generate_all([(reference.codec.prompt(messages), Sampling(max_tokens=12, min_tokens=12))])[
+                0
+            ]
             got = client.chat.completions.create(
                 model="t-gguf", messages=messages, max_tokens=12, extra_body={"min_tokens": 12}
             )

@@ -207,9 +207,9 @@ def test_terminal_chat_carries_the_conversation(server: str) -> None:
 
 
 def test_a_conversation_becomes_one_prompt_with_its_history() -> None:
-    from runner.serving import Model
+    from runner.serve.codec import Codec
 
-    m = Model("m", "human_bot", None, None)
+    m = Codec("human_bot", None)
     history = [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
@@ -277,7 +277,7 @@ def test_streamed_pieces_are_the_decoded_answer() -> None:
     the tokenizer cleans up spaces, which can change text already decoded)."""
     import random
 
-    from runner.serving import Pieces
+    from runner.serve.text import Pieces
 
     texts = _oasst_texts()
     rng = random.Random(7)
@@ -290,7 +290,7 @@ def test_streamed_pieces_are_the_decoded_answer() -> None:
             so_far = whole.rstrip("\ufffd")  # mid-answer, a character not whole yet (U+FFFD) waits for the rest
             for ended in (False, True):
                 pieces = Pieces(tok, [], threading.Event())
-                streamed = "".join(pieces.take(i) for i in ([*ids, None] if ended else ids))
+                streamed = "".join(pieces.feed(i) for i in ([*ids, None] if ended else ids))
                 assert pieces.done == ended and pieces.cancel.is_set() == ended
                 if ended:
                     assert streamed == whole, (kind, ids)
@@ -322,15 +322,17 @@ def start(app: object) -> tuple[str, object]:
 def long_server(server: str) -> Iterator[tuple[str, dict]]:
     """The same model behind a server with generous limits, made to never stop early (as a chatty model does)."""
     from runner.schema import ServeConfig
-    from runner.served import load_models
-    from runner.server import create_app
+    from runner.serve.app import create_app
+    from runner.serve.load import load_models
 
     build = api.load(SERVED["recipe"], cache_dir=SERVED["cache"])
     models = load_models(build, ["tuned"])
     model = models["tiny-tuned"]
-    plain = model._kwargs
-    model._kwargs = lambda s, cancel, start: {**plain(s, cancel, start), "min_new_tokens": s.max_tokens}  # type: ignore[method-assign]
-    config = ServeConfig(max_tokens=1500, max_body_bytes=2_000_000, batch_size=1)  # no batcher: _kwargs is the path
+    plain = model.generate_kwargs
+    model.generate_kwargs = lambda s, cancel, start: {**plain(s, cancel, start), "min_new_tokens": s.max_tokens}  # type: ignore[method-assign]
+    config = ServeConfig(
+        max_tokens=1500, max_body_bytes=2_000_000, batch_size=1
+    )  # no batcher: generate_kwargs is the path
     url, srv = start(create_app(models, config))
     yield url, models
     srv.should_exit = True  # type: ignore[attr-defined]
@@ -362,8 +364,8 @@ def test_a_client_that_disconnects_leaves_the_batch(server: str) -> None:
     """A batched stream whose client hangs up mid-answer leaves the batch within a step (the server learns of it
     from the connection, not by asking at every token)."""
     from runner.schema import ServeConfig
-    from runner.served import load_models
-    from runner.server import create_app
+    from runner.serve.app import create_app
+    from runner.serve.load import load_models
 
     models = load_models(api.load(SERVED["recipe"], cache_dir=SERVED["cache"]), ["tuned"])
     url, srv = start(create_app(models, ServeConfig(max_tokens=1500, batch_size=8)))
@@ -387,7 +389,7 @@ def test_a_client_that_disconnects_leaves_the_batch(server: str) -> None:
 
 def test_prompt_length_is_checked_before_generating(long_server: tuple[str, dict]) -> None:
     url, models = long_server
-    context = models["tiny-tuned"].context
+    context = models["tiny-tuned"].codec.context
     assert context == 2048
     long = "word " * 9000
     for stream in (False, True):
@@ -657,9 +659,9 @@ def test_fuzzed_requests_get_json_errors_and_the_server_stays_up(server: str) ->
 
 def test_concurrent_greedy_requests_are_batched_and_answer_as_alone(server: str) -> None:
     from runner.schema import ServeConfig
-    from runner.served import load_models
-    from runner.server import create_app
-    from runner.serving import Sampling
+    from runner.serve.app import create_app
+    from runner.serve.engine import Sampling
+    from runner.serve.load import load_models
 
     build = api.load(SERVED["recipe"], cache_dir=SERVED["cache"])
     models = load_models(build, ["tuned"])
@@ -699,8 +701,9 @@ def test_requests_joining_a_running_batch_get_what_they_would_alone(server: str)
     and leave when done; each answer is the one it gets alone, token for token."""
     import random
 
-    from runner.served import load_models
-    from runner.serving import Batcher, Sampling
+    from runner.serve.batcher import Batcher
+    from runner.serve.engine import Sampling
+    from runner.serve.load import load_models
 
     build = api.load(SERVED["recipe"], cache_dir=SERVED["cache"])
     model = load_models(build, ["tuned"])["tiny-tuned"]
@@ -716,7 +719,7 @@ def test_requests_joining_a_running_batch_get_what_they_would_alone(server: str)
 
     def ask(i: int) -> Any:
         time.sleep(0.02 * i)  # staggered: most arrive while others are generating
-        return batcher.submit([(model.encode(jobs[i][0], jobs[i][1]), samplings[i])])[0]
+        return batcher.submit([(model.codec.encode(jobs[i][0], jobs[i][1]), samplings[i])])[0]
 
     with ThreadPoolExecutor(24) as pool:
         together = list(pool.map(ask, range(len(jobs))))
@@ -728,8 +731,9 @@ def test_requests_joining_a_running_batch_get_what_they_would_alone(server: str)
 def test_streams_and_whole_answers_share_the_batch(server: str) -> None:
     """Greedy streams run in the batch beside whole answers: each stream's text is its whole answer alone, and a
     stream abandoned halfway leaves the batch (the others still finish)."""
-    from runner.served import load_models
-    from runner.serving import Batcher, Sampling
+    from runner.serve.batcher import Batcher
+    from runner.serve.engine import Sampling, stream
+    from runner.serve.load import load_models
 
     build = api.load(SERVED["recipe"], cache_dir=SERVED["cache"])
     model = load_models(build, ["tuned"])["tiny-tuned"]
@@ -743,7 +747,7 @@ def test_streams_and_whole_answers_share_the_batch(server: str) -> None:
         if i % 2:
             return model.generate(prompts[i], samplings[i])
         done: dict[str, Any] = {}
-        return "".join(model.stream(prompts[i], samplings[i], done=done)), done
+        return "".join(stream(model, prompts[i], samplings[i], done=done)), done
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         got = list(pool.map(ask, range(len(prompts))))
@@ -758,9 +762,9 @@ def test_streams_and_whole_answers_share_the_batch(server: str) -> None:
                 a.completion_tokens,
                 a.finish_reason,
             )
-    stream = model.stream("The Nile", Sampling(max_tokens=200, min_tokens=200))
-    next(stream)
-    stream.close()  # a client gone: the request leaves the batch within a step
+    answer = stream(model, "The Nile", Sampling(max_tokens=200, min_tokens=200))
+    next(answer)
+    answer.close()  # a client gone: the request leaves the batch within a step
     deadline = time.time() + 5
     while model.batcher.in_flight and time.time() < deadline:
         time.sleep(0.01)
@@ -779,14 +783,15 @@ def test_sampled_requests_share_the_batch_and_draw_as_generate_does(server: str)
 
     import torch
 
-    from runner.served import load_models
-    from runner.serving import Batcher, Sampling
-    from runner.serving import drawn as draw
+    from runner.serve.batcher import Batcher
+    from runner.serve.batcher import sample_token as draw
+    from runner.serve.engine import Sampling, stream
+    from runner.serve.load import load_models
 
     build = api.load(SERVED["recipe"], cache_dir=SERVED["cache"])
     model = load_models(build, ["tuned"])["tiny-tuned"]
     prompt = "The Nile"
-    ids = model.encode(prompt, 6)
+    ids = model.codec.encode(prompt, 6)
     sampled, greedy = Sampling(max_tokens=6, temperature=0.7, top_p=0.8, min_tokens=6), Sampling(max_tokens=6)
     alone = model.generate(prompt, greedy)
 
@@ -805,7 +810,7 @@ def test_sampled_requests_share_the_batch_and_draw_as_generate_does(server: str)
                 top_k=0,
                 output_scores=True,
                 return_dict_in_generate=True,
-                pad_token_id=model.tokenizer.pad_token_id,
+                pad_token_id=model.codec.tokenizer.pad_token_id,
             )
         return torch.softmax(out.scores[0][0].float(), dim=-1)
 
@@ -815,7 +820,7 @@ def test_sampled_requests_share_the_batch_and_draw_as_generate_does(server: str)
     def ask(i: int) -> Any:
         if i % 2:
             return model.generate(prompt, jobs[i]).text
-        return "".join(model.stream(prompt, jobs[i]))
+        return "".join(stream(model, prompt, jobs[i]))
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(ask, range(len(jobs))))
@@ -824,7 +829,7 @@ def test_sampled_requests_share_the_batch_and_draw_as_generate_does(server: str)
 
     def drawn(s: Sampling) -> list[int]:  # the token ids of one answer from the batch
         got: queue.Queue[Any] = queue.Queue()
-        model.unfold(ids, s, threading.Event(), got.put)
+        model.start(ids, s, threading.Event(), got.put)
         return list(iter(got.get, None))
 
     # every drawn token is one generate could draw there, replayed on the same prefix
@@ -852,19 +857,19 @@ def test_a_requests_answers_share_the_batch(server: str) -> None:
     """A request's several answers (n, or several prompts) are asked of the batcher at once, so they share its
     token steps, each still the answer it gets alone; a prompt of token ids is one prompt, however long."""
     from runner.schema import ServeConfig
-    from runner.served import load_models
-    from runner.server import create_app
-    from runner.serving import Sampling
+    from runner.serve.app import create_app
+    from runner.serve.engine import Sampling
+    from runner.serve.load import load_models
 
     build = api.load(SERVED["recipe"], cache_dir=SERVED["cache"])
     models = load_models(build, ["tuned"])
     model = models["tiny-tuned"]
     prompts = ["The Nile", "Bread is made of", "Paris"]
     alone = [model.generate(p, Sampling(max_tokens=8, min_tokens=8)).text for p in prompts]
-    ids = model.tokenizer("The Nile is the longest river in Africa, and it flows north", add_special_tokens=False)
+    ids = model.codec.tokenizer("The Nile is the longest river in Africa, and it flows north", add_special_tokens=False)
     ids = ids["input_ids"]
     assert len(ids) > 8
-    by_ids = model.generate(model.tokenizer.decode(ids), Sampling(max_tokens=8, min_tokens=8)).text
+    by_ids = model.generate(model.codec.tokenizer.decode(ids), Sampling(max_tokens=8, min_tokens=8)).text
     url, srv = start(create_app(models, ServeConfig(max_tokens=32, batch_size=8, batch_wait_ms=50)))
     try:
         body = {"model": "tiny-tuned", "max_tokens": 8, "min_tokens": 8}
@@ -886,8 +891,9 @@ def test_every_generation_runs_on_the_one_model_thread(server: str) -> None:
     asked from many client threads, all run their forward passes on one thread."""
     import torch
 
-    from runner.served import load_models
-    from runner.serving import Batcher, Sampling
+    from runner.serve.batcher import Batcher
+    from runner.serve.engine import Sampling, stream
+    from runner.serve.load import load_models
 
     build = api.load(SERVED["recipe"], cache_dir=SERVED["cache"])
     model = load_models(build, ["tuned"])["tiny-tuned"]
@@ -901,7 +907,7 @@ def test_every_generation_runs_on_the_one_model_thread(server: str) -> None:
         s = greedy if i % 2 else sampled
         if i % 4 < 2:
             return model.generate("The Nile", s).text
-        return "".join(model.stream("The Nile", s))
+        return "".join(stream(model, "The Nile", s))
 
     try:
         with ThreadPoolExecutor(8) as pool:
@@ -913,7 +919,7 @@ def test_every_generation_runs_on_the_one_model_thread(server: str) -> None:
     assert len(threads) == 1 and next(iter(threads)).startswith("runner-model"), threads
     assert answers[1] == answers[3] == model.generate("The Nile", greedy).text  # batched, whole and streamed
     done: dict = {}
-    streamed = "".join(model.stream("The Nile", sampled, done=done))  # alone, as generate() runs it
+    streamed = "".join(stream(model, "The Nile", sampled, done=done))  # alone, as generate() runs it
     whole = model.generate("The Nile", sampled)
     assert answers[0] == answers[2] == streamed == whole.text
     assert done["completion_tokens"] == whole.completion_tokens and done["finish_reason"] == whole.finish_reason

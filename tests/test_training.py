@@ -87,8 +87,8 @@ def test_quantized_training_really_quantizes(tmp_path: Path, precision: str, arc
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_models_are_evaluated_and_served_quantized(tmp_path: Path, precision: str) -> None:
-    from runner.served import load_models
-    from runner.serving import Sampling
+    from runner.serve.engine import Sampling
+    from runner.serve.load import load_models
     from runner.steps.models import count_quantized
 
     path = recipe(tmp_path, precision=precision, steps=6, extra="eval: {max_new_tokens: 4}\n")
@@ -100,7 +100,7 @@ def test_quantized_models_are_evaluated_and_served_quantized(tmp_path: Path, pre
     for model in models.values():
         assert model.precision == precision and model.quantized_layers == 8  # 2 blocks x 4 linear layers
         assert count_quantized(model.model)[0] >= 8
-        out = model.generate(model.prompt([{"role": "user", "content": "Hi"}]), Sampling(max_tokens=3))
+        out = model.generate_all([(model.codec.prompt([{"role": "user", "content": "Hi"}]), Sampling(max_tokens=3))])[0]
         assert out.completion_tokens >= 1
 
 
@@ -498,8 +498,8 @@ def test_packaged_adapter_loads_alone_and_answers_as_the_server_does(tmp_path: P
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from runner.served import load_models
-    from runner.serving import Sampling
+    from runner.serve.engine import Sampling
+    from runner.serve.load import load_models
 
     path = recipe(tmp_path, steps=20, extra="package: {formats: [adapter, merged]}\nserve: {models: [tuned, merged]}\n")
     b = api.load(path)
@@ -538,7 +538,10 @@ def test_packaged_adapter_loads_alone_and_answers_as_the_server_does(tmp_path: P
             )
         mine = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("<human>:")[0].split("<bot>:")[0]
         for name, m in served.items():
-            assert m.generate(m.prompt(messages), Sampling(max_tokens=24)).text == mine, (name, question)
+            assert m.generate_all([(m.codec.prompt(messages), Sampling(max_tokens=24))])[0].text == mine, (
+                name,
+                question,
+            )
             # past the end-of-text token too (a tiny model stops early): the same weights pick the same tokens
             with torch.no_grad():
                 theirs = m.model.generate(
@@ -623,7 +626,7 @@ def test_hub_base_adapter_names_the_hub_id_and_commit(tmp_path: Path) -> None:
 def test_vllm_engine_says_what_it_would_run(tmp_path: Path) -> None:
     """serve.engine vllm (GPU hosts): the merged model handed to vLLM's server; here, with no vLLM, one clear error
     carrying the command it would run."""
-    from runner.served import vllm_command
+    from runner.serve.vllm import command as vllm_command
 
     path = recipe(tmp_path, steps=2, extra="serve: {engine: vllm, batch_size: 32}\n")
     b = api.load(path, cache_dir=tmp_path / "c")

@@ -26,11 +26,10 @@ def run(args: argparse.Namespace) -> int:
 
     from runner import api
     from runner.retrieval import docs_prompt
-    from runner.served import load_models
-    from runner.serving import Sampling
+    from runner.serve.engine import Sampling, stream
 
     build = load(args)
-    model = next(iter(load_models(build, [args.variant]).values()))
+    model = api.model(build, variant=args.variant)
     index = api.retriever(build) if args.docs else None
     out = console()
     history: list[dict[str, str]] = []
@@ -53,11 +52,8 @@ def run(args: argparse.Namespace) -> int:
         if index is not None:
             hits = index.search(line, build.loaded.recipe.serve.top_k)
             turn = docs_prompt(line, hits)
-        answer = "".join(
-            model.stream(
-                model.prompt(history + [{"role": "user", "content": turn}]), Sampling(max_tokens=args.max_tokens)
-            )
-        )
+        prompt = model.codec.prompt(history + [{"role": "user", "content": turn}])
+        answer = "".join(stream(model, prompt, Sampling(max_tokens=args.max_tokens)))
         out.print(f"[bold]bot>[/] {escape(answer)}")
         if index is not None:
             for i, h in enumerate(hits, start=1):

@@ -94,10 +94,10 @@ def launch_vllm(build: Any, args: argparse.Namespace) -> int:
     import shutil
 
     from runner.errors import RunnerError
-    from runner.served import vllm_command
+    from runner.serve import vllm
 
     config = build.loaded.recipe.serve
-    cmd = vllm_command(build, args.host or config.host, args.port if args.port is not None else config.port)
+    cmd = vllm.command(build, args.host or config.host, args.port if args.port is not None else config.port)
     if shutil.which(cmd[0]) is None:
         raise RunnerError(
             "serve.engine vllm needs vLLM (a GPU host with `pip install vllm`); it would run: " + shlex.join(cmd)

@@ -1,0 +1,77 @@
+"""A served model's text side, whatever engine runs it: the prompt template, the tokenizer, the context check and
+when an answer is over."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from runner.serve.engine import Output, Sampling
+from runner.serve.text import cut_at_stop, decode, has_stop
+from runner.steps.prompts import render_prompt
+
+
+class ContextTooLong(ValueError):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context: int) -> None:
+        super().__init__(
+            f"this model's context is {context} tokens; the prompt has {prompt_tokens} and max_tokens asks "
+            f"for {max_tokens} more ({prompt_tokens + max_tokens} in all). Shorten the prompt or lower "
+            "max_tokens"
+        )
+        self.prompt_tokens, self.max_tokens, self.context = prompt_tokens, max_tokens, context
+
+
+@dataclass
+class Codec:
+    """Prompts in, answers out, for one model: `template` is the recipe's prompt template, `context` the positions
+    the model attends to (None: it does not say)."""
+
+    template: str
+    tokenizer: Any
+    context: int | None = None
+
+    def prompt(self, messages: list[dict[str, str]]) -> str:
+        """A conversation (history carried across turns, as h2oGPT does) as the model's prompt text."""
+        return render_prompt(self.template, messages, self.tokenizer)
+
+    @property
+    def stops(self) -> list[str]:
+        """The template's own stop strings."""
+        return ["<human>:", "<bot>:"] if self.template == "human_bot" else []
+
+    def encode(self, prompt: str, max_tokens: int) -> list[int]:
+        """Token ids of `prompt` (checked against the context before anything is allocated)."""
+        ids: list[int] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        if not ids:  # an empty prompt: the model starts from its end-of-text token
+            ids = [self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0]
+        if self.context is not None and len(ids) + max_tokens > self.context:
+            raise ContextTooLong(len(ids), max_tokens, self.context)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        """`tokenizer.decode(ids, skip_special_tokens=True)`, the cheap way."""
+        return decode(self.tokenizer, ids)
+
+    def ended(self, new: list[int], s: Sampling, cancel: threading.Event | None = None) -> bool:
+        """Whether an answer of tokens `new` is over: end-of-text, max_tokens, cancelled, or a stop string in its
+        last tokens."""
+        if (
+            new[-1] == self.tokenizer.eos_token_id
+            or len(new) >= s.max_tokens
+            or (cancel is not None and cancel.is_set())
+        ):
+            return True
+        return has_stop(self.decode(new[-16:]), self.stops + list(s.stop))
+
+    def output(
+        self, ids: list[int], new: list[int], s: Sampling, logprobs: list[dict[str, Any]] | None = None
+    ) -> Output:
+        """An answer from the generated token ids: cut at the end-of-text token and the stop strings."""
+        eos = self.tokenizer.eos_token_id
+        new = new[: s.max_tokens]
+        count = new.index(eos) + 1 if eos in new else len(new)  # generated tokens, the end-of-text one included
+        new = new[: count - 1] if eos in new else new
+        text, stopped = cut_at_stop(self.decode(new), self.stops + list(s.stop))
+        finish = "stop" if stopped or count < s.max_tokens else "length"
+        return Output(text, len(ids), count, finish, logprobs[: len(new)] if logprobs is not None else None)
