@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_batching import free_port, load, serve, started  # noqa: E402
+from bench_batching import free_port, load, serve, started
 
 ROOT = Path(__file__).resolve().parent.parent
 

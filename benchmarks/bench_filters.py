@@ -198,8 +198,8 @@ def run_datasets(work: Path, out: Path) -> None:
     ds = ds.add_column("id", [f"s/{i + 1}" for i in range(len(ds))])
     bad = re.compile(BAD_RE)
 
-    def keep(f):  # noqa: ANN001, ANN202  (a batched predicate from a row predicate)
-        return lambda b: [f(*row) for row in zip(b["prompt"], b["response"], b["score"])]
+    def keep(f):  # a batched predicate from a row predicate
+        return lambda b: [f(*row) for row in zip(b["prompt"], b["response"], b["score"], strict=False)]
 
     kw = {"batched": True, "num_proc": 2, "batch_size": 10_000}
     ds = ds.filter(keep(lambda p, r, s: 20 <= len(r) <= 2000), **kw)
@@ -209,7 +209,7 @@ def run_datasets(work: Path, out: Path) -> None:
     # exact dedup needs one pass in order (the first stays): a set, as a user would write it
     seen: set[str] = set()
     first = []
-    for p, r in zip(ds["prompt"], ds["response"]):
+    for p, r in zip(ds["prompt"], ds["response"], strict=False):
         key = normalise(p + "\n" + r)
         first.append(key not in seen)
         seen.add(key)

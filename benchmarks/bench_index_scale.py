@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import itertools
 import json
 import re
 import tempfile
@@ -35,7 +36,7 @@ def texts() -> tuple[list[str], list[str]]:
             corpus.append(row["title"])
             corpus.append(row["title"] + "\n\n" + " ".join(sentences))
             corpus += sentences
-            corpus += [a + " " + b for a, b in zip(sentences, sentences[1:])]
+            corpus += [a + " " + b for a, b in itertools.pairwise(sentences)]
     claims = []
     for name in ("claims_train.csv", "claims_validation.csv", "claims_test.csv"):
         with open(DATA / "rag" / "scifact" / name, newline="", encoding="utf-8") as f:
@@ -120,7 +121,9 @@ def main() -> None:
             got, _ = index.nearest(queries, 10)
             qps = len(queries) / (time.perf_counter() - started)
             truth, _ = exact_search(vectors[:n], queries, 10, "cosine")
-            recall = float(np.mean([len(set(a) & set(t)) / 10 for a, t in zip(got.tolist(), truth.tolist())]))
+            recall = float(
+                np.mean([len(set(a) & set(t)) / 10 for a, t in zip(got.tolist(), truth.tolist(), strict=False)])
+            )
         print(
             f"{n:>8,} {info['ef_search']:>7} {info['sample_recall@10']:>16.4f} {recall:>16.4f} {seconds:>8.1f} "
             f"{mib:>9.1f} {qps:>9,.0f}"

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_batching import PROMPTS, serve  # noqa: E402
+from bench_batching import PROMPTS, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -216,7 +216,7 @@ def main() -> None:
 def overhead(times: list[float], base: list[float]) -> str:
     """The median of round-by-round ratios (each round's answers against the same answers in-process, run
     beside them, so drift in the machine's speed cancels) with its quartiles, and the ratio of the medians."""
-    ratios = [t / b for t, b in zip(times, base)]
+    ratios = [t / b for t, b in zip(times, base, strict=False)]
     q1, _, q3 = statistics.quantiles(ratios, n=4)
     mid = statistics.median(ratios)
     ratio_of_medians = statistics.median(times) / statistics.median(base)

@@ -97,7 +97,7 @@ def child_runner(work: Path, args: argparse.Namespace, packing: bool) -> dict[st
         "seconds": train.manifest["metrics"]["train_seconds"],
         "tokens": tokens,
         "loss": facts["metrics"]["train_loss_last"],
-        "evals": list(zip(val["steps"], train.manifest["metrics"]["eval_seconds"], val["losses"])),
+        "evals": list(zip(val["steps"], train.manifest["metrics"]["eval_seconds"], val["losses"], strict=False)),
     }
 
 
@@ -130,7 +130,7 @@ def timed(trainer: object, tokens: float) -> dict[str, object]:
     evals: list[tuple[int, float, float]] = []
 
     class Clock(TrainerCallback):  # type: ignore[misc]
-        def on_evaluate(self, args, state, control, metrics=None, **kw):  # noqa: ANN001, ANN003, ANN202
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
             evals.append((state.global_step, time.perf_counter() - start, metrics["eval_loss"]))
 
     trainer.add_callback(Clock)  # type: ignore[attr-defined]
@@ -145,7 +145,7 @@ def timed(trainer: object, tokens: float) -> dict[str, object]:
     }
 
 
-def _peft_model(paths: dict[str, str]):  # noqa: ANN202
+def _peft_model(paths: dict[str, str]):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -100,7 +100,9 @@ def main() -> None:
             for ef in EFS:
                 set_ef(ef)
                 got = np.asarray(search(queries))
-                recall = float(np.mean([len(set(g) & set(w)) / K for g, w in zip(got.tolist(), truth.tolist())]))
+                recall = float(
+                    np.mean([len(set(g) & set(w)) / K for g, w in zip(got.tolist(), truth.tolist(), strict=False)])
+                )
                 times = []
                 for _ in range(args.repeat):
                     t = time.perf_counter()

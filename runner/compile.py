@@ -20,7 +20,7 @@ def _files(loaded: LoadedRecipe, params: Any, at: tuple[str | int, ...], problem
     """Resolve the params' external paths against the recipe that wrote them; record missing ones."""
     files: dict[str, Path] = {}
     for key, rel in params.external_paths().items():
-        where = at + (key,)
+        where = (*at, key)
         resolved = (loaded.base_dir(where) / rel).resolve()
         want_dir = key in params.DIR_FIELDS
         if not (resolved.is_dir() if want_dir else resolved.is_file()):
@@ -229,7 +229,7 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
     )
     # `merge` shapes the graph (a merge step after training), it does not change training: keep it out of the key
     train = TrainParams(model=spec, commit=commit, lora=r.lora, train=r.train.model_copy(update={"merge": False}))
-    nodes.append(StepNode("train", "train", train, ("tokenize",) + model_inputs, base_files, origin("train")))
+    nodes.append(StepNode("train", "train", train, ("tokenize", *model_inputs), base_files, origin("train")))
     # one merge step, whoever asks for the merged model: train.merge, package (merged, gguf), serve (merged)
     packs_merged = r.package is not None and bool({"merged", "gguf"} & set(r.package.formats))
     merged = r.train.merge or packs_merged or "merged" in r.serve.models or r.serve.engine == "vllm"
@@ -239,7 +239,7 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
                 "merge",
                 "merge",
                 MergeParams(train=train, template=r.data.prompt.template),
-                ("train",) + model_inputs,
+                ("train", *model_inputs),
                 base_files,
                 origin("train"),
             )
@@ -261,5 +261,5 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
         )
     if r.eval is not None:
         ev = EvalParams(model=spec, commit=commit, template=r.data.prompt.template, eval=r.eval)
-        nodes.append(StepNode("eval", "eval", ev, ("train", "tokenize") + model_inputs, base_files, origin("eval")))
+        nodes.append(StepNode("eval", "eval", ev, ("train", "tokenize", *model_inputs), base_files, origin("eval")))
     return nodes

@@ -70,8 +70,8 @@ def compare(a: Any, b: Any) -> dict[str, Any]:
                 "changed": (pa.key if pa else None) != (pb.key if pb else None) or not (pa and pb),
             }
         )
-    arts_a = {n: a.cache.get(p.key) for n, p in plan_a.items() if p.state == "cached" and p.key}
-    arts_b = {n: b.cache.get(p.key) for n, p in plan_b.items() if p.state == "cached" and p.key}
+    arts_a = {n: art for n, p in plan_a.items() if p.state == "cached" and p.key and (art := a.cache.get(p.key))}
+    arts_b = {n: art for n, p in plan_b.items() if p.state == "cached" and p.key and (art := b.cache.get(p.key))}
     counts = [
         {
             "step": n,
@@ -79,7 +79,7 @@ def compare(a: Any, b: Any) -> dict[str, Any]:
             "b": arts_b[n].manifest.get("rows") if n in arts_b else None,
         }
         for n in names
-        if (n in arts_a or n in arts_b) and (arts_a.get(n) or arts_b.get(n)).manifest.get("rows")
+        if (art := arts_a.get(n) or arts_b.get(n)) is not None and art.manifest.get("rows")
     ]
     metrics = []
     for n in names:

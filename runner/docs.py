@@ -108,7 +108,7 @@ def recipe_reference() -> str:
     )
     sections: list[str] = []
     _walk(Recipe, "", set(), sections)
-    return "\n\n".join([intro] + sections)
+    return "\n\n".join([intro, *sections])
 
 
 def cli_reference(parser: Any) -> str:
@@ -143,10 +143,62 @@ def reject_reasons() -> str:
     return markdown()
 
 
+def _summary(model: type[BaseModel]) -> str:
+    """A kind's docstring's first paragraph, on one line: what the tables of kinds say of it."""
+    return " ".join(inspect.cleandoc(model.__doc__ or "").split("\n\n")[0].split()).replace("|", "\\|")
+
+
+def _kinds(family: str, tag: str) -> list[tuple[list[str], str]]:
+    """The names (values of `tag`) and summary of every registered kind of a family, by first name."""
+    import runner.steps  # noqa: F401  (registers every kind)
+    from runner import registry
+
+    return sorted(
+        (list(registry.literal_values(model, tag)), _summary(model)) for model in registry.entry_models(family)
+    )
+
+
+def _table(family: str, tag: str, what: str) -> str:
+    rows = [f"| {', '.join(f'`{n}`' for n in names)} | {summary} |" for names, summary in _kinds(family, tag)]
+    return "\n".join([f"| {tag} | {what} |", "|---|---|", *rows])
+
+
+def source_formats() -> str:
+    return _table("source", "format", "rows from")
+
+
+def filter_kinds() -> str:
+    return _table("filter", "kind", "what it does")
+
+
+def kinds_in_short() -> str:
+    """Two lines for README: every source format and every filter kind."""
+    sources = ", ".join(f"`{n}`" for names, _ in _kinds("source", "format") for n in names)
+    filters = ", ".join(f"`{n}`" for names, _ in _kinds("filter", "kind") for n in names)
+    return f"Sources (`format:`): {sources}.\nFilters (`kind:`), each a cached step: {filters}."
+
+
+def engine_parameters() -> str:
+    """Which serving engine honours which optional request parameter (the others refuse it by name)."""
+    from runner.serve.engine import OPTIONAL
+    from runner.serve.load import SUPPORTS
+
+    head = "| parameter | " + " | ".join(f"`{e}`" for e in SUPPORTS) + " |"
+    rule = "|---|" + "---|" * len(SUPPORTS)
+    rows = [
+        f"| `{p}` | " + " | ".join("yes" if p in s else "refused" for s in SUPPORTS.values()) + " |" for p in OPTIONAL
+    ]
+    return "\n".join([head, rule, *rows])
+
+
 SECTIONS: dict[str, Any] = {
     "recipe-reference": recipe_reference,
     "cli-reference": cli_reference,
     "reject-reasons": reject_reasons,
+    "source-formats": source_formats,
+    "filter-kinds": filter_kinds,
+    "kinds-in-short": kinds_in_short,
+    "engine-parameters": engine_parameters,
 }
 
 

@@ -219,8 +219,8 @@ def execute(
             results[name] = _build_one(node, key, comps, ups, cache, reporter, run_step, refuse)  # type: ignore[arg-type]
             got = results[name]
             how = "built" if got.state == "built" else "pulled" if got.pulled else "cached"
-            if accept is not None and got.artifact is not None and (why := accept(node, key, got.artifact, how)):
-                raise StepFailed(name, why, refused=True)
+            if accept is not None and got.artifact is not None and (refusal := accept(node, key, got.artifact, how)):
+                raise StepFailed(name, refusal, refused=True)
         except StepFailed as exc:
             results[name] = StepResult(
                 name, "failed", key=key, error=exc.message, components=comps, refused=exc.refused

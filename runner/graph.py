@@ -54,11 +54,11 @@ class Graph:
             if state.get(name) == 2:
                 return
             if state.get(name) == 1:
-                cycle = stack[stack.index(name) :] + [name]
+                cycle = [*stack[stack.index(name) :], name]
                 raise GraphError(f"steps form a cycle: {' -> '.join(cycle)}")
             state[name] = 1
             for up in self.nodes[name].inputs:
-                visit(up, stack + [name])
+                visit(up, [*stack, name])
             state[name] = 2
             order.append(name)
 

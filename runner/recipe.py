@@ -141,11 +141,11 @@ def _read_yaml(file: Path, shown: str) -> tuple[Any, dict[KeyPath, Where]]:
                 if not isinstance(key, str):
                     raise _fail(where, path, f"keys must be plain strings, got {k.value!r}")
                 if key in out:
-                    raise _fail(where, path + (key,), "duplicate key (YAML keeps only one; remove the other)")
-                out[key] = convert(v, path + (key,))
-                positions[path + (key,)] = where
+                    raise _fail(where, (*path, key), "duplicate key (YAML keeps only one; remove the other)")
+                out[key] = convert(v, (*path, key))
+                positions[(*path, key)] = where
             return out
-        return [convert(v, path + (i,)) for i, v in enumerate(n.value)]
+        return [convert(v, (*path, i)) for i, v in enumerate(n.value)]
 
     data = convert(node, ())
     if not isinstance(data, dict):
@@ -215,10 +215,10 @@ def apply_set(data: dict[str, Any], positions: dict[KeyPath, Where], override: s
     if not sep or not key.strip():
         raise _fail(where, (), "expected KEY.PATH=VALUE, e.g. --set train.epochs=2")
     parts: list[str | int] = []
-    for part in key.strip().split("."):
-        if not part:
+    for segment in key.strip().split("."):
+        if not segment:
             raise _fail(where, (), f"empty segment in key path {key!r}")
-        parts.append(int(part) if part.isdigit() and len(part) < 10 else part)
+        parts.append(int(segment) if segment.isdigit() and len(segment) < 10 else segment)
     if len(raw) > MAX_TEXT:
         raise _fail(where, tuple(parts), f"value is longer than {MAX_TEXT:,} characters")
     try:
@@ -235,11 +235,12 @@ def apply_set(data: dict[str, Any], positions: dict[KeyPath, Where], override: s
             if part == len(node):
                 node.append({} if not last else None)
         elif isinstance(node, dict):
-            part = str(part)
-            if not last and node.get(part) is None:
-                node[part] = {}
-            elif not last and not isinstance(node[part], (dict, list)):
-                raise _fail(where, here, f"cannot set inside {type(node[part]).__name__} value {node[part]!r}")
+            field = str(part)
+            if not last and node.get(field) is None:
+                node[field] = {}
+            elif not last and not isinstance(node[field], (dict, list)):
+                raise _fail(where, here, f"cannot set inside {type(node[field]).__name__} value {node[field]!r}")
+            part = field
         else:
             raise _fail(where, here, f"cannot set inside {type(node).__name__} value {node!r}")
         if last:
@@ -285,9 +286,9 @@ def interpolate(data: dict[str, Any], positions: dict[KeyPath, Where]) -> dict[s
 
     def walk(node: Any, path: KeyPath) -> Any:
         if isinstance(node, dict):
-            return {k: walk(v, path + (k,)) for k, v in node.items()}
+            return {k: walk(v, (*path, k)) for k, v in node.items()}
         if isinstance(node, list):
-            return [walk(v, path + (i,)) for i, v in enumerate(node)]
+            return [walk(v, (*path, i)) for i, v in enumerate(node)]
         if isinstance(node, str) and "${" in node:
             whole = _REF.fullmatch(node)
             if whole:

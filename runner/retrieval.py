@@ -54,7 +54,9 @@ class Retriever:
         table = pq.read_table(
             artifact.file("chunks.parquet"), columns=["id", "doc_id", "source", "title", "position", "text"]
         )
-        self.chunks = list(zip(*(table.column(c).to_pylist() for c in table.column_names)))  # Hit fields, in order
+        self.chunks: list[tuple[str, str, str, str, int, str]] = list(
+            zip(*(table.column(c).to_pylist() for c in table.column_names), strict=False)
+        )  # Hit fields, in order
         self._files = embed_files
         self._model: Any = None
         self._bm25: Any = None
@@ -116,14 +118,14 @@ class Retriever:
             offset = 0.0 if self.index.info["metric"] == "l2" else 1.0  # similarity = offset - distance
             make = tuple.__new__  # a Hit without NamedTuple's Python-level __new__: half the cost per hit
             return [
-                [make(Hit, chunks[lb] + (offset - d,)) for lb, d in zip(ls, ds)]
-                for ls, ds in zip(labels.tolist(), distances.tolist())
+                [make(Hit, chunks[lb] + (offset - d,)) for lb, d in zip(ls, ds, strict=False)]
+                for ls, ds in zip(labels.tolist(), distances.tolist(), strict=False)
             ]
         depth = min(max(self.depth, k), self.count)  # a fixed candidate depth: the order does not depend on k
         labels, scores = self.index.search(vectors, depth)
         out = []
-        for question, row_labels, row_scores in zip(questions, labels.tolist(), scores.tolist()):
-            ranked = list(zip(row_labels, row_scores))
+        for question, row_labels, row_scores in zip(questions, labels.tolist(), scores.tolist(), strict=False):
+            ranked = list(zip(row_labels, row_scores, strict=False))
             if use_bm25:
                 ranked = self._fuse(ranked, self._bm25_rank(question, depth))
             hits: list[Hit] = []
@@ -133,7 +135,7 @@ class Retriever:
                 if grouped and doc in seen:
                     continue
                 seen.add(doc)
-                hits.append(Hit(*chunks[label], score))
+                hits.append(Hit._make((*chunks[label], score)))
                 if len(hits) == k:
                     break
             out.append(hits)
@@ -148,7 +150,7 @@ class Retriever:
         docs, scores = self._bm25.retrieve(
             bm25s.tokenize([question], stopwords="en", show_progress=False), k=k, show_progress=False
         )
-        return [(int(d), float(s)) for d, s in zip(docs[0], scores[0]) if s > 0]
+        return [(int(d), float(s)) for d, s in zip(docs[0], scores[0], strict=False) if s > 0]
 
     @staticmethod
     def _fuse(*rankings: list[tuple[int, float]], c: int = 60) -> list[tuple[int, float]]:

@@ -6,7 +6,7 @@ generated from these models (`runner reference`).
 from __future__ import annotations
 
 import typing
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -29,8 +29,12 @@ def _entries(family: str, tag: str) -> Any:
     return Annotated[typing.Union[registry.entry_models(family)], Field(discriminator=tag)]  # noqa: UP007
 
 
-Source = _entries("source", "format")
-Filter = _entries("filter", "kind")
+if TYPE_CHECKING:  # statically, any source or filter; at run time, the union of the registered kinds
+    from runner.steps.filter_base import FilterBase as Filter
+    from runner.steps.sources import SourceBase as Source
+else:
+    Source = _entries("source", "format")
+    Filter = _entries("filter", "kind")
 
 
 Variant = Literal["tuned", "base", "merged"]
@@ -42,7 +46,7 @@ class ServeConfig(Params):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     models: list[Variant] = Field(
-        default_factory=lambda: ["tuned"],
+        default_factory=lambda: cast(list[Variant], ["tuned"]),
         description="tuned (base + adapter), base, merged; each is a model id NAME-VARIANT",
     )
     docs: bool = Field(True, description="also serve NAME-VARIANT+docs: answers from the recipe's index, with sources")
@@ -156,10 +160,8 @@ def all_field_names() -> list[str]:
 
 def _rebuild() -> None:
     """A kind added or removed after import (a plug-in, a test): the recipe's unions follow."""
-    global Source, Filter
-    Source, Filter = _entries("source", "format"), _entries("filter", "kind")
-    DataSection.model_fields["sources"].annotation = list[Source]
-    DataSection.model_fields["filters"].annotation = list[Filter]
+    DataSection.model_fields["sources"].annotation = list[_entries("source", "format")]  # type: ignore[misc,assignment]
+    DataSection.model_fields["filters"].annotation = list[_entries("filter", "kind")]  # type: ignore[misc,assignment]
     DataSection.model_rebuild(force=True)
     Recipe.model_rebuild(force=True)
 

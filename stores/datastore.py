@@ -40,7 +40,9 @@ def connect(
     database: str | Path = ":memory:", *, read_only: bool = False, search_path: Path | None = None
 ) -> duckdb.DuckDBPyConnection:
     """A connection with runner's macros; relative file paths resolve against `search_path` when given."""
-    config = {"file_search_path": str(search_path)} if search_path is not None else {}
+    config: dict[str, str | bool | int | float | list[str]] = (
+        {"file_search_path": str(search_path)} if search_path is not None else {}
+    )
     # RUNNER_DUCKDB_MEMORY bounds DuckDB's memory: beyond it, sorts, windows and joins spill to disk (never
     # to the working directory); unset, DuckDB takes up to 80% of RAM as it needs
     if os.environ.get("RUNNER_DUCKDB_MEMORY"):

@@ -98,7 +98,7 @@ class Remote:
         except Exception as exc:
             try:
                 self.fs.rm_file(tmp)
-            except Exception:  # noqa: BLE001 (best effort: a stale tmp upload is harmless)
+            except Exception:  # best effort: a stale tmp upload is harmless
                 pass
             raise RemoteError(
                 f"writing to the cache remote {self.url} failed ({type(exc).__name__}: {exc}); "
@@ -114,7 +114,7 @@ class Remote:
             dest = self._blob(meta["hash"])
             try:
                 present = self.fs.exists(dest) and self.fs.size(dest) == meta["size"]
-            except Exception:  # noqa: BLE001 (unknown: upload again)
+            except Exception:  # unknown: upload again
                 present = False
             if not present:
                 self._put(path / "data" / rel, None, dest)

@@ -70,7 +70,7 @@ def build(
         "M": m,
         "ef_construction": ef_construction,
         "exact": exact or len(vectors) == 0,
-        "count": int(len(vectors)),
+        "count": len(vectors),
         "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0,
         **tuning,
     }
@@ -92,7 +92,10 @@ def tune_ef(index: Any, vectors: np.ndarray, metric: Metric, fixed: int | None, 
     def recall(ef: int) -> float:
         index.set_ef(max(ef, k + 1))
         got, _ = index.knn_query(queries, k=k + 1)
-        hits = [len((set(a) - {r}) & (set(t) - {r})) / k for a, t, r in zip(got.tolist(), truth.tolist(), rows)]
+        hits = [
+            len((set(a) - {r}) & (set(t) - {r})) / k
+            for a, t, r in zip(got.tolist(), truth.tolist(), rows, strict=False)
+        ]
         return float(np.mean(hits))
 
     choices = [fixed] if fixed else list(EF_CHOICES)
@@ -129,13 +132,13 @@ class VectorIndex:
     def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(labels, distances) in hnswlib's conventions, nearest first. The hot path: no conversions."""
         if self.hnsw is not None and k <= self.info["count"]:
-            return self.hnsw.knn_query(queries, k=k)  # type: ignore[no-any-return]
+            return self.hnsw.knn_query(queries, k=k)
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         k = min(k, self.info["count"])
         if k == 0:
             return np.zeros((len(queries), 0), dtype=np.int64), np.zeros((len(queries), 0), dtype=np.float32)
         if self.hnsw is not None:
-            return self.hnsw.knn_query(queries, k=k)  # type: ignore[no-any-return]
+            return self.hnsw.knn_query(queries, k=k)
         return exact_search(self.vectors, queries, k, self.info["metric"])  # type: ignore[arg-type]
 
 

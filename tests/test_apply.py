@@ -35,7 +35,7 @@ def test_apply_builds_then_does_nothing(cli, small_recipe: Path) -> None:
 
 def test_changing_one_filter_param_reruns_exactly_downstream(cli, small_recipe: Path) -> None:
     apply_json(cli, str(small_recipe))
-    code, out, _ = cli("plan", str(small_recipe), "--set", "data.filters.0.min_chars=2", "--json")
+    _code, out, _ = cli("plan", str(small_recipe), "--set", "data.filters.0.min_chars=2", "--json")
     plan = {p["step"]: p for p in json.loads(out)}
     assert plan["source.s"]["state"] == "cached"
     assert plan["filter.length"]["state"] == "run"
@@ -142,7 +142,7 @@ def states_key(summary: dict, step: str) -> str:
 def test_gc_removes_only_unreferenced(cli, small_recipe: Path, _isolated_cache: Path) -> None:
     old = apply_json(cli, str(small_recipe), "--set", "data.filters.0.min_chars=3")
     new = apply_json(cli, str(small_recipe))
-    code, out, _ = cli("gc")
+    code, _out, _ = cli("gc")
     assert code == 0
     remaining = {p.name for p in (_isolated_cache / "artifacts").glob("*/*")}
     assert remaining == {s["key"] for s in new["steps"]}
@@ -162,7 +162,7 @@ def test_malformed_rows_are_rejected_with_reasons(cli, tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text("data:\n  sources:\n    - {name: s, format: jsonl, path: rows.jsonl}\n")
     summary = apply_json(cli, str(tmp_path / "r.yaml"))
     assert summary["steps"][0]["rows"] == {"in": 7, "rows": 1, "rejects": 6}
-    code, out, _ = cli("sql", str(tmp_path / "r.yaml"), "select id, reason, detail from source_s__rejects", "--json")
+    _code, out, _ = cli("sql", str(tmp_path / "r.yaml"), "select id, reason, detail from source_s__rejects", "--json")
     got = {r["id"]: (r["reason"], r["detail"]) for r in json.loads(out)}
     assert {i: r for i, (r, _) in got.items()} == {
         "s/2": "unreadable",

@@ -129,7 +129,7 @@ def test_explain_cli(tmp_path: Path, cli) -> None:
         "detail": "response has 23 chars, below min_chars 25",
     }
     code, out, _ = cli("explain", str(tmp_path / "r.yaml"), "s/1")
-    assert code == 0 and "kept    in split (train)" in out or "(validation)" in out
+    assert (code == 0 and "kept    in split (train)" in out) or "(validation)" in out
 
 
 def test_token_length_bounds(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ def apply(tmp_path: Path, body: str) -> tuple[api.Build, dict[str, Any]]:
 
 def query(b: api.Build, sql: str) -> list[dict[str, Any]]:
     columns, values = api.sql(b, sql)
-    return [dict(zip(columns, v)) for v in values]
+    return [dict(zip(columns, v, strict=False)) for v in values]
 
 
 # -- 1. the split keeps a conversation on one side ---------------------------------------------
@@ -220,7 +220,7 @@ def test_near_dedup_signatures_from_workers_are_datasketchs_own() -> None:
     values = np.concatenate([v for v, _, _ in blocks])
     keys = [frozenset(k[b[r] : b[r + 1]].tolist()) for _, k, b in blocks for r in range(len(b) - 1)]
     assert len(values) == len(keys) == len(texts)
-    for text, row, key in zip(texts, values, keys):
+    for text, row, key in zip(texts, values, keys, strict=False):
         own = shingles(text or "")
         m = MinHash(num_perm=128, seed=1)
         m.update_batch([s.encode() for s in own])
@@ -432,7 +432,7 @@ def test_parquet_source_view_is_the_rows_it_would_write(tmp_path: Path, monkeypa
             | {"rows": [s.artifact.manifest["rows"] for s in result.steps]}
         )
     assert seen[0] == seen[1]
-    rows = [dict(zip(seen[0]["source_p"][0], r)) for r in seen[0]["source_p"][1]]
+    rows = [dict(zip(seen[0]["source_p"][0], r, strict=False)) for r in seen[0]["source_p"][1]]
     kept = [(n, r) for n, r in enumerate(alpaca) if n % 101 and n % 89]  # independent of runner: no empty text
     assert [r["id"] for r in rows] == [f"p/{n + 1}" for n, _ in kept]
     assert [r["group_id"] for r in rows] == [f"p/{n // 4}" for n, _ in kept]

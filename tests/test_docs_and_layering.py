@@ -115,10 +115,10 @@ def test_no_import_cycles() -> None:
         state[module] = 1
         for dep in sorted(graph[module]):
             if state.get(dep) == 1:
-                cycle = path[path.index(dep) :] + [module, dep] if dep in path else [module, dep]
+                cycle = [*path[path.index(dep) :], module, dep] if dep in path else [module, dep]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if dep not in state:
-                visit(dep, path + [module])
+                visit(dep, [*path, module])
         state[module] = 2
 
     for module in sorted(graph):

@@ -6,6 +6,7 @@ Expected numbers come from code written here (numpy, csv, json)."""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import re
@@ -114,8 +115,8 @@ def test_ids_come_from_a_column_and_survive_a_deleted_row(tmp_path: Path) -> Non
 def test_eval_checks_gold_ids_and_scores_every_relevant_document(scifact: dict[str, Any], tmp_path: Path) -> None:
     ids = {d["doc_id"] for d in scifact["docs"]}
     questions = claims(ids)
-    assert len(questions) >= 5 and any(len(q["document"]) > 1 for q in questions) or len(questions) >= 5
-    write_jsonl(scifact["dir"] / "q.jsonl", questions + [{"question": "nothing", "document": ["999999999"]}])
+    assert (len(questions) >= 5 and any(len(q["document"]) > 1 for q in questions)) or len(questions) >= 5
+    write_jsonl(scifact["dir"] / "q.jsonl", [*questions, {"question": "nothing", "document": ["999999999"]}])
     evaluate = [f"index.eval={{questions: {scifact['dir'] / 'q.jsonl'}, k: [1, 10]}}"]
     b = api.load(scifact["dir"] / "r.yaml", cache_dir=scifact["dir"] / "cache", overrides=evaluate)
     res = api.apply(b)
@@ -198,7 +199,7 @@ def test_hybrid_ranking_does_not_depend_on_k(scifact: dict[str, Any]) -> None:
 
 def test_chunks_keep_titles_with_text_overlap_everywhere_and_end_at_sentences(scifact: dict[str, Any]) -> None:
     chunks: dict[str, list[str]] = {}
-    for doc_id, pos, text in api.sql(
+    for doc_id, _pos, text in api.sql(
         scifact["build"], "select doc_id, position, text from chunk order by doc_id, position"
     )[1]:
         chunks.setdefault(doc_id, []).append(text)
@@ -207,7 +208,7 @@ def test_chunks_keep_titles_with_text_overlap_everywhere_and_end_at_sentences(sc
     for doc_id, parts in chunks.items():
         title = by_id[doc_id]["title"]
         title_only += parts[0].strip() == title.strip()
-        for prev, nxt in zip(parts, parts[1:]):
+        for prev, nxt in itertools.pairwise(parts):
             boundaries += 1
             words = prev.split()
             kept_overlap += any(nxt.startswith(" ".join(words[-n:])) for n in range(1, len(words)))
@@ -242,7 +243,7 @@ def test_ef_search_is_chosen_for_recall_and_recorded(scifact: dict[str, Any]) ->
     q = retriever.embed(questions)
     exact = np.argsort(-(q @ vectors.T), axis=1)[:, :10]
     approx, _ = retriever.index.nearest(q, 10)
-    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx.tolist(), exact.tolist())])
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx.tolist(), exact.tolist(), strict=False)])
     assert recall >= 0.995, recall  # what auto aims at for new queries
 
 

@@ -150,7 +150,7 @@ def test_version_bump_changes_key(cache: ArtifactCache, monkeypatch: pytest.Monk
 
 
 def test_cycle_is_reported_with_its_path() -> None:
-    with pytest.raises(GraphError, match="cycle: a -> b -> a|cycle: b -> a -> b"):
+    with pytest.raises(GraphError, match=r"cycle: a -> b -> a|cycle: b -> a -> b"):
         Graph([StepNode("a", "test.write", Text(), ("b",)), StepNode("b", "test.write", Text(), ("a",))])
 
 

@@ -81,7 +81,7 @@ def test_unhelpful_and_dedup_and_sql(tmp_path: Path) -> None:
         "[{kind: unhelpful, extra_phrases: ['I am sorry']}, {kind: dedup, field: prompt},"
         ' {kind: sql, where: "length(response_of(turns)) % 2 = 0"}]',
     )
-    phrases = [p.lower() for p in UNHELPFUL + ["I am sorry"]]
+    phrases = [p.lower() for p in [*UNHELPFUL, "I am sorry"]]
     recs = [r for r in alpaca_records() if not any(p in r[2].lower() for p in phrases)]
     seen: set[str] = set()
     deduped = []
@@ -134,7 +134,7 @@ def test_near_dedup_finds_edited_copies(tmp_path: Path) -> None:
     rows: list[dict[str, Any]] = [{"prompt": f"q{i}", "response": t} for i, t in enumerate(base)]
     rows += [{"prompt": f"copy{i}", "response": t.replace(".", "!", 1)} for i, t in enumerate(base[:10])]
     write_jsonl(tmp_path / "rows.jsonl", rows)
-    b, counts = run(
+    b, _counts = run(
         tmp_path,
         "[{kind: near_dedup, field: response, threshold: 0.7}]",
         f"{{name: s, format: jsonl, path: {tmp_path / 'rows.jsonl'}}}",

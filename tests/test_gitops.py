@@ -78,7 +78,7 @@ def repoison(cache: Path, key: str, change: dict[str, bytes]) -> None:
 
 def test_the_scenario_of_the_issue_fails_loudly_and_leaves_the_lock_alone(cli, tmp_path: Path) -> None:
     a = clone(tmp_path, "a")
-    code, first, err = run(cli, a, tmp_path / "ca")
+    code, _first, err = run(cli, a, tmp_path / "ca")
     assert code == 0, err
     lock_a = a.with_name("r.yaml.lock")
     locked = json.loads(lock_a.read_text())["steps"]
@@ -90,9 +90,9 @@ def test_the_scenario_of_the_issue_fails_loudly_and_leaves_the_lock_alone(cli, t
     shutil.copytree(tmp_path / "ca", tmp_path / "cb")
     repoison(tmp_path / "cb", locked["train"]["key"], {"train_result.json": b'{"other": "weights"}'})
     before = unchanged(b.with_name("r.yaml.lock"))
-    code, out, err = cli("lock", str(b), "--check", "--cache-dir", str(tmp_path / "cb"))
+    code, _out, err = cli("lock", str(b), "--check", "--cache-dir", str(tmp_path / "cb"))
     assert code == 0 and unchanged(b.with_name("r.yaml.lock")) == before
-    code, summary, err = run(cli, b, tmp_path / "cb", "--locked")
+    code, _summary, err = run(cli, b, tmp_path / "cb", "--locked")
     assert code == 3, err
     assert "train: the output of key" in err and locked["train"]["output_hash"][:12] in err
     assert "re-lock on purpose" in err
@@ -127,7 +127,9 @@ def test_rebuild_nondeterministic_reports_what_moved(cli, tmp_path: Path, monkey
         (ctx.out / "train_result.json").write_text(json.dumps(result, sort_keys=True))
 
     monkeypatch.setitem(registry._REGISTRY, "train", dataclasses.replace(spec, run=other_machine))
-    code, out, err = cli("apply", str(c), "--cache-dir", str(tmp_path / "cc"), "--locked", "--rebuild-nondeterministic")
+    code, _out, err = cli(
+        "apply", str(c), "--cache-dir", str(tmp_path / "cc"), "--locked", "--rebuild-nondeterministic"
+    )
     assert code == 0, err
     assert f"train: output {locked['train']['output_hash'][:12]} ->" in err
     assert f"eval: key {locked['eval']['key'][:12]} ->" in err
@@ -143,7 +145,7 @@ def test_ci_story_with_a_shared_cache(cli, tmp_path: Path) -> None:
     lock_a = a.with_name("r.yaml.lock")
     b = clone(tmp_path, "b", lock_a)
     before = unchanged(b.with_name("r.yaml.lock"))
-    code, out, _ = cli("lock", str(b), "--check", "--cache-dir", str(tmp_path / "cb"), "--cache-remote", str(remote))
+    code, _out, _ = cli("lock", str(b), "--check", "--cache-dir", str(tmp_path / "cb"), "--cache-remote", str(remote))
     assert code == 0
     code, summary, err = run(cli, b, tmp_path / "cb", "--locked", "--cache-remote", str(remote))
     assert code == 0, err
@@ -249,7 +251,7 @@ class Seaweed:
                     fs.mkdir("runner-ci")
                 fs.pipe("runner-ci/.probe", b"ok")
                 return
-            except Exception:  # noqa: BLE001 (not up yet)
+            except Exception:  # not up yet
                 time.sleep(0.5)
         raise AssertionError("seaweedfs did not start: " + (self.root / "weed.log").read_text()[-2000:])
 
@@ -283,7 +285,7 @@ def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Seaweed]:
 def test_s3_push_pull_tamper_and_a_server_killed_mid_push(
     cli, tmp_path: Path, s3: Seaweed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stores.remote import Remote
+    from stores.remote import Remote, RemoteError
 
     url = "s3://runner-ci/team-cache"
     code, _, err = cli("apply", str(clone(tmp_path, "x")), "--cache-remote", "s3://no-such-bucket/cache")
@@ -350,7 +352,7 @@ def test_s3_push_pull_tamper_and_a_server_killed_mid_push(
         original(self, local, data, dest)
 
     monkeypatch.setattr(Remote, "_put", put_then_die)
-    with pytest.raises(Exception):
+    with pytest.raises(RemoteError):
         cache.push(key)
     monkeypatch.setattr(Remote, "_put", original)
     s3.start()

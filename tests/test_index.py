@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -80,7 +81,7 @@ def test_chunking_respects_paragraphs_and_overlaps() -> None:
     chunks = chunk_text("\n\n".join(paras), 120, 20, len)
     assert all(len(c) <= 120 for c in chunks)
     assert chunks[0].startswith(paras[0]) and paras[0] in chunks[0]
-    for prev, nxt in zip(chunks, chunks[1:]):  # each chunk repeats the tail of the one before
+    for prev, nxt in itertools.pairwise(chunks):  # each chunk repeats the tail of the one before
         assert nxt.split()[0] in prev.split()
     joined = " ".join(chunks)
     assert all(w in joined for p in paras for w in p.split())
@@ -126,7 +127,7 @@ def test_hnsw_matches_exact_search_on_random_vectors(tmp_path: Path) -> None:
     build(vectors, tmp_path / "ix", metric="cosine", m=16, ef_construction=200, exact=False, info={"model": "m"})
     labels, _ = VectorIndex.open(tmp_path / "ix", ef_search=128).search(queries, 10)
     truth, _ = exact_search(vectors, queries, 10, "cosine")
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(labels, truth)])
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(labels, truth, strict=False)])
     assert recall >= 0.98
 
 
@@ -150,13 +151,16 @@ def test_squad_retrieval_quality(tmp_path: Path, capsys: pytest.CaptureFixture[s
     qvecs = r.embed([q for q, _ in questions])
     hits = r.search_vectors(qvecs, [q for q, _ in questions], 5)
     recall5 = np.mean(
-        [any(h.doc_id == f"docs/squad.jsonl#{gold}" for h in hs) for hs, (_, gold) in zip(hits, questions)]
+        [
+            any(h.doc_id == f"docs/squad.jsonl#{gold}" for h in hs)
+            for hs, (_, gold) in zip(hits, questions, strict=False)
+        ]
     )
     # HNSW against exact search on the same embeddings
     exact = VectorIndex(info={**r.index.info, "exact": True}, vectors=_vectors(b))
     approx_labels, _ = r.index.search(qvecs, 10)
     exact_labels, _ = exact.search(qvecs, 10)
-    recall10 = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx_labels, exact_labels)])
+    recall10 = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx_labels, exact_labels, strict=False)])
     with capsys.disabled():
         print(
             f"\nSQuAD (173 paragraphs, 705 answerable questions): recall@5 = {recall5:.3f}; "

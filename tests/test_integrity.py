@@ -248,7 +248,7 @@ def test_a_failing_commit_is_one_line(cli, small_recipe: Path, monkeypatch: pyte
 
     spec = registry.get("split")
 
-    def writes_a_symlink(ctx) -> None:  # noqa: ANN001
+    def writes_a_symlink(ctx) -> None:
         spec.run(ctx)
         (ctx.out / "link").symlink_to(ctx.out / "train.mask.parquet")
 

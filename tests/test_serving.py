@@ -713,7 +713,7 @@ def test_requests_joining_a_running_batch_get_what_they_would_alone(server: str)
         (" ".join(rng.choices(words, k=rng.randint(1, 40))), rng.randint(1, 30), rng.randint(0, 30)) for _ in range(24)
     ]
     samplings = [Sampling(max_tokens=n, min_tokens=min(n, m)) for _, n, m in jobs]
-    alone = [model.generate(p, s) for (p, _, _), s in zip(jobs, samplings)]
+    alone = [model.generate(p, s) for (p, _, _), s in zip(jobs, samplings, strict=False)]
     assert len({o.completion_tokens for o in alone}) > 5, "answers of many lengths"
     batcher = Batcher(model, size=6, wait=0.0)
 
@@ -724,7 +724,7 @@ def test_requests_joining_a_running_batch_get_what_they_would_alone(server: str)
     with ThreadPoolExecutor(24) as pool:
         together = list(pool.map(ask, range(len(jobs))))
     assert batcher.joined_running > 5 and batcher.largest > 1
-    for a, b in zip(together, alone):
+    for a, b in zip(together, alone, strict=False):
         assert (a.text, a.completion_tokens, a.finish_reason) == (b.text, b.completion_tokens, b.finish_reason)
 
 
@@ -739,7 +739,7 @@ def test_streams_and_whole_answers_share_the_batch(server: str) -> None:
     model = load_models(build, ["tuned"])["tiny-tuned"]
     prompts = ["The Nile", "Bread is made of", "Paris", "A spider has eight", "Cats and dogs", "Hello there"]
     samplings = [Sampling(max_tokens=10 + 3 * i, min_tokens=5 + 3 * i) for i in range(len(prompts))]
-    alone = [model.generate(p, s) for p, s in zip(prompts, samplings)]
+    alone = [model.generate(p, s) for p, s in zip(prompts, samplings, strict=False)]
     model.batcher = Batcher(model, size=8, wait=0.0)
 
     def ask(i: int) -> Any:
@@ -752,7 +752,7 @@ def test_streams_and_whole_answers_share_the_batch(server: str) -> None:
     with ThreadPoolExecutor(len(prompts)) as pool:
         got = list(pool.map(ask, range(len(prompts))))
     assert model.batcher.largest > 1
-    for i, (g, a) in enumerate(zip(got, alone)):
+    for i, (g, a) in enumerate(zip(got, alone, strict=False)):
         if i % 2:
             assert (g.text, g.completion_tokens) == (a.text, a.completion_tokens)
         else:
@@ -825,7 +825,7 @@ def test_sampled_requests_share_the_batch_and_draw_as_generate_does(server: str)
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(ask, range(len(jobs))))
     assert model.batcher.largest > 8, "sampled requests ran in the batch (only 8 of the 40 are greedy)"
-    assert all(a == alone.text for a, s in zip(answers, jobs) if s is greedy)
+    assert all(a == alone.text for a, s in zip(answers, jobs, strict=False) if s is greedy)
 
     def drawn(s: Sampling) -> list[int]:  # the token ids of one answer from the batch
         got: queue.Queue[Any] = queue.Queue()

@@ -27,7 +27,7 @@ def build(tmp_path: Path, sources: str, filters: str = "[]") -> tuple[api.Build,
 
 def rows(b: api.Build, query: str) -> list[dict[str, Any]]:
     columns, values = api.sql(b, query)
-    return [dict(zip(columns, v)) for v in values]
+    return [dict(zip(columns, v, strict=False)) for v in values]
 
 
 def read_trees(path: Path) -> list[dict[str, Any]]:
@@ -53,7 +53,7 @@ def expected_conversations(path: Path, keep, top: bool = False) -> tuple[set[str
         seen.add(root["message_id"])
 
         def walk(m: dict[str, Any], path: list[dict[str, Any]]) -> None:
-            path = path + [m]
+            path = [*path, m]
             kids = [c for c in m.get("replies") or [] if keep(c, state)]  # noqa: B023 (called at once)
             if top and m["role"] == "prompter" and kids:
                 best = min(c.get("rank") if c.get("rank") is not None else 99 for c in kids)

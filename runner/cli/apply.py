@@ -13,7 +13,7 @@ from runner.engine import Reporter, StepResult
 from runner.graph import StepNode
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "apply",
         help="build what is not cached (only what changed)",

@@ -7,7 +7,7 @@ import argparse
 from runner.cli.common import console, load, recipe_args
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "chat",
         help="interactive terminal chat with the recipe's model (--docs: document chat)",
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         if index is not None:
             hits = index.search(line, build.loaded.recipe.serve.top_k)
             turn = docs_prompt(line, hits)
-        prompt = model.codec.prompt(history + [{"role": "user", "content": turn}])
+        prompt = model.codec.prompt([*history, {"role": "user", "content": turn}])
         answer = "".join(stream(model, prompt, Sampling(max_tokens=args.max_tokens)))
         out.print(f"[bold]bot>[/] {escape(answer)}")
         if index is not None:

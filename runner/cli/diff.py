@@ -7,7 +7,7 @@ import argparse
 from runner.cli.common import cache_arg, console, print_json
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "diff",
         help="compare two recipes (or RECIPE@REV): values, step keys, rows, metrics, generations",

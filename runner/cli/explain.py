@@ -7,7 +7,7 @@ import argparse
 from runner.cli.common import console, load, print_json, recipe_args
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "explain",
         help="follow a row id through the steps: kept where, dropped by which filter, why",

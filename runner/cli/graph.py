@@ -7,7 +7,7 @@ import argparse
 from runner.cli.common import load, recipe_args
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "graph",
         help="print the step graph (text, or --mermaid for docs and PRs)",

@@ -7,7 +7,7 @@ import argparse
 from runner.cli.common import console, load, recipe_args
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "lock",
         help="check RECIPE.lock against the recipe and inputs (--check), or write it",

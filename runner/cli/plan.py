@@ -8,7 +8,7 @@ from typing import Any
 from runner.cli.common import console, load, print_json, recipe_args, short
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plan",
         help="show which steps apply would run, and why",

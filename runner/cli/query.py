@@ -7,7 +7,7 @@ import argparse
 from runner.cli.common import console, load, print_json, recipe_args
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "query",
         help="retrieve the top chunks for a question from the recipe's index",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reference",
         help="print the recipe reference (markdown) or the CLI reference",

@@ -9,7 +9,7 @@ from typing import Any
 from runner.cli.common import console, recipe_args
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="serve the recipe's model over an OpenAI-compatible HTTP API",

@@ -8,7 +8,7 @@ from runner.cli.common import print_json, recipe_args
 from runner.errors import RunnerError
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "show",
         help="a step's manifest (files, rows, metrics, lineage) as JSON",

@@ -7,7 +7,7 @@ import argparse
 from runner.cli.common import load, print_json, recipe_args
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sql",
         help="run DuckDB SQL over the recipe's step tables",
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     columns, rows = api.sql(load(args), args.query)
     if args.json:
-        print_json([dict(zip(columns, r)) for r in rows])
+        print_json([dict(zip(columns, r, strict=False)) for r in rows])
         return 0
     from rich.markup import escape
     from rich.table import Table

@@ -8,7 +8,7 @@ import time
 from runner.cli.common import cache_arg, console, print_json, short
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "status",
         help="built steps of a recipe (rows, age), or a cache summary",
@@ -35,18 +35,14 @@ def run(args: argparse.Namespace) -> int:
     if args.recipe is None:
         cache = api.open_cache(args.cache_dir, args.cache_remote)
         refs = sorted(p.stem for p in cache.refs.glob("*.json"))
-        info = {
-            "cache": str(cache.root),
-            "artifacts": len(list(cache.keys())),
-            "bytes": cache.size_bytes(),
-            "recipes": [(cache.read_ref(r) or {}).get("recipe") for r in refs],
-        }
+        artifacts, size = len(list(cache.keys())), cache.size_bytes()
+        recipes = [(cache.read_ref(r) or {}).get("recipe") for r in refs]
         if args.json:
-            print_json(info)
+            print_json({"cache": str(cache.root), "artifacts": artifacts, "bytes": size, "recipes": recipes})
         else:
             out = console()
-            out.print(f"cache {info['cache']}: {info['artifacts']} artifacts, {info['bytes'] / 1e6:.1f} MB")
-            for r in info["recipes"]:
+            out.print(f"cache {cache.root}: {artifacts} artifacts, {size / 1e6:.1f} MB")
+            for r in recipes:
                 out.print(f"  {r}", markup=False)
         return 0
     build = api.load(args.recipe, overrides=args.overrides, cache_dir=args.cache_dir, cache_remote=args.cache_remote)

@@ -7,7 +7,7 @@ import argparse
 from runner.cli.common import console, load, recipe_args
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "validate",
         help="check a recipe (YAML, keys, types, files) without running it",

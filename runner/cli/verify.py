@@ -7,7 +7,7 @@ import argparse
 from runner.cli.common import cache_arg, console, print_json
 
 
-def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "verify",
         help="re-hash every artifact's files against its manifest",

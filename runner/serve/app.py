@@ -83,16 +83,16 @@ def _error_handlers(app: Any) -> None:
     ) -> JSONResponse:
         return JSONResponse(error_json(status, message, kind, param, code), status_code=status)
 
-    @app.exception_handler(ApiError)  # type: ignore[untyped-decorator]
+    @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error(exc.status, exc.message, exc.kind, exc.param, exc.code)
 
-    @app.exception_handler(HTTPException)  # type: ignore[untyped-decorator]
+    @app.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
         kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
         return error(exc.status_code, str(exc.detail), kind)
 
-    @app.exception_handler(RequestValidationError)  # type: ignore[untyped-decorator]
+    @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
@@ -105,7 +105,7 @@ def _error_handlers(app: Any) -> None:
         what = str(first.get("msg", "invalid request"))
         return error(400, f"{where}: {what}" if where else what, param=loc[0] if loc else None)
 
-    @app.exception_handler(Exception)  # type: ignore[untyped-decorator]
+    @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error")
         return error(500, f"internal error ({type(exc).__name__}); the server log has the details", "server_error")
@@ -171,7 +171,7 @@ class Service:
         if docs:
             question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             turn, sources = await run_in_threadpool(self.docs_turn, question)
-            messages = messages[:-1] + [{"role": "user", "content": turn}]
+            messages = [*messages[:-1], {"role": "user", "content": turn}]
         return await self._answer(request, req, s, CHAT, model, [model.codec.prompt(messages)], sources)
 
     async def complete(self, req: CompletionRequest, request: Request) -> Any:

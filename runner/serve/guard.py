@@ -26,7 +26,7 @@ class Guard:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)  # type: ignore[no-any-return]
+            return await self.app(scope, receive, send)
         started, status = time.perf_counter(), [0]
 
         async def reply(code: int, message: str, kind: str = "invalid_request_error") -> None:
@@ -70,7 +70,7 @@ class Guard:
                 if not replayed[0]:
                     replayed[0] = True
                     return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()  # type: ignore[no-any-return]  # after the body: the disconnect
+                return await receive()  # after the body: the disconnect
 
             await self.app(scope, replay, logged_send)
         finally:

@@ -73,7 +73,7 @@ class TransformersEngine:
             return
         from transformers.generation.streamers import BaseStreamer
 
-        class Tokens(BaseStreamer):  # type: ignore[misc]
+        class Tokens(BaseStreamer):
             """generate() hands it the prompt, then each new token: the new ones go to `emit`."""
 
             def __init__(self, emit: Callable[[int], None]) -> None:
@@ -97,7 +97,7 @@ class TransformersEngine:
 
         stops, decode = self.codec.stops + list(s.stop), self.codec.decode
 
-        class Cancelled(StoppingCriteria):  # type: ignore[misc]
+        class Cancelled(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> bool:
                 # cancelled, or a stop string in the answer: nothing more is wanted (as the batcher decides)
                 return cancel.is_set() or has_stop(decode(input_ids[0, start:][-16:].tolist()), stops)

@@ -296,7 +296,7 @@ def _tail(text: str, overlap: int, length: Callable[[str], int]) -> str:
         return ""
     words = text.split()
     tail: list[str] = []
-    while words and length(" ".join([words[-1]] + tail)) <= overlap:
+    while words and length(" ".join([words[-1], *tail])) <= overlap:
         tail.insert(0, words.pop())
     return " ".join(tail)
 

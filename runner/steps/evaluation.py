@@ -81,7 +81,7 @@ def evaluate(ctx: StepContext) -> None:
     tok.padding_side = "left"
     tokenized = ctx.input("tokenize")
     val = pq.read_table(tokenized.file(tokenized.manifest["tables"]["validation"]))
-    rows = list(zip(val.column("input_ids").to_pylist(), val.column("labels").to_pylist()))
+    rows = list(zip(val.column("input_ids").to_pylist(), val.column("labels").to_pylist(), strict=False))
     precision = use_precision(p.model.precision)
     ctx.metrics["precision"] = precision
     model = load_model(base_path(ctx, p), precision, trust_remote_code=p.model.trust_remote_code)
@@ -110,7 +110,7 @@ def evaluate(ctx: StepContext) -> None:
                 eos_token_id=tok.eos_token_id,
             )
             for row in gen[:, enc["input_ids"].shape[1] :]:
-                text = tok.decode(row, skip_special_tokens=True)
+                text = str(tok.decode(row, skip_special_tokens=True))
                 outputs.append(text.split("<human>:")[0].strip() if p.template == "human_bot" else text.strip())
     table = pa.table({"prompt": p.eval.prompts, "output": outputs})
     con = duckdb.connect()

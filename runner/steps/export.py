@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import Field
 
 from runner.params import Params
 from runner.registry import StepContext, step
 
+ExportFormat = Literal["jsonl", "parquet", "datasets"]
+
 
 class Export(Params):
     """Formats to write the split in (inside the step's artifact; `runner show RECIPE export --path`)."""
 
-    formats: list[Literal["jsonl", "parquet", "datasets"]] = Field(default_factory=lambda: ["jsonl"], min_length=1)
+    formats: list[ExportFormat] = Field(default_factory=lambda: cast(list[ExportFormat], ["jsonl"]), min_length=1)
 
 
 @step("export", version="1", params=Export, libs=("duckdb", "datasets"))

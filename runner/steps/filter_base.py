@@ -7,7 +7,7 @@ with `@filter_kind()`."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import Field
 
@@ -22,6 +22,8 @@ FIELD_SQL = {"text": "text_of(turns)", "prompt": "prompt_of(turns)", "response":
 
 class FilterBase(Params):
     name: str | None = Field(None, pattern=NAME_PATTERN, description="step name (default: the kind)")
+    if TYPE_CHECKING:
+        kind: str  # each kind declares it as `kind: Literal["its name"]`
 
     def reason(self) -> str:
         """SQL giving why a row is dropped (NULL keeps it). May read `_value` (see `python_input`)."""

@@ -7,7 +7,7 @@ Kept rows go on in input order; dropped rows go to the step's rejects table with
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import Field, model_validator
 
@@ -217,7 +217,7 @@ def _better_profanity_list() -> Any:
     spec = importlib.util.find_spec("better_profanity")
     if spec is None or not spec.submodule_search_locations:
         raise StepError("the profanity filter needs the better-profanity package (pip install better-profanity)")
-    return Path(list(spec.submodule_search_locations)[0]) / "profanity_wordlist.txt"
+    return Path(next(iter(spec.submodule_search_locations))) / "profanity_wordlist.txt"
 
 
 def _read_words(path: Any) -> list[str]:
@@ -331,15 +331,16 @@ class LimitFilter(FilterBase):
         )
 
 
+Role = Literal["system", "user", "assistant", "tool"]
+
+
 @filter_kind()
 class TruncateFilter(FilterBase):
     """Cut every turn's text to at most `max_chars` characters (at a word boundary when one is near)."""
 
     kind: Literal["truncate"]
     max_chars: int = Field(ge=1)
-    roles: list[Literal["system", "user", "assistant", "tool"]] = Field(
-        default_factory=lambda: ["system", "user", "assistant", "tool"]
-    )
+    roles: list[Role] = Field(default_factory=lambda: cast(list[Role], ["system", "user", "assistant", "tool"]))
 
     def transform(self) -> str:
         roles = ", ".join(sql_literal(r) for r in self.roles)

@@ -32,7 +32,9 @@ class LanguageFilter(FilterBase):
         import py3langid
 
         out = []
-        for i, (lang, text) in enumerate(zip(table.column("lang").to_pylist(), table.column("text").to_pylist())):
+        for i, (lang, text) in enumerate(
+            zip(table.column("lang").to_pylist(), table.column("text").to_pylist(), strict=False)
+        ):
             out.append(lang if (self.use_column and lang) else py3langid.classify(text or "")[0])
             if i % 5000 == 0:
                 ctx.progress(table.num_rows, i)
@@ -172,7 +174,7 @@ def word_shingles(text: str | None, n: int) -> set[str]:
     words = (text or "").lower().split()
     if len(words) <= n:
         return {" ".join(words)}
-    return set(map(" ".join, zip(*(words[k:] for k in range(n)))))
+    return set(map(" ".join, zip(*(words[k:] for k in range(n)), strict=False)))
 
 
 def shingle_hashes(sets: list[set[str]]) -> tuple[Any, Any]:

@@ -133,7 +133,7 @@ def embed_chunks(ctx: StepContext) -> None:
             started = time.perf_counter()
             vecs = embed(model, [t for _, t in part], p.batch_size)
             encode_seconds += time.perf_counter() - started
-            done = {h: v for (h, _), v in zip(part, vecs)}
+            done = {h: v for (h, _), v in zip(part, vecs, strict=False)}
             memo.put(done)  # atomically, per batch: a killed build keeps what it embedded
             fresh.update(done)
             ctx.progress(len(todo), min(i + step_size, len(todo)))
@@ -270,7 +270,7 @@ def ranking_metrics(ranked: list[str], relevant: set[str], k: int) -> tuple[floa
 
 
 @step(
-    "index.eval", version="2", params=RetrievalEvalParams, libs=EMBED_LIBS + ("hnswlib", "duckdb"), reproducible=False
+    "index.eval", version="2", params=RetrievalEvalParams, libs=(*EMBED_LIBS, "hnswlib", "duckdb"), reproducible=False
 )
 def evaluate_retrieval(ctx: StepContext) -> None:
     import json
@@ -315,13 +315,17 @@ def evaluate_retrieval(ctx: StepContext) -> None:
     }
     for prefix, hits in levels.items():
         for k in ks:
-            scores = [ranking_metrics([h.doc_id for h in hs], set(gold), k) for hs, (_, gold) in zip(hits, pairs)]
+            scores = [
+                ranking_metrics([h.doc_id for h in hs], set(gold), k)
+                for hs, (_, gold) in zip(hits, pairs, strict=False)
+            ]
             for i, name in enumerate(("recall", "mrr", "ndcg")):
                 ctx.metrics[f"{prefix}{name}@{k}"] = sum(s[i] for s in scores) / len(scores) if scores else None
     ctx.metrics["questions"] = len(pairs)
     docs = levels[""]
     ranks = [
-        next((i for i, h in enumerate(hs, start=1) if h.doc_id in gold), None) for hs, (_, gold) in zip(docs, pairs)
+        next((i for i, h in enumerate(hs, start=1) if h.doc_id in gold), None)
+        for hs, (_, gold) in zip(docs, pairs, strict=False)
     ]
     table = pa.table(
         {

@@ -145,7 +145,7 @@ def build_config(fc: FromConfig, vocab_size: int, bos: int | None, eos: int | No
     from transformers import FalconConfig, GPTNeoXConfig, LlamaConfig
 
     inter = fc.intermediate_size or 4 * fc.hidden_size
-    common = {
+    common: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": fc.hidden_size,
         "num_hidden_layers": fc.layers,
@@ -258,6 +258,7 @@ def swap_unquantized_linears(model: Any, precision: Precision) -> int:
             if not _is_plain_linear(child) or name == "lm_head":
                 continue
             bias = child.bias is not None
+            new: torch.nn.Module
             if precision == "int8":
                 new = bnb.nn.Linear8bitLt(
                     child.in_features, child.out_features, bias=bias, has_fp16_weights=False, threshold=6.0

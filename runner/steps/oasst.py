@@ -30,8 +30,10 @@ class LabelBound(Params):
 
 @source_kind("source.oasst")
 class OasstSource(SourceBase):
-    """OpenAssistant trees. `mode: paths` emits every root-to-leaf conversation; `top` follows only the
-    best-ranked assistant reply at each turn. Message filters prune a message and everything below it."""
+    """OpenAssistant exports in all three layouts (tree records, nested root messages, flat messages linked by
+    `parent_id`). `mode: paths` emits every root-to-leaf conversation; `top` follows only the best-ranked
+    assistant reply at each turn. Message filters (`lang`, `deleted`, `review_result`, `synthetic`, `tree_state`,
+    `rank`, label bounds) prune a message and everything below it."""
 
     format: Literal["oasst"]
     mode: Literal["paths", "top"] = Field("paths", description="all root-to-leaf paths, or top-ranked replies only")
@@ -183,13 +185,19 @@ def _inherit(m: Msg, state: str | None, root: str) -> None:
         _inherit(c, state, root)
 
 
+def _rank(m: Msg) -> int:
+    """A reply's rank among its siblings (0 best); unranked replies after every ranked one."""
+    rank = m.raw.get("rank")
+    return rank if isinstance(rank, int) else 1 << 30
+
+
 def _prune(m: Msg, p: OasstSource, parent_reason: Rejected | None) -> None:
     """Set `reason` on every dropped message (a dropped message takes its subtree with it)."""
     m.reason = m.reason or (_parent_dropped(parent_reason) if parent_reason else _own_reason(m, p))
     if p.mode == "top" and m.role == "user" and m.reason is None:
         live = [c for c in m.children if c.role == "assistant" and _own_reason(c, p) is None]
         if live:
-            best = min(live, key=lambda c: c.raw.get("rank") if isinstance(c.raw.get("rank"), int) else 1 << 30)
+            best = min(live, key=_rank)
             for c in live:
                 if c is not best:
                     c.reason = Rejected("rank", f"not the top-ranked reply (rank {c.raw.get('rank')})")
@@ -200,7 +208,7 @@ def _prune(m: Msg, p: OasstSource, parent_reason: Rejected | None) -> None:
 def _paths(m: Msg, prefix: list[Msg]) -> Iterator[list[Msg]]:
     if m.reason is not None:
         return
-    path = prefix + [m]
+    path = [*prefix, m]
     live = [c for c in m.children if c.reason is None]
     if not live:
         yield path

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import Field, model_validator
 
@@ -29,12 +29,14 @@ from runner.registry import StepContext, StepError, step
 from runner.steps.quiet import llama_cpp_quiet
 from runner.steps.train_config import TrainParams
 
+PackageFormat = Literal["adapter", "merged", "gguf"]
+
 
 class PackageConfig(Params):
     """Which deployable forms of the tuned model to build."""
 
-    formats: list[Literal["adapter", "merged", "gguf"]] = Field(
-        default_factory=lambda: ["adapter", "merged"], min_length=1
+    formats: list[PackageFormat] = Field(
+        default_factory=lambda: cast(list[PackageFormat], ["adapter", "merged"]), min_length=1
     )
     gguf_converter: str | None = Field(None, description="path to llama.cpp's convert_hf_to_gguf.py (for gguf)")
     gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q4_K_M"] = Field(
@@ -179,7 +181,7 @@ def check_gguf(script: Path, path: Path, merged: Path, tokens: int = 16) -> dict
             got.append(int(t))
             if len(got) == tokens:
                 break
-        agree += sum(a == b for a, b in zip(got, ref))
+        agree += sum(a == b for a, b in zip(got, ref, strict=False))
         total += tokens
     facts.update(
         {

@@ -81,9 +81,9 @@ def _apply_chat(tok: Any, messages: list[dict[str, str]], tools: str | None, **k
     if tools:  # a template that knows no tools: the schemas go into the system message
         line = TOOLS_LINE + tools
         if messages and messages[0]["role"] == "system":
-            messages = [{"role": "system", "content": messages[0]["content"] + NEWLINE + line}] + messages[1:]
+            messages = [{"role": "system", "content": messages[0]["content"] + NEWLINE + line}, *messages[1:]]
         else:
-            messages = [{"role": "system", "content": line}] + messages
+            messages = [{"role": "system", "content": line}, *messages]
     return tok.apply_chat_template(messages, tokenize=False, **kw)
 
 
@@ -168,7 +168,7 @@ def _register_chat(con: Any, ctx: StepContext, table: Any) -> None:
         raise StepError(f"tokenizer {path} has no chat template; use template: human_bot or plain")
     out: dict[str, list[Any]] = {"id": [], "prompt": [], "completion": [], "problem": []}
     columns = (table.column(c).to_pylist() for c in ("id", "turns", "tools"))
-    for row_id, turns, tools in zip(*columns):
+    for row_id, turns, tools in zip(*columns, strict=False):
         messages = [{"role": t["role"], "content": t["text"]} for t in turns]
         prompt = completion = problem = None
         if len(messages) >= 2 and messages[-1]["role"] == "assistant":

@@ -95,7 +95,9 @@ class Columns(Params):
 
 @source_kind("source.table", version="3")  # 3: a parquet file's rows are a view of its copy
 class TableSource(SourceBase):
-    """Rows from a JSONL, JSON (array of objects), CSV or Parquet file, mapped by `columns`."""
+    """Any table: a JSONL, JSON (array of objects), CSV or Parquet file, mapped by `columns` (prompt, response,
+    system, id, score, lang, group). Parquet converts in DuckDB, no Python loop; without `id` or `limit`, the
+    source stores a copy of the file and its rows are computed from it as they are read."""
 
     format: Literal["jsonl", "json", "csv", "parquet"]
     columns: Columns = Columns()
@@ -114,7 +116,7 @@ class TableSource(SourceBase):
 
 @source_kind("source.alpaca")
 class AlpacaSource(SourceBase):
-    """Alpaca JSON/JSONL: `instruction`, optional `input` (appended after a blank line), `output`."""
+    """Alpaca JSON/JSONL: `instruction`, optional `input` (appended after a blank line), `output`, optional `system`."""
 
     format: Literal["alpaca"]
 
@@ -135,8 +137,9 @@ class DollySource(SourceBase):
 
 @source_kind("source.sharegpt")
 class ShareGptSource(SourceBase):
-    """ShareGPT JSON/JSONL: `conversations: [{from, value}]`. Tool calls count as the assistant's,
-    observations as `tool` turns; trailing turns after the last assistant reply are dropped."""
+    """ShareGPT JSON/JSONL: `conversations: [{from, value}]`, `function_call` turns as the assistant's and
+    `observation` turns as `tool` turns; `system` and `tools` fields are kept; turns after the last assistant
+    reply are dropped."""
 
     format: Literal["sharegpt"]
     field: str = Field("conversations", description="field holding the turn list")
@@ -410,7 +413,7 @@ def h2ogpt_row(src: H2oGptSource, n: int, rec: dict[str, Any]) -> dict[str, Any]
     turns: list[Turn] = []
     if parts[0].strip():
         turns.append({"role": "system", "text": parts[0].strip()})
-    for who, body in zip(parts[1::2], parts[2::2]):
+    for who, body in zip(parts[1::2], parts[2::2], strict=False):
         turns.append({"role": "user" if who == "human" else "assistant", "text": body.strip()})
     while turns and (turns[-1]["role"] != "assistant" or not turns[-1]["text"]):
         turns.pop()

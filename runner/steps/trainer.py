@@ -68,7 +68,7 @@ def torchrun_command(job_file: Path, dist: Any, key: str) -> list[str]:
             f"--rdzv_id=runner-{key[:16]}",
             f"--rdzv_conf=is_host={'true' if dist.node_rank == 0 else 'false'}",
         ]
-    return cmd + ["-m", "runner.steps.trainer", str(job_file)]
+    return [*cmd, "-m", "runner.steps.trainer", str(job_file)]
 
 
 def launch_distributed(job: dict[str, Any], dist: Any, scratch: Path, log: Path, progress: Callable[..., None]) -> None:
@@ -112,7 +112,7 @@ def _dataset(path: str) -> Any:
     table = pq.read_table(path)
     ids, labels = table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
 
-    class Rows(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    class Rows(torch.utils.data.Dataset):
         def __len__(self) -> int:
             return len(ids)
 
@@ -323,7 +323,7 @@ def _callbacks(t: Any, progress: Any, tokens: int, timing: dict[str, Any], tenso
     recipe asks."""
     from transformers import TrainerCallback
 
-    class Clock(TrainerCallback):  # type: ignore[misc]
+    class Clock(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, *a: Any, **k: Any) -> None:
             timing["start"] = time.perf_counter()
             timing["first_step"] = state.global_step  # a resumed run starts past 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from typing import Any
 
 from runner.registry import StepContext, StepError, step
 from runner.steps.train_config import InitParams, MergeParams, TokenizeParams, TokenizerParams, TrainParams
@@ -24,6 +25,7 @@ def make_tokenizer(ctx: StepContext) -> None:
 
     p: TokenizerParams = ctx.params
     out = ctx.out / "tokenizer"
+    fast: Any
     if p.tokenizer is not None and p.tokenizer.train is not None:
         import duckdb
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -107,7 +109,7 @@ def tokenize(ctx: StepContext) -> None:
             prompts = tok([r[0] for r in rows], add_special_tokens=False)["input_ids"] if rows else []
             replies = tok([r[1] for r in rows], add_special_tokens=False)["input_ids"] if rows else []
             examples = []
-            for prompt_ids, reply_ids in zip(prompts, replies):
+            for prompt_ids, reply_ids in zip(prompts, replies, strict=False):
                 ids = prompt_ids + reply_ids + [tok.eos_token_id]
                 labels = [-100] * len(prompt_ids) + reply_ids + [tok.eos_token_id]
                 examples.append((ids[: p.seq_len], labels[: p.seq_len]))
