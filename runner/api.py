@@ -1,4 +1,6 @@
-"""The Python API the CLI is a thin layer over. Keyword-only, typed, no printing."""
+"""The Python API the CLI is a thin layer over: typed, no printing. `load` a recipe, then `plan`, `apply`, read
+what was built (`artifact`, `table`, `sql`, `explain`), or load its model (`model`). docs/python-api.md has an
+example."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner import engine, recipe
+from runner import pipeline, recipe
 from runner.compile import compile_recipe
 from runner.errors import LockedError, RunnerError, UsageError
 from runner.graph import Graph, GraphError
@@ -15,6 +17,8 @@ from stores.cache import Artifact, ArtifactCache, default_cache_dir
 from stores.hashing import hash_bytes
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from runner.schema import Variant
     from runner.serve.engine import Engine
 
@@ -23,18 +27,16 @@ __all__ = [
     "Build",
     "apply",
     "artifact",
-    "built",
-    "cached_results",
-    "catalog_tables",
     "explain",
     "gc",
     "load",
+    "model",
     "open_cache",
     "plan",
     "retriever",
     "serve_app",
     "sql",
-    "table_sqls",
+    "table",
     "training_memory",
     "verify",
 ]
@@ -108,8 +110,8 @@ def load(
     return Build(loaded, graph, open_cache(cache_dir, cache_remote), frozenset(full.nodes), tuple(overrides))
 
 
-def plan(build: Build) -> list[engine.StepPlan]:
-    return engine.plan(build.graph, build.cache, build.previous())
+def plan(build: Build) -> list[pipeline.StepPlan]:
+    return pipeline.plan(build.graph, build.cache, build.previous())
 
 
 def training_memory(build: Build) -> Any:
@@ -148,7 +150,7 @@ def training_memory(build: Build) -> Any:
 
 @dataclass
 class ApplyResult:
-    steps: list[engine.StepResult]
+    steps: list[pipeline.StepResult]
     failed: list[str] = field(default_factory=list)
     moved: list[str] = field(default_factory=list)  # --rebuild-nondeterministic: what differs from the lock
 
@@ -166,7 +168,7 @@ class ApplyResult:
 def apply(
     build: Build,
     *,
-    reporter: engine.Reporter | None = None,
+    reporter: pipeline.Reporter | None = None,
     keep_going: bool = False,
     locked: bool = False,
     rebuild_nondeterministic: bool = False,
@@ -186,12 +188,12 @@ def apply(
     moved: list[str] = []
     refuse = accept = None
     if locked:
-        lock.check(build.graph, lock_file, build.loaded.data, build.cache.stat_cache)
+        lock.check(build.graph, lock_file, build.loaded.raw, build.cache.stat_cache)
         refuse, accept = _lock_policy(
             build, (lock.read(lock_file) or {}).get("steps", {}), lock_file.name, rebuild_nondeterministic, moved
         )
     try:
-        results = engine.execute(
+        results = pipeline.execute(
             build.graph, build.cache, reporter=reporter, keep_going=keep_going, refuse=refuse, accept=accept
         )
         _record(build, results)
@@ -207,7 +209,7 @@ def apply(
     if not locked and result.ok and set(build.graph.nodes) == build.all_steps and not build.overrides:
         # the lock describes the recipe file: an apply with --set overrides (or a --target subset) leaves it be
         try:
-            lock.write(lock_file, lock.make_lock(build.loaded.data, build.graph, results))
+            lock.write(lock_file, lock.make_lock(build.loaded.raw, build.graph, results))
         except OSError as exc:
             raise RunnerError(
                 f"built, but the lock file {lock_file} could not be written ({exc.strerror}); "
@@ -216,7 +218,7 @@ def apply(
     return result
 
 
-def _push(build: Build, results: list[engine.StepResult]) -> str | None:
+def _push(build: Build, results: list[pipeline.StepResult]) -> str | None:
     """Push what this apply has to the shared cache; a message if that failed (the local build stands)."""
     from stores.errors import StoreError
 
@@ -231,7 +233,7 @@ def _push(build: Build, results: list[engine.StepResult]) -> str | None:
 
 def _lock_policy(
     build: Build, locked: dict[str, Any], lock_name: str, rebuild: bool, moved: list[str]
-) -> tuple[engine.Refuse, engine.Accept]:
+) -> tuple[pipeline.Refuse, pipeline.Accept]:
     """What `apply --locked` refuses: keys the lock does not name, outputs that are not the lock's, and
     building a step that is not reproducible across machines (unless `rebuild`, which records what moved)."""
     fix = (
@@ -245,7 +247,7 @@ def _lock_policy(
             if rebuild and moved:  # downstream of a rebuilt step: `accept` records it
                 return None
             return f"{node.name}: key {key[:12]} is not the one {lock_name} names ({str(entry.get('key'))[:12]})"
-        if not engine.reproducible(node) and not rebuild:
+        if not pipeline.reproducible(node) and not rebuild:
             where = build.cache.pull_problems.get(key) or (
                 "in neither the local nor the shared cache"
                 if build.cache.remote
@@ -267,7 +269,7 @@ def _lock_policy(
             return f"{node.name}: key {key[:12]} is not the one {lock_name} names ({str(entry.get('key'))[:12]})"
         if art.output_hash == entry.get("output_hash"):
             return None
-        if how == "built" and rebuild and not engine.reproducible(node):
+        if how == "built" and rebuild and not pipeline.reproducible(node):
             moved.append(
                 f"{node.name}: output {str(entry.get('output_hash'))[:12]} -> {art.output_hash[:12]} "
                 "(rebuilt here; not reproducible across machines)"
@@ -281,7 +283,7 @@ def _lock_policy(
     return refuse, accept
 
 
-def _record(build: Build, results: list[engine.StepResult]) -> None:
+def _record(build: Build, results: list[pipeline.StepResult]) -> None:
     """Update the recipe's ref (what `plan` compares with, what gc keeps) and its DuckDB catalog."""
     with build.cache.lock(f"ref-{build.ref}"):
         old = build.cache.read_ref(build.ref) or {}
@@ -296,7 +298,7 @@ def _record(build: Build, results: list[engine.StepResult]) -> None:
         if not build.cache.catalog_current(build.catalog, keys):  # missing, stale or touched since written
             from stores.datastore import write_catalog
 
-            write_catalog(build.catalog, catalog_tables(build, keys), build.cache.root)
+            write_catalog(build.catalog, _catalog_tables(build, keys), build.cache.root)
             build.cache.catalog_written(build.catalog, keys)
 
 
@@ -313,7 +315,7 @@ def table_sqls(cache: ArtifactCache, key: str, *, relative: bool = False) -> dic
     return {t: table_sql(where(key), manifest, t, where) for t in names}
 
 
-def catalog_tables(build: Build, keys: dict[str, str]) -> dict[str, str]:
+def _catalog_tables(build: Build, keys: dict[str, str]) -> dict[str, str]:
     from stores.datastore import view_name
 
     return {
@@ -327,16 +329,13 @@ def artifact(build: Build, step: str) -> Artifact | None:
     """The current artifact of `step`, if built and sound."""
     if step not in build.graph.nodes:
         raise UsageError(f"no step {step!r} in {build.loaded.path}; steps: {', '.join(build.graph.order)}")
-    return built(build).get(step)
+    return build.built().get(step)
 
 
-def built(build: Build) -> dict[str, Artifact]:
-    """Every step of the current recipe that is built, with its artifact (one plan for all of them)."""
-    return build.built()
-
-
-def sql(build: Build, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Run SQL over the recipe's catalog (a view per step table: filter_length, filter_length__rejects, …)."""
+def sql(build: Build, query: str) -> pa.Table:
+    """Run read-only SQL over the recipe's catalog (a view per step table: `filter_length`,
+    `filter_length__rejects`, …); the result as an Arrow table (`.to_pylist()`, `.to_pandas()`, or
+    `duckdb.sql("select … from tbl")` over it)."""
     import duckdb
 
     from stores.datastore import query as run_query
@@ -353,6 +352,24 @@ def sql(build: Build, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
         ) from None
     except duckdb.Error as exc:
         raise RunnerError(f"SQL failed: {str(exc).splitlines()[0]}") from None
+
+
+def table(build: Build, step: str, name: str = "rows") -> pa.Table:
+    """A built step's table (`rows`, `rejects`, `train`, `generations`, …; masks applied) as an Arrow table: what
+    `runner sql` shows as the view `STEP__NAME`, read without a catalog."""
+    from stores.datastore import connect
+
+    art = artifact(build, step)
+    if art is None:
+        raise RunnerError(f"step {step} of {build.loaded.path} is not built: run `runner apply {build.loaded.path}`")
+    tables = table_sqls(build.cache, art.key)
+    if name not in tables:
+        raise UsageError(f"step {step} has no table {name!r}; its tables: {', '.join(tables) or 'none'}")
+    con = connect()
+    try:
+        return con.sql(f"select * from {tables[name]}").to_arrow_table()
+    finally:
+        con.close()
 
 
 def gc(cache: ArtifactCache, *, roots: list[Path] | None = None, dry_run: bool = False) -> dict[str, Any]:
@@ -442,10 +459,10 @@ def retriever(build: Build, *, model: str | None = None, ef_search: int | None =
     return Retriever(art, build.graph.nodes["embed"].files, model=model, ef_search=ef_search)
 
 
-def cached_results(build: Build, steps: list[engine.StepPlan]) -> list[engine.StepResult]:
+def cached_results(build: Build, steps: list[pipeline.StepPlan]) -> list[pipeline.StepResult]:
     """StepResults for a fully cached plan (what a lock is made from without building)."""
     return [
-        engine.StepResult(s.name, "cached", s.key, build.cache.get(s.key) if s.key else None, components=s.components)
+        pipeline.StepResult(s.name, "cached", s.key, build.cache.get(s.key) if s.key else None, components=s.components)
         for s in steps
     ]
 

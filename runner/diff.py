@@ -52,7 +52,7 @@ def compare(a: Any, b: Any) -> dict[str, Any]:
     """The whole comparison as plain data (for --json); `a` and `b` are api.Build objects."""
     from runner import api
 
-    fa, fb = flatten(a.loaded.data), flatten(b.loaded.data)
+    fa, fb = flatten(a.loaded.raw), flatten(b.loaded.raw)
     params = [{"path": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
     plan_a = {p.name: p for p in api.plan(a)}
     plan_b = {p.name: p for p in api.plan(b)}

@@ -6,15 +6,15 @@
     ├── LockedError          3   `apply --locked` / `lock --check` found drift
     ├── GraphError           2   (graph.py) the steps do not form a graph: a cycle, a missing input
     ├── StepError            1   (registry.py) raised by a step's run function: bad data, a missing model, ...
-    └── StepFailed           1   (engine.py) the engine's report of a failed step, naming it
+    └── StepFailed           1   (pipeline.py) the pipeline's report of a failed step, naming it
 
     stores.errors.StoreError     the stores' own root (they import nothing from runner): the cache and shared
-    ├── CacheError               caches. The engine turns one raised while committing a build into StepFailed;
+    ├── CacheError               caches. The pipeline turns one raised while committing a build into StepFailed;
     └── RemoteError              the CLI prints any other with exit code 1.
 
 Internal, never seen by a user as such: `server.ApiError` (an HTTP error answer: OpenAI-shaped JSON),
 `serving.ContextTooLong` / `serving.NotSupported` (become ApiError 400), `steps.reasons.Rejected` (a data
-row that goes to its step's rejects table). Anything else is a bug: the engine logs its traceback to the
+row that goes to its step's rejects table). Anything else is a bug: the pipeline logs its traceback to the
 step's log and reports it as StepFailed naming the exception and the log; the CLI never shows a traceback
 for a RunnerError or a StoreError.
 """

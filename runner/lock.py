@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from runner import engine
+from runner import pipeline
 from runner.errors import LockedError
 from runner.graph import Graph
 from runner.keypaths import flatten
@@ -29,7 +29,7 @@ def lock_path(recipe: Path) -> Path:
     return recipe.with_name(recipe.name + ".lock")
 
 
-def make_lock(recipe_data: dict[str, Any], graph: Graph, results: list[engine.StepResult]) -> dict[str, Any]:
+def make_lock(raw_recipe: dict[str, Any], graph: Graph, results: list[pipeline.StepResult]) -> dict[str, Any]:
     by_name = {r.name: r for r in results}
     steps, inputs, libs, models = {}, {}, {}, {}
     for name in graph.order:
@@ -40,7 +40,7 @@ def make_lock(recipe_data: dict[str, Any], graph: Graph, results: list[engine.St
             "kind": node.kind,
             "key": r.key,
             "output_hash": r.artifact.output_hash if r.artifact else None,
-            "reproducible": engine.reproducible(node),
+            "reproducible": pipeline.reproducible(node),
         }
         inputs.update(comps.get("files", {}))
         libs.update(comps.get("libs", {}))
@@ -49,7 +49,7 @@ def make_lock(recipe_data: dict[str, Any], graph: Graph, results: list[engine.St
             models[name] = commit
     return {
         "lock_version": LOCK_VERSION,
-        "recipe": recipe_data,
+        "recipe": raw_recipe,
         "steps": steps,
         "inputs": dict(sorted(inputs.items())),
         "libraries": dict(sorted(libs.items())),
@@ -97,17 +97,17 @@ def expected(graph: Graph, lock: dict[str, Any], stat_cache: StatCache) -> dict[
     for name in graph.order:
         node = graph.nodes[name]
         ups = [locked.get(u, {}).get("output_hash") or "unknown" for u in node.inputs]
-        comps = engine.components(node, ups, stat_cache)
-        out[name] = (engine.key_of(comps), comps)
+        comps = pipeline.components(node, ups, stat_cache)
+        out[name] = (pipeline.key_of(comps), comps)
     return out
 
 
-def drift(graph: Graph, lock: dict[str, Any] | None, recipe_data: dict[str, Any], stat_cache: StatCache) -> list[str]:
+def drift(graph: Graph, lock: dict[str, Any] | None, raw_recipe: dict[str, Any], stat_cache: StatCache) -> list[str]:
     """Why the recipe no longer matches its lock; empty when it does."""
     if lock is None:
         return ["there is no lock file: run `runner apply` (or `runner lock`) and commit the .lock next to the recipe"]
     why: list[str] = []
-    old, new = flatten(lock.get("recipe", {})), flatten(recipe_data)
+    old, new = flatten(lock.get("recipe", {})), flatten(raw_recipe)
     for path in sorted(set(old) | set(new)):
         if old.get(path, "<unset>") != new.get(path, "<unset>"):
             why.append(f"recipe value {path}: {old.get(path, '<unset>')!r} -> {new.get(path, '<unset>')!r}")
@@ -131,8 +131,8 @@ def drift(graph: Graph, lock: dict[str, Any] | None, recipe_data: dict[str, Any]
     return list(dict.fromkeys(why))
 
 
-def check(graph: Graph, lock_file: Path, recipe_data: dict[str, Any], stat_cache: StatCache) -> None:
-    why = drift(graph, read(lock_file), recipe_data, stat_cache)
+def check(graph: Graph, lock_file: Path, raw_recipe: dict[str, Any], stat_cache: StatCache) -> None:
+    why = drift(graph, read(lock_file), raw_recipe, stat_cache)
     if why:
         shown = os.path.relpath(lock_file)
         raise LockedError(

@@ -38,7 +38,7 @@ def show_path(path: KeyPath) -> str:
 class LoadedRecipe:
     recipe: Recipe
     path: Path
-    data: dict[str, Any]
+    raw: dict[str, Any]  # the recipe as parsed (extends, overrides and ${} applied), before validation
     positions: dict[KeyPath, Where]
 
     def where(self, path: KeyPath) -> Where:

@@ -1,6 +1,6 @@
 """Step kinds register themselves here: a kind name, a version string, a params model, a run function.
 
-The engine looks kinds up by name and knows nothing else about them. Bump `version`
+The pipeline looks kinds up by name and knows nothing else about them. Bump `version`
 whenever a change to `run` can change its output: that changes every key built with it.
 """
 

@@ -51,7 +51,8 @@ class Artifact:
     manifest: dict[str, Any]
 
     @property
-    def data(self) -> Path:
+    def files_dir(self) -> Path:
+        """The folder holding the artifact's files (`file(relpath)` is under it)."""
         return self.path / DATA
 
     @property
@@ -59,7 +60,7 @@ class Artifact:
         return str(self.manifest["output_hash"])
 
     def file(self, relpath: str) -> Path:
-        return self.data / relpath
+        return self.files_dir / relpath
 
 
 def seal(manifest: dict[str, Any]) -> str:

@@ -16,9 +16,12 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 from stores.files import temp_name
 from stores.sql import sql_string
@@ -148,10 +151,10 @@ def write_catalog(path: Path, tables: dict[str, str], root: Path) -> None:
 READ_STATEMENTS = ("SELECT", "EXPLAIN")
 
 
-def query(catalog: Path, sql: str, root: Path) -> tuple[list[str], list[tuple[Any, ...]]]:
+def query(catalog: Path, sql: str, root: Path) -> pa.Table:
     """Run read-only `sql` against a catalog whose views read the cache at `root`: the database is opened
     read-only, statements other than SELECT/EXPLAIN are refused, and files outside the cache's artifacts
-    cannot be read or written. Returns column names and rows."""
+    cannot be read or written. Returns the result as an Arrow table."""
     con = connect(catalog, read_only=True, search_path=root)
     try:
         for statement in con.extract_statements(sql):
@@ -165,8 +168,6 @@ def query(catalog: Path, sql: str, root: Path) -> tuple[list[str], list[tuple[An
         con.execute(f"set allowed_directories = [{quote_path(str(root / 'artifacts') + os.sep)}, 'artifacts/']")
         con.execute("set enable_external_access = false")
         con.execute("set lock_configuration = true")
-        result = con.execute(sql)
-        columns = [d[0] for d in result.description or []]
-        return columns, result.fetchall()
+        return con.sql(sql).to_arrow_table()
     finally:
         con.close()

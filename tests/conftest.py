@@ -6,11 +6,14 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# the public sample data the tests read (../shared/data/SOURCES.md); elsewhere with $RUNNER_TEST_SHARED_DATA
+SHARED_DATA = Path(os.environ.get("RUNNER_TEST_SHARED_DATA") or ROOT.parent / "shared" / "data")
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"needs the sample data in {SHARED_DATA}")
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +54,47 @@ def run_subprocess(
     )
 
 
+SAMPLE = ROOT / "recipes" / "data" / "sample.oasst.jsonl"  # the project's own oasst-format sample
+
+
+def tiny_model_recipe(
+    *,
+    arch: str = "falcon",
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    seed: int | None = 0,
+    vocab: int = 400,
+    head: str = "",
+    data: str = "",
+    model: str = "",
+    rest: str = "",
+) -> str:
+    """A recipe's text: SAMPLE's English conversations tuning a model built from a scaled-down config (random
+    weights, no download) with a tokenizer trained on them. `head` goes before `data:`, `data` and `model` add
+    lines to those sections, `rest` is the sections after them."""
+    seeded = "" if seed is None else f", seed: {seed}"
+    return f"""
+{head}data:
+  sources: [{{name: s, format: oasst, path: {SAMPLE}, lang: [en]}}]
+{data}model:
+  base: {{from_config: {{architecture: {arch}, hidden_size: {hidden}, layers: {layers}, heads: {heads}{seeded}}}}}
+  tokenizer: {{train: {{vocab_size: {vocab}}}}}
+{model}{rest}"""
+
+
+def apply_json(cli: Callable[..., tuple[int, str, str]], *args: str) -> dict[str, Any]:
+    """`runner apply ARGS --json` in-process; its summary (the apply must succeed)."""
+    code, out, err = cli("apply", *args, "--json")
+    assert code == 0, err
+    return dict(json.loads(out))
+
+
+def step_states(summary: dict[str, Any]) -> dict[str, str]:
+    """Step name -> built / cached / … from an apply's JSON summary."""
+    return {s["step"]: s["state"] for s in summary["steps"]}
+
+
 def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -85,3 +129,11 @@ def small_recipe(tmp_path: Path) -> Path:
     recipe = tmp_path / "t.yaml"
     recipe.write_text(RECIPE)
     return recipe
+
+
+def sql_rows(build: Any, query: str) -> list[tuple[Any, ...]]:
+    """`api.sql`'s result as row tuples, columns in order."""
+    from runner import api
+
+    table = api.sql(build, query)
+    return list(zip(*(c.to_pylist() for c in table.columns), strict=True))

@@ -8,29 +8,19 @@ from pathlib import Path
 
 import duckdb
 
-from tests.conftest import run_subprocess
-
-
-def apply_json(cli, *args: str) -> dict:
-    code, out, err = cli("apply", *args, "--json")
-    assert code == 0, err
-    return json.loads(out)
-
-
-def states(summary: dict) -> dict[str, str]:
-    return {s["step"]: s["state"] for s in summary["steps"]}
+from tests.conftest import apply_json, run_subprocess, step_states
 
 
 def test_apply_builds_then_does_nothing(cli, small_recipe: Path) -> None:
     first = apply_json(cli, str(small_recipe))
-    assert set(states(first).values()) == {"built"}
+    assert set(step_states(first).values()) == {"built"}
     rows = {s["step"]: s["rows"] for s in first["steps"]}
     assert rows["source.s"] == {"in": 40, "rows": 40, "rejects": 0}
     assert rows["filter.length"] == {"in": 40, "rows": 37, "rejects": 3}
     assert rows["filter.dedup"] == {"in": 37, "rows": 35, "rejects": 2}
     assert rows["split"]["train"] + rows["split"]["validation"] == 35
     second = apply_json(cli, str(small_recipe))
-    assert set(states(second).values()) == {"cached"}
+    assert set(step_states(second).values()) == {"cached"}
 
 
 def test_changing_one_filter_param_reruns_exactly_downstream(cli, small_recipe: Path) -> None:
@@ -42,7 +32,7 @@ def test_changing_one_filter_param_reruns_exactly_downstream(cli, small_recipe: 
     assert plan["filter.length"]["why"] == ["param min_chars: 5 -> 2"]
     assert {plan[s]["state"] for s in ("filter.dedup", "format", "split")} == {"pending"}
     after = apply_json(cli, str(small_recipe), "--set", "data.filters.0.min_chars=2")  # keeps the "no" replies
-    assert states(after) == {
+    assert step_states(after) == {
         "source.s": "cached",
         "filter.length": "built",
         "filter.dedup": "built",
@@ -54,7 +44,7 @@ def test_changing_one_filter_param_reruns_exactly_downstream(cli, small_recipe: 
 def test_a_param_change_that_changes_no_row_is_cut_off(cli, small_recipe: Path) -> None:
     apply_json(cli, str(small_recipe))
     after = apply_json(cli, str(small_recipe), "--set", "data.filters.0.min_chars=3")  # "no" is still too short
-    assert states(after) == {
+    assert step_states(after) == {
         "source.s": "cached",
         "filter.length": "built",
         "filter.dedup": "cached",
@@ -132,7 +122,7 @@ def test_verify_finds_corruption_and_repair_rebuilds(cli, small_recipe: Path, _i
     assert cli("verify", "--repair")[0] == 1
     assert cli("verify")[0] == 0
     again = apply_json(cli, str(small_recipe))
-    assert states(again)["format"] == "built" and states(again)["split"] == "cached"
+    assert step_states(again)["format"] == "built" and step_states(again)["split"] == "cached"
 
 
 def states_key(summary: dict, step: str) -> str:

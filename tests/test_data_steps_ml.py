@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from runner import api
-from tests.conftest import write_jsonl
+from tests.conftest import sql_rows, write_jsonl
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -47,7 +47,7 @@ def apply_recipe(tmp_path: Path, body: str) -> api.Build:
 def test_chat_template_format(tmp_path: Path) -> None:
     make_tokenizer(tmp_path / "tok", [r["prompt"] + " " + r["response"] for r in ROWS])
     b = apply_recipe(tmp_path, "  prompt: {template: chat, tokenizer: tok}\n")
-    got = dict((r[0], r[1:]) for r in api.sql(b, "select id, prompt, completion from format")[1])
+    got = dict((r[0], r[1:]) for r in sql_rows(b, "select id, prompt, completion from format"))
     assert got["s/1"] == (
         "<|user|>What is the capital of France?</s><|assistant|>",
         "The capital of France is Paris.</s>",
@@ -77,7 +77,7 @@ def test_reward_model_quality_filter(tmp_path: Path) -> None:
         scores = [model(**tok(r["prompt"], r["response"], return_tensors="pt")).logits[0, 0].item() for r in ROWS]
     cut = sorted(scores)[1]  # keeps the top three
     b = apply_recipe(tmp_path, f"  filters: [{{kind: quality, model: rm, min_score: {cut}}}]\n")
-    kept = {r[0] for r in api.sql(b, "select id from filter_quality")[1]}
+    kept = {r[0] for r in sql_rows(b, "select id from filter_quality")}
     assert kept == {f"s/{i + 1}" for i, s in enumerate(scores) if s >= cut}
     assert len(kept) == 3
 
@@ -85,7 +85,7 @@ def test_reward_model_quality_filter(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_embedding_similarity_drops_unrelated_answers(tmp_path: Path) -> None:
     b = apply_recipe(tmp_path, "  filters: [{kind: similarity, min_similarity: 0.2}]\n")
-    dropped = dict(api.sql(b, "select id, detail from filter_similarity__rejects")[1])
+    dropped = dict(sql_rows(b, "select id, detail from filter_similarity__rejects"))
     assert list(dropped) == ["s/3"] and dropped["s/3"].startswith("prompt/response similarity")
 
 
@@ -99,7 +99,7 @@ def test_weighted_mix_samples_and_repeats(tmp_path: Path) -> None:
     b = api.load(tmp_path / "r.yaml")
     result = api.apply(b)
     mix = next(s for s in result.steps if s.name == "mix").artifact.manifest["rows"]
-    ids = [r[0] for r in api.sql(b, "select id from mix")[1]]
+    ids = [r[0] for r in sql_rows(b, "select id from mix")]
     from_a = [i for i in ids if i.startswith("a/")]
     assert 35 <= len(from_a) <= 65  # a seeded half
     assert [i for i in ids if i.startswith("b/")][:2] == ["b/1", "b/1#2"] and len(ids) - len(from_a) == 20
@@ -141,7 +141,7 @@ def test_token_length_bounds(tmp_path: Path) -> None:
     expected = {
         f"s/{i + 1}" for i, r in enumerate(ROWS) if len(tok(r["response"], add_special_tokens=False)["input_ids"]) >= 7
     }
-    assert {r[0] for r in api.sql(b, "select id from filter_length")[1]} == expected
+    assert {r[0] for r in sql_rows(b, "select id from filter_length")} == expected
     assert 0 < len(expected) < len(ROWS)
 
 
@@ -169,13 +169,13 @@ def test_dolly_and_hf_disk_sources(tmp_path: Path) -> None:
     b = api.load(tmp_path / "r.yaml")
     result = api.apply(b)
     assert result.ok
-    got = dict((r[0], r[1:]) for r in api.sql(b, "select id, prompt_of(turns), response_of(turns) from mix")[1])
+    got = dict((r[0], r[1:]) for r in sql_rows(b, "select id, prompt_of(turns), response_of(turns) from mix"))
     assert got == {
         "d/1": ("Summarise the text.\n\nParis is the capital of France.", "Paris is France's capital."),
         "h/1": ("hi", "hello"),
         "h/2": ("bye", "goodbye"),
     }
-    reasons = dict(api.sql(b, "select id, detail from source_d__rejects")[1])
+    reasons = dict(sql_rows(b, "select id, detail from source_d__rejects"))
     assert reasons == {
         "d/2": "record 2: category 'brainstorming' not in ['summarization', 'classification']",
         "d/3": "record 3: missing field 'response'",

@@ -15,9 +15,8 @@ import pytest
 from runner import api
 from runner.errors import RecipeError
 from runner.steps.reasons import REASONS
-from tests.conftest import SHARED_DATA, write_jsonl
+from tests.conftest import SHARED_DATA, needs_shared_data, write_jsonl
 
-pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
 OASST = SHARED_DATA / "oasst"
 INSTRUCT = SHARED_DATA / "instruct"
 
@@ -32,8 +31,7 @@ def apply(tmp_path: Path, body: str) -> tuple[api.Build, dict[str, Any]]:
 
 
 def query(b: api.Build, sql: str) -> list[dict[str, Any]]:
-    columns, values = api.sql(b, sql)
-    return [dict(zip(columns, v, strict=False)) for v in values]
+    return api.sql(b, sql).to_pylist()
 
 
 # -- 1. the split keeps a conversation on one side ---------------------------------------------
@@ -60,6 +58,7 @@ def leaf_to_tree(path: Path) -> dict[str, str]:
         ("oasst2_openpaws_filtered.trees.jsonl", ", tree_states: null, require_review: false"),
     ],
 )
+@needs_shared_data
 def test_split_never_puts_one_tree_on_both_sides(tmp_path: Path, name: str, extra: str) -> None:
     path = OASST / name
     b, manifests = apply(
@@ -90,6 +89,7 @@ def test_split_never_puts_one_tree_on_both_sides(tmp_path: Path, name: str, extr
     assert m2["split"]["metrics"]["leaked_rows"] == leaked > 0
 
 
+@needs_shared_data
 def test_split_side_depends_only_on_seed_and_group(tmp_path: Path) -> None:
     path = OASST / "oasst_en_100.trees.jsonl"
     body = "data:\n  sources: [{{name: o, format: oasst, path: {p}{limit}}}]\n  split: {{validation: 0.3, seed: 1}}\n"
@@ -105,6 +105,7 @@ def test_split_side_depends_only_on_seed_and_group(tmp_path: Path) -> None:
         assert (digest % 1_000_000 < 300_000) == (s == "validation")
 
 
+@needs_shared_data
 def test_split_by_a_table_column(tmp_path: Path) -> None:
     records = json.loads((INSTRUCT / "fastchat_dummy_conversation.sharegpt.json").read_text())
     rows = []
@@ -150,6 +151,7 @@ def lsh_candidate_probability(s: float, threshold: float, num_perm: int) -> floa
     return 1 - (1 - s**rows) ** bands
 
 
+@needs_shared_data
 def test_near_dedup_on_real_dialogues_matches_brute_force(tmp_path: Path) -> None:
     files = {"f": "fastchat_dummy_conversation.sharegpt.json", "g": "glaive_toolcall_en_demo.sharegpt.json"}
     sources = ", ".join(f"{{name: {n}, format: sharegpt, path: {INSTRUCT / f}}}" for n, f in files.items())
@@ -189,6 +191,7 @@ def test_near_dedup_on_real_dialogues_matches_brute_force(tmp_path: Path) -> Non
     assert manifests["filter.near_dedup"]["rows"]["rejects"] == len(dropped)
 
 
+@needs_shared_data
 def test_near_dedup_keeps_the_pair_the_issue_found(tmp_path: Path) -> None:
     path = INSTRUCT / "fastchat_dummy_conversation.sharegpt.json"
     records = {r["id"]: r for r in json.loads(path.read_text())}
@@ -203,6 +206,7 @@ def test_near_dedup_keeps_the_pair_the_issue_found(tmp_path: Path) -> None:
     assert not dropped.get("f/identity_334", "").startswith("of f/identity_316 ")
 
 
+@needs_shared_data
 def test_near_dedup_signatures_from_workers_are_datasketchs_own() -> None:
     """The worker processes' MinHash values and shingle keys, block by block, are what datasketch and the
     shingles give for each real text in this process (keys: 64 bits of each shingle's SHA-1)."""
@@ -233,6 +237,7 @@ def test_near_dedup_signatures_from_workers_are_datasketchs_own() -> None:
 # -- 3. tool schemas reach the prompt -----------------------------------------------------------
 
 
+@needs_shared_data
 def test_tool_schemas_reach_the_prompt(tmp_path: Path) -> None:
     from runner.steps.prompts import TOOLS_LINE
 
@@ -253,6 +258,7 @@ def test_tool_schemas_reach_the_prompt(tmp_path: Path) -> None:
             assert row["tools"] is None and TOOLS_LINE not in row["prompt"]
 
 
+@needs_shared_data
 def test_tools_go_to_chat_templates(tmp_path: Path) -> None:
     from tests.test_data_steps_ml import make_tokenizer
 
@@ -289,6 +295,7 @@ def test_tools_go_to_chat_templates(tmp_path: Path) -> None:
 # -- 4-6. empty replies, record ids of rejects, repeated ids ------------------------------------
 
 
+@needs_shared_data
 def test_empty_replies_are_rejected_in_every_format(tmp_path: Path) -> None:
     alpaca = json.loads((INSTRUCT / "alpaca_en_demo.json").read_text())[:40]
     for n in (3, 7, 11):
@@ -321,6 +328,7 @@ def test_empty_replies_are_rejected_in_every_format(tmp_path: Path) -> None:
         )
 
 
+@needs_shared_data
 def test_rejects_keep_their_record_id_and_repeated_ids_are_rejects(tmp_path: Path) -> None:
     records = json.loads((INSTRUCT / "fastchat_dummy_conversation.sharegpt.json").read_text())[:30]
     records[4]["conversations"] = records[4]["conversations"][:1]  # no reply left
@@ -357,6 +365,7 @@ def test_repeated_ids_in_parquet_are_rejects(tmp_path: Path) -> None:
     assert got == [("p/u1", "duplicate_id"), ("p/u3", "empty_text")]
 
 
+@needs_shared_data
 def test_parquet_source_keeps_file_order_across_row_groups(tmp_path: Path) -> None:
     """A parquet source without an id column keeps the file and reads its rows from it: over a file of many
     row groups, read in parallel, its rows are still the file's records in order, each as DuckDB wrote it,
@@ -388,6 +397,7 @@ def test_parquet_source_keeps_file_order_across_row_groups(tmp_path: Path) -> No
     assert m["source.p"]["rows"] == {"in": len(records), "rows": len(expected), "rejects": len(rejects)}
 
 
+@needs_shared_data
 def test_parquet_source_view_is_the_rows_it_would_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same parquet file through the view of its copy and through rows written out (forced by a low row-group
     limit): the same rows, rejects, counts and filter results, column for column (system, score, lang, group)."""
@@ -432,7 +442,7 @@ def test_parquet_source_view_is_the_rows_it_would_write(tmp_path: Path, monkeypa
             | {"rows": [s.artifact.manifest["rows"] for s in result.steps]}
         )
     assert seen[0] == seen[1]
-    rows = [dict(zip(seen[0]["source_p"][0], r, strict=False)) for r in seen[0]["source_p"][1]]
+    rows = seen[0]["source_p"].to_pylist()
     kept = [(n, r) for n, r in enumerate(alpaca) if n % 101 and n % 89]  # independent of runner: no empty text
     assert [r["id"] for r in rows] == [f"p/{n + 1}" for n, _ in kept]
     assert [r["group_id"] for r in rows] == [f"p/{n // 4}" for n, _ in kept]
@@ -443,6 +453,7 @@ def test_parquet_source_view_is_the_rows_it_would_write(tmp_path: Path, monkeypa
 # -- 7. reasons are a short, documented list ----------------------------------------------------
 
 
+@needs_shared_data
 def test_reasons_are_stable_categories_with_details(tmp_path: Path) -> None:
     sources = (
         f"[{{name: o, format: oasst, path: {OASST / 'oasst2_openpaws_filtered.trees.jsonl'}}}, "
@@ -495,6 +506,7 @@ def test_a_directory_for_a_file_says_so(tmp_path: Path) -> None:
 # -- 9. h2oGPT's prompt boundary ----------------------------------------------------------------
 
 
+@needs_shared_data
 def test_human_bot_prompt_ends_where_h2ogpt_ends_it(tmp_path: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -529,6 +541,7 @@ def test_human_bot_prompt_ends_where_h2ogpt_ends_it(tmp_path: Path) -> None:
         assert apart == tok.encode(r["prompt"] + r["completion"]).ids
 
 
+@needs_shared_data
 @pytest.mark.parametrize("template", ["human_bot", "plain"])
 def test_packaged_chat_template_prompts_as_training_did(tmp_path: Path, template: str) -> None:
     """The chat template saved beside packaged models renders each real multi-turn OpenAssistant prompt exactly as

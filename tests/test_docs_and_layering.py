@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from runner import docs
 from runner.cli.main import build_parser
 
@@ -47,9 +49,9 @@ def test_stores_import_nothing_from_runner() -> None:
         assert "runner" not in imports(path), path
 
 
-def test_engine_knows_no_ml_and_no_duckdb() -> None:
+def test_the_build_knows_no_ml_and_no_duckdb() -> None:
     banned = {"torch", "transformers", "peft", "datasets", "duckdb", "sentence_transformers", "bitsandbytes"}
-    for name in ("engine.py", "graph.py", "registry.py", "recipe.py", "compile.py"):
+    for name in ("pipeline.py", "graph.py", "registry.py", "recipe.py", "compile.py"):
         assert not imports(ROOT / "runner" / name) & banned, name
 
 
@@ -66,8 +68,8 @@ def test_step_modules_import_heavy_libraries_lazily() -> None:
         assert not names & heavy, f"{path.name} imports {names & heavy} at module level"
 
 
-def test_engine_imports_no_step() -> None:
-    tree = ast.parse((ROOT / "runner" / "engine.py").read_text())
+def test_pipeline_imports_no_step() -> None:
+    tree = ast.parse((ROOT / "runner" / "pipeline.py").read_text())
     found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not {m for m in found if m.startswith("runner.steps")}, found
@@ -124,3 +126,30 @@ def test_no_import_cycles() -> None:
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
+
+
+@pytest.mark.slow
+def test_the_python_api_example_runs_as_written(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/python-api.md's example, run as a user would paste it (from the checkout, into its own cache)."""
+    text = (ROOT / "docs" / "python-api.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(ROOT)
+    before = {p: p.stat().st_mtime_ns for p in (ROOT / "recipes").rglob("*") if p.is_file()}
+    exec(compile(code, "python-api.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "run source.sample ['never built']" in out and "duplicate" in out
+    assert "'step': 'filter.dedup', 'table': 'rejects', 'reason': 'duplicate'" in out
+    assert {p: p.stat().st_mtime_ns for p in (ROOT / "recipes").rglob("*") if p.is_file()} == before
+
+
+def test_the_openai_shapes_and_the_engine_seam_need_no_web_framework_or_ml() -> None:
+    """runner/serve's request models, engine protocol, codec and text handling import neither FastAPI nor an ML
+    library at module level: they are testable alone, and `runner chat` never loads the web stack."""
+    banned = {"fastapi", "starlette", "uvicorn", "torch", "transformers", "peft", "llama_cpp"}
+    for name in ("openai", "engine", "codec", "text", "thread", "load", "hf", "llamacpp", "vllm", "batcher"):
+        top = ast.parse((ROOT / "runner" / "serve" / f"{name}.py").read_text()).body
+        found = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
+        found |= {n.module.split(".")[0] for n in top if isinstance(n, ast.ImportFrom) and n.module}
+        assert not found & banned, (name, found & banned)

@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 
 from runner import api
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import ROOT, SHARED_DATA, needs_shared_data, sql_rows, write_jsonl
 
-pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
 SCIFACT = SHARED_DATA / "rag" / "scifact"
 
 
@@ -51,10 +50,6 @@ def claims(ids: set[str]) -> list[dict[str, Any]]:
     return out
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def build(tmp: Path, docs: list[dict[str, Any]], extra: str = "", cache: Path | None = None) -> tuple[api.Build, Any]:
     tmp.mkdir(parents=True, exist_ok=True)
     write_jsonl(tmp / "corpus.jsonl", docs)
@@ -80,6 +75,7 @@ def scifact(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 # -- 1. one bad row loses only itself ---------------------------------------------------------------
 
 
+@needs_shared_data
 def test_bad_rows_are_rejects_and_every_good_row_is_indexed(tmp_path: Path) -> None:
     docs = corpus(70)
     lines = [json.dumps(d).encode() for d in docs]
@@ -93,25 +89,27 @@ def test_bad_rows_are_rejects_and_every_good_row_is_indexed(tmp_path: Path) -> N
     assert result.ok
     rows = next(s for s in result.steps if s.name == "docs").artifact.manifest["rows"]
     assert rows == {"in": 73, "rows": 70, "rejects": 3}
-    rejects = {r[0]: r[1] for r in api.sql(b, "select reason, detail from docs__rejects")[1]}
+    rejects = {r[0]: r[1] for r in sql_rows(b, "select reason, detail from docs__rejects")}
     assert set(rejects) == {"missing_field", "unreadable"} or len(rejects) == 2
-    got = {r[0] for r in api.sql(b, "select distinct doc_id from index__chunks")[1]}
+    got = {r[0] for r in sql_rows(b, "select distinct doc_id from index__chunks")}
     assert got == {d["doc_id"] for d in docs}
 
 
 # -- 2. stable ids, gold ids checked, several relevant documents ------------------------------------
 
 
+@needs_shared_data
 def test_ids_come_from_a_column_and_survive_a_deleted_row(tmp_path: Path) -> None:
     docs = corpus(60)
     a, _ = build(tmp_path / "a", docs)
     b, _ = build(tmp_path / "b", docs[:10] + docs[11:])
-    ids_a = dict(api.sql(a, "select id, hash from docs")[1])
-    ids_b = dict(api.sql(b, "select id, hash from docs")[1])
+    ids_a = dict(sql_rows(a, "select id, hash from docs"))
+    ids_b = dict(sql_rows(b, "select id, hash from docs"))
     assert set(ids_a) - set(ids_b) == {docs[10]["doc_id"]}
     assert all(ids_a[i] == h for i, h in ids_b.items()), "every other document keeps its id"
 
 
+@needs_shared_data
 def test_eval_checks_gold_ids_and_scores_every_relevant_document(scifact: dict[str, Any], tmp_path: Path) -> None:
     ids = {d["doc_id"] for d in scifact["docs"]}
     questions = claims(ids)
@@ -138,6 +136,7 @@ def test_eval_checks_gold_ids_and_scores_every_relevant_document(scifact: dict[s
 # -- 3. a killed embedding step keeps what it embedded -----------------------------------------------
 
 
+@needs_shared_data
 @pytest.mark.slow
 def test_a_killed_embedding_resumes_from_its_memo(tmp_path: Path) -> None:
     docs = corpus(300)  # small chunks: more than one batch (1,024) of them, and little text to embed
@@ -170,6 +169,7 @@ def test_a_killed_embedding_resumes_from_its_memo(tmp_path: Path) -> None:
 # -- 4-5. document-level results; a ranking that does not depend on k --------------------------------
 
 
+@needs_shared_data
 def test_document_results_are_distinct_documents_and_recall_no_worse(scifact: dict[str, Any]) -> None:
     retriever = api.retriever(scifact["build"])
     questions = claims({d["doc_id"] for d in scifact["docs"]})
@@ -185,6 +185,7 @@ def test_document_results_are_distinct_documents_and_recall_no_worse(scifact: di
     assert np.mean(doc_recall) >= np.mean(chunk_recall)
 
 
+@needs_shared_data
 def test_hybrid_ranking_does_not_depend_on_k(scifact: dict[str, Any]) -> None:
     retriever = api.retriever(scifact["build"])
     assert retriever.has_bm25
@@ -197,11 +198,12 @@ def test_hybrid_ranking_does_not_depend_on_k(scifact: dict[str, Any]) -> None:
 # -- 6. the chunker ---------------------------------------------------------------------------------
 
 
+@needs_shared_data
 def test_chunks_keep_titles_with_text_overlap_everywhere_and_end_at_sentences(scifact: dict[str, Any]) -> None:
     chunks: dict[str, list[str]] = {}
-    for doc_id, _pos, text in api.sql(
+    for doc_id, _pos, text in sql_rows(
         scifact["build"], "select doc_id, position, text from chunk order by doc_id, position"
-    )[1]:
+    ):
         chunks.setdefault(doc_id, []).append(text)
     by_id = {d["doc_id"]: d for d in scifact["docs"]}
     title_only = boundaries = kept_overlap = ends = sentence_ends = 0
@@ -224,6 +226,7 @@ def test_chunks_keep_titles_with_text_overlap_everywhere_and_end_at_sentences(sc
 # -- 7. ef_search chosen for recall -----------------------------------------------------------------
 
 
+@needs_shared_data
 def test_ef_search_is_chosen_for_recall_and_recorded(scifact: dict[str, Any]) -> None:
     art = scifact["arts"]["index"]
     m = art.manifest["metrics"]
@@ -250,6 +253,7 @@ def test_ef_search_is_chosen_for_recall_and_recorded(scifact: dict[str, Any]) ->
 # -- 8. odd queries --------------------------------------------------------------------------------
 
 
+@needs_shared_data
 def test_odd_queries_get_clear_answers(scifact: dict[str, Any], cli) -> None:
     recipe = str(scifact["dir"] / "r.yaml")
     cache = ["--cache-dir", str(scifact["dir"] / "cache")]

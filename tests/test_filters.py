@@ -7,13 +7,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from runner import api
 from runner.steps.filters import UNHELPFUL
-from tests.conftest import SHARED_DATA, write_jsonl
+from tests.conftest import SHARED_DATA, needs_shared_data, sql_rows, write_jsonl
 
-pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
 ALPACA = SHARED_DATA / "instruct" / "alpaca_en_demo.json"
 
 
@@ -47,9 +44,10 @@ def run(tmp_path: Path, filters: str, source: str | None = None) -> tuple[api.Bu
 
 
 def kept_ids(b: api.Build, view: str) -> set[str]:
-    return {r[0] for r in api.sql(b, f"select id from {view}")[1]}
+    return {r[0] for r in sql_rows(b, f"select id from {view}")}
 
 
+@needs_shared_data
 def test_length_bounds(tmp_path: Path) -> None:
     b, counts = run(tmp_path, "[{kind: length, field: response, min_chars: 100, max_words: 120}]")
     expected = {i for i, _, r in alpaca_records() if len(r) >= 100 and len(r.split()) <= 120}
@@ -57,6 +55,7 @@ def test_length_bounds(tmp_path: Path) -> None:
     assert counts["filter.length"]["rejects"] == 999 - len(expected)
 
 
+@needs_shared_data
 def test_profanity_with_a_shared_word_list(tmp_path: Path) -> None:
     words_file = SHARED_DATA / "profanity" / "ldnoobw_en.txt"
     b, _ = run(tmp_path, f"[{{kind: profanity, default_list: false, words_file: {words_file}}}]")
@@ -69,12 +68,14 @@ def test_profanity_with_a_shared_word_list(tmp_path: Path) -> None:
     assert kept_ids(b, "filter_profanity") == {i for i, _, _ in alpaca_records()} - dropped
 
 
+@needs_shared_data
 def test_default_profanity_list_and_extra_words(tmp_path: Path) -> None:
     b, _ = run(tmp_path, "[{kind: profanity, extra_words: [photosynthesis]}]")
-    reasons = set(api.sql(b, "select reason, detail from filter_profanity__rejects")[1])
+    reasons = set(sql_rows(b, "select reason, detail from filter_profanity__rejects"))
     assert ("profanity", "photosynthesis") in reasons
 
 
+@needs_shared_data
 def test_unhelpful_and_dedup_and_sql(tmp_path: Path) -> None:
     b, _ = run(
         tmp_path,
@@ -95,16 +96,18 @@ def test_unhelpful_and_dedup_and_sql(tmp_path: Path) -> None:
     assert kept_ids(b, "filter_sql") == {i for i, _, r in deduped if len(r) % 2 == 0}
 
 
+@needs_shared_data
 def test_quality_from_oasst_labels(tmp_path: Path) -> None:
     path = SHARED_DATA / "oasst" / "oasst2_openpaws_filtered.trees.jsonl"
     source = f"{{name: o, format: oasst, path: {path}, tree_states: null, require_review: false}}"
     b, _ = run(tmp_path, "[{kind: quality, min_score: 0.6, missing: drop}]", source)
-    scored = api.sql(b, "select id, score from source_o")[1]
+    scored = sql_rows(b, "select id, score from source_o")
     expected = {i for i, s in scored if s is not None and s >= 0.6}
     assert 0 < len(expected) < len(scored)
     assert kept_ids(b, "filter_quality") == expected
 
 
+@needs_shared_data
 def test_regex_sample_limit_truncate(tmp_path: Path) -> None:
     b, counts = run(
         tmp_path,
@@ -114,9 +117,9 @@ def test_regex_sample_limit_truncate(tmp_path: Path) -> None:
     )
     kept = {i for i, p, r in alpaca_records() if not re.search(r"(?i)\bpython\b", p + "\n" + r)}
     assert kept_ids(b, "filter_regex") == kept
-    lengths = api.sql(b, "select max(length(response_of(turns))), max(length(prompt_of(turns))) from filter_truncate")[
-        1
-    ][0]
+    lengths = sql_rows(b, "select max(length(response_of(turns))), max(length(prompt_of(turns))) from filter_truncate")[
+        0
+    ]
     assert lengths[0] <= 50 and lengths[1] > 50
     assert counts["filter.sample"]["rows"] == 300 and counts["filter.limit"]["rows"] == 100
     # the sample is stable: same seed, same rows
@@ -129,6 +132,7 @@ def test_regex_sample_limit_truncate(tmp_path: Path) -> None:
     assert kept_ids(b2, "filter_sample") == kept_ids(b, "filter_sample")
 
 
+@needs_shared_data
 def test_near_dedup_finds_edited_copies(tmp_path: Path) -> None:
     base = [r for _, _, r in alpaca_records() if len(r.split()) > 40][:50]
     rows: list[dict[str, Any]] = [{"prompt": f"q{i}", "response": t} for i, t in enumerate(base)]
@@ -139,11 +143,12 @@ def test_near_dedup_finds_edited_copies(tmp_path: Path) -> None:
         "[{kind: near_dedup, field: response, threshold: 0.7}]",
         f"{{name: s, format: jsonl, path: {tmp_path / 'rows.jsonl'}}}",
     )
-    dropped = dict(api.sql(b, "select id, detail from filter_near_dedup__rejects")[1])
+    dropped = dict(sql_rows(b, "select id, detail from filter_near_dedup__rejects"))
     assert set(dropped) >= {f"s/{51 + i}" for i in range(10)}
     assert dropped["s/51"].startswith("of s/1 (jaccard 0.")
 
 
+@needs_shared_data
 def test_compression_drops_repetitive_text(tmp_path: Path) -> None:
     rows = [{"prompt": "laugh", "response": "ha " * 200}, {"prompt": "explain", "response": alpaca_records()[5][2] * 1}]
     write_jsonl(tmp_path / "rows.jsonl", rows)
@@ -166,46 +171,12 @@ def test_language_identification(tmp_path: Path) -> None:
         tmp_path, "[{kind: language, keep: [en, es]}]", f"{{name: s, format: jsonl, path: {tmp_path / 'rows.jsonl'}}}"
     )
     assert kept_ids(b, "filter_language") == {"s/1", "s/2"}
-    assert api.sql(b, "select reason, detail from filter_language__rejects")[1] == [
+    assert sql_rows(b, "select reason, detail from filter_language__rejects") == [
         ("language", "language de not in [en, es]")
     ]
 
 
-def test_a_new_filter_kind_is_one_class_in_one_file(tmp_path: Path) -> None:
-    """Registering a filter kind is the class and its decorator: the recipe accepts `kind: no_digits`, the step
-    runs, the reference documents it; taken out again, the recipe refuses it."""
-    from typing import Literal
-
-    from runner import docs, registry
-    from runner.errors import RecipeError
-    from runner.steps.filter_base import FilterBase, filter_kind
-    from runner.steps.reasons import why
-
-    @filter_kind()
-    class NoDigitsFilter(FilterBase):
-        """Drop rows whose reply holds a digit."""
-
-        kind: Literal["no_digits"]
-
-        def reason(self) -> str:
-            return (
-                f"case when regexp_matches(response_of(turns), '[0-9]') then "
-                f"{why('regex', chr(39) + 'a digit' + chr(39))} else null end"
-            )
-
-    try:
-        b, counts = run(tmp_path, "[{kind: no_digits}]")
-        expected = {i for i, _, r in alpaca_records() if not re.search("[0-9]", r)}
-        assert kept_ids(b, "filter_no_digits") == expected and 0 < len(expected) < 999
-        assert counts["filter.no_digits"]["rejects"] == 999 - len(expected)
-        assert "NoDigitsFilter" in docs.recipe_reference()
-    finally:
-        registry.remove_entry("filter", NoDigitsFilter)
-    with pytest.raises(RecipeError, match="no_digits"):
-        api.load(tmp_path / "r.yaml")
-    assert "NoDigitsFilter" not in docs.recipe_reference()
-
-
+@needs_shared_data
 def test_dedup_normalisation_is_the_regex_it_stands_for(tmp_path: Path) -> None:
     """dedup's key text is `regexp_replace(lower(trim(x)), '\\s+', ' ', 'g')`, computed without the regex for
     speed: the same string for real prompts and for random mixes of every kind of white space; and dedup of

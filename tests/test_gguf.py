@@ -15,28 +15,24 @@ from typing import Any
 import pytest
 
 from runner import api
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_model_recipe
 
 CONVERTER = os.environ.get("RUNNER_GGUF_CONVERTER", "")
 pytestmark = pytest.mark.skipif(
     not (CONVERTER and Path(CONVERTER).is_file() and __import__("importlib").util.find_spec("llama_cpp")),
     reason="needs `pip install -e .[gguf]` and RUNNER_GGUF_CONVERTER (see .ci/run)",
 )
-SAMPLE = ROOT / "recipes" / "data" / "sample.oasst.jsonl"
 
 
 def tiny(tmp_path: Path, arch: str, kind: str) -> Path:
     path = tmp_path / "t.yaml"
-    path.write_text(f"""
-data:
-  sources: [{{name: s, format: oasst, path: {SAMPLE}, lang: [en]}}]
-model:
-  base: {{from_config: {{architecture: {arch}, hidden_size: 64, layers: 2, heads: 4, seed: 0}}}}
-  tokenizer: {{train: {{vocab_size: 400}}}}
-lora: {{rank: 8}}
-train: {{seq_len: 64, batch_size: 8, lr: 5.0e-3, max_steps: 8}}
-package: {{formats: [gguf], gguf_converter: {CONVERTER}, gguf_type: {kind}}}
-""")
+    path.write_text(
+        tiny_model_recipe(
+            arch=arch,
+            rest="lora: {rank: 8}\ntrain: {seq_len: 64, batch_size: 8, lr: 5.0e-3, max_steps: 8}\n"
+            f"package: {{formats: [gguf], gguf_converter: {CONVERTER}, gguf_type: {kind}}}\n",
+        )
+    )
     return path
 
 

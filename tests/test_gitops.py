@@ -18,21 +18,18 @@ from typing import Any
 import pytest
 
 from runner import api
-from tests.conftest import ROOT, write_jsonl
-from tests.test_training import SAMPLE
+from tests.conftest import ROOT, step_states, tiny_model_recipe, write_jsonl
 
-RECIPE = f"""
-data:
-  sources: [{{name: s, format: oasst, path: {SAMPLE}, lang: [en]}}]
-  filters: [{{kind: dedup}}]
-  split: {{validation: 0.1, seed: 1}}
-model:
-  base: {{from_config: {{architecture: falcon, hidden_size: 32, layers: 1, heads: 2, seed: 0}}}}
-  tokenizer: {{train: {{vocab_size: 300}}}}
-lora: {{rank: 4, alpha: 8, dropout: 0.0}}
-train: {{seq_len: 32, batch_size: 8, lr: 1.0e-3, max_steps: 3, seed: 3, checkpoint_every: 50}}
-eval: {{max_new_tokens: 4, prompts: [Hello]}}
-"""
+RECIPE = tiny_model_recipe(
+    hidden=32,
+    layers=1,
+    heads=2,
+    vocab=300,
+    data="  filters: [{kind: dedup}]\n  split: {validation: 0.1, seed: 1}\n",
+    rest="lora: {rank: 4, alpha: 8, dropout: 0.0}\n"
+    "train: {seq_len: 32, batch_size: 8, lr: 1.0e-3, max_steps: 3, seed: 3, checkpoint_every: 50}\n"
+    "eval: {max_new_tokens: 4, prompts: [Hello]}\n",
+)
 
 
 def clone(tmp_path: Path, name: str, lock: Path | None = None) -> Path:
@@ -48,10 +45,6 @@ def clone(tmp_path: Path, name: str, lock: Path | None = None) -> Path:
 def run(cli, recipe: Path, cache: Path, *extra: str) -> tuple[int, dict[str, Any] | None, str]:
     code, out, err = cli("apply", str(recipe), "--cache-dir", str(cache), "--json", *extra)
     return code, json.loads(out) if out.strip() else None, err
-
-
-def states(summary: dict[str, Any]) -> dict[str, str]:
-    return {s["step"]: s["state"] for s in summary["steps"]}
 
 
 def unchanged(path: Path) -> tuple[bytes, int]:
@@ -149,7 +142,7 @@ def test_ci_story_with_a_shared_cache(cli, tmp_path: Path) -> None:
     assert code == 0
     code, summary, err = run(cli, b, tmp_path / "cb", "--locked", "--cache-remote", str(remote))
     assert code == 0, err
-    assert set(states(summary).values()) == {"cached"}, "builds nothing, pulls everything"
+    assert set(step_states(summary).values()) == {"cached"}, "builds nothing, pulls everything"
     assert unchanged(b.with_name("r.yaml.lock")) == before
     # a poisoned remote: the train artifact and its own manifest replaced consistently
     key = json.loads(lock_a.read_text())["steps"]["train"]["key"]
@@ -332,7 +325,7 @@ def test_s3_push_pull_tamper_and_a_server_killed_mid_push(
         "apply", str(d / "t.yaml"), "--cache-dir", str(tmp_path / "c3"), "--cache-remote", url, "--json"
     )
     assert code == 0, err
-    assert states(json.loads(out))["format"] == "built" and states(json.loads(out))["source.s"] == "cached"
+    assert step_states(json.loads(out))["format"] == "built" and step_states(json.loads(out))["source.s"] == "cached"
     data[len(data) // 2] ^= 0xFF
     fs.pipe(blob, bytes(data))  # mended, for what follows
     # the server killed mid-push: what is there is never usable half-done

@@ -14,7 +14,7 @@ from runner import api
 from runner.errors import RunnerError
 from runner.steps.documents import chunk_text
 from stores.vectors import VectorIndex, build, exact_search
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, needs_shared_data, sql_rows
 
 SQUAD = SHARED_DATA / "rag" / "squad2_dev_first5articles.json"
 
@@ -65,12 +65,12 @@ def test_every_document_type_and_rejects(tmp_path: Path) -> None:
     b = api.load(index_recipe(tmp_path))
     result = api.apply(b)
     assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
-    texts = dict(api.sql(b, "select id, text from docs")[1])
+    texts = dict(sql_rows(b, "select id, text from docs"))
     assert texts["docs/c.html"] == "Page\nHTML about lakes." or "HTML about lakes." in texts["docs/c.html"]
     assert "x()" not in texts["docs/c.html"]
     assert texts["docs/d.pdf"] == "PDF about deserts"
     assert texts["docs/e.jsonl#2"] == "Row two about seas." and texts["docs/f.csv#1"] == "CSV row about islands."
-    rejects = dict(api.sql(b, "select id, detail from docs__rejects")[1])
+    rejects = dict(sql_rows(b, "select id, detail from docs__rejects"))
     assert rejects == {"docs/g.bin": "unsupported file type .bin", "docs/h.txt": "not UTF-8", "docs/i.md": "no text"}
     docs_rows = next(s for s in result.steps if s.name == "docs").artifact.manifest["rows"]
     assert docs_rows == {"in": 10, "rows": 7, "rejects": 3}
@@ -132,7 +132,7 @@ def test_hnsw_matches_exact_search_on_random_vectors(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SQUAD.exists(), reason="needs ../shared/data")
+@needs_shared_data
 def test_squad_retrieval_quality(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     squad = json.loads(SQUAD.read_text())
     paragraphs, questions = [], []
@@ -210,7 +210,7 @@ def test_retrieval_eval_records_recall_and_mrr(tmp_path: Path, cli) -> None:
     result = api.apply(b)
     assert result.ok, [(s.name, s.error) for s in result.steps if s.error]
     m = next(s for s in result.steps if s.name == "index.eval").artifact.manifest["metrics"]
-    top = {r[0]: json.loads(r[1]) for r in api.sql(b, "select question, top from index_eval__results")[1]}
+    top = {r[0]: json.loads(r[1]) for r in sql_rows(b, "select question, top from index_eval__results")}
     assert m["questions"] == 4
     for k in (1, 2):  # independent: recall, MRR and nDCG from the stored rankings
         recalls, rrs, ndcgs = [], [], []

@@ -1,4 +1,4 @@
-"""The cache and engine under misuse: gc beside running applies and committed locks, a moved cache, damaged
+"""The cache and pipeline under misuse: gc beside running applies and committed locks, a moved cache, damaged
 catalogs, bytes flipped under a restored mtime, edited manifests, `runner sql` as a read-only tool, and
 read-only or odd paths."""
 

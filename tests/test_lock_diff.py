@@ -6,13 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests.conftest import write_jsonl
-
-
-def apply_json(cli, *args: str) -> dict:
-    code, out, err = cli("apply", *args, "--json")
-    assert code == 0, err
-    return json.loads(out)
+from tests.conftest import apply_json, write_jsonl
 
 
 def test_apply_writes_a_lock_and_locked_apply_is_a_no_op(cli, small_recipe: Path) -> None:

@@ -10,22 +10,21 @@ import pytest
 
 from runner import api
 from runner.steps.memory import GIB, estimate, shape_from_config, shape_from_name
-from tests.conftest import ROOT, run_subprocess
-
-SAMPLE = ROOT / "recipes" / "data" / "sample.oasst.jsonl"
+from tests.conftest import ROOT, run_subprocess, tiny_model_recipe
 
 
 def tiny(tmp_path: Path, hidden: int, layers: int, seq: int, batch: int) -> Path:
     path = tmp_path / "t.yaml"
-    path.write_text(f"""
-data:
-  sources: [{{name: s, format: oasst, path: {SAMPLE}, lang: [en]}}]
-model:
-  base: {{from_config: {{architecture: falcon, hidden_size: {hidden}, layers: {layers}, heads: {hidden // 64}}}}}
-  tokenizer: {{train: {{vocab_size: 2000}}}}
-lora: {{rank: 8}}
-train: {{seq_len: {seq}, batch_size: {batch}, max_steps: 3, packing: true}}
-""")
+    path.write_text(
+        tiny_model_recipe(
+            hidden=hidden,
+            layers=layers,
+            heads=hidden // 64,
+            seed=None,
+            vocab=2000,
+            rest=f"lora: {{rank: 8}}\ntrain: {{seq_len: {seq}, batch_size: {batch}, max_steps: 3, packing: true}}\n",
+        )
+    )
     return path
 
 

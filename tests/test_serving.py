@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from runner import api
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs_shared_data, tiny_model_recipe
 
 TOKEN = "s3cret"
 SERVED: dict[str, Path] = {}
@@ -31,18 +31,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "The Nile is the longest river in Africa and flows into the Mediterranean Sea."
     )
     (work / "docs" / "bread.md").write_text("Bread is baked from flour, water, yeast and salt.")
-    (work / "r.yaml").write_text(f"""
-name: tiny
-data:
-  sources: [{{name: s, format: oasst, path: {ROOT / "recipes/data/sample.oasst.jsonl"}, lang: [en]}}]
-model:
-  base: {{from_config: {{architecture: falcon, hidden_size: 64, layers: 2, heads: 4, seed: 0}}}}
-  tokenizer: {{train: {{vocab_size: 400}}}}
-train: {{seq_len: 64, batch_size: 8, lr: 5.0e-3, max_steps: 20, seed: 1}}
-index:
-  documents: [{{path: docs}}]
-serve: {{max_tokens: 32, max_body_bytes: 4096, top_k: 1, models: [tuned, base]}}
-""")
+    (work / "r.yaml").write_text(
+        tiny_model_recipe(
+            head="name: tiny\n",
+            rest="train: {seq_len: 64, batch_size: 8, lr: 5.0e-3, max_steps: 20, seed: 1}\n"
+            "index:\n  documents: [{path: docs}]\n"
+            "serve: {max_tokens: 32, max_body_bytes: 4096, top_k: 1, models: [tuned, base]}\n",
+        )
+    )
     build = api.load(work / "r.yaml", cache_dir=work / "cache")
     assert api.apply(build).ok
     app, _ = api.serve_app([build], token=TOKEN)
@@ -270,6 +266,7 @@ def _tokenizers(texts: list[str]) -> dict[str, Any]:
     }
 
 
+@needs_shared_data
 def test_streamed_pieces_are_the_decoded_answer() -> None:
     """A stream's pieces, joined, are what `tokenizer.decode` gives for the whole answer (special tokens skipped),
     on real multilingual answers (oasst: Chinese, Japanese, emoji, code) cut at any token, so also mid-character,

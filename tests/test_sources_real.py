@@ -6,12 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from runner import api
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, needs_shared_data
 
-pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
 OASST = SHARED_DATA / "oasst"
 
 
@@ -26,8 +23,7 @@ def build(tmp_path: Path, sources: str, filters: str = "[]") -> tuple[api.Build,
 
 
 def rows(b: api.Build, query: str) -> list[dict[str, Any]]:
-    columns, values = api.sql(b, query)
-    return [dict(zip(columns, v, strict=False)) for v in values]
+    return api.sql(b, query).to_pylist()
 
 
 def read_trees(path: Path) -> list[dict[str, Any]]:
@@ -81,6 +77,7 @@ def default_keep(m: dict[str, Any], state: str | None) -> bool:
     )
 
 
+@needs_shared_data
 def test_oasst_en100_trees_all_paths(tmp_path: Path) -> None:
     path = OASST / "oasst_en_100.trees.jsonl"
     b, counts = build(tmp_path, f"[{{name: o, format: oasst, path: {path}}}]")
@@ -108,6 +105,7 @@ def test_oasst_en100_trees_all_paths(tmp_path: Path) -> None:
     assert all(r["turns"][-1]["role"] == "assistant" and r["turns"][0]["role"] == "user" for r in got)
 
 
+@needs_shared_data
 def test_oasst_nested_messages_export_gives_the_same_conversations(tmp_path: Path) -> None:
     a, _ = build(tmp_path / "a", f"[{{name: o, format: oasst, path: {OASST / 'oasst_en_100.trees.jsonl'}}}]")
     b, _ = build(tmp_path / "b", f"[{{name: o, format: oasst, path: {OASST / 'oasst_en_100.messages_nested.jsonl'}}}]")
@@ -115,6 +113,7 @@ def test_oasst_nested_messages_export_gives_the_same_conversations(tmp_path: Pat
     assert rows(a, q) == rows(b, q)
 
 
+@needs_shared_data
 def test_oasst_flat_message_list_gives_the_same_conversations(tmp_path: Path) -> None:
     flat = tmp_path / "flat.jsonl"
     with open(flat, "w") as f:
@@ -131,6 +130,7 @@ def test_oasst_flat_message_list_gives_the_same_conversations(tmp_path: Path) ->
     assert counts["source.o"]["in"] == 1167
 
 
+@needs_shared_data
 def test_oasst_top_ranked_mode(tmp_path: Path) -> None:
     path = OASST / "oasst_en_100.trees.jsonl"
     b, counts = build(tmp_path, f"[{{name: o, format: oasst, path: {path}, mode: top}}]")
@@ -143,6 +143,7 @@ def test_oasst_top_ranked_mode(tmp_path: Path) -> None:
     assert n_not_top > 0
 
 
+@needs_shared_data
 def test_oasst2_deleted_languages_states_and_repeated_trees(tmp_path: Path) -> None:
     path = OASST / "oasst2_openpaws_filtered.trees.jsonl"
     b, counts = build(tmp_path, f"[{{name: o, format: oasst, path: {path}, tree_states: null, require_review: false}}]")
@@ -180,6 +181,7 @@ def test_oasst2_deleted_languages_states_and_repeated_trees(tmp_path: Path) -> N
     assert len(langs) > 5
 
 
+@needs_shared_data
 def test_oasst2_language_filter(tmp_path: Path) -> None:
     path = OASST / "oasst2_openpaws_filtered.trees.jsonl"
     b, _ = build(
@@ -194,6 +196,7 @@ def test_oasst2_language_filter(tmp_path: Path) -> None:
     assert {r["id"] for r in got} == {f"o/{leaf}" for leaf in leaves} and {r["lang"] for r in got} == {"es"}
 
 
+@needs_shared_data
 def test_alpaca(tmp_path: Path) -> None:
     path = SHARED_DATA / "instruct" / "alpaca_en_demo.json"
     records = json.loads(path.read_text())
@@ -208,6 +211,7 @@ def test_alpaca(tmp_path: Path) -> None:
         assert by_id[f"a/{n}"]["p"] == expected and by_id[f"a/{n}"]["r"] == rec["output"]
 
 
+@needs_shared_data
 def test_sharegpt_with_tool_roles(tmp_path: Path) -> None:
     path = SHARED_DATA / "instruct" / "glaive_toolcall_en_demo.sharegpt.json"
     records = json.loads(path.read_text())
@@ -225,6 +229,7 @@ def test_sharegpt_with_tool_roles(tmp_path: Path) -> None:
     assert counts["source.g"]["rows"] == 300
 
 
+@needs_shared_data
 def test_sharegpt_ids_and_prompt_only_file(tmp_path: Path) -> None:
     fastchat = SHARED_DATA / "instruct" / "fastchat_dummy_conversation.sharegpt.json"
     first_turn = SHARED_DATA / "instruct" / "sharegpt_v3_filtered_500_first_turn.json"
@@ -242,6 +247,7 @@ def test_sharegpt_ids_and_prompt_only_file(tmp_path: Path) -> None:
     assert counts["mix"] == {"in": 500, "rows": 500, "rejects": 0}
 
 
+@needs_shared_data
 def test_h2ogpt_text_and_faq(tmp_path: Path) -> None:
     personality = SHARED_DATA / "h2ogpt" / "h2ogpt-personality.json"
     faq = SHARED_DATA / "h2ogpt" / "dai_faq.json"

@@ -15,9 +15,7 @@ from typing import Any
 import pytest
 
 from runner import api
-from tests.conftest import ROOT, run_subprocess
-
-SAMPLE = ROOT / "recipes" / "data" / "sample.oasst.jsonl"
+from tests.conftest import ROOT, run_subprocess, sql_rows, tiny_model_recipe
 
 
 def recipe(
@@ -31,15 +29,11 @@ def recipe(
     nproc: int = 1,
     distributed: str = "",
 ) -> Path:
-    text = f"""
-data:
-  sources: [{{name: s, format: oasst, path: {SAMPLE}, lang: [en]}}]
-  split: {{validation: 0.1, seed: 1}}
-model:
-  base: {{from_config: {{architecture: {arch}, hidden_size: 64, layers: 2, heads: 4, seed: 0}}}}
-  tokenizer: {{train: {{vocab_size: 400}}}}
-  precision: {precision}
-lora: {{rank: 8, alpha: 16, dropout: 0.0}}
+    text = tiny_model_recipe(
+        arch=arch,
+        data="  split: {validation: 0.1, seed: 1}\n",
+        model=f"  precision: {precision}\n",
+        rest=f"""lora: {{rank: 8, alpha: 16, dropout: 0.0}}
 train:
   seq_len: 64
   batch_size: 8
@@ -49,7 +43,8 @@ train:
   seed: 3
   checkpoint_every: {checkpoint_every}
   distributed: {distributed or f"{{nproc: {nproc}}}"}
-{extra}"""
+{extra}""",
+    )
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "t.yaml"
     path.write_text(text)
@@ -131,7 +126,7 @@ def test_eval_merge_and_outputs(tmp_path: Path) -> None:
     steps = {s.name: s.artifact for s in result.steps}
     ev = steps["eval"].manifest["metrics"]
     assert ev["val_loss"] < ev["val_loss_base"] and ev["val_perplexity"] > 1
-    gens = api.sql(b, "select prompt, output from eval__generations")[1]
+    gens = sql_rows(b, "select prompt, output from eval__generations")
     assert gens[0][0] == "What is the capital of France?" and isinstance(gens[0][1], str)
     assert (steps["train"].file("loss.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (steps["train"].file("adapter") / "adapter_model.safetensors").exists()

@@ -9,8 +9,8 @@ from typing import Any
 from rich.markup import escape
 
 from runner.cli.common import console, load, print_json, recipe_args, short
-from runner.engine import Reporter, StepResult
 from runner.graph import StepNode
+from runner.pipeline import Reporter, StepResult
 
 
 def add(sub: argparse._SubParsersAction) -> None:

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     build = load(args)
     path = lock.lock_path(build.loaded.path)
     if args.check:
-        lock.check(build.graph, path, build.loaded.data, build.cache.stat_cache)
+        lock.check(build.graph, path, build.loaded.raw, build.cache.stat_cache)
         console().print(f"[green]ok[/]: {path} matches ({len(build.graph.order)} steps)")
         return 0
     steps = api.plan(build)
@@ -36,6 +36,6 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise RunnerError(f"not every step is built ({', '.join(missing)}); run `runner apply {args.recipe}` first")
     results = api.cached_results(build, steps)
-    written = lock.write(path, lock.make_lock(build.loaded.data, build.graph, results))
+    written = lock.write(path, lock.make_lock(build.loaded.raw, build.graph, results))
     console().print(f"{'wrote' if written else 'unchanged'}: {path}")
     return 0

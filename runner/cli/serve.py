@@ -49,7 +49,7 @@ def listen(host: str, port: int) -> socket.socket:
     from runner.errors import RunnerError
 
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and without it every
-    # response's second write waited for the client's delayed ACK (~40 ms a request on loopback)
+    # response's second write waits for the client's delayed ACK
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

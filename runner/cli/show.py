@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if art is None:
         raise RunnerError(f"step {args.step} is not built for the current recipe; run `runner apply {args.recipe}`")
     if args.path:
-        print(art.data)
+        print(art.files_dir)
     else:
         print_json({**art.manifest, "path": str(art.path)})
     return 0

@@ -26,7 +26,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from runner import api
 
-    columns, rows = api.sql(load(args), args.query)
+    result = api.sql(load(args), args.query)
+    columns = result.column_names
+    rows = list(zip(*(c.to_pylist() for c in result.columns), strict=True))
     if args.json:
         print_json([dict(zip(columns, r, strict=False)) for r in rows])
         return 0

@@ -1,7 +1,7 @@
 """What every filter shares: the fields it can look at, the hooks `run_filter` calls, and `filter_kind`, the one
 place a filter kind is registered (its recipe `kind:`, its step `filter.KIND`).
 
-A new filter is one class: subclass `FilterBase`, give it `kind: Literal["name"]` and a `reason`, decorate it
+A new filter is one class: subclass `FilterBase`, give it `kind: Literal["name"]` and a `reject_sql`, decorate it
 with `@filter_kind()`."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pydantic import Field
 from runner.params import Params
 from runner.registry import Reproducible, StepContext, StepError, add_entry, literal_values, step
 from runner.steps.sources import NAME_PATTERN
-from stores.sql import sql_string as sql_literal
+from stores.sql import sql_string
 
 FieldName = Literal["text", "prompt", "response"]
 FIELD_SQL = {"text": "text_of(turns)", "prompt": "prompt_of(turns)", "response": "response_of(turns)"}
@@ -25,16 +25,17 @@ class FilterBase(Params):
     if TYPE_CHECKING:
         kind: str  # each kind declares it as `kind: Literal["its name"]`
 
-    def reason(self) -> str:
-        """SQL giving why a row is dropped (NULL keeps it). May read `_value` (see `python_input`)."""
+    def reject_sql(self) -> str:
+        """SQL for a row's reject: NULL keeps the row, `rejected(reason, detail)` drops it. May read `_value`
+        (see `python_input`)."""
         raise NotImplementedError
 
-    def reason_in(self, ctx: StepContext) -> str:
-        """`reason` for a step that may need its files (e.g. a word list); most filters need none."""
-        return self.reason()
+    def reject_sql_in(self, ctx: StepContext) -> str:
+        """`reject_sql` for a step that may need its files (e.g. a word list); most filters need none."""
+        return self.reject_sql()
 
     def derived(self) -> str | None:
-        """Extra SQL columns (`expr as _name, ...`) computed once per row before `reason` runs."""
+        """Extra SQL columns (`expr as _name, ...`) computed once per row before `reject_sql` runs."""
         return None
 
     def transform(self) -> str | None:
@@ -46,7 +47,7 @@ class FilterBase(Params):
         return None
 
     def python(self, ctx: StepContext, table: Any) -> list[Any]:
-        """One `_value` per row of `table` (a pyarrow table of `python_input`), for `reason` to judge."""
+        """One `_value` per row of `table` (a pyarrow table of `python_input`), for `reject_sql` to judge."""
         raise NotImplementedError
 
 
@@ -80,11 +81,11 @@ def run_filter(ctx: StepContext) -> None:
         source = f"(select * replace ({p.transform()} as turns) from {source})"
     con = connect()
     try:
-        reason = p.reason_in(ctx)
+        reject = p.reject_sql_in(ctx)
         if p.derived():
             source = f"(select *, {p.derived()} from {source})"
         if p.python_input():
-            import pyarrow as pa  # here only: importing it takes ~0.35 s, more than most SQL filters' work
+            import pyarrow as pa  # here only: importing it costs more than most SQL filters' work
 
             # streamed out of DuckDB and put in order by Arrow: a sort carrying every text would have to fit in
             # DuckDB's memory limit, the Python side's copy does not
@@ -95,19 +96,19 @@ def run_filter(ctx: StepContext) -> None:
             source = f"(select s.*, _py._value from {source} s join _py on s.id = _py._id)"
         try:
             if p.transform():  # rows change: write them (a plain scan and filter keeps their order)
-                con.execute(f"create temp table t as select *, {reason} as _reason from {source}")
+                con.execute(f"create temp table t as select *, {reject} as _reject from {source}")
                 finish(
                     ctx,
                     con,
-                    "select * exclude (_reason, file_row_number) from t where _reason is null order by file_row_number",
-                    f"select id, source, {sql_literal(ctx.name)} as step, _reason.reason as reason, "
-                    "_reason.detail as detail from t where _reason is not null order by file_row_number",
+                    "select * exclude (_reject, file_row_number) from t where _reject is null order by file_row_number",
+                    f"select id, source, {sql_string(ctx.name)} as step, _reject.reason as reason, "
+                    "_reject.detail as detail from t where _reject is not null order by file_row_number",
                     scalar(con, "select count(*) from t"),
                 )
             else:
                 # project only what the mask needs: a window (dedup) then never carries the text along
-                judged = f"select file_row_number as n, id, source, {reason} as reason from {source}"
-                finish_view(ctx, con, f"select * from ({judged}) where reason is not null")
+                judged = f"select file_row_number as n, id, source, {reject} as _reject from {source}"
+                finish_view(ctx, con, f"select * from ({judged}) where _reject is not null")
         except duckdb.Error as exc:
             raise StepError(f"filter {ctx.name}: the SQL failed: {str(exc).splitlines()[0]}") from None
     finally:

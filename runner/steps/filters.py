@@ -1,5 +1,5 @@
-"""Filter steps. Each is SQL in DuckDB: an expression giving why a row is dropped (NULL keeps it),
-a struct of a stable `reason` (see `reasons.py`) and the row's `detail`.
+"""Filter steps. Each is SQL in DuckDB: an expression giving a row's reject (NULL keeps it), a struct of a
+stable `reason` (see `reasons.py`) and the row's `detail`.
 
 Kept rows go on in input order; dropped rows go to the step's rejects table with reason and detail.
 """
@@ -13,8 +13,8 @@ from pydantic import Field, model_validator
 
 from runner.registry import StepContext, StepError
 from runner.steps.filter_base import FIELD_SQL, FieldName, FilterBase, filter_kind
-from runner.steps.reasons import why
-from stores.sql import sql_string as sql_literal
+from runner.steps.reasons import rejected
+from stores.sql import sql_string
 
 
 @filter_kind()
@@ -24,8 +24,8 @@ class SqlFilter(FilterBase):
     kind: Literal["sql"]
     where: str = Field(min_length=1, description="predicate, e.g. `score >= 0.5 and lang = 'en'`")
 
-    def reason(self) -> str:
-        return f"case when coalesce(({self.where}), false) then null else {why('sql_predicate', sql_literal('not: ' + self.where))} end"
+    def reject_sql(self) -> str:
+        return f"case when coalesce(({self.where}), false) then null else {rejected('sql_predicate', sql_string('not: ' + self.where))} end"
 
 
 @filter_kind(libs=("duckdb", "tokenizers"))
@@ -71,7 +71,7 @@ class LengthFilter(FilterBase):
             ctx.progress(len(texts), min(i + 4096, len(texts)))
         return counts
 
-    def reason(self) -> str:
+    def reject_sql(self) -> str:
         value = f"coalesce({FIELD_SQL[self.field]}, '')"
         words = f"len(regexp_split_to_array(trim({value}), '\\s+')) * (trim({value}) <> '')::int"
         checks = []
@@ -85,16 +85,16 @@ class LengthFilter(FilterBase):
         ):
             if bound is not None:
                 word = "below min" if op == "<" else "above max"
-                detail = f"{sql_literal(self.field + ' has ')} || ({measure}) || {sql_literal(f' {unit}, {word}_{unit} {bound}')}"
+                detail = f"{sql_string(self.field + ' has ')} || ({measure}) || {sql_string(f' {unit}, {word}_{unit} {bound}')}"
                 checks.append(
-                    f"when {measure} {op} {bound} then {why('too_short' if op == '<' else 'too_long', detail)}"
+                    f"when {measure} {op} {bound} then {rejected('too_short' if op == '<' else 'too_long', detail)}"
                 )
         return "case " + " ".join(checks) + " else null end"
 
 
 def normalise_sql(value: str) -> str:
     """SQL for `regexp_replace(lower(trim(value)), '\\s+', ' ', 'g')` (RE2's `\\s` is `[\\t\\n\\f\\r ]`), the
-    same string computed ~2.5x faster: those four characters become spaces (plain replaces), and only a text
+    same string computed faster: those four characters become spaces (plain replaces), and only a text
     holding a run of spaces pays for the regex collapsing it (DuckDB computes the repeated expression once)."""
     spaced = f"lower(trim({value}))"
     for code in (9, 10, 12, 13):
@@ -117,9 +117,11 @@ class DedupFilter(FilterBase):
         # a 128-bit hash of the text, computed once: the window then sorts numbers, not text
         return f"md5_number({value}) as _dedup_key"
 
-    def reason(self) -> str:
+    def reject_sql(self) -> str:
         first = "first(id) over (partition by _dedup_key order by file_row_number)"
-        return f"case when {first} <> id then {why('duplicate', f'{chr(39)}of {chr(39)} || {first}')} else null end"
+        return (
+            f"case when {first} <> id then {rejected('duplicate', f'{chr(39)}of {chr(39)} || {first}')} else null end"
+        )
 
 
 @filter_kind()
@@ -136,10 +138,10 @@ class CleanFilter(FilterBase):
             text = f"regexp_replace(regexp_replace({text}, '[ \\t]+', ' ', 'g'), '\\n{{3,}}', chr(10) || chr(10), 'g')"
         return f"list_transform(turns, lambda t: {{'role': t.role, 'text': trim({text})}})"
 
-    def reason(self) -> str:
+    def reject_sql(self) -> str:
         empty = "list_position(list_transform(turns, lambda t: t.text = ''), true)"
         return (
-            f"case when {empty} > 0 then {why('empty_after_clean', f'{chr(39)}turn {chr(39)} || {empty} || {chr(39)} is empty{chr(39)}')} "
+            f"case when {empty} > 0 then {rejected('empty_after_clean', f'{chr(39)}turn {chr(39)} || {empty} || {chr(39)} is empty{chr(39)}')} "
             "else null end"
         )
 
@@ -153,11 +155,11 @@ class RegexFilter(FilterBase):
     field: FieldName = "text"
     action: Literal["keep", "drop"] = "drop"
 
-    def reason(self) -> str:
-        hit = f"regexp_matches(coalesce({FIELD_SQL[self.field]}, ''), {sql_literal(self.pattern)})"
+    def reject_sql(self) -> str:
+        hit = f"regexp_matches(coalesce({FIELD_SQL[self.field]}, ''), {sql_string(self.pattern)})"
         if self.action == "drop":
-            return f"case when {hit} then {why('regex', sql_literal(f'{self.field} matches /{self.pattern}/'))} else null end"
-        return f"case when {hit} then null else {why('regex', sql_literal(f'{self.field} does not match /{self.pattern}/'))} end"
+            return f"case when {hit} then {rejected('regex', sql_string(f'{self.field} matches /{self.pattern}/'))} else null end"
+        return f"case when {hit} then null else {rejected('regex', sql_string(f'{self.field} does not match /{self.pattern}/'))} end"
 
 
 @filter_kind()
@@ -168,9 +170,9 @@ class SampleFilter(FilterBase):
     n: int = Field(ge=1)
     seed: int = 0
 
-    def reason(self) -> str:
-        rank = f"row_number() over (order by md5_number({sql_literal(str(self.seed) + ':')} || id), id)"
-        return f"case when {rank} > {self.n} then {why('not_sampled', sql_literal(f'not in the sample of {self.n} (seed {self.seed})'))} else null end"
+    def reject_sql(self) -> str:
+        rank = f"row_number() over (order by md5_number({sql_string(str(self.seed) + ':')} || id), id)"
+        return f"case when {rank} > {self.n} then {rejected('not_sampled', sql_string(f'not in the sample of {self.n} (seed {self.seed})'))} else null end"
 
 
 @filter_kind(libs=("duckdb", "better-profanity"))
@@ -195,18 +197,18 @@ class ProfanityFilter(FilterBase):
             words += _read_words(files[self.words_file])
         return sorted({w.strip().lower() for w in words if w.strip()})
 
-    def reason(self) -> str:
-        raise AssertionError("built in reason_in, which knows the word files")
+    def reject_sql(self) -> str:
+        raise AssertionError("built in reject_sql_in, which knows the word files")
 
-    def reason_in(self, ctx: StepContext) -> str:
+    def reject_sql_in(self, ctx: StepContext) -> str:
         words = self.words(ctx.files)
         if not words:
             return "null"
-        pattern = sql_literal(words_regex(words))
+        pattern = sql_string(words_regex(words))
         value = f"coalesce({FIELD_SQL[self.field]}, '')"
         return (
             f"case when regexp_matches({value}, {pattern}) then "
-            f"{why('profanity', f'lower(regexp_extract({value}, {pattern}, 1))')} else null end"
+            f"{rejected('profanity', f'lower(regexp_extract({value}, {pattern}, 1))')} else null end"
         )
 
 
@@ -262,16 +264,14 @@ class UnhelpfulFilter(FilterBase):
     )
     extra_phrases: list[str] = Field(default_factory=list)
 
-    def reason(self) -> str:
+    def reject_sql(self) -> str:
         phrases = sorted({p.lower() for p in self.phrases + self.extra_phrases if p.strip()}, key=len, reverse=True)
         if not phrases:
             return "null"
         pattern = "(" + "|".join(re.escape(p) for p in phrases) + ")"
         value = f"lower(coalesce({FIELD_SQL[self.field]}, ''))"
-        detail = f"regexp_extract({value}, {sql_literal(pattern)}, 1)"
-        return (
-            f"case when regexp_matches({value}, {sql_literal(pattern)}) then {why('unhelpful', detail)} else null end"
-        )
+        detail = f"regexp_extract({value}, {sql_string(pattern)}, 1)"
+        return f"case when regexp_matches({value}, {sql_string(pattern)}) then {rejected('unhelpful', detail)} else null end"
 
 
 @filter_kind(libs=("duckdb", "torch", "transformers"), reproducible=lambda p: p.model is None)
@@ -305,15 +305,15 @@ class QualityFilter(FilterBase):
 
         return reward_scores(ctx.files[self.model], table, self.batch_size, ctx)  # type: ignore[index]
 
-    def reason(self) -> str:
+    def reject_sql(self) -> str:
         score = "_value" if self.model else "score"
-        checks = [f"when {score} is null then " + (why("no_score") if self.missing == "drop" else "null")]
+        checks = [f"when {score} is null then " + (rejected("no_score") if self.missing == "drop" else "null")]
         if self.min_score is not None:
             detail = f"'score ' || round({score}, 4) || ' < {self.min_score}'"
-            checks.append(f"when {score} < {self.min_score} then {why('score_out_of_range', detail)}")
+            checks.append(f"when {score} < {self.min_score} then {rejected('score_out_of_range', detail)}")
         if self.max_score is not None:
             detail = f"'score ' || round({score}, 4) || ' > {self.max_score}'"
-            checks.append(f"when {score} > {self.max_score} then {why('score_out_of_range', detail)}")
+            checks.append(f"when {score} > {self.max_score} then {rejected('score_out_of_range', detail)}")
         return "case " + " ".join(checks) + " else null end"
 
 
@@ -324,10 +324,10 @@ class LimitFilter(FilterBase):
     kind: Literal["limit"]
     n: int = Field(ge=0)
 
-    def reason(self) -> str:
+    def reject_sql(self) -> str:
         return (
             f"case when row_number() over (order by file_row_number) > {self.n} "
-            f"then {why('beyond_limit', sql_literal(f'beyond the first {self.n}'))} else null end"
+            f"then {rejected('beyond_limit', sql_string(f'beyond the first {self.n}'))} else null end"
         )
 
 
@@ -343,11 +343,11 @@ class TruncateFilter(FilterBase):
     roles: list[Role] = Field(default_factory=lambda: cast(list[Role], ["system", "user", "assistant", "tool"]))
 
     def transform(self) -> str:
-        roles = ", ".join(sql_literal(r) for r in self.roles)
+        roles = ", ".join(sql_string(r) for r in self.roles)
         cut = f"left(t.text, {self.max_chars})"
         soft = f"regexp_replace({cut}, '\\s+\\S*$', '')"
         short = f"case when length(t.text) <= {self.max_chars} then t.text when length({soft}) >= {self.max_chars} * 0.8 then {soft} else {cut} end"
         return f"list_transform(turns, lambda t: {{'role': t.role, 'text': case when t.role in ({roles}) then {short} else t.text end}})"
 
-    def reason(self) -> str:
+    def reject_sql(self) -> str:
         return "null"

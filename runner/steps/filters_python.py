@@ -12,8 +12,8 @@ from pydantic import Field
 
 from runner.registry import StepContext, StepError
 from runner.steps.filter_base import FIELD_SQL, FieldName, FilterBase, filter_kind
-from runner.steps.reasons import why
-from stores.sql import sql_string as sql_literal
+from runner.steps.reasons import rejected
+from stores.sql import sql_string
 
 
 @filter_kind(libs=("duckdb", "py3langid"))
@@ -40,10 +40,10 @@ class LanguageFilter(FilterBase):
                 ctx.progress(table.num_rows, i)
         return out
 
-    def reason(self) -> str:
-        keep = ", ".join(sql_literal(k) for k in self.keep)
-        listed = sql_literal(f" not in [{', '.join(self.keep)}]")
-        return f"case when _value in ({keep}) then null else {why('language', f'{chr(39)}language {chr(39)} || _value || {listed}')} end"
+    def reject_sql(self) -> str:
+        keep = ", ".join(sql_string(k) for k in self.keep)
+        listed = sql_string(f" not in [{', '.join(self.keep)}]")
+        return f"case when _value in ({keep}) then null else {rejected('language', f'{chr(39)}language {chr(39)} || _value || {listed}')} end"
 
 
 @filter_kind(libs=("duckdb", "datasketch"))
@@ -99,8 +99,8 @@ class NearDedupFilter(FilterBase):
             ctx.progress(table.num_rows, i)
         return out
 
-    def reason(self) -> str:
-        return f"case when _value is not null then {why('near_duplicate', '_value')} else null end"
+    def reject_sql(self) -> str:
+        return f"case when _value is not null then {rejected('near_duplicate', '_value')} else null end"
 
 
 @filter_kind()
@@ -126,14 +126,14 @@ class CompressionFilter(FilterBase):
             out.append(len(zlib.compress(raw, 9)) / len(raw) if len(raw) >= self.min_bytes else None)
         return out
 
-    def reason(self) -> str:
+    def reject_sql(self) -> str:
         checks = []
         if self.min_ratio is not None:
             detail = f"'compression ratio ' || round(_value, 3) || ' < {self.min_ratio}'"
-            checks.append(f"when _value < {self.min_ratio} then {why('repetitive', detail)}")
+            checks.append(f"when _value < {self.min_ratio} then {rejected('repetitive', detail)}")
         if self.max_ratio is not None:
             detail = f"'compression ratio ' || round(_value, 3) || ' > {self.max_ratio}'"
-            checks.append(f"when _value > {self.max_ratio} then {why('compression', detail)}")
+            checks.append(f"when _value > {self.max_ratio} then {rejected('compression', detail)}")
         return "case " + " ".join(checks) + " else null end" if checks else "null"
 
 
@@ -165,9 +165,9 @@ class SimilarityFilter(FilterBase):
         replies = embed(model, [t or "" for t in table.column("response").to_pylist()], self.batch_size)
         return [float(x) for x in (prompts * replies).sum(axis=1)]
 
-    def reason(self) -> str:
+    def reject_sql(self) -> str:
         detail = f"'prompt/response similarity ' || round(_value, 3) || ' < {self.min_similarity}'"
-        return f"case when _value < {self.min_similarity} then {why('off_topic', detail)} else null end"
+        return f"case when _value < {self.min_similarity} then {rejected('off_topic', detail)} else null end"
 
 
 def word_shingles(text: str | None, n: int) -> set[str]:

@@ -25,7 +25,8 @@ from pydantic import Field, model_validator
 
 from runner.params import Params
 from runner.registry import StepContext, StepError, step
-from runner.steps.reasons import why
+from runner.steps.reasons import rejected
+from stores.sql import sql_string
 
 TOOLS_LINE = "Available tools (JSON schemas): "
 HUMAN, BOT, NEWLINE = "<human>: ", "<bot>:", "\n"
@@ -116,17 +117,17 @@ def format_rows(ctx: StepContext) -> None:
     con = connect()
     try:
         problem = (
-            f"case when len(turns) < 2 then {why('bad_shape', chr(39) + 'needs a prompt turn before the reply' + chr(39))} "
-            f"when turns[-1].role <> 'assistant' then {why('bad_shape', chr(39) + 'does not end with an assistant turn' + chr(39))} "
+            f"case when len(turns) < 2 then {rejected('bad_shape', chr(39) + 'needs a prompt turn before the reply' + chr(39))} "
+            f"when turns[-1].role <> 'assistant' then {rejected('bad_shape', chr(39) + 'does not end with an assistant turn' + chr(39))} "
             "else null end"
         )
         if p.template == "chat":
             source = open_input(ctx, row_numbers=True)
             table = con.sql(f"select id, turns, tools from {source}").fetch_record_batch(100_000).read_all()
             _register_chat(con, ctx, table)
-            problem_chat = f"case when c.problem is not null then {why('template_failed', 'c.problem')} end"
+            problem_chat = f"case when c.problem is not null then {rejected('template_failed', 'c.problem')} end"
             con.execute(f"""create temp table t as select s.id, s.source, s.group_id, s.file_row_number, c.prompt,
-                c.completion, coalesce({problem}, {problem_chat}) as _reason from {source} s join _chat c on s.id = c.id""")
+                c.completion, coalesce({problem}, {problem_chat}) as _reject from {source} s join _chat c on s.id = c.id""")
         else:
             turn, opener, reply_start, closer = TEMPLATES[p.template]
             tools = f"case when tools is null then '' else '{TOOLS_LINE}' || tools || chr(10) end"
@@ -135,16 +136,16 @@ def format_rows(ctx: StepContext) -> None:
                     {tools} || array_to_string(list_transform(turns[1:len(turns) - 1], lambda t: {turn}), chr(10))
                         || chr(10) || {opener} as prompt,
                     {reply_start} || turns[-1].text || {closer} as completion,
-                    {problem} as _reason
+                    {problem} as _reject
                 from {open_input(ctx, row_numbers=True)}"""
             )
         finish(
             ctx,
             con,
             "select id, source, group_id, prompt, completion, prompt || completion as text from t "
-            "where _reason is null order by file_row_number",
-            f"select id, source, '{ctx.name}' as step, _reason.reason as reason, _reason.detail as detail from t "
-            "where _reason is not null order by file_row_number",
+            "where _reject is null order by file_row_number",
+            f"select id, source, {sql_string(ctx.name)} as step, _reject.reason as reason, _reject.detail as detail from t "
+            "where _reject is not null order by file_row_number",
             scalar(con, "select count(*) from t"),
         )
     finally:

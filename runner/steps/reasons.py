@@ -65,8 +65,8 @@ class Rejected(ValueError):
         self.detail = detail
 
 
-def why(reason: str, detail_sql: str = "''") -> str:
-    """SQL for a reject (a struct of reason and detail) in a filter's `reason()` expression."""
+def rejected(reason: str, detail_sql: str = "''") -> str:
+    """SQL for a reject: a struct of its reason (one of REASONS) and `detail_sql`, an SQL expression."""
     if reason not in REASONS:
         raise AssertionError(f"unknown reject reason {reason!r}; add it to REASONS")
     return f"{{'reason': '{reason}', 'detail': {detail_sql}}}"

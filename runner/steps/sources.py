@@ -24,7 +24,8 @@ from pydantic import Field
 
 from runner.params import Params
 from runner.registry import StepContext, StepError, add_entry, step
-from runner.steps.reasons import Rejected
+from runner.steps.reasons import Rejected, rejected
+from stores.sql import sql_string
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 Record = tuple[int, dict[str, Any] | None, "Rejected | None"]  # (record number, fields, why it cannot be read)
@@ -499,14 +500,14 @@ def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
 
     Without an id column or a limit, the source keeps a copy of the file as it is, and its rows are a view
     computed from it as they are read (`datastore.table_sql`), through a mask of the records that are not
-    rejects: writing the rows again cost more than all but one of the filters after it (1M rows: ~0.9 s
-    against a 0.02 s copy), and reading the view is no slower. A file whose row groups are too large to be
+    rejects: writing the rows again costs more than most of the filters after it, a copy of the file almost
+    nothing, and reading the view is no slower. A file whose row groups are too large to be
     read in parallel (over 1,048,576 rows) is written as rows instead, in row groups of 100,000."""
     import shutil
 
     from runner.steps.tables import MASK, REJECTS, check_balance, finish, scalar, write_mask
     from stores.datastore import connect, quote_ident, quote_path, write_parquet
-    from stores.sql import sql_string as sql_literal
+    from stores.sql import sql_string
 
     cols = p.columns
     con = connect()
@@ -540,12 +541,12 @@ def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
                 raise StepError(f"{path}: column {column!r} ({role}) is {types[column]}, not text")
         q = {k: quote_ident(v) for k, v in wanted.items() if v is not None}
         turn = "{'role': %s, 'text': %s}"
-        turns = f"[{turn % (chr(39) + 'user' + chr(39), q['prompt'])}, {turn % (chr(39) + 'assistant' + chr(39), q['response'])}]"
+        turns = f"[{turn % (sql_string('user'), q['prompt'])}, {turn % (sql_string('assistant'), q['response'])}]"
         if "system" in q:
             sys_turn = turn % ("'system'", q["system"])
             turns = f"case when coalesce({q['system']}, '') <> '' then [{sys_turn}] || {turns} else {turns} end"
         n = "(file_row_number + 1)"
-        name = sql_literal(p.name)
+        name = sql_string(p.name)
         row_id = f"{name} || '/' || " + (
             f"coalesce({q['id']}::varchar, {n}::varchar)" if "id" in q else f"{n}::varchar"
         )
@@ -555,44 +556,45 @@ def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
             {q.get("score", "null")}::DOUBLE as score, {q.get("lang", "null")}::VARCHAR as lang,
             {group} as group_id, null::varchar as tools"""
         empty = "regexp_full_match({0}, '\\s*')"
-        why = f"""case when {q["prompt"]} is null then {{'reason': 'missing_field', 'detail': 'missing field {cols.prompt}'}}
-                 when {q["response"]} is null then {{'reason': 'missing_field', 'detail': 'missing field {cols.response}'}}
-                 when {empty.format(q["prompt"])} then {{'reason': 'empty_text', 'detail': 'turn 1 (user) is empty'}}
-                 when {empty.format(q["response"])} then {{'reason': 'empty_text', 'detail': 'turn 2 (assistant) is empty'}}
+        invalid = f"""case when {q["prompt"]} is null then {rejected("missing_field", sql_string(f"missing field {cols.prompt}"))}
+                 when {q["response"]} is null then {rejected("missing_field", sql_string(f"missing field {cols.response}"))}
+                 when {empty.format(q["prompt"])} then {rejected("empty_text", "'turn 1 (user) is empty'")}
+                 when {empty.format(q["response"])} then {rejected("empty_text", "'turn 2 (assistant) is empty'")}
             end"""
 
         def reject(number: str) -> str:  # a reject's step, reason and detail, `number` its file row number
-            detail = f"'record ' || ({number} + 1) || ': ' || _why.detail"
-            return f"{sql_literal(ctx.name)} as step, _why.reason as reason, {detail} as detail"
+            detail = f"'record ' || ({number} + 1) || ': ' || _reject.detail"
+            return f"{sql_string(ctx.name)} as step, _reject.reason as reason, {detail} as detail"
 
         if "id" not in q and not p.limit and (largest_group or 0) <= VIEW_ROW_GROUP_LIMIT:
             shutil.copyfile(path, ctx.out / "input.parquet")
             source = f"read_parquet({quote_path(ctx.out / 'input.parquet')}, file_row_number = true)"
             con.execute(
                 f"create temp table _rejected as select * from (select file_row_number as n, {row_id} as id, "
-                f"{why} as _why from {source}) where _why is not null"
+                f"{invalid} as _reject from {source}) where _reject is not null"
             )
-            rejected = write_parquet(
+            n_rejected = write_parquet(
                 con, f"select id, {name} as source, {reject('n')} from _rejected order by n", ctx.out / REJECTS
             )
             total = int(scalar(con, f"select count(*) from {source}"))
             kept = write_mask(ctx, con, f"(select i as n, true as keep from range({total}) t(i))")
             ctx.view("rows", None, "input.parquet", MASK, kept, columns)
-            ctx.table("rejects", REJECTS, rejected, side=True)
-            check_balance(ctx, total, kept, rejected)
+            ctx.table("rejects", REJECTS, n_rejected, side=True)
+            check_balance(ctx, total, kept, n_rejected)
             return
         limit = f"where file_row_number < {p.limit}" if p.limit else ""
-        rows = f"select {columns}, {why} as _why, file_row_number from {source} {limit}"
+        rows = f"select {columns}, {invalid} as _reject, file_row_number from {source} {limit}"
         if "id" in q:
             # ids from an id column may repeat (later ones are rejects): a window over every row, so the rows
             # are materialised and written in file order
             con.execute(f"create temp table r as {rows}")
-            con.execute("""create temp table t as select * exclude (_why),
-                case when _why is null and row_number() over (partition by id, _why is null
-                                                              order by file_row_number) > 1
-                     then {'reason': 'duplicate_id', 'detail': 'repeats the id of record ' ||
-                            (min(file_row_number) over (partition by id, _why is null) + 1) || ', which is kept'}
-                     else _why end as _why
+            first = "min(file_row_number) over (partition by id, _reject is null) + 1"
+            repeated = rejected("duplicate_id", f"'repeats the id of record ' || ({first}) || ', which is kept'")
+            con.execute(f"""create temp table t as select * exclude (_reject),
+                case when _reject is null and row_number() over (partition by id, _reject is null
+                                                                 order by file_row_number) > 1
+                     then {repeated}
+                     else _reject end as _reject
                 from r""")
             table, order = "t", " order by file_row_number"
         else:
@@ -602,8 +604,8 @@ def parquet_source(ctx: StepContext, p: TableSource, path: Path) -> None:
         finish(
             ctx,
             con,
-            f"select id, source, turns, score, lang, group_id, tools from {table} where _why is null{order}",
-            f"select id, source, {reject('file_row_number')} from {table} where _why is not null order by file_row_number",
+            f"select id, source, turns, score, lang, group_id, tools from {table} where _reject is null{order}",
+            f"select id, source, {reject('file_row_number')} from {table} where _reject is not null order by file_row_number",
             int(scalar(con, f"select count(*) from {source} {limit}")),
         )
     finally:
@@ -648,10 +650,11 @@ def mix_sources(ctx: StepContext) -> None:
             "select case when c = 1 then id else id || '#' || c end as id, source, turns, score, lang, group_id, tools "
             "from t, generate_series(1, _copies) s(c) order by _part, file_row_number, c"
         )
+        weight = f"[{', '.join(map(str, weights))}][_part + 1]"
+        dropped = rejected("not_sampled", f"'source weight ' || {weight} || ' < 1, seed {p.seed}'")
         rejects = (
-            f"select id, source, '{ctx.name}' as step, 'not_sampled' as reason, "
-            f"'source weight ' || [{', '.join(map(str, weights))}][_part + 1] || ' < 1, seed {p.seed}' as detail "
-            "from t where _copies = 0 order by _part, file_row_number"
+            f"select id, source, {sql_string(ctx.name)} as step, _reject.reason as reason, _reject.detail as detail "
+            f"from (select *, {dropped} as _reject from t where _copies = 0) order by _part, file_row_number"
         )
         used = int(scalar(con, "select count(*) from t where _copies > 0"))
         finish(ctx, con, rows, rejects, n, used=used if any(w != 1 for w in weights) else None)

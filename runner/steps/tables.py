@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from runner.registry import StepContext, StepError
+from stores.sql import sql_string
 
 if TYPE_CHECKING:
     import duckdb
@@ -64,8 +65,8 @@ def finish(
 def finish_view(ctx: StepContext, con: duckdb.DuckDBPyConnection, rejected_sql: str) -> None:
     """A filter's output as a masked view of its input's base table: write only the mask and the rejects.
 
-    `rejected_sql` selects (n, id, source, reason) of the dropped rows, n being the base row number and
-    reason a struct of the stable reason and the row's detail (see `reasons.why`).
+    `rejected_sql` selects (n, id, source, _reject) of the dropped rows, n being the base row number and
+    _reject a struct of the stable reason and the row's detail (see `reasons.rejected`).
     """
     from stores.datastore import quote_path, write_parquet
 
@@ -81,7 +82,7 @@ def finish_view(ctx: StepContext, con: duckdb.DuckDBPyConnection, rejected_sql: 
     con.execute(f"create temp table _rejected as {rejected_sql}")
     rejected = write_parquet(
         con,
-        f"select id, source, '{ctx.name}' as step, reason.reason as reason, reason.detail as detail "
+        f"select id, source, {sql_string(ctx.name)} as step, _reject.reason as reason, _reject.detail as detail "
         "from _rejected order by n",
         ctx.out / REJECTS,
     )

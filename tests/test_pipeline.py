@@ -1,4 +1,4 @@
-"""The engine on toy step kinds: keys, plan reasons, early cut-off, cycles, failures, locks."""
+"""The pipeline on toy step kinds: keys, plan reasons, early cut-off, cycles, failures, locks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import engine, registry
+from runner import pipeline, registry
 from runner.graph import Graph, GraphError, StepNode
 from runner.params import Params
 from runner.registry import StepContext, StepError
@@ -74,38 +74,38 @@ def chain(text: str = "hello", modulus: int = 10) -> Graph:
 
 
 def test_second_run_is_fully_cached(cache: ArtifactCache) -> None:
-    first = engine.execute(chain(), cache)
+    first = pipeline.execute(chain(), cache)
     assert [r.state for r in first] == ["built"] * 3
     RUNS.clear()
-    second = engine.execute(chain(), cache)
+    second = pipeline.execute(chain(), cache)
     assert [r.state for r in second] == ["cached"] * 3 and RUNS == []
     assert [r.key for r in first] == [r.key for r in second]
 
 
 def test_param_change_reruns_exactly_downstream(cache: ArtifactCache) -> None:
-    engine.execute(chain(modulus=10), cache)
+    pipeline.execute(chain(modulus=10), cache)
     RUNS.clear()
-    results = engine.execute(chain(modulus=3), cache)
+    results = pipeline.execute(chain(modulus=3), cache)
     assert [r.state for r in results] == ["cached", "built", "built"]
     assert RUNS == ["b", "c"]
 
 
 def test_early_cutoff_keeps_readers_cached(cache: ArtifactCache) -> None:
-    engine.execute(chain(text="hello"), cache)  # len 5 % 10 = 5
+    pipeline.execute(chain(text="hello"), cache)  # len 5 % 10 = 5
     RUNS.clear()
-    results = engine.execute(chain(text="world"), cache)  # a changes, b's output is still "5"
+    results = pipeline.execute(chain(text="world"), cache)  # a changes, b's output is still "5"
     assert [r.state for r in results] == ["built", "built", "cached"]
     assert RUNS == ["a", "b"]
 
 
 def test_plan_says_why(cache: ArtifactCache) -> None:
     graph = chain(modulus=10)
-    first = engine.plan(graph, cache, {})
+    first = pipeline.plan(graph, cache, {})
     assert [p.state for p in first] == ["run", "pending", "pending"]
     assert first[0].why == ["never built"]
-    results = engine.execute(graph, cache)
+    results = pipeline.execute(graph, cache)
     previous = {r.name: r.components for r in results}
-    again = engine.plan(chain(modulus=4), cache, previous)
+    again = pipeline.plan(chain(modulus=4), cache, previous)
     assert [p.state for p in again] == ["cached", "run", "pending"]
     assert again[1].why == ["param modulus: 10 -> 4"]
     assert "waits for b" in again[2].why[-1]
@@ -115,13 +115,13 @@ def test_plan_reports_changed_file_and_missing_artifact(cache: ArtifactCache, tm
     f = tmp_path / "in.txt"
     f.write_text("one")
     graph = Graph([StepNode("r", "test.readfile", Text(), files={"in.txt": f})])
-    res = engine.execute(graph, cache)
+    res = pipeline.execute(graph, cache)
     previous = {"r": res[0].components}
     f.write_text("two")
-    assert engine.plan(graph, cache, previous)[0].why == ["file in.txt changed"]
+    assert pipeline.plan(graph, cache, previous)[0].why == ["file in.txt changed"]
     f.write_text("one")
     cache.remove(res[0].key)
-    assert "no longer in the cache" in engine.plan(graph, cache, previous)[0].why[0]
+    assert "no longer in the cache" in pipeline.plan(graph, cache, previous)[0].why[0]
 
 
 def test_keys_ignore_paths_and_depend_on_content(cache: ArtifactCache, tmp_path: Path) -> None:
@@ -132,8 +132,8 @@ def test_keys_ignore_paths_and_depend_on_content(cache: ArtifactCache, tmp_path:
     b.write_text("same")
 
     def key(p: Path) -> str:
-        return engine.key_of(
-            engine.components(StepNode("r", "test.readfile", Text(), files={"in.txt": p}), [], cache.stat_cache)
+        return pipeline.key_of(
+            pipeline.components(StepNode("r", "test.readfile", Text(), files={"in.txt": p}), [], cache.stat_cache)
         )
 
     assert key(a) == key(b)
@@ -143,10 +143,10 @@ def test_keys_ignore_paths_and_depend_on_content(cache: ArtifactCache, tmp_path:
 
 def test_version_bump_changes_key(cache: ArtifactCache, monkeypatch: pytest.MonkeyPatch) -> None:
     node = StepNode("a", "test.write", Text(text="x"))
-    before = engine.key_of(engine.components(node, [], cache.stat_cache))
+    before = pipeline.key_of(pipeline.components(node, [], cache.stat_cache))
     spec = registry.get("test.write")
     monkeypatch.setitem(registry._REGISTRY, "test.write", registry.StepSpec(spec.kind, "2", spec.params, spec.run))
-    assert engine.key_of(engine.components(node, [], cache.stat_cache)) != before
+    assert pipeline.key_of(pipeline.components(node, [], cache.stat_cache)) != before
 
 
 def test_cycle_is_reported_with_its_path() -> None:
@@ -167,7 +167,7 @@ def test_failure_leaves_nothing_and_stops(cache: ArtifactCache) -> None:
             StepNode("other", "test.write", Text(text="fine")),
         ]
     )
-    results = engine.execute(graph, cache)
+    results = pipeline.execute(graph, cache)
     assert [r.state for r in results] == ["failed", "skipped", "skipped"]
     assert results[0].error == "the column is missing"
     assert list(cache.keys()) == [] and list(cache.tmp.iterdir()) == []
@@ -181,23 +181,23 @@ def test_keep_going_builds_what_does_not_need_the_failure(cache: ArtifactCache) 
             StepNode("other", "test.write", Text(text="fine")),
         ]
     )
-    results = {r.name: r.state for r in engine.execute(graph, cache, keep_going=True)}
+    results = {r.name: r.state for r in pipeline.execute(graph, cache, keep_going=True)}
     assert results == {"bad": "failed", "after": "skipped", "other": "built"}
 
 
 def test_a_corrupted_artifact_is_rebuilt(cache: ArtifactCache) -> None:
-    first = engine.execute(chain(), cache)
+    first = pipeline.execute(chain(), cache)
     target = first[1].artifact.file("out.txt")
     target.chmod(0o644)
     target.write_text("9")  # same size, different bytes
     RUNS.clear()
-    again = engine.execute(chain(), cache)
+    again = pipeline.execute(chain(), cache)
     assert again[1].state == "built" and RUNS == ["b"]
     assert again[1].artifact.file("out.txt").read_text() == "5"
 
 
 def test_manifest_records_lineage(cache: ArtifactCache) -> None:
-    res = engine.execute(chain(), cache)
+    res = pipeline.execute(chain(), cache)
     m = res[1].artifact.manifest
     assert m["lineage"]["input_keys"] == [res[0].key]
     assert m["lineage"]["inputs"] == [res[0].artifact.output_hash]
@@ -207,9 +207,9 @@ def test_manifest_records_lineage(cache: ArtifactCache) -> None:
 
 def test_one_exception_tree() -> None:
     """Every error a user can see is a RunnerError (printed as one paragraph, with its exit code)."""
-    from runner.engine import StepFailed
     from runner.errors import LockedError, RecipeError, RunnerError, UsageError
     from runner.graph import GraphError
+    from runner.pipeline import StepFailed
     from runner.registry import StepError, get
 
     for cls, code in (

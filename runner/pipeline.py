@@ -64,7 +64,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def reasons(node: StepNode, now: dict[str, Any], before: dict[str, Any] | None) -> list[str]:
+def why_run(node: StepNode, now: dict[str, Any], before: dict[str, Any] | None) -> list[str]:
     """Why a step must run, by comparing its key components with those of its last build."""
     if before is None:
         return ["never built"]
@@ -122,7 +122,7 @@ def plan(graph: Graph, cache: ArtifactCache, previous: dict[str, Any]) -> list[S
             why = [f"waits for {', '.join(ups)} (stays cached if that output is unchanged)"]
             if before is not None:
                 now["inputs"] = before.get("inputs", [])
-                why = [w for w in reasons(node, now, before) if not w.startswith("built before")] + why
+                why = [w for w in why_run(node, now, before) if not w.startswith("built before")] + why
             out[name] = StepPlan(name, node.kind, "pending", None, why)
             continue
         comps = components(node, [hashes[u] for u in node.inputs], cache.stat_cache)
@@ -136,7 +136,7 @@ def plan(graph: Graph, cache: ArtifactCache, previous: dict[str, Any]) -> list[S
             hashes[name] = remote["output_hash"]
             out[name] = StepPlan(name, node.kind, "cached", key, ["in the shared cache: will be pulled"], comps)
         else:
-            out[name] = StepPlan(name, node.kind, "run", key, reasons(node, comps, previous.get(name)), comps)
+            out[name] = StepPlan(name, node.kind, "run", key, why_run(node, comps, previous.get(name)), comps)
     return [out[n] for n in graph.order]
 
 
