@@ -19,8 +19,11 @@ from stores.hashing import hash_bytes
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from runner.schema import Variant
+    from runner.retrieval import Retriever
+    from runner.schema import ServeConfig, Variant
     from runner.serve.engine import Engine
+    from runner.serve.guard import Guard
+    from runner.steps.memory import Estimate
 
 __all__ = [
     "ApplyResult",
@@ -114,7 +117,7 @@ def plan(build: Build) -> list[pipeline.StepPlan]:
     return pipeline.plan(build.graph, build.cache, build.previous())
 
 
-def training_memory(build: Build) -> Any:
+def training_memory(build: Build) -> Estimate | None:
     """An estimate of the memory one training process of this recipe needs (`steps.memory.Estimate`), or None
     when the recipe does not train or the model's shape cannot be known."""
     from runner.registry import StepError
@@ -444,7 +447,7 @@ def explain(build: Build, row_id: str) -> list[dict[str, Any]]:
     return trail
 
 
-def retriever(build: Build, *, model: str | None = None, ef_search: int | None = None) -> Any:
+def retriever(build: Build, *, model: str | None = None, ef_search: int | None = None) -> Retriever:
     """A Retriever over the recipe's built index (`runner apply` first)."""
     from runner.retrieval import Retriever
 
@@ -477,7 +480,7 @@ def model(build: Build, *, variant: Variant = "tuned") -> Engine:
     return next(iter(load_models(build, [variant]).values()))
 
 
-def serve_app(builds: list[Build], *, token: str | None = None) -> tuple[Any, Any]:
+def serve_app(builds: list[Build], *, token: str | None = None) -> tuple[Guard, ServeConfig]:
     """The OpenAI-compatible app over one or more built recipes (their models side by side); the first
     recipe's `serve:` section sets host, port and limits, and its index (if any) answers document chat."""
     from runner.serve.app import create_app

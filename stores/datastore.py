@@ -76,14 +76,6 @@ def write_parquet(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> int
     return int(result.fetchall()[0][0])
 
 
-def count_rows(path: Path) -> int:
-    con = duckdb.connect()
-    try:
-        return int(con.execute(f"select count(*) from read_parquet({quote_path(path)})").fetchall()[0][0])
-    finally:
-        con.close()
-
-
 def table_sql(
     artifact: Path, manifest: dict[str, Any], table: str, locate: Callable[[str], Path], *, row_numbers: bool = False
 ) -> str:

@@ -18,8 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-GPT2_SPLIT = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
-
 
 def converter_config(config: dict[str, Any]) -> dict[str, Any]:
     """The config as the converter reads it (transformers' own dict), with the older keys its model classes

@@ -15,12 +15,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner.registry import StepContext, StepError
 
+if TYPE_CHECKING:
+    from runner.steps.evaluation import EvalParams
+    from runner.steps.train_config import TrainParams
 
-def base_path(ctx: StepContext, p: Any) -> Path:
+
+def base_path(ctx: StepContext, p: TrainParams | EvalParams) -> Path:
     from runner.steps.models import BaseRef, base_dir
 
     built = ctx.input("model.init").file("model") if isinstance(p.model.base, BaseRef) else None
@@ -28,12 +32,12 @@ def base_path(ctx: StepContext, p: Any) -> Path:
     return base_dir(spec, ctx.files, built)
 
 
-def base_name(p: Any) -> str:
+def base_name(p: TrainParams) -> str:
     """How artifacts name their base model: the hub id or path as the recipe writes it, never a cache path."""
     return p.model.base if isinstance(p.model.base, str) else "runner:model.init"
 
 
-def job_for(ctx: StepContext, p: Any) -> dict[str, Any]:
+def job_for(ctx: StepContext, p: TrainParams) -> dict[str, Any]:
     tokenized = ctx.input("tokenize")
     params = p.model_dump(mode="json")
     dist = p.train.distributed  # where this node is is not key material, so the dump leaves it out
@@ -243,7 +247,7 @@ def _run(job: dict[str, Any], progress: Any) -> None:
     _save(job, p, model, trainer, facts, digests)
 
 
-def _lora_model(p: Any, base: Path) -> tuple[Any, dict[str, Any]]:
+def _lora_model(p: TrainParams, base: Path) -> tuple[Any, dict[str, Any]]:
     """The base model (quantized as `precision` says) wrapped with fresh LoRA adapters, and facts about it."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -272,7 +276,7 @@ def _lora_model(p: Any, base: Path) -> tuple[Any, dict[str, Any]]:
     return model, facts
 
 
-def _arguments(p: Any, scratch: Path, world: int, key: str) -> Any:
+def _arguments(p: TrainParams, scratch: Path, world: int, key: str) -> Any:
     """transformers' TrainingArguments for the recipe's `train:` section on this machine."""
     import torch
     from transformers import TrainingArguments
@@ -377,7 +381,7 @@ def _rank_digests(model: Any, rank: int, world: int) -> list[dict[str, Any]]:
 
 
 def _save(
-    job: dict[str, Any], p: Any, model: Any, trainer: Any, facts: dict[str, Any], digests: list[dict[str, Any]]
+    job: dict[str, Any], p: TrainParams, model: Any, trainer: Any, facts: dict[str, Any], digests: list[dict[str, Any]]
 ) -> None:
     """The artifact: the adapter, the rank hashes, train_result.json (losses and metrics) and the loss plot."""
     out = Path(job["out"])

@@ -1,0 +1,93 @@
+"""The engine seam without a server: an OpenAI request becomes `Sampling`, and a parameter an engine does not
+honour is refused by name, in one place, for every engine (runner/serve/openai.py and engine.py import no web
+framework and no ML library)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from runner.serve.engine import OPTIONAL, NotSupported, Sampling, check_supported
+from runner.serve.hf import TransformersEngine
+from runner.serve.llamacpp import LlamaCppEngine
+from runner.serve.load import SUPPORTS
+from runner.serve.openai import ApiError, ChatRequest, CompletionRequest
+
+# each optional parameter set away from its neutral value, as a request would
+ASKED: dict[str, Any] = {
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "seed": 3,
+    "stop": "\n",
+    "logprobs": True,
+    "min_tokens": 2,
+    "frequency_penalty": 0.5,
+    "presence_penalty": -0.5,
+    "logit_bias": {"17": -100},
+}
+
+
+def chat(**fields: Any) -> ChatRequest:
+    return ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+def test_every_optional_parameter_reaches_sampling() -> None:
+    assert set(ASKED) == set(OPTIONAL)
+    for name, value in ASKED.items():
+        s = chat(**{name: value}).sampling(limit=64)
+        assert s.asked() == [name], name
+    s = chat(**ASKED, top_logprobs=3).sampling(limit=64)
+    assert (s.stop, s.logprobs, s.logit_bias) == (("\n",), 3, ((17, -100.0),))
+    assert s.max_tokens == 64 and s.min_tokens == 2 and s.seed == 3
+    c = CompletionRequest.model_validate({"model": "m", "prompt": "x", "logprobs": 2, "stop": ["a", "b"]})
+    assert (c.sampling(limit=16).logprobs, c.sampling(limit=16).stop) == (2, ("a", "b"))
+
+
+class Declared:
+    """An engine as far as the seam looks at it: its name and what it honours."""
+
+    def __init__(self, kind: str, supports: frozenset[str]) -> None:
+        self.kind, self.supports = kind, supports
+
+
+@pytest.mark.parametrize("kind", sorted(SUPPORTS))
+def test_each_engine_refuses_by_name_what_it_does_not_honour(kind: str) -> None:
+    engine: Any = Declared(kind, SUPPORTS[kind])
+    for name, value in ASKED.items():
+        s = chat(**{name: value}).sampling(limit=64)
+        if name in SUPPORTS[kind]:
+            check_supported(engine, s)
+        else:
+            with pytest.raises(NotSupported) as err:
+                check_supported(engine, s)
+            assert err.value.param == name and f"{name} is not supported by serve.engine {kind}" == str(err.value)
+    check_supported(engine, Sampling(max_tokens=8))  # a plain request: every engine
+
+
+def test_the_engines_declare_what_they_implement() -> None:
+    assert SUPPORTS["transformers"] == TransformersEngine.supports and "logprobs" in TransformersEngine.supports
+    assert SUPPORTS["llama_cpp"] == LlamaCppEngine.supports and "logprobs" not in LlamaCppEngine.supports
+    assert SUPPORTS["vllm"] == frozenset(OPTIONAL)
+    assert TransformersEngine.kind == "transformers" and LlamaCppEngine.kind == "llama_cpp"
+
+
+def test_what_no_engine_can_do_here_is_refused_by_the_request() -> None:
+    for fields, param in (
+        ({"stream": True, "n": 2}, "n"),
+        ({"stream": True, "logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"max_tokens": 65}, "max_tokens"),
+        ({"min_tokens": 70, "max_tokens": 64}, "min_tokens"),
+        ({"logit_bias": {"a token": 1}}, "logit_bias"),
+    ):
+        with pytest.raises(ApiError) as err:
+            chat(**fields).sampling(limit=64)
+        assert (err.value.status, err.value.param) == (400, param), fields
+    prompts = CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b", "c"], "n": 3})
+    with pytest.raises(ApiError, match="at most 8 completions"):
+        prompts.sampling(limit=64)
+    one = CompletionRequest.model_validate({"model": "m", "prompt": list(range(20)), "n": 8})  # token ids: one prompt
+    assert one.sampling(limit=64).max_tokens == 64
