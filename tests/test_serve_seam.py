@@ -4,6 +4,7 @@ framework and no ML library)."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -91,3 +92,15 @@ def test_what_no_engine_can_do_here_is_refused_by_the_request() -> None:
         prompts.sampling(limit=64)
     one = CompletionRequest.model_validate({"model": "m", "prompt": list(range(20)), "n": 8})  # token ids: one prompt
     assert one.sampling(limit=64).max_tokens == 64
+
+
+def test_an_engine_refuses_before_it_generates() -> None:
+    """Called from Python (`api.model`), not only through the server, an engine refuses what it cannot do before
+    touching the model."""
+    from runner.serve.codec import Codec
+
+    engine = LlamaCppEngine("m", Codec("plain", None), llm=None, precision="gguf q8_0")
+    with pytest.raises(NotSupported, match=r"logprobs is not supported by serve\.engine llama_cpp"):
+        engine.generate_all([("hi", Sampling(max_tokens=4, logprobs=0))])
+    with pytest.raises(NotSupported, match="frequency_penalty"):
+        engine.start([1, 2], Sampling(max_tokens=4, frequency_penalty=0.5), threading.Event(), print)

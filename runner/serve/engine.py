@@ -81,7 +81,8 @@ class NotSupported(ValueError):
 
 
 class Engine(Protocol):
-    """A loaded model that answers requests, one generation step at a time on the model thread."""
+    """A loaded model that answers requests, one generation step at a time on the model thread. Both methods
+    refuse (`NotSupported`, through `check_supported`) a request that asks for what the engine does not honour."""
 
     kind: ClassVar[str]  # its serve.engine name
     supports: ClassVar[frozenset[str]]  # the names in OPTIONAL it honours

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from runner.serve.codec import Codec
-from runner.serve.engine import Output, Sampling
+from runner.serve.engine import Output, Sampling, check_supported
 from runner.serve.text import has_stop
 from runner.serve.thread import on_model_thread, run_alone
 
@@ -62,12 +62,15 @@ class TransformersEngine:
     def generate_all(self, jobs: list[tuple[str, Sampling]]) -> list[Output]:
         """Whole answers to several prompts, in order. When the batcher takes them all they join it together, so
         they share its token steps; otherwise they run one after another."""
+        for _, s in jobs:
+            check_supported(self, s)
         if self.batcher is not None and all(self.uses_batcher(s) for _, s in jobs):
             return self.batcher.submit([(self.codec.encode(p, s.max_tokens), s) for p, s in jobs])
         return [self.generate(p, s) for p, s in jobs]
 
     def start(self, ids: list[int], s: Sampling, cancel: threading.Event, put: Callable[[Any], None]) -> None:
         """Start an answer, in the batcher or alone (see `Engine.start`)."""
+        check_supported(self, s)
         if self.batcher is not None and self.uses_batcher(s):
             self.batcher.add(ids, s, cancel, put)
             return

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from runner.serve.codec import Codec
-from runner.serve.engine import Output, Sampling
+from runner.serve.engine import Output, Sampling, check_supported
 from runner.serve.thread import on_model_thread, run_alone
 
 
@@ -34,6 +34,8 @@ class LlamaCppEngine:
 
     def generate_all(self, jobs: list[tuple[str, Sampling]]) -> list[Output]:
         """Whole answers, one after another."""
+        for _, s in jobs:
+            check_supported(self, s)
         out = []
         for prompt, s in jobs:
             ids = self.codec.encode(prompt, s.max_tokens)
@@ -41,6 +43,7 @@ class LlamaCppEngine:
         return out
 
     def start(self, ids: list[int], s: Sampling, cancel: threading.Event, put: Callable[[Any], None]) -> None:
+        check_supported(self, s)
         run_alone(lambda emit: self._run(ids, s, cancel, emit), put)
 
     def _run(
