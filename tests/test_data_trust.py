@@ -15,7 +15,7 @@ import pytest
 from runner import api
 from runner.errors import RecipeError
 from runner.steps.reasons import REASONS
-from tests.conftest import SHARED_DATA, needs_shared_data, write_jsonl
+from tests.conftest import SHARED_DATA, needs_shared_data, sql_rows, write_jsonl
 
 OASST = SHARED_DATA / "oasst"
 INSTRUCT = SHARED_DATA / "instruct"
@@ -563,3 +563,22 @@ def test_packaged_chat_template_prompts_as_training_did(tmp_path: Path, template
     for r in rows:
         messages = [{"role": t["role"], "content": t["text"]} for t in r["turns"][:-1]]
         assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == r["prompt"]
+
+
+def test_a_parquet_column_name_with_a_quote_is_read_and_named_in_rejects(tmp_path: Path) -> None:
+    """Column names reach the SQL quoted, in the rows and in a reject's detail alike."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(
+        f"copy (select * from (values ('hi', 'hello there'), (null, 'x'), ('q', 'answer')) t(\"it's\", a)) "
+        f"to '{tmp_path / 'd.parquet'}' (format parquet)"
+    )
+    b, _ = apply(
+        tmp_path,
+        'data:\n  sources: [{name: p, format: parquet, path: d.parquet, columns: {prompt: "it\'s", response: a}}]\n',
+    )
+    assert sql_rows(b, "select reason, detail from source_p__rejects") == [
+        ("missing_field", "record 2: missing field it's")
+    ]
+    assert [r[0] for r in sql_rows(b, "select prompt_of(turns) from source_p")] == ["hi", "q"]
