@@ -95,6 +95,18 @@ def step_states(summary: dict[str, Any]) -> dict[str, str]:
     return {s["step"]: s["state"] for s in summary["steps"]}
 
 
+def popen_apply(recipe: Path, cache: Path) -> subprocess.Popen[str]:
+    """`runner apply RECIPE --json` started in its own process (to be killed, or raced), into `cache`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner", "apply", str(recipe), "--json"],
+        cwd=ROOT,
+        env={**os.environ, "RUNNER_CACHE": str(cache)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from stores.cache import ArtifactCache
-from tests.conftest import ROOT, write_jsonl
+from tests.conftest import popen_apply, write_jsonl
 
 RECIPE = """\
 data:
@@ -40,17 +37,6 @@ def big_recipe(tmp_path: Path) -> Path:
     write_jsonl(tmp_path / "big.jsonl", rows)
     (tmp_path / "big.yaml").write_text(RECIPE)
     return tmp_path / "big.yaml"
-
-
-def popen_apply(recipe: Path, cache: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "runner", "apply", str(recipe), "--json"],
-        cwd=ROOT,
-        env={**os.environ, "RUNNER_CACHE": str(cache)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def finish(recipe: Path, cache: Path) -> dict:

@@ -9,7 +9,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from runner import api
-from tests.conftest import ROOT
+from tests.conftest import popen_apply
 from tests.test_apply import apply_json
 from tests.test_gitops import RECIPE
 
@@ -38,14 +37,7 @@ def test_gc_while_an_apply_runs_deletes_nothing_it_uses(cli, tmp_path: Path) -> 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE.replace("max_steps: 3", "max_steps: 40"))
     cache = tmp_path / "cache"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", "apply", str(recipe), "--json"],
-        cwd=ROOT,
-        env={**os.environ, "RUNNER_CACHE": str(cache)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = popen_apply(recipe, cache)
     deadline = time.time() + 120
     while time.time() < deadline and not list((cache / "scratch").glob("*")):  # training has started
         time.sleep(0.05)
