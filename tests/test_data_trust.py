@@ -21,6 +21,15 @@ OASST = SHARED_DATA / "oasst"
 INSTRUCT = SHARED_DATA / "instruct"
 
 
+def parquet(path: Path, rows_sql: str) -> None:
+    """A Parquet file of `select * from ROWS_SQL` (a VALUES list with its column names)."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(f"copy (select * from {rows_sql}) to '{path}' (format parquet)")
+    con.close()
+
+
 def apply(tmp_path: Path, body: str) -> tuple[api.Build, dict[str, Any]]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "r.yaml").write_text(body)
@@ -349,12 +358,9 @@ def test_rejects_keep_their_record_id_and_repeated_ids_are_rejects(tmp_path: Pat
 
 
 def test_repeated_ids_in_parquet_are_rejects(tmp_path: Path) -> None:
-    import duckdb
-
-    con = duckdb.connect()
-    con.execute(
-        f"copy (select * from (values ('u1', 'q1', 'a1'), ('u2', 'q2', 'a2'), ('u1', 'q3', 'a3'), ('u3', 'q4', ''))"
-        f" t(uid, q, a)) to '{tmp_path / 'd.parquet'}' (format parquet)"
+    parquet(
+        tmp_path / "d.parquet",
+        "(values ('u1', 'q1', 'a1'), ('u2', 'q2', 'a2'), ('u1', 'q3', 'a3'), ('u3', 'q4', '')) t(uid, q, a)",
     )
     b, m = apply(
         tmp_path,
@@ -567,13 +573,7 @@ def test_packaged_chat_template_prompts_as_training_did(tmp_path: Path, template
 
 def test_a_parquet_column_name_with_a_quote_is_read_and_named_in_rejects(tmp_path: Path) -> None:
     """Column names reach the SQL quoted, in the rows and in a reject's detail alike."""
-    import duckdb
-
-    con = duckdb.connect()
-    con.execute(
-        f"copy (select * from (values ('hi', 'hello there'), (null, 'x'), ('q', 'answer')) t(\"it's\", a)) "
-        f"to '{tmp_path / 'd.parquet'}' (format parquet)"
-    )
+    parquet(tmp_path / "d.parquet", "(values ('hi', 'hello there'), (null, 'x'), ('q', 'answer')) t(\"it's\", a)")
     b, _ = apply(
         tmp_path,
         'data:\n  sources: [{name: p, format: parquet, path: d.parquet, columns: {prompt: "it\'s", response: a}}]\n',
