@@ -5,6 +5,7 @@ This is the only module that knows both the recipe's sections and the step kinds
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,62 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
             )
         )
     if r.eval is not None:
-        ev = EvalParams(model=spec, commit=commit, template=r.data.prompt.template, eval=r.eval)
+        # the harness tasks are steps of their own: a task added or changed does not re-run this one
+        ev = EvalParams(
+            model=spec, commit=commit, template=r.data.prompt.template, eval=r.eval.model_copy(update={"harness": None})
+        )
         nodes.append(StepNode("eval", "eval", ev, ("train", "tokenize", *model_inputs), base_files, origin("eval")))
+        nodes += _harness_nodes(loaded, problems, spec, commit, model_inputs, base_files)
+    return nodes
+
+
+def _harness_nodes(
+    loaded: LoadedRecipe,
+    problems: list[Problem],
+    spec: Any,
+    commit: str | None,
+    model_inputs: tuple[str, ...],
+    base_files: dict[str, Path],
+) -> list[StepNode]:
+    """harness.base.TASK (the base model: no training input, so a new adapter does not re-score it) and
+    harness.TASK (the tuned model), for each task of eval.harness."""
+    from runner.steps.harness import HarnessParams, is_task_file, task_files
+
+    assert loaded.recipe.eval is not None
+    h = loaded.recipe.eval.harness
+    if h is None:
+        return []
+    nodes = []
+    for i, task in enumerate(h.tasks):
+        at = ("eval", "harness", "tasks", i)
+        name, files = task, {}
+        if is_task_file(task):
+            path = (loaded.base_dir(at) / task).resolve()
+            try:
+                name, deps = task_files(path)
+            except (OSError, ValueError) as exc:
+                problems.append(Problem(loaded.where(at), show_path(at), str(exc)))
+                continue
+            missing = [d for d in deps if not d.is_file()]
+            if missing:
+                problems.append(
+                    Problem(loaded.where(at), show_path(at), f"task {task!r} reads {missing[0]}, which is not a file")
+                )
+                continue
+            files = {task: path} | {f"{task}:{os.path.relpath(d, path.parent)}": d.resolve() for d in deps[1:]}
+        for tuned in (False, True):
+            params = HarnessParams(
+                model=spec,
+                commit=commit,
+                task=task,
+                name=name,
+                tuned=tuned,
+                num_fewshot=h.num_fewshot,
+                limit=h.limit,
+                batch_size=h.batch_size,
+            )
+            inputs = ("train", *model_inputs) if tuned else model_inputs
+            step_name = f"harness.{name}" if tuned else f"harness.base.{name}"
+            nodes.append(StepNode(step_name, "harness", params, inputs, {**base_files, **files}, str(loaded.where(at))))
+    _check(problems)
     return nodes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -58,9 +59,17 @@ def load(args: argparse.Namespace) -> Any:
 
 
 def console(stderr: bool = False) -> Any:
+    """A rich console on stdout, or on stderr as it is now: a step that sends library chatter from stderr to its
+    log (`steps.quiet.chatter_to`) does not silence runner's own progress."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not stderr:
+        return Console(highlight=False, soft_wrap=True)
+    try:  # the terminal itself, through a descriptor of its own
+        stream: Any = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture): that object
+        stream = sys.stderr
+    return Console(file=stream, highlight=False, soft_wrap=True)
 
 
 def print_json(value: Any) -> None:

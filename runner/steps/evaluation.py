@@ -10,6 +10,7 @@ from pydantic import Field
 
 from runner.params import Params
 from runner.registry import StepContext, step
+from runner.steps.harness import HarnessConfig
 from runner.steps.models import ModelSpec
 from runner.steps.prompts import render_prompt
 
@@ -27,6 +28,7 @@ class EvalConfig(Params):
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="fixed prompt set")
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
+    harness: HarnessConfig | None = Field(None, description="lm-evaluation-harness tasks (the `eval` extra)")
 
 
 class EvalParams(Params):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -35,3 +38,24 @@ def llama_cpp_quiet() -> Any:
         _QUIET.append(llama_cpp.llama_log_callback(lambda level, text, data: None))
         llama_cpp.llama_log_set(_QUIET[0], None)
     return llama_cpp
+
+
+@contextmanager
+def chatter_to(log: Path) -> Iterator[None]:
+    """Within: what libraries and their subprocesses write to stderr (progress bars, log lines, `git`
+    complaints) goes to `log`, both `sys.stderr` and the process's fd 2. runner's own progress is unaffected:
+    its reporter writes to a stream of its own (`cli.common.console`)."""
+    import sys
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved, old = os.dup(2), sys.stderr
+    with log.open("a", buffering=1) as f:
+        os.dup2(f.fileno(), 2)
+        sys.stderr = f
+        try:
+            yield
+        finally:
+            sys.stderr = old
+            os.dup2(saved, 2)
+            os.close(saved)
