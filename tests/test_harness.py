@@ -154,3 +154,60 @@ def test_a_hub_task_offline_fails_with_what_to_do(tmp_path: Path, cli: Any, monk
     assert code != 0
     assert "harness.base.arc_easy" in err and "'arc_easy' needs its dataset from the Hugging Face hub" in err
     assert "task YAML file" in err
+
+
+@pytest.mark.slow
+def test_the_harness_scores_runner_serve_as_it_scores_in_process(
+    tmp_path: Path, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lm_eval --model local-completions (batches of token-id prompts, echo, logprobs) against runner's server on
+    the merged model: the accuracy and each example's log-likelihoods of the in-process harness step."""
+    from runner import api
+    from runner.schema import ServeConfig
+    from runner.serve.app import create_app
+    from runner.serve.load import load_models
+    from tests.test_serving import start
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    tasks = local_tasks(tmp_path / "tasks")
+    names = ["arc_easy", "winogrande"]
+    recipe = tmp_path / "served.yaml"
+    listed = ", ".join(str(tasks / f"{n}_local.yaml") for n in names)
+    recipe.write_text(
+        tiny_model_recipe(
+            head="name: served\n",
+            rest="train: {seq_len: 64, batch_size: 8, epochs: 1}\nserve: {models: [merged]}\n"
+            f"eval: {{max_new_tokens: 4, harness: {{tasks: [{listed}], limit: {LIMIT}}}}}\n",
+        )
+    )
+    apply_json(cli, str(recipe))
+    build = api.load(recipe)
+    models = load_models(build, ["merged"])
+    (name,) = models
+    url, srv = start(create_app(models, ServeConfig(max_tokens=32)))
+    _, merged, _ = cli("show", str(recipe), "merge", "--path")
+    try:
+        args = (
+            f"model={name},base_url={url}/v1/completions,tokenizer={merged.strip()}/model,"
+            "tokenizer_backend=huggingface,max_retries=1"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args, "--tasks",
+             ",".join(f"{n}_local.yaml" for n in names), "--limit", str(LIMIT), "--batch_size", "4", "--output_path",
+             str(tmp_path / "out"), "--log_samples"],
+            cwd=tasks, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+    finally:
+        srv.should_exit = True  # type: ignore[attr-defined]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results,) = (tmp_path / "out").glob("*/results_*.json")
+    served = json.loads(results.read_text())["results"]
+    for n in names:
+        here = metrics_of(cli, recipe, f"harness.{n}_local")
+        assert served[f"{n}_local"]["acc,none"] == pytest.approx(here["acc"], abs=1e-9), n
+        samples = next((tmp_path / "out").glob(f"*/samples_{n}_local_*.jsonl")).read_text().splitlines()
+        rows = api.sql(build, f"select doc_id, loglikelihoods from harness_{n}_local__samples").to_pylist()
+        by_doc = {r["doc_id"]: r["loglikelihoods"] for r in rows}
+        for line in samples:
+            s = json.loads(line)
+            assert [float(x[0]) for x in s["filtered_resps"]] == pytest.approx(by_doc[s["doc_id"]], rel=1e-5)

@@ -26,6 +26,7 @@ ASKED: dict[str, Any] = {
     "frequency_penalty": 0.5,
     "presence_penalty": -0.5,
     "logit_bias": {"17": -100},
+    "echo": True,  # completions only
 }
 
 
@@ -33,12 +34,18 @@ def chat(**fields: Any) -> ChatRequest:
     return ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields})
 
 
+def asking(name: str, value: Any) -> Sampling:
+    """The sampling of a request that sets one optional parameter (on the endpoint that takes it)."""
+    if name == "echo":
+        return CompletionRequest.model_validate({"model": "m", "prompt": "hi", name: value}).sampling(limit=64)
+    return chat(**{name: value}).sampling(limit=64)
+
+
 def test_every_optional_parameter_reaches_sampling() -> None:
     assert set(ASKED) == set(OPTIONAL)
     for name, value in ASKED.items():
-        s = chat(**{name: value}).sampling(limit=64)
-        assert s.asked() == [name], name
-    s = chat(**ASKED, top_logprobs=3).sampling(limit=64)
+        assert asking(name, value).asked() == [name], name
+    s = chat(**{k: v for k, v in ASKED.items() if k != "echo"}, top_logprobs=3).sampling(limit=64)
     assert (s.stop, s.logprobs, s.logit_bias) == (("\n",), 3, ((17, -100.0),))
     assert s.max_tokens == 64 and s.min_tokens == 2 and s.seed == 3
     c = CompletionRequest.model_validate({"model": "m", "prompt": "x", "logprobs": 2, "stop": ["a", "b"]})
@@ -56,7 +63,7 @@ class Declared:
 def test_each_engine_refuses_by_name_what_it_does_not_honour(kind: str) -> None:
     engine: Any = Declared(kind, SUPPORTS[kind])
     for name, value in ASKED.items():
-        s = chat(**{name: value}).sampling(limit=64)
+        s = asking(name, value)
         if name in SUPPORTS[kind]:
             check_supported(engine, s)
         else:
@@ -92,6 +99,26 @@ def test_what_no_engine_can_do_here_is_refused_by_the_request() -> None:
         prompts.sampling(limit=64)
     one = CompletionRequest.model_validate({"model": "m", "prompt": list(range(20)), "n": 8})  # token ids: one prompt
     assert one.sampling(limit=64).max_tokens == 64
+    for fields, param in (
+        ({"max_tokens": 0}, "max_tokens"),  # an answer of nothing, and no prompt echoed
+        ({"echo": True, "stream": True}, "echo"),
+        ({"prompt": [[1, 2], []]}, "prompt"),
+        ({"prompt": [[1, 2]] * 5, "n": 2}, "prompt"),
+        ({"best_of": 2}, "best_of"),
+    ):
+        with pytest.raises(ApiError) as err:
+            CompletionRequest.model_validate({"model": "m", "prompt": "x", **fields}).sampling(limit=64)
+        assert (err.value.status, err.value.param) == (400, param), fields
+
+
+def test_completions_take_every_prompt_shape_of_the_openai_api() -> None:
+    def prompts(prompt: Any) -> list[Any]:
+        return CompletionRequest.model_validate({"model": "m", "prompt": prompt}).prompts()
+
+    assert prompts("a") == ["a"] and prompts(["a", "b"]) == ["a", "b"] and prompts([]) == [""]
+    assert prompts([5, 6]) == [[5, 6]] and prompts([[5, 6], [7]]) == [[5, 6], [7]]
+    echoed = CompletionRequest.model_validate({"model": "m", "prompt": [[5]], "echo": True, "max_tokens": 0})
+    assert echoed.sampling(limit=64).max_tokens == 0 and echoed.sampling(limit=64).echo
 
 
 def test_an_engine_refuses_before_it_generates() -> None:

@@ -866,7 +866,7 @@ def test_a_requests_answers_share_the_batch(server: str) -> None:
     ids = model.codec.tokenizer("The Nile is the longest river in Africa, and it flows north", add_special_tokens=False)
     ids = ids["input_ids"]
     assert len(ids) > 8
-    by_ids = model.generate(model.codec.tokenizer.decode(ids), Sampling(max_tokens=8, min_tokens=8)).text
+    by_ids = model.generate(ids, Sampling(max_tokens=8, min_tokens=8)).text
     url, srv = start(create_app(models, ServeConfig(max_tokens=32, batch_size=8, batch_wait_ms=50)))
     try:
         body = {"model": "tiny-tuned", "max_tokens": 8, "min_tokens": 8}
@@ -989,3 +989,42 @@ def test_sigterm_after_dropped_streams_shuts_down(server: str) -> None:
         raise AssertionError("SIGTERM did not stop the server") from None
     # uvicorn finishes in-flight work, then re-raises the signal it caught: exit by SIGTERM, promptly
     assert code in (0, -signal.SIGTERM), proc.stderr.read() if proc.stderr else ""
+
+
+def test_echo_scores_prompt_tokens_as_a_forward_pass_does(server: str) -> None:
+    """`echo` with `logprobs` (vLLM's way, which lm-evaluation-harness's local-completions reads): each prompt
+    token's log-probability given the tokens before it, checked against the model's own forward pass; the first
+    token has none. Prompts come as lists of token ids, used as they are."""
+    import torch
+
+    from runner.serve.load import load_models
+
+    engine = load_models(api.load(SERVED["recipe"], cache_dir=SERVED["cache"]), ["tuned"])["tiny-tuned"]
+    tok = engine.codec.tokenizer
+    first = tok("The Nile is the longest river", add_special_tokens=False)["input_ids"]
+    second = tok("Bread is made of flour", add_special_tokens=False)["input_ids"]
+    want = []
+    with torch.inference_mode():
+        for ids in (first, second):
+            lp = torch.log_softmax(engine.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+            want.append([float(lp[i, t]) for i, t in enumerate(ids[1:])])
+    body = {"model": "tiny-tuned", "prompt": [first, second], "echo": True, "logprobs": 1}
+    r = httpx.post(f"{server}/v1/completions", headers=auth(), json={**body, "max_tokens": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    for c, ids, expected in zip(choices, (first, second), want, strict=True):
+        lp = c["logprobs"]
+        assert c["text"] == tok.decode(ids) and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1:] == pytest.approx(expected, abs=1e-5)
+        for token, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:], strict=True):
+            assert len(top) == 1 and max(top.values()) >= token - 1e-6
+    assert r.json()["usage"] == {"prompt_tokens": len(first) + len(second), "completion_tokens": 0,
+                                 "total_tokens": len(first) + len(second)}  # fmt: skip
+    one = httpx.post(f"{server}/v1/completions", headers=auth(), json={**body, "max_tokens": 1}, timeout=60).json()
+    for c, ids, expected in zip(one["choices"], (first, second), want, strict=True):
+        assert len(c["logprobs"]["token_logprobs"]) == len(ids) + 1  # the prompt's, then the generated token's
+        assert c["logprobs"]["token_logprobs"][1 : len(ids)] == pytest.approx(expected, abs=1e-5)
+        assert c["text"].startswith(tok.decode(ids))
+    for prompt, message in (([[1, 2], [10**7]], "not in this model's vocabulary"), ([[]], "empty")):
+        r = httpx.post(f"{server}/v1/completions", headers=auth(), json={**body, "prompt": prompt}, timeout=60)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text

@@ -24,8 +24,8 @@ from starlette.concurrency import run_in_threadpool
 
 from runner.retrieval import docs_prompt
 from runner.schema import ServeConfig
-from runner.serve.codec import ContextTooLong
-from runner.serve.engine import Engine, NotSupported, Output, Sampling, begin, check_supported
+from runner.serve.codec import BadTokens, ContextTooLong
+from runner.serve.engine import Engine, NotSupported, Output, Prompt, Sampling, begin, check_supported
 from runner.serve.guard import Guard
 from runner.serve.openai import (
     CHAT,
@@ -177,15 +177,11 @@ class Service:
     async def complete(self, req: CompletionRequest, request: Request) -> Any:
         model, docs = self.pick(req.model)
         s = self.sampling(req, model)
-        if isinstance(req.prompt, str):
-            prompts = [req.prompt]
-        elif req.by_ids:
-            prompts = [model.codec.tokenizer.decode(req.prompt)]
-        else:
-            prompts = [str(p) for p in req.prompt] or [""]
+        prompts = req.prompts()
         sources = None
         if docs:  # document chat on a plain completion: the prompt is the question
-            found = [await run_in_threadpool(self.docs_turn, p) for p in prompts]
+            texts = [p if isinstance(p, str) else model.codec.tokenizer.decode(p) for p in prompts]
+            found = [await run_in_threadpool(self.docs_turn, p) for p in texts]
             prompts, sources = [f for f, _ in found], [x for _, srcs in found for x in srcs]
         return await self._answer(request, req, s, COMPLETION, model, prompts, sources)
 
@@ -196,7 +192,7 @@ class Service:
         s: Sampling,
         endpoint: Endpoint,
         model: Engine,
-        prompts: list[str],
+        prompts: list[Prompt],
         sources: list[dict[str, Any]] | None,
     ) -> Any:
         """The one flow of both generation endpoints: the answers, whole or streamed, in the endpoint's shape (with
@@ -227,20 +223,22 @@ class Service:
             raise ApiError(400, str(exc), param=exc.param) from None
         return s
 
-    def _whole(self, endpoint: Endpoint, model: Engine, prompts: list[str], s: Sampling, n: int) -> list[Output]:
+    def _whole(self, endpoint: Endpoint, model: Engine, prompts: list[Prompt], s: Sampling, n: int) -> list[Output]:
         """`n` answers to each prompt, in order (a seeded request's choice i uses seed + i)."""
         jobs = [(p, s if s.seed is None or i == 0 else s.reseeded(s.seed + i)) for p in prompts for i in range(n)]
         try:
             return model.generate_all(jobs)
         except ContextTooLong as exc:
             raise ApiError(400, str(exc), param=endpoint.prompt_param, code="context_length_exceeded") from None
+        except BadTokens as exc:
+            raise ApiError(400, str(exc), param=endpoint.prompt_param) from None
 
     def _streaming(
         self,
         request: Request,
         endpoint: Endpoint,
         model: Engine,
-        prompt: str,
+        prompt: Prompt,
         s: Sampling,
         base: dict[str, Any],
         sources: list[dict[str, Any]],
@@ -250,6 +248,8 @@ class Service:
             ids = model.codec.encode(prompt, s.max_tokens)  # a prompt that does not fit is refused before the stream
         except ContextTooLong as exc:
             raise ApiError(400, str(exc), param=endpoint.prompt_param, code="context_length_exceeded") from None
+        except BadTokens as exc:
+            raise ApiError(400, str(exc), param=endpoint.prompt_param) from None
 
         async def events() -> AsyncIterator[str]:
             # the tokens come from the model thread straight to this loop, which decodes them: a stream holds

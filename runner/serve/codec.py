@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from runner.serve.engine import Output, Sampling
+from runner.serve.engine import Output, Prompt, Sampling
 from runner.serve.text import cut_at_stop, decode, has_stop
 from runner.steps.prompts import render_prompt
 
@@ -20,6 +20,10 @@ class ContextTooLong(ValueError):
             "max_tokens"
         )
         self.prompt_tokens, self.max_tokens, self.context = prompt_tokens, max_tokens, context
+
+
+class BadTokens(ValueError):
+    """Prompt token ids the model does not have."""
 
 
 @dataclass
@@ -40,9 +44,16 @@ class Codec:
         """The template's own stop strings."""
         return ["<human>:", "<bot>:"] if self.template == "human_bot" else []
 
-    def encode(self, prompt: str, max_tokens: int) -> list[int]:
-        """Token ids of `prompt` (checked against the context before anything is allocated)."""
-        ids: list[int] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    def encode(self, prompt: Prompt, max_tokens: int) -> list[int]:
+        """Token ids of `prompt`, text or ids (checked against the vocabulary and the context before anything is
+        allocated)."""
+        if isinstance(prompt, list):
+            ids = prompt
+            vocab = len(self.tokenizer)
+            if bad := [i for i in ids if not 0 <= i < vocab]:
+                raise BadTokens(f"token id {bad[0]} is not in this model's vocabulary (0 to {vocab - 1})")
+        else:
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
         if not ids:  # an empty prompt: the model starts from its end-of-text token
             ids = [self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0]
         if self.context is not None and len(ids) + max_tokens > self.context:
@@ -74,4 +85,4 @@ class Codec:
         new = new[: count - 1] if eos in new else new
         text, stopped = cut_at_stop(self.decode(new), self.stops + list(s.stop))
         finish = "stop" if stopped or count < s.max_tokens else "length"
-        return Output(text, len(ids), count, finish, logprobs[: len(new)] if logprobs is not None else None)
+        return Output(text, len(ids), count, finish, logprobs[:count] if logprobs is not None else None)

@@ -30,7 +30,11 @@ OPTIONAL = (
     "frequency_penalty",
     "presence_penalty",
     "logit_bias",
+    "echo",
 )
+
+
+Prompt = str | list[int]  # text (the codec tokenizes it) or token ids (used as they are)
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    echo: bool = False  # the answer starts with the prompt, and its logprobs with the prompt tokens' (vLLM's way)
 
     @property
     def greedy(self) -> bool:
@@ -63,7 +68,7 @@ class Sampling:
 
 @dataclass
 class Output:
-    """One whole answer."""
+    """One whole answer (with `echo`, the prompt's text and logprobs first)."""
 
     text: str
     prompt_tokens: int
@@ -90,8 +95,8 @@ class Engine(Protocol):
     precision: str  # as trained (fp32, bf16, int8, int4) or as quantized (gguf q8_0)
     codec: Codec  # its prompt template and tokenizer
 
-    def generate_all(self, jobs: list[tuple[str, Sampling]]) -> list[Output]:
-        """Whole answers to several prompts, in order."""
+    def generate_all(self, jobs: list[tuple[Prompt, Sampling]]) -> list[Output]:
+        """Whole answers to several prompts (text, or token ids taken as they are), in order."""
         ...
 
     def start(self, ids: list[int], s: Sampling, cancel: threading.Event, put: Callable[[Any], None]) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from runner.serve.codec import Codec
-from runner.serve.engine import Output, Sampling, check_supported
+from runner.serve.engine import Output, Prompt, Sampling, check_supported
 from runner.serve.text import has_stop
 from runner.serve.thread import on_model_thread, run_alone
 
@@ -25,7 +25,9 @@ class TransformersEngine:
     step."""
 
     kind: ClassVar[str] = "transformers"
-    supports: ClassVar[frozenset[str]] = frozenset({"temperature", "top_p", "seed", "stop", "logprobs", "min_tokens"})
+    supports: ClassVar[frozenset[str]] = frozenset(
+        {"temperature", "top_p", "seed", "stop", "logprobs", "min_tokens", "echo"}
+    )
 
     name: str
     codec: Codec
@@ -44,22 +46,33 @@ class TransformersEngine:
     def uses_batcher(self, s: Sampling) -> bool:
         """Whether a request runs in the batcher: greedy or sampled; seeded ones run alone (their seed repeats the
         draws of `generate` alone, whatever else is in flight), and so do logprobs ones."""
-        return self.batcher is not None and s.seed is None and s.logprobs is None
+        return self.batcher is not None and s.seed is None and s.logprobs is None and not s.echo
 
-    def generate(self, prompt: str, s: Sampling, cancel: threading.Event | None = None) -> Output:
-        """The whole answer, cut before the first stop string (the template's and `s.stop`)."""
+    def generate(self, prompt: Prompt, s: Sampling, cancel: threading.Event | None = None) -> Output:
+        """The whole answer, cut before the first stop string (the template's and `s.stop`); with `s.echo`, the
+        prompt first (its text, and its tokens' logprobs when asked)."""
         ids = self.codec.encode(prompt, s.max_tokens)
         if self.batcher is not None and self.uses_batcher(s):
             return self.batcher.submit([(ids, s)])[0]
         cancel = cancel or threading.Event()
         scores = s.logprobs is not None
-        out = on_model_thread(
-            lambda: self._generate(ids, s, cancel, output_scores=scores, return_dict_in_generate=True)
+        if s.max_tokens == 0:
+            out = Output("", len(ids), 0, "length", [] if scores else None)
+        else:
+            gen = on_model_thread(
+                lambda: self._generate(ids, s, cancel, output_scores=scores, return_dict_in_generate=True)
+            )
+            new = gen.sequences[0, len(ids) :].tolist()
+            out = self.codec.output(ids, new, s, self._logprobs(new, gen.scores, s.logprobs) if scores else None)
+        if not s.echo:
+            return out
+        echoed = on_model_thread(self._prompt_logprobs, ids, s.logprobs or 0) if scores else None
+        logprobs = None if out.logprobs is None or echoed is None else echoed + out.logprobs
+        return Output(
+            self.codec.decode(ids) + out.text, out.prompt_tokens, out.completion_tokens, out.finish_reason, logprobs
         )
-        new = out.sequences[0, len(ids) :].tolist()
-        return self.codec.output(ids, new, s, self._logprobs(new, out.scores, s.logprobs) if scores else None)
 
-    def generate_all(self, jobs: list[tuple[str, Sampling]]) -> list[Output]:
+    def generate_all(self, jobs: list[tuple[Prompt, Sampling]]) -> list[Output]:
         """Whole answers to several prompts, in order. When the batcher takes them all they join it together, so
         they share its token steps; otherwise they run one after another."""
         for _, s in jobs:
@@ -133,20 +146,31 @@ class TransformersEngine:
             )
 
     def _logprobs(self, new: list[int], scores: Any, top: int | None) -> list[dict[str, Any]]:
+        """The generated tokens' log-probabilities (and the `top` likeliest alternatives of each)."""
+        return [self._entry(token, step[0], top) for token, step in zip(new, scores, strict=False)]
+
+    def _prompt_logprobs(self, ids: list[int], top: int) -> list[dict[str, Any]]:
+        """Each prompt token's log-probability given the tokens before it, from one forward pass (the first token
+        has none, as vLLM reports it)."""
+        import torch
+
+        with self.lock, torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids])).logits[0]
+        first = {"token": self.codec.tokenizer.decode([ids[0]]), "logprob": None, "top_logprobs": None}
+        return [first] + [self._entry(token, logits[i], top) for i, token in enumerate(ids[1:])]
+
+    def _entry(self, token: int, logits: Any, top: int | None) -> dict[str, Any]:
         import torch
 
         decode = self.codec.tokenizer.decode
-        out = []
-        for token, step in zip(new, scores, strict=False):
-            lp = torch.log_softmax(step[0].float(), dim=-1)
-            entry: dict[str, Any] = {"token": decode([token]), "logprob": float(lp[token])}
-            if top:
-                values, idx = torch.topk(lp, top)
-                entry["top_logprobs"] = [
-                    {"token": decode([int(i)]), "logprob": float(v)} for v, i in zip(values, idx, strict=True)
-                ]
-            out.append(entry)
-        return out
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        entry: dict[str, Any] = {"token": decode([token]), "logprob": float(lp[token])}
+        if top:
+            values, idx = torch.topk(lp, top)
+            entry["top_logprobs"] = [
+                {"token": decode([int(i)]), "logprob": float(v)} for v, i in zip(values, idx, strict=True)
+            ]
+        return entry
 
 
 def context_of(model: Any) -> int | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from runner.serve.codec import Codec
-from runner.serve.engine import Output, Sampling, check_supported
+from runner.serve.engine import Output, Prompt, Sampling, check_supported
 from runner.serve.thread import on_model_thread, run_alone
 
 
@@ -32,7 +32,7 @@ class LlamaCppEngine:
     precision: str
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def generate_all(self, jobs: list[tuple[str, Sampling]]) -> list[Output]:
+    def generate_all(self, jobs: list[tuple[Prompt, Sampling]]) -> list[Output]:
         """Whole answers, one after another."""
         for _, s in jobs:
             check_supported(self, s)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from runner.serve.engine import Output, Sampling
+from runner.serve.engine import Output, Prompt, Sampling
 
 
 class ApiError(Exception):
@@ -71,7 +71,7 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0, description="0: no answer, only the echoed prompt (needs echo)")
     max_completion_tokens: int | None = Field(None, ge=1)
     min_tokens: int = Field(0, ge=0, description="vLLM's extension: no end-of-text token before this many tokens")
     temperature: float = Field(0.0, ge=0, le=2, description="0 (the default here): greedy, repeatable")
@@ -106,13 +106,19 @@ class GenerationRequest(BaseModel):
         """Alternatives per token to report (0: only the chosen token's); None: no log-probabilities."""
         return None
 
+    def echo_asked(self) -> bool:
+        """Whether the answer starts with the prompt."""
+        return False
+
     def sampling(self, limit: int) -> Sampling:
         """How to pick this request's tokens, within the server's `limit` on max_tokens."""
         self.check()
         max_tokens = self.max_completion_tokens or self.max_tokens
         if max_tokens is not None and max_tokens > limit:
             raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {limit}", param="max_tokens")
-        max_tokens = max_tokens or min(128, limit)
+        if max_tokens == 0 and not self.echo_asked():
+            raise ApiError(400, "max_tokens 0 asks for nothing; it needs echo: true", param="max_tokens")
+        max_tokens = min(128, limit) if max_tokens is None else max_tokens
         if self.min_tokens > max_tokens:
             raise ApiError(400, f"min_tokens {self.min_tokens} is over max_tokens {max_tokens}", param="min_tokens")
         try:
@@ -130,6 +136,7 @@ class GenerationRequest(BaseModel):
             frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
             logit_bias=bias,
+            echo=self.echo_asked(),
         )
 
     @property
@@ -169,31 +176,44 @@ class ChatRequest(GenerationRequest):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[str] | list[int]
+    # every shape the OpenAI API takes: a string, strings, token ids, lists of token ids (lm-evaluation-harness
+    # sends the last)
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
-    @property
-    def by_ids(self) -> bool:
-        """The prompt is one prompt, given as token ids."""
-        return isinstance(self.prompt, list) and bool(self.prompt) and isinstance(self.prompt[0], int)
+    def prompts(self) -> list[Prompt]:
+        """The prompts, each text or token ids (an empty list is one empty prompt)."""
+        p: Any = self.prompt  # its shape is known by what its first item is
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [list(p)]
+        return list(p) or [""]
 
     def check(self) -> None:
         super().check()
-        if self.echo or self.suffix or (self.best_of or 1) > 1:
-            raise ApiError(400, "echo, suffix and best_of are not supported", param="echo")
+        if self.suffix or (self.best_of or 1) > 1:
+            raise ApiError(400, "suffix and best_of are not supported", param="suffix" if self.suffix else "best_of")
         if self.logprobs is not None and self.stream:
             raise ApiError(400, "logprobs is not supported with stream: true", param="logprobs")
-        prompts = 1 if isinstance(self.prompt, str) or self.by_ids else max(1, len(self.prompt))
+        if self.echo and self.stream:
+            raise ApiError(400, "echo is not supported with stream: true", param="echo")
+        prompts = len(self.prompts())
         if prompts * self.n > 8:
             raise ApiError(400, "at most 8 completions per request (prompts x n)", param="prompt")
         if self.stream and prompts > 1:
             raise ApiError(400, "several prompts are not supported with stream: true", param="prompt")
+        if any(isinstance(p, list) and not p for p in self.prompts()):
+            raise ApiError(400, "a prompt of token ids is empty", param="prompt")
 
     def logprobs_asked(self) -> int | None:
         return self.logprobs
+
+    def echo_asked(self) -> bool:
+        return self.echo
 
 
 class EmbeddingRequest(BaseModel):
@@ -269,7 +289,10 @@ def _completion_logprobs(entries: list[dict[str, Any]], top: int | None) -> dict
     return {
         "tokens": [e["token"] for e in entries],
         "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs", [])} for e in entries]
+        "top_logprobs": [
+            None if e.get("top_logprobs", ()) is None else {t["token"]: t["logprob"] for t in e.get("top_logprobs", [])}
+            for e in entries
+        ]
         if top
         else None,
         "text_offset": offsets,
