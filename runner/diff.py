@@ -85,6 +85,8 @@ def compare(a: Any, b: Any) -> dict[str, Any]:
     for n in names:
         if n not in arts_a or n not in arts_b:  # compared only where both sides are built
             continue
+        if arts_a[n].manifest.get("kind") == "harness":  # with their intervals, under "harness"
+            continue
         ma, mb = arts_a[n].manifest.get("metrics", {}), arts_b[n].manifest.get("metrics", {})
         for k in sorted(set(ma) | set(mb)):
             va, vb = ma.get(k), mb.get(k)
@@ -100,7 +102,76 @@ def compare(a: Any, b: Any) -> dict[str, Any]:
         "row_changes": _row_changes(a, b, plan_a, plan_b, arts_a, arts_b),
         "metrics": metrics,
         "generations": _generations(arts_a.get("eval"), arts_b.get("eval"), a, b),
+        "harness": _harness(a, b, arts_a, arts_b),
     }
+
+
+def _scored(build: Any, art: Any, metric: str) -> dict[int, float]:
+    """doc_id -> the example's score on `metric`, from a harness step's samples table."""
+    from runner import api
+    from stores.datastore import connect
+
+    sql = api.table_sqls(build.cache, art.key).get("samples")
+    con = connect()
+    try:
+        return dict(con.execute(f'select doc_id, "{metric}" from {sql} where "{metric}" is not null').fetchall())
+    finally:
+        con.close()
+
+
+def _harness(a: Any, b: Any, arts_a: dict[str, Any], arts_b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each harness task's metrics: base and tuned on each side (value, stderr, n), the tuning's gain on each side
+    and the change of the tuned model from A to B, each with its 95% interval (paired on the examples both
+    scored)."""
+    from runner.intervals import paired, unpaired
+
+    tasks = sorted(
+        {
+            n.removeprefix("harness.")
+            for arts in (arts_a, arts_b)
+            for n, art in arts.items()
+            if art.manifest.get("kind") == "harness" and not n.startswith("harness.base.")
+        }
+    )
+    out = []
+    for task in tasks:
+        sides = {
+            "a": (a, arts_a.get(f"harness.base.{task}"), arts_a.get(f"harness.{task}")),
+            "b": (b, arts_b.get(f"harness.base.{task}"), arts_b.get(f"harness.{task}")),
+        }
+        metrics = sorted(
+            {
+                k.removesuffix("_stderr")
+                for _, *arts in sides.values()
+                for art in arts
+                if art is not None
+                for k in art.manifest.get("metrics", {})
+                if k.endswith("_stderr")
+            }
+        )
+        for m in metrics:
+            entry: dict[str, Any] = {"task": task, "metric": m}
+            scores: dict[tuple[str, str], dict[int, float]] = {}
+            for side, (build, base, tuned) in sides.items():
+                row: dict[str, Any] = {}
+                for which, art in (("base", base), ("tuned", tuned)):
+                    if art is None:
+                        continue
+                    got = art.manifest["metrics"]
+                    row[which] = {"value": got.get(m), "stderr": got.get(f"{m}_stderr"), "n": got.get("n")}
+                    scores[side, which] = _scored(build, art, m)
+                if "base" in row and "tuned" in row:
+                    gain = paired(scores[side, "base"], scores[side, "tuned"])
+                    row["gain"] = gain.as_dict() if gain else None
+                entry[side] = row
+            if ("a", "tuned") in scores and ("b", "tuned") in scores:
+                change = paired(scores["a", "tuned"], scores["b", "tuned"])
+                ta, tb = entry["a"]["tuned"], entry["b"]["tuned"]
+                if change is None and None not in (ta["value"], ta["stderr"], tb["value"], tb["stderr"]):
+                    change = unpaired(ta["value"], ta["stderr"], tb["value"], tb["stderr"], min(ta["n"], tb["n"]))
+                entry["change"] = change.as_dict() if change else None
+            out.append(entry)
+    return out
 
 
 def _last_data_step(names: list[str]) -> str | None:
@@ -220,10 +291,45 @@ def markdown(d: dict[str, Any], limit: int = 50) -> str:
         out += ["**Metrics**", "", "| step | metric | A | B |", "|---|---|---|---|"]
         out += [f"| {m['step']} | {m['metric']} | {_num(m['a'])} | {_num(m['b'])} |" for m in d["metrics"]]
         out.append("")
+    if d["harness"]:
+        out += [*harness_table(d["harness"]), ""]
     if d["generations"]:
         out += ["**Generations**", "", "| prompt | A | B |", "|---|---|---|"]
         out += [f"| {g['prompt']} | {g['a']} | {g['b']} |" for g in d["generations"]]
     return "\n".join(out).rstrip() + "\n"
+
+
+def harness_table(entries: list[dict[str, Any]]) -> list[str]:
+    """The harness tasks as the h2oGPT paper's table: a row per task and metric, the models side by side (value ±
+    stderr), then the changes with their 95% intervals; a change whose interval holds 0 is marked as noise."""
+    out = [
+        "**Harness tasks** (value ± stderr; changes with their 95% interval, paired on the same examples)",
+        "",
+        "| task | metric | n | base | A | B | A - base | B - A |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for e in entries:
+        a, b = e.get("a", {}), e.get("b", {})
+        base = a.get("base") or b.get("base")
+        n = next((x["n"] for x in (a.get("tuned"), b.get("tuned"), base) if x), "-")
+        out.append(
+            f"| {e['task']} | {e['metric']} | {n} | {_score(base)} | {_score(a.get('tuned'))} | "
+            f"{_score(b.get('tuned'))} | {_change(a.get('gain'))} | {_change(e.get('change'))} |"
+        )
+    return out
+
+
+def _score(x: dict[str, Any] | None) -> str:
+    if not x or x.get("value") is None:
+        return "-"
+    return f"{x['value']:.3f}" + (f" ± {x['stderr']:.3f}" if x.get("stderr") is not None else "")
+
+
+def _change(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "-"
+    text = f"{c['delta']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+    return text + (" noise" if c["within_noise"] else "")
 
 
 def _rows(r: dict[str, int] | None) -> str:

@@ -11,6 +11,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SHARED_DATA, apply_json, needs_shared_data, step_states, tiny_model_recipe
@@ -127,6 +128,32 @@ def test_harness_in_process_equals_lm_eval_cli_and_caches_per_task(
         states[s] == "cached" for s in states if s.startswith("harness.base.")
     )
     assert all(states[f"harness.{n}_local"] == "built" for n in TASKS)
+
+    # runner diff: each change with its 95% interval, paired on the examples, as a few lines of numpy compute it
+    code, out, err = cli("diff", str(recipe), str(recipe), "--set-b", "lora.rank=4", "--json")
+    assert code == 0, err
+    entries = {(e["task"], e["metric"]): e for e in json.loads(out)["harness"]}
+    assert {t for t, _ in entries} == {f"{n}_local" for n in TASKS}
+    b_build = api.load(recipe, overrides=["lora.rank=4"])
+
+    def scores(b: Any, step: str, metric: str) -> np.ndarray:
+        rows = sorted(api.table(b, step, "samples").to_pylist(), key=lambda r: r["doc_id"])
+        return np.array([r[metric] for r in rows])
+
+    for (task, metric), e in entries.items():
+        a_scores, b_scores = scores(build, f"harness.{task}", metric), scores(b_build, f"harness.{task}", metric)
+        base = scores(build, f"harness.base.{task}", metric)
+        for got, (x, y) in ((e["change"], (a_scores, b_scores)), (e["a"]["gain"], (base, a_scores))):
+            d = y - x
+            se = d.std(ddof=1) / np.sqrt(len(d))
+            assert got["n"] == LIMIT and got["paired"]
+            assert got["delta"] == pytest.approx(d.mean(), abs=1e-12) and got["se"] == pytest.approx(se, abs=1e-12)
+            assert got["within_noise"] == (abs(d.mean()) <= 1.959963984540054 * se)
+        assert e["a"]["base"] == e["b"]["base"]  # one base model, scored once
+    code, out, err = cli("diff", str(recipe), str(recipe), "--set-b", "lora.rank=4", "--markdown")
+    assert code == 0 and "| task | metric | n | base | A | B | A - base | B - A |" in out
+    rows = [line for line in out.splitlines() if line.startswith(tuple(f"| {t} | {m} | {LIMIT} |" for t, m in entries))]
+    assert len(rows) == len(entries) and all(line.count(" ± ") == 3 for line in rows)
 
 
 def test_a_task_file_that_reads_a_missing_file_is_a_recipe_error(tmp_path: Path, cli: Any) -> None:
