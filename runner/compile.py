@@ -263,10 +263,58 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
     if r.eval is not None:
         # the harness tasks are steps of their own: a task added or changed does not re-run this one
         ev = EvalParams(
-            model=spec, commit=commit, template=r.data.prompt.template, eval=r.eval.model_copy(update={"harness": None})
+            model=spec,
+            commit=commit,
+            template=r.data.prompt.template,
+            eval=r.eval.model_copy(update={"harness": None, "judge": None}),
         )
         nodes.append(StepNode("eval", "eval", ev, ("train", "tokenize", *model_inputs), base_files, origin("eval")))
         nodes += _harness_nodes(loaded, problems, spec, commit, model_inputs, base_files)
+        nodes += _judge_nodes(loaded, problems, spec, commit, model_inputs, base_files)
+    return nodes
+
+
+def _judge_nodes(
+    loaded: LoadedRecipe,
+    problems: list[Problem],
+    spec: Any,
+    commit: str | None,
+    model_inputs: tuple[str, ...],
+    base_files: dict[str, Path],
+) -> list[StepNode]:
+    """answers.base and answers (the held-out prompts answered by each model), then judge.[base.]KIND for each
+    judge of eval.judge."""
+    from runner.steps.answers import AnswersConfig, AnswersParams
+    from runner.steps.judge import JudgeParams
+
+    assert loaded.recipe.eval is not None and loaded.recipe.data is not None
+    j = loaded.recipe.eval.judge
+    if j is None:
+        return []
+    at = ("eval", "judge")
+    files = _files(loaded, j, at, problems)
+    _check(problems)
+    where = str(loaded.where(at))
+    prompts = AnswersConfig(**{k: getattr(j, k) for k in AnswersConfig.model_fields})
+    prompt_files = {k: v for k, v in files.items() if k == j.prompts}
+    nodes = []
+    for tuned in (False, True):
+        params = AnswersParams(
+            model=spec, commit=commit, template=loaded.recipe.data.prompt.template, tuned=tuned, answers=prompts
+        )
+        inputs = (("train",) if tuned else ()) + model_inputs + (("split",) if j.prompts == "validation" else ())
+        name = "answers" if tuned else "answers.base"
+        nodes.append(StepNode(name, "answers", params, inputs, {**base_files, **prompt_files}, where))
+        for kind in j.kinds():
+            judge = JudgeParams(  # only what this judge reads: another judge's settings are not in its key
+                kind=kind,
+                reward=j.reward if kind == "reward" else None,
+                llm=j.llm if kind == "llm" else None,
+                batch_size=j.batch_size,
+            )
+            judge_files = {j.reward: files[j.reward]} if kind == "reward" and j.reward else {}
+            step_name = f"judge.{kind}" if tuned else f"judge.base.{kind}"
+            nodes.append(StepNode(step_name, "judge", judge, (name,), judge_files, where))
     return nodes
 
 

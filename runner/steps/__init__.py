@@ -5,6 +5,7 @@ transformers and friends are imported inside the run functions that need them.
 """
 
 from runner.steps import (
+    answers,
     documents,
     evaluation,
     export,
@@ -12,6 +13,7 @@ from runner.steps import (
     filters_python,
     harness,
     indexing,
+    judge,
     oasst,
     packaging,
     prompts,
@@ -21,6 +23,7 @@ from runner.steps import (
 )
 
 __all__ = [
+    "answers",
     "documents",
     "evaluation",
     "export",
@@ -28,6 +31,7 @@ __all__ = [
     "filters_python",
     "harness",
     "indexing",
+    "judge",
     "oasst",
     "packaging",
     "prompts",

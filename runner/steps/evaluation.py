@@ -11,6 +11,7 @@ from pydantic import Field
 from runner.params import Params
 from runner.registry import StepContext, step
 from runner.steps.harness import HarnessConfig
+from runner.steps.judge import JudgeConfig
 from runner.steps.models import ModelSpec
 from runner.steps.prompts import render_prompt
 
@@ -29,6 +30,7 @@ class EvalConfig(Params):
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
     harness: HarnessConfig | None = Field(None, description="lm-evaluation-harness tasks (the `eval` extra)")
+    judge: JudgeConfig | None = Field(None, description="answers to held-out prompts, judged (the `eval` extra)")
 
 
 class EvalParams(Params):
