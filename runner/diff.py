@@ -85,7 +85,7 @@ def compare(a: Any, b: Any) -> dict[str, Any]:
     for n in names:
         if n not in arts_a or n not in arts_b:  # compared only where both sides are built
             continue
-        if arts_a[n].manifest.get("kind") == "harness":  # with their intervals, under "harness"
+        if arts_a[n].manifest.get("kind") in SCORED:  # with their intervals, under "scores"
             continue
         ma, mb = arts_a[n].manifest.get("metrics", {}), arts_b[n].manifest.get("metrics", {})
         for k in sorted(set(ma) | set(mb)):
@@ -102,42 +102,53 @@ def compare(a: Any, b: Any) -> dict[str, Any]:
         "row_changes": _row_changes(a, b, plan_a, plan_b, arts_a, arts_b),
         "metrics": metrics,
         "generations": _generations(arts_a.get("eval"), arts_b.get("eval"), a, b),
-        "harness": _harness(a, b, arts_a, arts_b),
+        "scores": _scores(a, b, arts_a, arts_b),
     }
 
 
-def _scored(build: Any, art: Any, metric: str) -> dict[int, float]:
-    """doc_id -> the example's score on `metric`, from a harness step's samples table."""
+# the step kinds that score a model per example, base and tuned (KIND.X and KIND.base.X): their table and its key
+SCORED = {"harness": ("samples", "doc_id"), "judge": ("judgements", "id")}
+
+
+def _scored(build: Any, art: Any, metric: str) -> dict[Any, float]:
+    """example -> its score on `metric`, from a scoring step's per-example table (none: {})."""
     from runner import api
     from stores.datastore import connect
 
-    sql = api.table_sqls(build.cache, art.key).get("samples")
+    table, key = SCORED[art.manifest["kind"]]
+    sql = api.table_sqls(build.cache, art.key).get(table)
     con = connect()
     try:
-        return dict(con.execute(f'select doc_id, "{metric}" from {sql} where "{metric}" is not null').fetchall())
+        found = {c[0] for c in con.execute(f"select * from {sql} limit 0").description}
+        if metric not in found:  # a corpus-level score (BLEU): no per-example column
+            return {}
+        return dict(con.execute(f'select {key}, "{metric}" from {sql} where "{metric}" is not null').fetchall())
     finally:
         con.close()
 
 
-def _harness(a: Any, b: Any, arts_a: dict[str, Any], arts_b: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each harness task's metrics: base and tuned on each side (value, stderr, n), the tuning's gain on each side
-    and the change of the tuned model from A to B, each with its 95% interval (paired on the examples both
-    scored)."""
-    from runner.intervals import paired, unpaired
+def _scores(a: Any, b: Any, arts_a: dict[str, Any], arts_b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each harness task's and judge's metrics: base and tuned on each side (value, stderr, n), the tuning's gain
+    on each side and the change of the tuned model from A to B, each with its 95% interval (paired on the examples
+    both scored, where the metric is a mean of per-example scores; else from the two stderrs)."""
+    from runner.intervals import paired
 
-    tasks = sorted(
+    tuned_steps = sorted(
         {
-            n.removeprefix("harness.")
+            n
             for arts in (arts_a, arts_b)
             for n, art in arts.items()
-            if art.manifest.get("kind") == "harness" and not n.startswith("harness.base.")
+            if art.manifest.get("kind") in SCORED and ".base." not in n
         }
     )
     out = []
-    for task in tasks:
+    for step in tuned_steps:
+        kind, _, what = step.partition(".")
+        task = what if kind == "harness" else step
+        base_step = f"{kind}.base.{what}"
         sides = {
-            "a": (a, arts_a.get(f"harness.base.{task}"), arts_a.get(f"harness.{task}")),
-            "b": (b, arts_b.get(f"harness.base.{task}"), arts_b.get(f"harness.{task}")),
+            "a": (a, arts_a.get(base_step), arts_a.get(step)),
+            "b": (b, arts_b.get(base_step), arts_b.get(step)),
         }
         metrics = sorted(
             {
@@ -161,17 +172,24 @@ def _harness(a: Any, b: Any, arts_a: dict[str, Any], arts_b: dict[str, Any]) -> 
                     row[which] = {"value": got.get(m), "stderr": got.get(f"{m}_stderr"), "n": got.get("n")}
                     scores[side, which] = _scored(build, art, m)
                 if "base" in row and "tuned" in row:
-                    gain = paired(scores[side, "base"], scores[side, "tuned"])
+                    gain = paired(scores[side, "base"], scores[side, "tuned"]) or _unpaired(row["base"], row["tuned"])
                     row["gain"] = gain.as_dict() if gain else None
                 entry[side] = row
             if ("a", "tuned") in scores and ("b", "tuned") in scores:
                 change = paired(scores["a", "tuned"], scores["b", "tuned"])
-                ta, tb = entry["a"]["tuned"], entry["b"]["tuned"]
-                if change is None and None not in (ta["value"], ta["stderr"], tb["value"], tb["stderr"]):
-                    change = unpaired(ta["value"], ta["stderr"], tb["value"], tb["stderr"], min(ta["n"], tb["n"]))
+                change = change or _unpaired(entry["a"]["tuned"], entry["b"]["tuned"])
                 entry["change"] = change.as_dict() if change else None
             out.append(entry)
     return out
+
+
+def _unpaired(x: dict[str, Any], y: dict[str, Any]) -> Any:
+    """y - x from their values and stderrs, when both have them."""
+    from runner.intervals import unpaired
+
+    if None in (x["value"], x["stderr"], y["value"], y["stderr"]):
+        return None
+    return unpaired(x["value"], x["stderr"], y["value"], y["stderr"], min(x["n"], y["n"]))
 
 
 def _last_data_step(names: list[str]) -> str | None:
@@ -291,19 +309,20 @@ def markdown(d: dict[str, Any], limit: int = 50) -> str:
         out += ["**Metrics**", "", "| step | metric | A | B |", "|---|---|---|---|"]
         out += [f"| {m['step']} | {m['metric']} | {_num(m['a'])} | {_num(m['b'])} |" for m in d["metrics"]]
         out.append("")
-    if d["harness"]:
-        out += [*harness_table(d["harness"]), ""]
+    if d["scores"]:
+        out += [*scores_table(d["scores"]), ""]
     if d["generations"]:
         out += ["**Generations**", "", "| prompt | A | B |", "|---|---|---|"]
         out += [f"| {g['prompt']} | {g['a']} | {g['b']} |" for g in d["generations"]]
     return "\n".join(out).rstrip() + "\n"
 
 
-def harness_table(entries: list[dict[str, Any]]) -> list[str]:
-    """The harness tasks as the h2oGPT paper's table: a row per task and metric, the models side by side (value ±
-    stderr), then the changes with their 95% intervals; a change whose interval holds 0 is marked as noise."""
+def scores_table(entries: list[dict[str, Any]]) -> list[str]:
+    """Harness tasks and judges as the h2oGPT paper's table: a row per task and metric, the models side by side
+    (value ± stderr), then the changes with their 95% intervals; a change whose interval holds 0 is marked noise."""
     out = [
-        "**Harness tasks** (value ± stderr; changes with their 95% interval, paired on the same examples)",
+        "**Scores** (value ± stderr; changes with their 95% interval, paired on the same examples where they are "
+        "per-example means)",
         "",
         "| task | metric | n | base | A | B | A - base | B - A |",
         "|---|---|---:|---:|---:|---:|---|---|",

@@ -132,7 +132,7 @@ def test_harness_in_process_equals_lm_eval_cli_and_caches_per_task(
     # runner diff: each change with its 95% interval, paired on the examples, as a few lines of numpy compute it
     code, out, err = cli("diff", str(recipe), str(recipe), "--set-b", "lora.rank=4", "--json")
     assert code == 0, err
-    entries = {(e["task"], e["metric"]): e for e in json.loads(out)["harness"]}
+    entries = {(e["task"], e["metric"]): e for e in json.loads(out)["scores"]}
     assert {t for t, _ in entries} == {f"{n}_local" for n in TASKS}
     b_build = api.load(recipe, overrides=["lora.rank=4"])
 

@@ -129,6 +129,12 @@ def test_answers_judged_by_an_llm_and_a_reward_model(tmp_path: Path, cli: Any) -
             assert m["n"] == len(rated) and m["failures"] == 6 - len(rated)
             assert m["rating"] == pytest.approx(statistics.fmean(rated))
             assert (api.artifact(build, step).files_dir / "judge_template.txt").read_text().startswith("Please act")
+        code, out, err = cli("diff", str(recipe), str(recipe), "--json")
+        assert code == 0, err
+        scores = {(e["task"], e["metric"]): e for e in json.loads(out)["scores"]}
+        assert {"rating", "reward", "rouge_l", "bleu", "chrf"} <= {m for _, m in scores}
+        assert scores["judge.llm", "rating"]["a"]["gain"]["paired"]  # per-example ratings: paired
+        assert not scores["judge.reference", "bleu"]["a"]["gain"]["paired"]  # corpus BLEU: from the two stderrs
         asked = len(judge.requests)
         assert 0 < asked <= 12  # an answer both models gave is judged once
         # the judge moves to another address: its judgements stand, nobody asks it again
