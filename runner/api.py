@@ -39,6 +39,7 @@ __all__ = [
     "retriever",
     "serve_app",
     "sql",
+    "sql_folder",
     "table",
     "training_memory",
     "verify",
@@ -352,6 +353,25 @@ def sql(build: Build, query: str) -> pa.Table:
     except duckdb.PermissionException as exc:
         raise UsageError(
             f"SQL refused: {str(exc).splitlines()[0]}; runner sql reads only the recipe's step tables"
+        ) from None
+    except duckdb.Error as exc:
+        raise RunnerError(f"SQL failed: {str(exc).splitlines()[0]}") from None
+
+
+def sql_folder(folder: str | Path, query: str) -> pa.Table:
+    """Run read-only SQL over a folder's Parquet files (a view per file, named by its stem), such as the tables
+    `runner compare --out DIR` writes."""
+    import duckdb
+
+    from stores.datastore import query_folder
+
+    try:
+        return query_folder(Path(folder), query)
+    except PermissionError as exc:
+        raise UsageError(str(exc)) from None
+    except duckdb.PermissionException as exc:
+        raise UsageError(
+            f"SQL refused: {str(exc).splitlines()[0]}; runner sql reads only the folder's tables"
         ) from None
     except duckdb.Error as exc:
         raise RunnerError(f"SQL failed: {str(exc).splitlines()[0]}") from None

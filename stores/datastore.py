@@ -143,23 +143,41 @@ def write_catalog(path: Path, tables: dict[str, str], root: Path) -> None:
 READ_STATEMENTS = ("SELECT", "EXPLAIN")
 
 
+def _read_only(con: duckdb.DuckDBPyConnection, sql: str, allowed: list[str]) -> pa.Table:
+    """Run `sql` if it only reads, with file access limited to `allowed` directories."""
+    for statement in con.extract_statements(sql):
+        kind = statement.type.name
+        if kind not in READ_STATEMENTS:
+            raise PermissionError(
+                f"{kind} statements are not allowed: runner sql only reads (SELECT, EXPLAIN); "
+                "to export rows, use the recipe's export: step or --json"
+            )
+    con.execute(f"set allowed_directories = [{', '.join(quote_path(a) for a in allowed)}]")
+    con.execute("set enable_external_access = false")
+    con.execute("set lock_configuration = true")
+    return con.sql(sql).to_arrow_table()
+
+
+def query_folder(folder: Path, sql: str) -> pa.Table:
+    """Run read-only `sql` over a folder's Parquet files, a view each named by its file's stem (what
+    `runner compare --out` writes); no other file can be read."""
+    folder = folder.resolve()
+    con = connect()
+    try:
+        for path in sorted(folder.glob("*.parquet")):
+            con.execute(f"create view {quote_ident(path.stem)} as select * from read_parquet({quote_path(str(path))})")
+        return _read_only(con, sql, [str(folder) + os.sep])
+    finally:
+        con.close()
+
+
 def query(catalog: Path, sql: str, root: Path) -> pa.Table:
     """Run read-only `sql` against a catalog whose views read the cache at `root`: the database is opened
     read-only, statements other than SELECT/EXPLAIN are refused, and files outside the cache's artifacts
     cannot be read or written. Returns the result as an Arrow table."""
     con = connect(catalog, read_only=True, search_path=root)
     try:
-        for statement in con.extract_statements(sql):
-            kind = statement.type.name
-            if kind not in READ_STATEMENTS:
-                raise PermissionError(
-                    f"{kind} statements are not allowed: runner sql only reads (SELECT, EXPLAIN); "
-                    "to export rows, use the recipe's export: step or --json"
-                )
         # the views' paths are relative (resolved by file_search_path); absolute ones name the same files
-        con.execute(f"set allowed_directories = [{quote_path(str(root / 'artifacts') + os.sep)}, 'artifacts/']")
-        con.execute("set enable_external_access = false")
-        con.execute("set lock_configuration = true")
-        return con.sql(sql).to_arrow_table()
+        return _read_only(con, sql, [str(root / "artifacts") + os.sep, "artifacts/"])
     finally:
         con.close()

@@ -3,6 +3,7 @@
 from runner.cli import (
     apply,
     chat,
+    compare,
     diff,
     explain,
     gc,
@@ -19,4 +20,22 @@ from runner.cli import (
     verify,
 )
 
-ALL = [validate, plan, apply, lock, diff, status, show, graph, sql, explain, query, serve, chat, verify, gc, reference]
+ALL = [
+    validate,
+    plan,
+    apply,
+    lock,
+    diff,
+    compare,
+    status,
+    show,
+    graph,
+    sql,
+    explain,
+    query,
+    serve,
+    chat,
+    verify,
+    gc,
+    reference,
+]

@@ -13,7 +13,8 @@ def add(sub: argparse._SubParsersAction) -> None:
         help="run DuckDB SQL over the recipe's step tables",
         description="Each built step's tables are views: `source_NAME`, `filter_NAME`, `format`, "
         "`split__train`, `split__validation`; a step's rejects are `VIEW__rejects`. "
-        "Macros prompt_of(turns), response_of(turns), text_of(turns) are available.",
+        "Macros prompt_of(turns), response_of(turns), text_of(turns) are available. "
+        "Given a folder instead of a recipe, its Parquet files are the views (e.g. `runner compare --out DIR`).",
         epilog='example: runner sql recipe.yaml "select reason, count(*) from filter_length__rejects group by reason"',
     )
     recipe_args(p)
@@ -24,9 +25,14 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from runner import api
 
-    result = api.sql(load(args), args.query)
+    if Path(args.recipe).is_dir():
+        result = api.sql_folder(args.recipe, args.query)
+    else:
+        result = api.sql(load(args), args.query)
     columns = result.column_names
     rows = list(zip(*(c.to_pylist() for c in result.columns), strict=True))
     if args.json:

@@ -303,7 +303,7 @@ class QualityFilter(FilterBase):
     def python(self, ctx: StepContext, table: Any) -> list[Any]:
         from runner.steps.scoring import reward_scores
 
-        return reward_scores(ctx.files[self.model], table, self.batch_size, ctx)  # type: ignore[index]
+        return reward_scores(ctx.files[self.model], table, self.batch_size, ctx.progress)  # type: ignore[index]
 
     def reject_sql(self) -> str:
         score = "_value" if self.model else "score"

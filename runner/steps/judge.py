@@ -162,7 +162,7 @@ def reward_judgements(ctx: StepContext, p: JudgeParams, rows: list[dict[str, Any
     todo = [r for r in rows if memo.get(r["prompt"], r["answer"]) is None]
     if todo:
         table = pa.table({"prompt": [r["prompt"] for r in todo], "response": [r["answer"] for r in todo]})
-        for r, score in zip(todo, reward_scores(ctx.files[p.reward], table, p.batch_size, ctx), strict=True):
+        for r, score in zip(todo, reward_scores(ctx.files[p.reward], table, p.batch_size, ctx.progress), strict=True):
             memo.put({"reward": score}, r["prompt"], r["answer"])
     return [{"id": r["id"], **(memo.get(r["prompt"], r["answer"]) or {})} for r in rows]
 

@@ -3,10 +3,11 @@ model scores (prompt, reply) pairs)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runner.registry import StepContext, StepError
+from runner.registry import StepError
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -21,7 +22,8 @@ def load_tokenizer(path: Path) -> Any:
         raise StepError(f"tokenizer {path} could not be loaded ({exc})") from None
 
 
-def reward_scores(model_dir: Path, table: Any, batch_size: int, ctx: StepContext) -> list[float]:
+def reward_scores(model_dir: Path, table: Any, batch_size: int, progress: Callable[..., None]) -> list[float]:
+    """The model's score (first logit) of each (prompt, response) row; `progress(total, done)` as it goes."""
     from runner.steps.quiet import quiet_ml
 
     quiet_ml()
@@ -54,5 +56,5 @@ def reward_scores(model_dir: Path, table: Any, batch_size: int, ctx: StepContext
             )
             logits = model(**enc).logits
             scores.extend(logits[:, 0].float().tolist())
-            ctx.progress(len(prompts), min(i + batch_size, len(prompts)))
+            progress(len(prompts), min(i + batch_size, len(prompts)))
     return scores
