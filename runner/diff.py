@@ -81,6 +81,8 @@ def compare(a: Any, b: Any) -> dict[str, Any]:
         for n in names
         if (art := arts_a.get(n) or arts_b.get(n)) is not None and art.manifest.get("rows")
     ]
+    from runner.intervals import unpaired
+
     metrics = []
     for n in names:
         if n not in arts_a or n not in arts_b:  # compared only where both sides are built
@@ -91,8 +93,13 @@ def compare(a: Any, b: Any) -> dict[str, Any]:
         for k in sorted(set(ma) | set(mb)):
             va, vb = ma.get(k), mb.get(k)
             numeric = any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (va, vb))
-            if numeric and va != vb and not k.endswith("_seconds"):  # timings are not results
-                metrics.append({"step": n, "metric": k, "a": va, "b": vb})
+            # timings are not results; a stderr goes with its metric
+            if numeric and va != vb and not k.endswith(("_seconds", "_stderr")):
+                row = {"step": n, "metric": k, "a": va, "b": vb}
+                sa, sb = ma.get(f"{k}_stderr"), mb.get(f"{k}_stderr")
+                if None not in (va, vb, sa, sb):
+                    row["change"] = unpaired(va, sa, vb, sb, int(mb.get("n") or mb.get("val_examples") or 0)).as_dict()
+                metrics.append(row)
     return {
         "a": str(a.loaded.path),
         "b": str(b.loaded.path),
@@ -306,8 +313,11 @@ def markdown(d: dict[str, Any], limit: int = 50) -> str:
                 out.append(f"- … {len(rc[kind]) - limit} more {kind}")
         out.append("")
     if d["metrics"]:
-        out += ["**Metrics**", "", "| step | metric | A | B |", "|---|---|---|---|"]
-        out += [f"| {m['step']} | {m['metric']} | {_num(m['a'])} | {_num(m['b'])} |" for m in d["metrics"]]
+        out += ["**Metrics**", "", "| step | metric | A | B | B - A (95% interval) |", "|---|---|---|---|---|"]
+        out += [
+            f"| {m['step']} | {m['metric']} | {_num(m['a'])} | {_num(m['b'])} | {_change(m.get('change'))} |"
+            for m in d["metrics"]
+        ]
         out.append("")
     if d["scores"]:
         out += [*scores_table(d["scores"]), ""]

@@ -126,6 +126,36 @@ def test_eval_merge_and_outputs(tmp_path: Path) -> None:
     steps = {s.name: s.artifact for s in result.steps}
     ev = steps["eval"].manifest["metrics"]
     assert ev["val_loss"] < ev["val_loss_base"] and ev["val_perplexity"] > 1
+    # the held-out loss and its stderr, example by example on the merged model, with numpy's delta method
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(steps["merge"].file("model")).eval()
+    val = pq.read_table(steps["tokenize"].file(steps["tokenize"].manifest["tables"]["validation"])).to_pylist()
+    sums, counts = [], []
+    with torch.no_grad():
+        for row in val:
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(row["labels"][1:])
+            keep = labels != -100
+            sums.append(float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum")))
+            counts.append(int(keep.sum()))
+    s, c = np.array(sums), np.array(counts)
+    mean = s.sum() / c.sum()
+    se = np.sqrt(np.var(s - mean * c, ddof=1) / len(s)) / c.mean()
+    assert ev["val_loss"] == pytest.approx(mean, rel=1e-4) and ev["val_loss_stderr"] == pytest.approx(se, rel=1e-3)
+    # runner diff: the loss's change with its 95% interval (two independent stderrs)
+    from runner.diff import compare
+
+    other = api.load(path, overrides=["train.merge=true", "lora.rank=2"])
+    assert api.apply(other).ok
+    ev2 = api.artifact(other, "eval").manifest["metrics"]  # type: ignore[union-attr]
+    (row,) = [m for m in compare(b, other)["metrics"] if m["step"] == "eval" and m["metric"] == "val_loss"]
+    sd = float(np.hypot(ev["val_loss_stderr"], ev2["val_loss_stderr"]))
+    assert row["change"]["delta"] == pytest.approx(ev2["val_loss"] - ev["val_loss"])
+    assert row["change"]["high"] - row["change"]["low"] == pytest.approx(2 * 1.959963984540054 * sd)
     gens = sql_rows(b, "select prompt, output from eval__generations")
     assert gens[0][0] == "What is the capital of France?" and isinstance(gens[0][1], str)
     assert (steps["train"].file("loss.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

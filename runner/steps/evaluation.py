@@ -40,13 +40,17 @@ class EvalParams(Params):
     eval: EvalConfig
 
 
-def held_out_loss(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> float | None:
-    """Mean cross-entropy per label token over the validation examples."""
+def held_out_loss(
+    model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int
+) -> tuple[float | None, float | None]:
+    """Mean cross-entropy per label token over the validation examples, and its standard error (the delta method
+    for a ratio of sums over examples: each example's loss sum and label count)."""
     import torch
 
     from runner.steps.trainer import collator
 
-    total, count = 0.0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     collate = collator(pad_id)
     model.eval()
     with torch.no_grad():
@@ -55,17 +59,22 @@ def held_out_loss(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: i
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)),
-                shift_labels.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
+                shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
             )
-            total += float(loss)
-            count += int((shift_labels != -100).sum())
-    return total / count if count else None
+            sums += loss.sum(dim=1).tolist()
+            counts += (shift_labels != -100).sum(dim=1).tolist()
+    total, n = sum(counts), len(counts)
+    if not total:
+        return None, None
+    mean = sum(sums) / total
+    if n < 2:
+        return mean, None
+    residual = [s - mean * c for s, c in zip(sums, counts, strict=True)]
+    var = sum(r * r for r in residual) / (n - 1)
+    return mean, math.sqrt(var / n) / (total / n)
 
 
-@step("eval", version="2", params=EvalParams, libs=("torch", "transformers", "peft", "duckdb"), reproducible=False)
+@step("eval", version="3", params=EvalParams, libs=("torch", "transformers", "peft", "duckdb"), reproducible=False)
 def evaluate(ctx: StepContext) -> None:
     from runner.steps.quiet import quiet_ml
 
@@ -89,14 +98,16 @@ def evaluate(ctx: StepContext) -> None:
     precision = use_precision(p.model.precision)
     ctx.metrics["precision"] = precision
     model = load_model(base_path(ctx, p), precision, trust_remote_code=p.model.trust_remote_code)
-    base_loss = held_out_loss(model, rows, tok.pad_token_id, p.eval.batch_size)
+    base_loss, base_se = held_out_loss(model, rows, tok.pad_token_id, p.eval.batch_size)
     model = PeftModel.from_pretrained(model, ctx.input("train").file("adapter"))
-    loss = held_out_loss(model, rows, tok.pad_token_id, p.eval.batch_size)
+    loss, se = held_out_loss(model, rows, tok.pad_token_id, p.eval.batch_size)
     ctx.metrics.update(
         {
             "val_loss": loss,
+            "val_loss_stderr": se,
             "val_perplexity": math.exp(loss) if loss is not None else None,
             "val_loss_base": base_loss,
+            "val_loss_base_stderr": base_se,
             "val_examples": len(rows),
         }
     )
