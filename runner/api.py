@@ -5,6 +5,7 @@ example."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -340,39 +341,31 @@ def sql(build: Build, query: str) -> pa.Table:
     """Run read-only SQL over the recipe's catalog (a view per step table: `filter_length`,
     `filter_length__rejects`, …); the result as an Arrow table (`.to_pylist()`, `.to_pandas()`, or
     `duckdb.sql("select … from tbl")` over it)."""
-    import duckdb
-
     from stores.datastore import query as run_query
 
     if not build.catalog.exists():
         raise RunnerError(f"{build.loaded.path} has not been applied yet: run `runner apply {build.loaded.path}` first")
-    try:
-        return run_query(build.catalog, query, build.cache.root)
-    except PermissionError as exc:
-        raise UsageError(str(exc)) from None
-    except duckdb.PermissionException as exc:
-        raise UsageError(
-            f"SQL refused: {str(exc).splitlines()[0]}; runner sql reads only the recipe's step tables"
-        ) from None
-    except duckdb.Error as exc:
-        raise RunnerError(f"SQL failed: {str(exc).splitlines()[0]}") from None
+    return _read(lambda: run_query(build.catalog, query, build.cache.root), "the recipe's step tables")
 
 
 def sql_folder(folder: str | Path, query: str) -> pa.Table:
     """Run read-only SQL over a folder's Parquet files (a view per file, named by its stem), such as the tables
     `runner compare --out DIR` writes."""
-    import duckdb
-
     from stores.datastore import query_folder
 
+    return _read(lambda: query_folder(Path(folder), query), "the folder's tables")
+
+
+def _read(run: Callable[[], pa.Table], what: str) -> pa.Table:
+    """A read-only query's result; what it may not do is a usage error, a bad query a plain one."""
+    import duckdb
+
     try:
-        return query_folder(Path(folder), query)
+        return run()
     except PermissionError as exc:
         raise UsageError(str(exc)) from None
     except duckdb.PermissionException as exc:
-        raise UsageError(
-            f"SQL refused: {str(exc).splitlines()[0]}; runner sql reads only the folder's tables"
-        ) from None
+        raise UsageError(f"SQL refused: {str(exc).splitlines()[0]}; runner sql reads only {what}") from None
     except duckdb.Error as exc:
         raise RunnerError(f"SQL failed: {str(exc).splitlines()[0]}") from None
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from runner import registry
 from runner.errors import Problem, RecipeError
@@ -269,19 +269,22 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
             eval=r.eval.model_copy(update={"harness": None, "judge": None}),
         )
         nodes.append(StepNode("eval", "eval", ev, ("train", "tokenize", *model_inputs), base_files, origin("eval")))
-        nodes += _harness_nodes(loaded, problems, spec, commit, model_inputs, base_files)
-        nodes += _judge_nodes(loaded, problems, spec, commit, model_inputs, base_files)
+        base = BaseInputs(spec, commit, model_inputs, base_files)
+        nodes += _harness_nodes(loaded, problems, base) + _judge_nodes(loaded, problems, base)
     return nodes
 
 
-def _judge_nodes(
-    loaded: LoadedRecipe,
-    problems: list[Problem],
-    spec: Any,
-    commit: str | None,
-    model_inputs: tuple[str, ...],
-    base_files: dict[str, Path],
-) -> list[StepNode]:
+class BaseInputs(NamedTuple):
+    """What every step that loads the base model reads: its spec, its hub commit, the steps that make it (tokenizer,
+    model.init) and its files."""
+
+    spec: Any
+    commit: str | None
+    inputs: tuple[str, ...]
+    files: dict[str, Path]
+
+
+def _judge_nodes(loaded: LoadedRecipe, problems: list[Problem], base: BaseInputs) -> list[StepNode]:
     """answers.base and answers (the held-out prompts answered by each model), then judge.[base.]KIND for each
     judge of eval.judge."""
     from runner.steps.answers import AnswersConfig, AnswersParams
@@ -300,11 +303,15 @@ def _judge_nodes(
     nodes = []
     for tuned in (False, True):
         params = AnswersParams(
-            model=spec, commit=commit, template=loaded.recipe.data.prompt.template, tuned=tuned, answers=prompts
+            model=base.spec,
+            commit=base.commit,
+            template=loaded.recipe.data.prompt.template,
+            tuned=tuned,
+            answers=prompts,
         )
-        inputs = (("train",) if tuned else ()) + model_inputs + (("split",) if j.prompts == "validation" else ())
+        inputs = (("train",) if tuned else ()) + base.inputs + (("split",) if j.prompts == "validation" else ())
         name = "answers" if tuned else "answers.base"
-        nodes.append(StepNode(name, "answers", params, inputs, {**base_files, **prompt_files}, where))
+        nodes.append(StepNode(name, "answers", params, inputs, {**base.files, **prompt_files}, where))
         for kind in j.kinds():
             judge = JudgeParams(  # only what this judge reads: another judge's settings are not in its key
                 kind=kind,
@@ -318,14 +325,7 @@ def _judge_nodes(
     return nodes
 
 
-def _harness_nodes(
-    loaded: LoadedRecipe,
-    problems: list[Problem],
-    spec: Any,
-    commit: str | None,
-    model_inputs: tuple[str, ...],
-    base_files: dict[str, Path],
-) -> list[StepNode]:
+def _harness_nodes(loaded: LoadedRecipe, problems: list[Problem], base: BaseInputs) -> list[StepNode]:
     """harness.base.TASK (the base model: no training input, so a new adapter does not re-score it) and
     harness.TASK (the tuned model), for each task of eval.harness."""
     from runner.steps.harness import HarnessParams, is_task_file, task_files
@@ -354,8 +354,8 @@ def _harness_nodes(
             files = {task: path} | {f"{task}:{os.path.relpath(d, path.parent)}": d.resolve() for d in deps[1:]}
         for tuned in (False, True):
             params = HarnessParams(
-                model=spec,
-                commit=commit,
+                model=base.spec,
+                commit=base.commit,
                 task=task,
                 name=name,
                 tuned=tuned,
@@ -363,8 +363,8 @@ def _harness_nodes(
                 limit=h.limit,
                 batch_size=h.batch_size,
             )
-            inputs = ("train", *model_inputs) if tuned else model_inputs
+            inputs = ("train", *base.inputs) if tuned else base.inputs
             step_name = f"harness.{name}" if tuned else f"harness.base.{name}"
-            nodes.append(StepNode(step_name, "harness", params, inputs, {**base_files, **files}, str(loaded.where(at))))
+            nodes.append(StepNode(step_name, "harness", params, inputs, {**base.files, **files}, str(loaded.where(at))))
     _check(problems)
     return nodes

@@ -11,6 +11,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -224,9 +225,35 @@ def test_the_harness_scores_runner_serve_as_it_scores_in_process(
              str(tmp_path / "out"), "--log_samples"],
             cwd=tasks, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # a generation task through local-chat-completions: the answers are the server's own to those messages
+        (tasks / "boolq_gen.yaml").write_text(
+            "task: boolq_gen\ndataset_path: json\ndataset_kwargs: {data_files: {validation: boolq.jsonl}}\n"
+            "output_type: generate_until\nvalidation_split: validation\n"
+            'doc_to_text: "{{passage}}\\nQuestion: {{question}}?\\nAnswer:"\n'
+            "doc_to_target: \"{{'yes' if answer else 'no'}}\"\n"
+            "generation_kwargs: {until: ['\\n'], max_gen_toks: 6}\n"
+            "metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]\n"
+        )
+        chat = subprocess.run(
+            [sys.executable, "-m", "lm_eval", "--model", "local-chat-completions", "--model_args",
+             f"model={name},base_url={url}/v1/chat/completions,max_retries=1", "--apply_chat_template",
+             "--tasks", "boolq_gen.yaml", "--limit", "4", "--output_path", str(tmp_path / "chat"), "--log_samples"],
+            cwd=tasks, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert chat.returncode == 0, chat.stderr[-3000:]
+        lines = next((tmp_path / "chat").glob("*/samples_boolq_gen_*.jsonl")).read_text().splitlines()
+        assert len(lines) == 4
+        for line in lines:
+            s = json.loads(line)
+            logged = s["arguments"]["gen_args_0"]["arg_0"]  # the chat history as the harness logs it: JSON text
+            messages = json.loads(logged[0] if isinstance(logged, list) else logged)
+            body = {"model": name, "messages": messages, "max_tokens": 6, "temperature": 0, "stop": ["\n"]}
+            direct = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+            assert "choices" in direct, (direct, messages)
+            assert s["resps"][0][0] == direct["choices"][0]["message"]["content"]
     finally:
         srv.should_exit = True  # type: ignore[attr-defined]
-    assert proc.returncode == 0, proc.stderr[-3000:]
     (results,) = (tmp_path / "out").glob("*/results_*.json")
     served = json.loads(results.read_text())["results"]
     for n in names:

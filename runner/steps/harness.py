@@ -10,6 +10,7 @@ Per-task metrics with the harness's own stderr go in the manifest; one row per e
 from __future__ import annotations
 
 import re
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,15 @@ def _task_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
+@cache
+def _task_manager(defaults: bool) -> Any:
+    """The harness's task index, made once a process: with its built-in tasks (a hub task name) it reads thousands of
+    task files (seconds); a task file alone needs none of them."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=defaults)
+
+
 def _progress_model(ctx: StepContext, model: Any, tokenizer: Any, batch_size: int) -> Any:
     """The harness's HFLM around `model`, reporting requests done to `ctx.progress` (in chunks of requests, each
     scored as the harness scores a whole list)."""
@@ -206,7 +216,12 @@ def harness(ctx: StepContext) -> None:
         with chatter_to(ctx.log):  # the harness's progress bars and log lines
             lm = _progress_model(ctx, model, tok, p.batch_size)
             result = lm_eval.simple_evaluate(
-                model=lm, tasks=[task], num_fewshot=p.num_fewshot, limit=p.limit, log_samples=True
+                model=lm,
+                tasks=[task],
+                task_manager=_task_manager(not is_task_file(p.task)),
+                num_fewshot=p.num_fewshot,
+                limit=p.limit,
+                log_samples=True,
             )
     except (ConnectionError, OSError) as exc:
         if is_task_file(p.task):
