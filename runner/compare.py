@@ -68,17 +68,19 @@ def bradley_terry(models: list[str], games: list[tuple[str, str, float]], iterat
     """Strengths from (a, b, a's score: 1, 0.5 or 0) by Hunter's MM algorithm, on the Elo scale (400 log10, mean
     1000). A tiny prior (one tie against an average model each) keeps an unbeaten model finite."""
     wins = {m: 0.5 for m in models}
+    played: dict[tuple[str, str], int] = {}
     for a, b, s in games:
         wins[a] += s
         wins[b] += 1 - s
+        played[a, b] = played.get((a, b), 0) + 1
     p = {m: 1.0 for m in models}
     for _ in range(iterations):
         new = {}
         for m in models:
             denom = 1 / (p[m] + 1.0)  # the prior's game, against strength 1
-            for a, b, _ in games:
+            for (a, b), n in played.items():
                 if m in (a, b):
-                    denom += 1 / (p[a] + p[b])
+                    denom += n / (p[a] + p[b])
             new[m] = wins[m] / denom
         mean = math.exp(sum(math.log(v) for v in new.values()) / len(new))
         p = {m: v / mean for m, v in new.items()}

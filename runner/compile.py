@@ -261,7 +261,7 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
             )
         )
     if r.eval is not None:
-        # the harness tasks are steps of their own: a task added or changed does not re-run this one
+        # harness tasks and judges are steps of their own: adding or changing one does not re-run this one
         ev = EvalParams(
             model=spec,
             commit=commit,
@@ -313,12 +313,9 @@ def _judge_nodes(loaded: LoadedRecipe, problems: list[Problem], base: BaseInputs
         name = "answers" if tuned else "answers.base"
         nodes.append(StepNode(name, "answers", params, inputs, {**base.files, **prompt_files}, where))
         for kind in j.kinds():
-            judge = JudgeParams(  # only what this judge reads: another judge's settings are not in its key
-                kind=kind,
-                reward=j.reward if kind == "reward" else None,
-                llm=j.llm if kind == "llm" else None,
-                batch_size=j.batch_size,
-            )
+            # only what this judge reads: another judge's settings are not in its key
+            own: dict[str, Any] = {"reward": j.reward, "batch_size": j.batch_size} if kind == "reward" else {}
+            judge = JudgeParams(kind=kind, llm=j.llm if kind == "llm" else None, **own)
             judge_files = {j.reward: files[j.reward]} if kind == "reward" and j.reward else {}
             step_name = f"judge.{kind}" if tuned else f"judge.base.{kind}"
             nodes.append(StepNode(step_name, "judge", judge, (name,), judge_files, where))
