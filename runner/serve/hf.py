@@ -45,7 +45,7 @@ class TransformersEngine:
 
     def uses_batcher(self, s: Sampling) -> bool:
         """Whether a request runs in the batcher: greedy or sampled; seeded ones run alone (their seed repeats the
-        draws of `generate` alone, whatever else is in flight), and so do logprobs ones."""
+        draws of `generate` alone, whatever else is in flight), and so do logprobs and echo ones."""
         return self.batcher is not None and s.seed is None and s.logprobs is None and not s.echo
 
     def generate(self, prompt: Prompt, s: Sampling, cancel: threading.Event | None = None) -> Output:
