@@ -81,8 +81,6 @@ def compare(a: Any, b: Any) -> dict[str, Any]:
         for n in names
         if (art := arts_a.get(n) or arts_b.get(n)) is not None and art.manifest.get("rows")
     ]
-    from runner.intervals import unpaired
-
     metrics = []
     for n in names:
         if n not in arts_a or n not in arts_b:  # compared only where both sides are built
@@ -96,9 +94,9 @@ def compare(a: Any, b: Any) -> dict[str, Any]:
             # timings are not results; a stderr goes with its metric
             if numeric and va != vb and not k.endswith(("_seconds", "_stderr")):
                 row = {"step": n, "metric": k, "a": va, "b": vb}
-                sa, sb = ma.get(f"{k}_stderr"), mb.get(f"{k}_stderr")
-                if None not in (va, vb, sa, sb):
-                    row["change"] = unpaired(va, sa, vb, sb, int(mb.get("n") or mb.get("val_examples") or 0)).as_dict()
+                n_b = int(mb.get("n") or mb.get("val_examples") or 0)
+                if change := _unpaired(va, ma.get(f"{k}_stderr"), vb, mb.get(f"{k}_stderr"), n_b):
+                    row["change"] = change.as_dict()
                 metrics.append(row)
     return {
         "a": str(a.loaded.path),
@@ -117,8 +115,8 @@ def compare(a: Any, b: Any) -> dict[str, Any]:
 SCORED = {"harness": ("samples", "doc_id"), "judge": ("judgements", "id")}
 
 
-def _scored(build: Any, art: Any, metric: str) -> dict[Any, float]:
-    """example -> its score on `metric`, from a scoring step's per-example table (none: {})."""
+def _scored(build: Any, art: Any) -> dict[str, dict[Any, float]]:
+    """metric -> (example -> its score), for each per-example column of a scoring step's table."""
     from runner import api
     from stores.datastore import connect
 
@@ -126,12 +124,11 @@ def _scored(build: Any, art: Any, metric: str) -> dict[Any, float]:
     sql = api.table_sqls(build.cache, art.key).get(table)
     con = connect()
     try:
-        found = {c[0] for c in con.execute(f"select * from {sql} limit 0").description}
-        if metric not in found:  # a corpus-level score (BLEU): no per-example column
-            return {}
-        return dict(con.execute(f'select {key}, "{metric}" from {sql} where "{metric}" is not null').fetchall())
+        rows = con.sql(f"select * from {sql}").to_arrow_table().to_pylist()
     finally:
         con.close()
+    metrics = [m for m in art.manifest.get("metrics", {}) if rows and m in rows[0]]
+    return {m: {r[key]: r[m] for r in rows if r[m] is not None} for m in metrics}
 
 
 def _scores(a: Any, b: Any, arts_a: dict[str, Any], arts_b: dict[str, Any]) -> list[dict[str, Any]]:
@@ -167,36 +164,44 @@ def _scores(a: Any, b: Any, arts_a: dict[str, Any], arts_b: dict[str, Any]) -> l
                 if k.endswith("_stderr")
             }
         )
+        # each step's per-example scores, read once (a corpus score such as BLEU has none: {})
+        per_example = {
+            (side, which): _scored(build, art)
+            for side, (build, *arts) in sides.items()
+            for which, art in zip(("base", "tuned"), arts, strict=True)
+            if art is not None
+        }
         for m in metrics:
             entry: dict[str, Any] = {"task": task, "metric": m}
-            scores: dict[tuple[str, str], dict[int, float]] = {}
-            for side, (build, base, tuned) in sides.items():
+            scores = {where: found.get(m, {}) for where, found in per_example.items()}
+            for side, (_, base, tuned) in sides.items():
                 row: dict[str, Any] = {}
                 for which, art in (("base", base), ("tuned", tuned)):
-                    if art is None:
-                        continue
-                    got = art.manifest["metrics"]
-                    row[which] = {"value": got.get(m), "stderr": got.get(f"{m}_stderr"), "n": got.get("n")}
-                    scores[side, which] = _scored(build, art, m)
+                    if art is not None:
+                        got = art.manifest["metrics"]
+                        row[which] = {"value": got.get(m), "stderr": got.get(f"{m}_stderr"), "n": got.get("n")}
                 if "base" in row and "tuned" in row:
-                    gain = paired(scores[side, "base"], scores[side, "tuned"]) or _unpaired(row["base"], row["tuned"])
+                    gain = paired(scores[side, "base"], scores[side, "tuned"]) or _between(row["base"], row["tuned"])
                     row["gain"] = gain.as_dict() if gain else None
                 entry[side] = row
             if ("a", "tuned") in scores and ("b", "tuned") in scores:
                 change = paired(scores["a", "tuned"], scores["b", "tuned"])
-                change = change or _unpaired(entry["a"]["tuned"], entry["b"]["tuned"])
+                change = change or _between(entry["a"]["tuned"], entry["b"]["tuned"])
                 entry["change"] = change.as_dict() if change else None
             out.append(entry)
     return out
 
 
-def _unpaired(x: dict[str, Any], y: dict[str, Any]) -> Any:
-    """y - x from their values and stderrs, when both have them."""
+def _between(x: dict[str, Any], y: dict[str, Any]) -> Any:
+    """y - x from two scores ({value, stderr, n})."""
+    return _unpaired(x["value"], x["stderr"], y["value"], y["stderr"], min(x["n"] or 0, y["n"] or 0))
+
+
+def _unpaired(a: Any, se_a: Any, b: Any, se_b: Any, n: int) -> Any:
+    """b - a from two values and their stderrs (None when any is missing)."""
     from runner.intervals import unpaired
 
-    if None in (x["value"], x["stderr"], y["value"], y["stderr"]):
-        return None
-    return unpaired(x["value"], x["stderr"], y["value"], y["stderr"], min(x["n"], y["n"]))
+    return None if None in (a, se_a, b, se_b) else unpaired(a, se_a, b, se_b, n)
 
 
 def _last_data_step(names: list[str]) -> str | None:
