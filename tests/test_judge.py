@@ -182,3 +182,14 @@ def test_a_judge_that_rates_nothing_is_an_error_not_a_zero(tmp_path: Path, cli: 
     finally:
         judge.shutdown()
     assert code != 0 and "judge llm rated none of 1 answers" in err
+
+
+def test_a_bad_prompt_file_names_its_line(tmp_path: Path, cli: Any) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n\n{"question": "no prompt key"}\n')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        tiny_model_recipe(rest=f"train: {{seq_len: 64, epochs: 1}}\neval: {{judge: {{prompts: {prompts}}}}}\n")
+    )
+    code, _, err = cli("apply", str(recipe))
+    assert code != 0 and f"{prompts} line 3: expected a JSON object with a `prompt` string" in err
