@@ -55,6 +55,11 @@ class ServeConfig(Params):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     token_env: str | None = Field(None, description="if set, requests need `Authorization: Bearer $TOKEN_ENV`")
     system: str | None = Field(None, description="system prompt put before every conversation")
+    ui: bool = Field(
+        True,
+        description="serve the chat page at / on the same port (with the `ui` extra installed; the token, if "
+        "any, is its password)",
+    )
     batch_size: int = Field(
         16,
         ge=1,

@@ -9,11 +9,9 @@ model within one token step."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -25,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from runner.retrieval import docs_prompt
 from runner.schema import ServeConfig
 from runner.serve.codec import BadTokens, ContextTooLong
-from runner.serve.engine import Engine, NotSupported, Output, Prompt, Sampling, begin, check_supported
+from runner.serve.engine import Engine, NotSupported, Output, Prompt, Sampling, astream, check_supported
 from runner.serve.guard import Guard
 from runner.serve.openai import (
     CHAT,
@@ -65,7 +63,20 @@ def create_app(
     app.post("/v1/completions")(service.complete)
     app.post("/v1/embeddings")(service.embeddings)
     app.post("/v1/search")(service.search)
-    return Guard(app, config, token)
+    page = None
+    if config.ui and models and _ui_available():
+        from runner.serve.csp import ContentPolicy
+        from runner.serve.ui import mount
+
+        page = ContentPolicy(mount(app, service, token))
+    return Guard(app, config, token, page=page)
+
+
+def _ui_available() -> bool:
+    """Whether the `ui` extra is installed (asked without importing it: the API starts as fast without it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("gradio") is not None
 
 
 def _error_handlers(app: Any) -> None:
@@ -252,30 +263,19 @@ class Service:
             raise ApiError(400, str(exc), param=endpoint.prompt_param) from None
 
         async def events() -> AsyncIterator[str]:
-            # the tokens come from the model thread straight to this loop, which decodes them: a stream holds
-            # no thread while it waits
-            loop, tokens = asyncio.get_running_loop(), asyncio.Queue[Any]()
-
-            def put(item: Any) -> None:  # on the model thread
-                try:
-                    loop.call_soon_threadsafe(tokens.put_nowait, item)
-                except RuntimeError:  # the loop is closed (the server stopped): nobody is reading
-                    pass
-
-            pieces = begin(model, ids, s, threading.Event(), put)
+            done: dict[str, Any] = {}
+            pieces = astream(model, ids, s, done)
             try:
                 if endpoint.chat:
                     role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                     first = {**base, "choices": [role]}
                     yield _event({**first, "sources": sources} if sources else first)
                 # a client gone cancels this generator at its next await (StreamingResponse listens for the
-                # disconnect), and the finally below frees the model
+                # disconnect), and closing `pieces` frees the model
                 # a piece's event is _event(piece), its JSON around the text rendered once
                 head, _, tail = _event({**base, "choices": [endpoint.delta(_HOLE, None)]}).rpartition(json.dumps(_HOLE))
-                while not pieces.done:
-                    if text := pieces.feed(await tokens.get()):
-                        yield head + json.dumps(text) + tail
-                done = pieces.usage(len(ids), s.max_tokens)
+                async for text in pieces:
+                    yield head + json.dumps(text) + tail
                 # the last events go out in one write
                 end = _event({**base, "choices": [endpoint.delta(None, done["finish_reason"])]})
                 counts = usage(done["prompt_tokens"], done["completion_tokens"])
@@ -284,7 +284,7 @@ class Service:
                 request.state.tokens = counts["total_tokens"]
                 yield end + "data: [DONE]\n\n"
             finally:
-                pieces.cancel.set()  # a client gone (or done): the model is free within one token step
+                await pieces.aclose()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

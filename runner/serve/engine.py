@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -141,3 +141,30 @@ def stream(
         pieces.cancel.set()  # done, stopped or abandoned: nothing more is wanted
         if done is not None:
             done.update(pieces.usage(len(ids), s.max_tokens))
+
+
+async def astream(
+    engine: Engine, ids: list[int], s: Sampling, done: dict[str, Any] | None = None
+) -> AsyncGenerator[str]:
+    """`stream` for an event loop, from prompt token ids: the tokens come from the model thread straight to the
+    loop, so a stream holds no thread while it waits. Cancelled (a client gone, a stop button) or closed, it frees
+    the model within one token step."""
+    import asyncio
+
+    loop, tokens = asyncio.get_running_loop(), asyncio.Queue[Any]()
+
+    def put(item: Any) -> None:  # on the model thread
+        try:
+            loop.call_soon_threadsafe(tokens.put_nowait, item)
+        except RuntimeError:  # the loop is closed (the server stopped): nobody is reading
+            pass
+
+    pieces = begin(engine, ids, s, threading.Event(), put)
+    try:
+        while not pieces.done:
+            if piece := pieces.feed(await tokens.get()):
+                yield piece
+        if done is not None:
+            done.update(pieces.usage(len(ids), s.max_tokens))
+    finally:
+        pieces.cancel.set()

@@ -1,4 +1,5 @@
-"""The ASGI guard in front of the app: bearer token, request body limits, one access-log line per request."""
+"""The ASGI guard in front of the app: bearer token, request body limits, one access-log line per request; with
+the chat page, the routing of every path outside the API to it."""
 
 from __future__ import annotations
 
@@ -21,13 +22,21 @@ class Guard:
     arrives (a chunked body stops at the limit: memory stays bounded), a body read timeout, and one access-log line
     per request (method, path, status, latency, tokens; never bodies)."""
 
-    def __init__(self, app: Any, config: ServeConfig, token: str | None) -> None:
-        self.app, self.config, self.token = app, config, token
+    def __init__(self, app: Any, config: ServeConfig, token: str | None, page: Any = None) -> None:
+        self.app, self.config, self.token, self.page = app, config, token, page
+
+    def _route(self, path: str) -> tuple[Any, bool]:
+        """The app a path goes to, and whether it needs the bearer token: the API's paths do; the chat page's
+        (every other path, when there is a page) ask for the token in its sign-in form and keep a cookie."""
+        if self.page is None or path.startswith("/v1/") or path in ("/v1", "/openapi.json"):
+            return self.app, True
+        return self.page, False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started, status = time.perf_counter(), [0]
+        app, needs_token = self._route(scope.get("path", ""))
 
         async def reply(code: int, message: str, kind: str = "invalid_request_error") -> None:
             status[0] = code
@@ -43,7 +52,7 @@ class Guard:
 
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            if self.token is not None and not self._authorized(headers.get("authorization", "")):
+            if needs_token and self.token is not None and not self._authorized(headers.get("authorization", "")):
                 return await reply(401, "missing or wrong bearer token", "authentication_error")
             limit = self.config.max_body_bytes
             length = headers.get("content-length", "")
@@ -72,7 +81,7 @@ class Guard:
                     return {"type": "http.request", "body": body, "more_body": False}
                 return await receive()  # after the body: the disconnect
 
-            await self.app(scope, replay, logged_send)
+            await app(scope, replay, logged_send)
         finally:
             tokens = scope.get("state", {}).get("tokens", "-")
             log.info(
