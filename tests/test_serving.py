@@ -202,6 +202,71 @@ def test_terminal_chat_carries_the_conversation(server: str) -> None:
     assert proc.stdout.count("bot>") == 2 and "docs/rivers.md" in proc.stdout
 
 
+def spawn_chat(*args: str) -> Any:
+    """`runner chat` on a pseudo-terminal, as a person at a terminal runs it."""
+    import os
+    import sys
+
+    import pexpect
+
+    env = {**os.environ, "RUNNER_CACHE": str(SERVED["cache"]), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    cmd = ["-m", "runner", "chat", str(SERVED["recipe"]), *args]
+    return pexpect.spawn(sys.executable, cmd, env=env, encoding="utf-8", timeout=120, dimensions=(40, 120))
+
+
+def test_terminal_chat_keystroke_by_keystroke(server: str, tmp_path: Path) -> None:
+    import pexpect
+
+    chat = spawn_chat("--variant", "base", "--max-tokens", "400")
+    chat.expect("you>")
+    chat.send("Tell me everything\r")
+    chat.expect(">:>:")  # the answer streams
+    chat.sendintr()  # Ctrl-C: the answer stops, the chat goes on
+    chat.expect("stopped")
+    chat.expect("you>")
+    chat.send("/help\r")  # a command, not a question
+    chat.expect("/system")
+    chat.expect("you>")
+    chat.send("/system Answer briefly.\r")
+    chat.expect("starts over")
+    chat.send("abc\x1b[DX\r")  # left arrow, then X: line editing
+    chat.expect("bot>")
+    chat.expect("you>")
+    chat.send("/nope\r")
+    chat.expect("unknown command")
+    chat.send("\x1b[A\x1b[A\r")  # up twice: the earlier line again (history)
+    chat.expect("bot>")
+    chat.expect("you>")
+    saved = tmp_path / "conversation.json"
+    chat.send(f"/save {saved}\r")
+    chat.expect("saved 4 messages")
+    chat.expect("you>")
+    chat.sendintr()  # Ctrl-C at the prompt leaves
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0 and "interrupted" not in (chat.before or "")
+    body = json.loads(saved.read_text())
+    assert body["system"] == "Answer briefly." and body["model"] == "tiny-base"
+    assert [m["content"] for m in body["messages"] if m["role"] == "user"] == ["abXc", "abXc"]
+    answers = [m["content"] for m in body["messages"] if m["role"] == "assistant"]
+    assert answers[0] == answers[1] and len(answers[0]) == 800, "greedy, 400 tokens of '>:'"
+
+    stopped = spawn_chat("--variant", "base", "--max-tokens", "400")
+    stopped.expect("you>")
+    stopped.send("Tell me everything\r")
+    stopped.expect(">:>:")
+    stopped.sendintr()
+    stopped.expect("you>")
+    stopped.send(f"/save {saved}\r")
+    stopped.expect("saved 2 messages")
+    stopped.expect("you>")
+    stopped.send("\x04")  # Ctrl-D leaves
+    stopped.expect(pexpect.EOF)
+    stopped.close()
+    partial = json.loads(saved.read_text())["messages"][1]["content"]
+    assert stopped.exitstatus == 0 and 0 < len(partial) < 800, "the stopped answer is kept as far as it went"
+
+
 def test_a_conversation_becomes_one_prompt_with_its_history() -> None:
     from runner.serve.codec import Codec
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -125,7 +125,7 @@ def stream(
     s: Sampling,
     cancel: threading.Event | None = None,
     done: dict[str, Any] | None = None,
-) -> Iterator[str]:
+) -> Generator[str]:
     """Text pieces as they are generated, cut before a stop string; stop iterating and the model is free of it
     within one token step. `done` receives finish_reason and token counts at the end."""
     import queue
