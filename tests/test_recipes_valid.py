@@ -17,3 +17,11 @@ def test_there_are_recipes() -> None:
 def test_recipe_validates(path: Path) -> None:
     build = api.load(path)
     assert build.graph.order, "a recipe compiles to at least one step"
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.with_name(p.name + ".lock").exists()], ids=lambda p: p.name)
+def test_committed_locks_match_their_recipes(path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    """A step whose key moved (a new step version, a changed default) without its lock regenerated would make
+    `apply --locked` refuse the shipped recipe, and the README's first apply rewrite a committed file."""
+    code, out, err = cli("lock", str(path), "--check")
+    assert code == 0, err
