@@ -1,5 +1,6 @@
 """Every recipe shipped in recipes/ validates and compiles."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,8 @@ def test_recipe_validates(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if p.with_name(p.name + ".lock").exists()], ids=lambda p: p.name)
-def test_committed_locks_match_their_recipes(path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+def test_committed_locks_match_their_recipes(path: Path, cli: Callable[..., tuple[int, str, str]]) -> None:
     """A step whose key moved (a new step version, a changed default) without its lock regenerated would make
     `apply --locked` refuse the shipped recipe, and the README's first apply rewrite a committed file."""
-    code, out, err = cli("lock", str(path), "--check")
+    code, _, err = cli("lock", str(path), "--check")
     assert code == 0, err

@@ -19,7 +19,8 @@ def add(sub: argparse._SubParsersAction) -> None:
         "Greedy requests to one model share continuous batches (serve.batch_size); sampled, "
         "seeded and logprobs requests run one at a time. The recipe's serve: section sets "
         "host, port, variants, limits and the bearer token. Each request is logged to stderr "
-        "(method, path, status, latency, tokens; never bodies).",
+        "(method, path, status, latency, tokens; never bodies). With the ui extra, a chat page at / on the "
+        "same port (serve.ui; the token, if any, is its sign-in password).",
         epilog="example: RUNNER_SERVE_TOKEN=secret runner serve recipes/quickstart.yaml --port 8000  "
         "then  OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='secret')",
     )
@@ -78,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
     sock = listen(host, port)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     logging.getLogger("runner.serve").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    console(stderr=True).print(f"serving on http://{host}:{sock.getsockname()[1]}/v1  (models: GET /v1/models)")
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}"
+    console(stderr=True).print(f"serving on {url}/v1  (models: GET /v1/models)")
+    if app.page is not None:
+        console(stderr=True).print(f"chat page: {url}/" + ("  (sign in with the token)" if app.token else ""))
     server = uvicorn.Server(
         uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10, timeout_keep_alive=15)
     )
