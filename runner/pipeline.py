@@ -24,6 +24,7 @@ from runner import registry
 from runner.errors import RunnerError
 from runner.graph import Graph, StepNode
 from runner.keypaths import flatten
+from runner.peak import PeakRss
 from runner.registry import StepContext, StepError, lib_version
 from stores.cache import Artifact, ArtifactCache, CacheError
 from stores.hashing import StatCache, hash_json
@@ -263,10 +264,11 @@ def _build_one(
         tmp = cache.begin(key)
         ctx = _context(node, key, inputs, cache, tmp, reporter)
         started = time.time()
-        _run_logged(node, ctx, run_step, lambda: cache.abort(tmp))
+        with PeakRss() as peak:
+            _run_logged(node, ctx, run_step, lambda: cache.abort(tmp))
         seconds = time.time() - started
         try:
-            art = cache.commit(key, tmp, _manifest(node, ctx, comps, inputs, started, seconds))
+            art = cache.commit(key, tmp, _manifest(node, ctx, comps, inputs, started, seconds, peak.figure()))
         except CacheError as exc:
             cache.abort(tmp)
             raise StepFailed(node.name, str(exc)) from None
@@ -320,7 +322,13 @@ def _run_logged(node: StepNode, ctx: StepContext, run_step: RunStep, abort: Call
 
 
 def _manifest(
-    node: StepNode, ctx: StepContext, comps: dict[str, Any], inputs: list[Artifact], started: float, seconds: float
+    node: StepNode,
+    ctx: StepContext,
+    comps: dict[str, Any],
+    inputs: list[Artifact],
+    started: float,
+    seconds: float,
+    memory: dict[str, Any],
 ) -> dict[str, Any]:
     """What the cache records beside the step's files: its tables, metrics and where it came from."""
     return {
@@ -333,6 +341,7 @@ def _manifest(
         "views": ctx.views,
         "requires": ctx.requires,
         "timings": {"started": started, "seconds": round(seconds, 6)},
+        "memory": memory,
         "lineage": {
             **comps,
             "input_keys": [a.key for a in inputs],

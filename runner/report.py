@@ -41,6 +41,7 @@ def collect(build: Any) -> dict[str, Any]:
                 "key": p.key,
                 "seconds": timings.get("seconds"),
                 "built_at": timings.get("started"),
+                "peak_rss": (art.manifest.get("memory") or {}).get("peak_rss_bytes") if art else None,
                 "why": list(p.why) if not art else [],
             }
         )
@@ -333,8 +334,10 @@ def _steps_table(steps: list[dict[str, Any]]) -> str:
         )
         state = f"<span class={s['state']}>{_e(s['state'])}</span>"
         took = f"{s['seconds']:.2f}" if s["seconds"] is not None else ""
-        rows.append([s["step"], s["kind"], state, (s["key"] or "-")[:12], took, when, "; ".join(s["why"])])
-    return _table(["step", "kind", "state", "key", "seconds", "built (UTC)", "why it would run"], rows, raw={2})
+        peak = f"{s['peak_rss'] / 2**20:,.0f}" if s.get("peak_rss") else ""
+        rows.append([s["step"], s["kind"], state, (s["key"] or "-")[:12], took, peak, when, "; ".join(s["why"])])
+    header = ["step", "kind", "state", "key", "seconds", "peak MiB", "built (UTC)", "why it would run"]
+    return _table(header, rows, raw={2})
 
 
 def _reasons(data: list[dict[str, Any]]) -> str:

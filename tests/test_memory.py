@@ -12,6 +12,18 @@ from runner import api
 from runner.steps.memory import GIB, estimate, shape_from_config, shape_from_name
 from tests.conftest import ROOT, run_subprocess, tiny_model_recipe
 
+# a thread that samples this process's resident memory every millisecond: (time, bytes)
+SAMPLER = """
+import threading, time
+samples, done = [], threading.Event()
+def _sample():
+    while not done.is_set():
+        rss = next(x for x in open('/proc/self/status') if x.startswith('VmRSS'))
+        samples.append((time.time(), int(rss.split()[1]) * 1024))
+        time.sleep(0.001)
+threading.Thread(target=_sample, daemon=True).start()
+"""
+
 
 def tiny(tmp_path: Path, hidden: int, layers: int, seq: int, batch: int) -> Path:
     path = tmp_path / "t.yaml"
@@ -37,8 +49,11 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(
     env_cache = tmp_path / "c"
     assert run_subprocess("apply", str(path), "--target", "tokenize", cache=env_cache).returncode == 0
     # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across exec on Linux)
-    code = (
-        "import sys; from runner.cli.main import main; main(['apply', sys.argv[1], '--target', 'train']);"
+    code = SAMPLER + (
+        "import sys; from runner.cli.main import main; main(['apply', sys.argv[1], '--target', 'train']); "
+        "done.set(); from runner import api; m = api.artifact(api.load(sys.argv[1]), 'train').manifest; "
+        "t0 = m['timings']['started']; t1 = t0 + m['timings']['seconds']; "
+        "print('SAMPLED', max(r for t, r in samples if t0 <= t <= t1)); "
         "print('PEAK', next(x.split()[1] for x in open('/proc/self/status') if x.startswith('VmHWM')))"
     )
     proc = subprocess.run(
@@ -50,8 +65,16 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak = int(next(x for x in proc.stdout.splitlines() if x.startswith("PEAK")).split()[1]) * 1024  # KiB on Linux
-    e = api.training_memory(api.load(path, cache_dir=env_cache))
+    build = api.load(path, cache_dir=env_cache)
+    e = api.training_memory(build)
     assert 0.75 <= e.per_process / peak <= 1.25, (e, peak / GIB)
+    # the train step's own figure: at most the process's peak (the DuckDB catalog written after it adds to the
+    # memory training left), and at least what a thread sampling VmRSS saw while it ran (the largest sample)
+    measured = api.artifact(build, "train").manifest["memory"]  # type: ignore[union-attr]
+    sampled = int(next(x for x in proc.stdout.splitlines() if x.startswith("SAMPLED")).split()[1])
+    assert measured["scope"] == "step" and sampled - 2**20 <= measured["peak_rss_bytes"] <= peak, (measured, peak)
+    plan = run_subprocess("plan", str(path), cache=env_cache)
+    assert f"train as built peaked at {measured['peak_rss_bytes'] / GIB:.1f} GiB" in plan.stdout, plan.stdout
 
 
 def test_estimate_adds_up_and_scales() -> None:
@@ -85,3 +108,36 @@ def test_plan_says_falcon_7b_will_not_fit_here(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     line = next(x for x in proc.stdout.splitlines() if x.startswith("train needs about"))
     assert "a guess from the name 'tiiuae/falcon-7b'" in line and line.endswith("it will not fit")
+
+
+def test_each_step_records_its_own_peak_memory(small_recipe: Path) -> None:
+    """Every built step's manifest holds its peak RSS: at least what a thread sampling /proc/self/status saw
+    during the step, and no more than the process's peak."""
+    import threading
+    import time
+
+    samples: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            rss = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS"))
+            samples.append((time.time(), int(rss.split()[1]) * 1024))
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = api.apply(api.load(small_recipe))
+    finally:
+        done.set()
+        sampler.join()
+    assert result.ok
+    hwm = int(next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM")).split()[1])
+    for step in result.steps:
+        m = step.artifact.manifest  # type: ignore[union-attr]
+        peak, (start, took) = m["memory"]["peak_rss_bytes"], (m["timings"]["started"], m["timings"]["seconds"])
+        seen = [rss for t, rss in samples if start <= t <= start + took]
+        assert m["memory"]["scope"] == "step" and peak <= hwm * 1024, step.name
+        # a sample taken as the step ended may already hold what came after it: a MiB of slack
+        assert not seen or peak >= max(seen) - 2**20, (step.name, peak, max(seen))

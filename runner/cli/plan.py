@@ -52,4 +52,10 @@ def run(args: argparse.Namespace) -> int:
 
         line, fits = verdict(memory, machine_memory())
         console().print(line if fits else f"[bold red]{line}[/]")
+        built = api.artifact(build, "train")
+        measured = built.manifest.get("memory") if built is not None else None
+        if measured:  # what this recipe's training really used, beside the estimate
+            scope = "" if measured["scope"] == "step" else " (the process's peak: per-step figures need Linux)"
+            peak = measured["peak_rss_bytes"] / 2**30
+            console().print(f"train as built peaked at {peak:.1f} GiB resident{scope}")
     return 0
