@@ -68,7 +68,10 @@ def main() -> None:
         copy = Path(cache) / "recipes"
         shutil.copytree(Path(args.recipe).resolve().parent, copy)
         recipe = str(copy / Path(args.recipe).name)
-        env = {**os.environ, "RUNNER_CACHE": str(Path(cache) / "cache")}
+        # bytecode written and read, as on a user's machine (a shell with PYTHONDONTWRITEBYTECODE set recompiles
+        # every module of runner's on each run; DVC's come precompiled from its wheel either way)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env["RUNNER_CACHE"] = str(Path(cache) / "cache")
         apply = [sys.executable, "-m", "runner", "apply", recipe]
         baseline = [sys.executable, "-c", "import duckdb, yaml, pydantic"]
         first = wall(apply, env)
@@ -90,6 +93,8 @@ def main() -> None:
         med = statistics.median(times)
         print(f"  {name:<30} {med:6.3f} s ({min(times):.3f}-{max(times):.3f})  {med / ours:5.2f}x runner's")
     print(f"target < 0.5 s: {'met' if ours < 0.5 else 'MISSED'}")
+    status = statistics.median(runs["dvc status"])
+    print(f"target <= 0.5x dvc status ({0.5 * status:.3f} s): {'met' if ours <= 0.5 * status else 'MISSED'}")
 
 
 if __name__ == "__main__":
