@@ -260,6 +260,38 @@ def test_answers_stream_and_stop_frees_the_model(forced: tuple[str, dict[str, An
     assert tab.bot("chat").count() == 2 and time.perf_counter() - started < 10
 
 
+@pytest.fixture(scope="module")
+def batched(built: Any) -> Iterator[str]:
+    """The base model behind the continuous batcher, allowed long answers (it never stops before max_tokens)."""
+    from runner.schema import ServeConfig
+    from runner.serve.app import create_app
+    from runner.serve.load import load_models
+
+    url, srv = start(create_app(load_models(built, ["base"]), ServeConfig(max_tokens=1500, batch_size=4)))
+    yield url
+    srv.should_exit = True
+
+
+def test_two_visitors_are_answered_at_once(batched: str, browser: Any) -> None:
+    """A second visitor's answer does not wait for the first's (Gradio's default runs an event for one visitor
+    at a time): it starts while the first is still streaming, and the batcher serves both."""
+    tabs = [Tab(browser, batched), Tab(browser, batched)]
+    for tab in tabs:
+        tab.page.locator("#chat-box textarea").wait_for()
+        tab.page.get_by_text("Settings").click()
+        tab.max_tokens(1500)
+    tabs[0].say("chat-box", "Tell me everything.")
+    tabs[0].bot("chat").first.wait_for()
+    tabs[1].say("chat-box", "And you, tell me everything.")
+    deadline = time.time() + 30
+    while time.time() < deadline and not (tabs[1].bot("chat").count() and tabs[1].bot("chat").last.inner_text()):
+        time.sleep(0.05)
+    assert tabs[1].bot("chat").last.inner_text(), "the second answer never started"
+    assert len(tabs[0].bot("chat").last.inner_text()) < 1500 * 2, "the first answer had already ended"
+    for tab in tabs:
+        tab.page.locator("#chat-stop").click()
+
+
 def test_model_output_and_documents_are_shown_as_text(forced: tuple[str, dict[str, Any]], browser: Any) -> None:
     url, _ = forced
     tab = Tab(browser, url)

@@ -88,6 +88,7 @@ class Page:
                     "inputs": [chat, model, *settings],
                     "outputs": chat,
                     "api_visibility": "private",
+                    "concurrency_limit": None,  # every visitor at once: the engine batches their answers
                 }
                 replies = [
                     ev(self.ask, [box, chat], [box, chat], **quiet).then(**answer) for ev in (box.submit, send.click)
@@ -115,6 +116,7 @@ class Page:
                     "inputs": [chat_a, chat_b, left, right, *settings],
                     "outputs": [chat_a, chat_b],
                     "api_visibility": "private",
+                    "concurrency_limit": None,
                 }
                 asked = [
                     ev(_ask_both, [prompt, chat_a, chat_b], [prompt, chat_a, chat_b], **quiet).then(**pair)
