@@ -75,8 +75,13 @@ def _data_step(build: Any, name: str, art: Any) -> dict[str, Any]:
 
     counts = dict(art.manifest.get("rows", {}))
     rejected = int(counts.get("rejects", 0))
-    out = counts["rows"] if "rows" in counts else sum(v for k, v in counts.items() if k not in ("in", "rejects"))
-    step = {"step": name, "in": counts.get("in"), "out": out, "rejected": rejected, "reasons": []}
+    step: dict[str, Any] = {
+        "step": name,
+        "in": counts.get("in"),
+        "out": _out(counts),
+        "rejected": rejected,
+        "reasons": [],
+    }
     tables = api.table_sqls(build.cache, art.key)
     if not rejected or "rejects" not in tables:
         return step
@@ -105,6 +110,11 @@ def _data_step(build: Any, name: str, art: Any) -> dict[str, Any]:
     finally:
         con.close()
     return step
+
+
+def _out(counts: dict[str, int]) -> int:
+    """The rows a data step passes on: its `rows`, or a split's train + validation."""
+    return counts["rows"] if "rows" in counts else sum(v for k, v in counts.items() if k not in ("in", "rejects"))
 
 
 def _training(art: Any) -> dict[str, Any] | None:

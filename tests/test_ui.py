@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 
 from runner import api
 from tests.conftest import tiny_model_recipe
+from tests.test_serving import start
 
 pytest.importorskip("gradio", reason="the chat page needs the ui extra")
 TOKEN = "ui-s3cret"
@@ -62,20 +62,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Any:
     build = api.load(work / "r.yaml", cache_dir=work / "cache")
     assert api.apply(build).ok
     return build
-
-
-def start(app: object) -> tuple[str, Any]:
-    import uvicorn
-
-    from runner.cli.serve import listen
-
-    sock = listen("127.0.0.1", 0)
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True).start()
-    deadline = time.time() + 60
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", srv
 
 
 @pytest.fixture(scope="module")
