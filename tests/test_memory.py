@@ -111,8 +111,9 @@ def test_plan_says_falcon_7b_will_not_fit_here(tmp_path: Path) -> None:
 
 
 def test_each_step_records_its_own_peak_memory(small_recipe: Path) -> None:
-    """Every built step's manifest holds its peak RSS: at least what a thread sampling /proc/self/status saw
-    during the step, and no more than the process's peak."""
+    """Every built step's manifest holds its peak RSS, which a thread sampling /proc/self/status every
+    millisecond brackets: at least the largest sample taken during the step, and close above it (these steps
+    allocate little; the process's own VmHWM is no bound here, since each step resets it)."""
     import threading
     import time
 
@@ -133,11 +134,12 @@ def test_each_step_records_its_own_peak_memory(small_recipe: Path) -> None:
         done.set()
         sampler.join()
     assert result.ok
-    hwm = int(next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM")).split()[1])
     for step in result.steps:
         m = step.artifact.manifest  # type: ignore[union-attr]
         peak, (start, took) = m["memory"]["peak_rss_bytes"], (m["timings"]["started"], m["timings"]["seconds"])
         seen = [rss for t, rss in samples if start <= t <= start + took]
-        assert m["memory"]["scope"] == "step" and peak <= hwm * 1024, step.name
-        # a sample taken as the step ended may already hold what came after it: a MiB of slack
+        around = [rss for t, rss in samples if start - 0.05 <= t <= start + took + 0.05]
+        assert m["memory"]["scope"] == "step" and around, step.name
+        # a sample taken as the step ended may already hold what came after it: a MiB of slack below
         assert not seen or peak >= max(seen) - 2**20, (step.name, peak, max(seen))
+        assert peak <= max(around) + 32 * 2**20, (step.name, peak, max(around))
