@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +150,36 @@ def sql_rows(build: Any, query: str) -> list[tuple[Any, ...]]:
 
     table = api.sql(build, query)
     return list(zip(*(c.to_pylist() for c in table.columns), strict=True))
+
+
+# -- the browser tests (test_ui, test_report) ---------------------------------------------------------
+
+# the browser's program: Debian's chromium (CI installs it); RUNNER_REQUIRE_BROWSER=1 makes its absence a failure
+CHROMIUM = os.environ.get("RUNNER_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def browser_or_skip() -> str:
+    if CHROMIUM is None:
+        if os.environ.get("RUNNER_REQUIRE_BROWSER"):
+            pytest.fail("no chromium on PATH (apt-get install chromium), and RUNNER_REQUIRE_BROWSER is set")
+        pytest.skip("no chromium on PATH (apt-get install chromium)")
+    pytest.importorskip("playwright", reason="the browser tests drive Chromium with Playwright (dev extra)")
+    return CHROMIUM
+
+
+def shots(tmp: Path) -> Path:
+    """Where screenshots go: $RUNNER_SCREENSHOTS when set (docs/img is refreshed so), else the test's tmp dir."""
+    out = Path(os.environ.get("RUNNER_SCREENSHOTS") or tmp)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    executable = browser_or_skip()
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield b
+        b.close()

@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 
 from runner import api
-from tests.conftest import SHARED_DATA, needs_shared_data, write_jsonl
-from tests.test_ui import _browser_or_skip, shots
+from tests.conftest import SHARED_DATA, needs_shared_data, shots, write_jsonl
 
 pytest.importorskip("plotly", reason="runner report needs the ui extra")
 ALPACA = SHARED_DATA / "instruct" / "alpaca_en_demo.json"
@@ -91,7 +90,7 @@ def chart(page: Any, div: str) -> list[dict[str, Any]]:
 
 @needs_shared_data
 def test_a_build_report_opens_offline_and_shows_the_manifests(
-    built: tuple[Path, Path, Path], cli: Callable[..., tuple[int, str, str]], tmp_path: Path
+    built: tuple[Path, Path, Path], cli: Callable[..., tuple[int, str, str]], tmp_path: Path, browser: Any
 ) -> None:
     a, _, cache = built
     out = tmp_path / "report.html"
@@ -100,93 +99,83 @@ def test_a_build_report_opens_offline_and_shows_the_manifests(
     build = api.load(a, cache_dir=cache)
     manifests = {n: api.artifact(build, n).manifest for n in build.graph.nodes}  # type: ignore[union-attr]
 
-    from playwright.sync_api import sync_playwright
+    page, problems = open_offline(browser, out)
+    drawn = page.evaluate(
+        "() => [...document.querySelectorAll('.plotly-graph-div')].map(d => [d.id, d.querySelectorAll('.main-svg').length])"
+    )
+    assert {d for d, n in drawn if n} == {"chart-steps", "chart-rows", "chart-loss", "chart-metrics"}, drawn
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_browser_or_skip(), args=["--no-sandbox"])
-        page, problems = open_offline(browser, out)
-        drawn = page.evaluate(
-            "() => [...document.querySelectorAll('.plotly-graph-div')].map(d => [d.id, d.querySelectorAll('.main-svg').length])"
-        )
-        assert {d for d, n in drawn if n} == {"chart-steps", "chart-rows", "chart-loss", "chart-metrics"}, drawn
+    rows = {t["name"]: t for t in chart(page, "chart-rows")}
+    steps = rows["in"]["x"]
+    assert steps == [
+        "source.a",
+        "source.0x",
+        "mix",
+        "filter.length",
+        "filter.profanity",
+        "filter.dedup",
+        "format",
+        "split",
+    ]
+    for trace in rows.values():
+        assert trace["drawn"] == len(steps), "a bar per data step"
+    for step, n_in, n_out, rejected in zip(
+        steps, rows["in"]["y"], rows["out"]["y"], rows["rejected"]["y"], strict=True
+    ):
+        m = manifests[step]["rows"]
+        assert (n_in, rejected) == (m.get("in"), m.get("rejects", 0)), step
+        assert n_out == m.get("rows", m.get("train", 0) + m.get("validation", 0)), step
+    # the length filter's bars, recomputed from Alpaca's file (the extra row is short: rejected too)
+    i = steps.index("filter.length")
+    assert rows["out"]["y"][i] == alpaca_kept_by_length(100)
+    assert rows["rejected"]["y"][i] == 999 + 1 - alpaca_kept_by_length(100)
 
-        rows = {t["name"]: t for t in chart(page, "chart-rows")}
-        steps = rows["in"]["x"]
-        assert steps == [
-            "source.a",
-            "source.0x",
-            "mix",
-            "filter.length",
-            "filter.profanity",
-            "filter.dedup",
-            "format",
-            "split",
-        ]
-        for trace in rows.values():
-            assert trace["drawn"] == len(steps), "a bar per data step"
-        for step, n_in, n_out, rejected in zip(
-            steps, rows["in"]["y"], rows["out"]["y"], rows["rejected"]["y"], strict=True
-        ):
-            m = manifests[step]["rows"]
-            assert (n_in, rejected) == (m.get("in"), m.get("rejects", 0)), step
-            assert n_out == m.get("rows", m.get("train", 0) + m.get("validation", 0)), step
-        # the length filter's bars, recomputed from Alpaca's file (the extra row is short: rejected too)
-        i = steps.index("filter.length")
-        assert rows["out"]["y"][i] == alpaca_kept_by_length(100)
-        assert rows["rejected"]["y"][i] == 999 + 1 - alpaca_kept_by_length(100)
+    train = json.loads(api.artifact(build, "train").file("train_result.json").read_text())  # type: ignore[union-attr]
+    loss = {t["name"]: t for t in chart(page, "chart-loss")}
+    assert loss["training loss"]["y"] == pytest.approx(train["losses"])
+    assert loss["validation loss"]["y"] == pytest.approx(train["validation"]["losses"])
+    metrics = manifests["eval"]["metrics"]
+    text = page.inner_text("body")
+    assert f"{metrics['val_loss']:.4g}" in text and f"{metrics['val_loss_stderr']:.4g}" in text
+    lo = metrics["val_loss"] - 1.959963984540054 * metrics["val_loss_stderr"]
+    assert f"{lo:.4g} to" in text
 
-        train = json.loads(api.artifact(build, "train").file("train_result.json").read_text())  # type: ignore[union-attr]
-        loss = {t["name"]: t for t in chart(page, "chart-loss")}
-        assert loss["training loss"]["y"] == pytest.approx(train["losses"])
-        assert loss["validation loss"]["y"] == pytest.approx(train["validation"]["losses"])
-        metrics = manifests["eval"]["metrics"]
-        text = page.inner_text("body")
-        assert f"{metrics['val_loss']:.4g}" in text and f"{metrics['val_loss_stderr']:.4g}" in text
-        lo = metrics["val_loss"] - 1.959963984540054 * metrics["val_loss_stderr"]
-        assert f"{lo:.4g} to" in text
-
-        assert f"hi {TRAP}" in text, "a rejected row's text is shown as text"
-        assert page.title() != "pwned" and page.locator("img").count() == 0
-        for g in api.table(build, "eval", "generations").to_pylist():
-            assert g["prompt"] in text
-        page.screenshot(path=str(shots(tmp_path) / "report.png"), full_page=True)
-        assert not problems, problems
-        browser.close()
+    assert f"hi {TRAP}" in text, "a rejected row's text is shown as text"
+    assert page.title() != "pwned" and page.locator("img").count() == 0
+    for g in api.table(build, "eval", "generations").to_pylist():
+        assert g["prompt"] in text
+    page.screenshot(path=str(shots(tmp_path) / "report.png"), full_page=True)
+    assert not problems, problems
 
 
 @needs_shared_data
 def test_two_recipes_report_their_difference(
-    built: tuple[Path, Path, Path], cli: Callable[..., tuple[int, str, str]], tmp_path: Path
+    built: tuple[Path, Path, Path], cli: Callable[..., tuple[int, str, str]], tmp_path: Path, browser: Any
 ) -> None:
     a, b, cache = built
     out = tmp_path / "diff.html"
     code, _, err = cli("report", str(a), str(b), "-o", str(out), "--cache-dir", str(cache))
     assert code == 0, err
 
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_browser_or_skip(), args=["--no-sandbox"])
-        page, problems = open_offline(browser, out)
-        loss = [t["name"] for t in chart(page, "chart-loss")]
-        assert loss == [
-            "A: short training loss",
-            "A: short validation loss",
-            "B: long training loss",
-            "B: long validation loss",
-        ]
-        text = page.inner_text("body")
-        # A's rows that B's longer minimum drops, from Alpaca's file (of those A kept to the end)
-        outputs = {f"a/{n}": r["output"] for n, r in enumerate(json.loads(ALPACA.read_text()), start=1)}
-        kept = {r["id"] for r in api.table(api.load(a, cache_dir=cache), "filter.dedup").to_pylist()}
-        removed = sum(100 <= len(outputs[i]) < 150 for i in kept if i in outputs)
-        heading = page.locator("h3", has_text="rows in A, not in B")
-        assert heading.inner_text().startswith(f"{removed} rows"), "recomputed from Alpaca's file"
-        table = heading.locator("xpath=following-sibling::table[1]")
-        assert set(table.locator("tbody td:nth-child(2)").all_inner_texts()) == {"filter.length"}
-        assert "data.filters[0].min_chars\t100\t150" in text and "val_loss" in text
-        assert not problems, problems
-        browser.close()
+    page, problems = open_offline(browser, out)
+    loss = [t["name"] for t in chart(page, "chart-loss")]
+    assert loss == [
+        "A: short training loss",
+        "A: short validation loss",
+        "B: long training loss",
+        "B: long validation loss",
+    ]
+    text = page.inner_text("body")
+    # A's rows that B's longer minimum drops, from Alpaca's file (of those A kept to the end)
+    outputs = {f"a/{n}": r["output"] for n, r in enumerate(json.loads(ALPACA.read_text()), start=1)}
+    kept = {r["id"] for r in api.table(api.load(a, cache_dir=cache), "filter.dedup").to_pylist()}
+    removed = sum(100 <= len(outputs[i]) < 150 for i in kept if i in outputs)
+    heading = page.locator("h3", has_text="rows in A, not in B")
+    assert heading.inner_text().startswith(f"{removed} rows"), "recomputed from Alpaca's file"
+    table = heading.locator("xpath=following-sibling::table[1]")
+    assert set(table.locator("tbody td:nth-child(2)").all_inner_texts()) == {"filter.length"}
+    assert "data.filters[0].min_chars\t100\t150" in text and "val_loss" in text
+    assert not problems, problems
 
 
 def test_a_report_of_an_unbuilt_recipe_is_a_clear_error(

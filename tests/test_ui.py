@@ -4,9 +4,7 @@ Screenshots go to $RUNNER_SCREENSHOTS when it is set (docs/img is refreshed so),
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,29 +16,12 @@ import httpx
 import pytest
 
 from runner import api
-from tests.conftest import tiny_model_recipe
+from tests.conftest import shots, tiny_model_recipe
 from tests.test_serving import start
 
 pytest.importorskip("gradio", reason="the chat page needs the ui extra")
 TOKEN = "ui-s3cret"
 HTML = "<img src=x onerror=\"document.title='pwned'\"><script>document.title='pwned'</script>"
-# the browser's program: Debian's chromium (CI installs it); RUNNER_REQUIRE_BROWSER=1 makes its absence a failure
-CHROMIUM = os.environ.get("RUNNER_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _browser_or_skip() -> str:
-    if CHROMIUM is None:
-        if os.environ.get("RUNNER_REQUIRE_BROWSER"):
-            pytest.fail("no chromium on PATH (apt-get install chromium), and RUNNER_REQUIRE_BROWSER is set")
-        pytest.skip("no chromium on PATH (apt-get install chromium)")
-    pytest.importorskip("playwright", reason="the browser tests drive Chromium with Playwright (dev extra)")
-    return CHROMIUM
-
-
-def shots(tmp: Path) -> Path:
-    out = Path(os.environ.get("RUNNER_SCREENSHOTS") or tmp)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -100,17 +81,6 @@ def forced(built: Any) -> Iterator[tuple[str, dict[str, Any]]]:
     url, srv = start(create_app(models, ServeConfig(max_tokens=1500, batch_size=1)))
     yield url, models
     srv.should_exit = True
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    executable = _browser_or_skip()
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 class Tab:
