@@ -68,6 +68,11 @@ class RichReporter(Reporter):
         )
         self.tasks: dict[str, Any] = {}
         self.last_line: dict[str, tuple[float, int]] = {}
+        self.said: list[str] = []  # every line printed (markup), for the no-op memo
+
+    def say(self, markup: str) -> None:
+        self.said.append(markup)
+        self.out.print(markup)
 
     def start(self, node: StepNode, key: str) -> None:
         if not self.tasks:
@@ -76,7 +81,7 @@ class RichReporter(Reporter):
 
     def waiting(self, node: StepNode, key: str) -> None:
         if not self.quiet:
-            self.out.print(f"[dim]waiting: another apply is building {node.name} ({short(key)})[/]")
+            self.say(f"[dim]waiting: another apply is building {node.name} ({short(key)})[/]")
 
     def progress(self, node: StepNode, total: int | None, done: int, note: str = "") -> None:
         if node.name in self.tasks:
@@ -94,7 +99,7 @@ class RichReporter(Reporter):
         if step != last[1] or now - last[0] >= 30:
             self.last_line[node.name] = (now, step)
             shown = f"{done}/{total}" if total else f"{done}"
-            self.out.print(f"  [dim]{node.name}: {shown}{', ' + escape(note) if note else ''}[/]")
+            self.say(f"  [dim]{node.name}: {shown}{', ' + escape(note) if note else ''}[/]")
 
     def finished(self, node: StepNode, r: StepResult) -> None:
         if node.name in self.tasks:
@@ -104,16 +109,16 @@ class RichReporter(Reporter):
         if self.quiet:
             return
         if r.state == "failed":
-            self.out.print(f"[red]failed[/]  {node.name:<24} {escape(r.error or '')}")
+            self.say(f"[red]failed[/]  {node.name:<24} {escape(r.error or '')}")
         elif r.state == "skipped":
-            self.out.print(f"[red]skipped[/] {node.name:<24} {escape(r.error or '')}")
+            self.say(f"[red]skipped[/] {node.name:<24} {escape(r.error or '')}")
         else:
             color = "green" if r.state == "built" else "dim"
             took = f" {r.seconds:.2f}s" if r.state == "built" else ""
-            self.out.print(f"[{color}]{r.state:>7}[/]  {node.name:<24} {short(r.key)}{took}  {rows_text(r)}")
+            self.say(f"[{color}]{r.state:>7}[/]  {node.name:<24} {short(r.key)}{took}  {rows_text(r)}")
             warning = r.artifact.manifest.get("metrics", {}).get("warning") if r.artifact else None
             if warning:
-                self.out.print(f"[yellow]warning[/]  {node.name}: {escape(str(warning))}")
+                self.say(f"[yellow]warning[/]  {node.name}: {escape(str(warning))}")
 
 
 def rows_text(r: StepResult) -> str:
@@ -130,6 +135,16 @@ def rows_text(r: StepResult) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from runner import noop
+
+    argv = getattr(args, "argv", None)
+    if argv is None or noop.memo_path(argv) is None:
+        return _run(args, None)
+    with noop.Recorder() as recorder:
+        return _run(args, (argv, recorder))
+
+
+def _run(args: argparse.Namespace, memo: tuple[list[str], Any] | None) -> int:
     from runner import api
     from runner.cli import plan
 
@@ -143,9 +158,10 @@ def run(args: argparse.Namespace) -> int:
         from runner.errors import UsageError
 
         raise UsageError("--rebuild-nondeterministic only applies with --locked")
+    reporter = RichReporter(quiet=args.json)
     result = api.apply(
         build,
-        reporter=RichReporter(quiet=args.json),
+        reporter=reporter,
         keep_going=args.keep_going,
         locked=args.locked,
         rebuild_nondeterministic=args.rebuild_nondeterministic,
@@ -172,5 +188,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         counts = result.counts()
         summary = ", ".join(f"{n} {state}" for state, n in counts.items())
-        console(stderr=True).print(("[green]done[/]: " if result.ok else "[red]incomplete[/]: ") + summary)
+        reporter.say(("[green]done[/]: " if result.ok else "[red]incomplete[/]: ") + summary)
+    if memo is not None:
+        _leave_memo(build, result, reporter.said, *memo)
     return 0 if result.ok else 1
+
+
+def _leave_memo(build: Any, result: Any, said: list[str], argv: list[str], recorder: Any) -> None:
+    """After an apply that found every step cached, the memo that lets the next identical one answer at once."""
+    from rich.text import Text
+
+    from runner import lock, noop
+
+    if not (result.ok and not result.moved and all(r.state == "cached" for r in result.steps)):
+        noop.forget(argv)
+        return
+    used = [build.cache.path(r.key) for r in result.steps if r.key]
+    own = [build.catalog, build.catalog.with_suffix(".json"), lock.lock_path(build.loaded.path)]
+    noop.write(
+        argv, recorder.paths | build.cache.stat_cache.hashed, used + own, [(m, Text.from_markup(m).plain) for m in said]
+    )
