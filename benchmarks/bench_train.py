@@ -96,6 +96,7 @@ def child_runner(work: Path, args: argparse.Namespace, packing: bool) -> dict[st
     return {
         "seconds": train.manifest["metrics"]["train_seconds"],
         "tokens": tokens,
+        "flops_per_token": train.manifest["metrics"]["utilisation"]["flops_per_token"]["total"],
         "loss": facts["metrics"]["train_loss_last"],
         "evals": list(zip(val["steps"], train.manifest["metrics"]["eval_seconds"], val["losses"], strict=False)),
     }
@@ -119,13 +120,17 @@ def same(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def timed(trainer: object, tokens: float) -> dict[str, object]:
-    """Seconds in the training loop (as runner's manifest times it), tokens fed, the last logged loss, and each
+def timed(trainer: object, tokens: float, rows: int) -> dict[str, object]:
+    """Seconds in the training loop (as runner's manifest times it), tokens fed, the FLOPs per token (counted as
+    runner's manifest counts them, at the mean length of the `rows` fed), the last logged loss, and each
     validation loss with its step and the seconds into training it was known at (runner's manifest records
     the same)."""
     import time
 
+    import torch
     from transformers import TrainerCallback
+
+    from runner.steps.flops import linear_layers, per_token
 
     evals: list[tuple[int, float, float]] = []
 
@@ -136,10 +141,14 @@ def timed(trainer: object, tokens: float) -> dict[str, object]:
     trainer.add_callback(Clock)  # type: ignore[attr-defined]
     start = time.perf_counter()
     result = trainer.train()  # type: ignore[attr-defined]
+    seconds = time.perf_counter() - start
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # type: ignore[attr-defined]
+    model = trainer.model  # type: ignore[attr-defined]
+    layers = linear_layers(model, torch.ones((1, 8), dtype=torch.long))
     return {
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "tokens": tokens,
+        "flops_per_token": per_token(layers, model.config, tokens / rows)["total"],
         "loss": losses[-1] if losses else result.training_loss,
         "evals": evals,
     }
@@ -184,7 +193,8 @@ def child_trl(work: Path, args: argparse.Namespace, packing: bool, paths: dict[s
         processing_class=tok,
     )
     trainer.remove_callback(PrinterCallback)
-    return timed(trainer, sum(len(x) for x in trainer.train_dataset["input_ids"]) * args.epochs)
+    fed = trainer.train_dataset["input_ids"]
+    return timed(trainer, sum(len(x) for x in fed) * args.epochs, len(fed) * args.epochs)
 
 
 def child_trainer(work: Path, args: argparse.Namespace, paths: dict[str, str]) -> dict[str, float]:
@@ -211,7 +221,7 @@ def child_trainer(work: Path, args: argparse.Namespace, paths: dict[str, str]) -
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
     )
     trainer.remove_callback(PrinterCallback)
-    return timed(trainer, sum(len(x) for x in ds["input_ids"]) * args.epochs)
+    return timed(trainer, sum(len(x) for x in ds["input_ids"]) * args.epochs, len(ds) * args.epochs)
 
 
 def child(name: str, work: Path, args: argparse.Namespace) -> None:
@@ -259,7 +269,9 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--eval-every", str(eval_every)]
         cmd += ["--epochs", str(args.epochs), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
         with open(work / f"log-{name}.txt", "a") as log:
-            subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+            done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            sys.exit(f"{name} failed:\n" + (work / f"log-{name}.txt").read_text()[-3000:])
         shutil.rmtree(work / "trl-out", ignore_errors=True)
         return json.loads((work / f"result-{name}.json").read_text())
 
@@ -280,11 +292,17 @@ def main() -> None:
         f"{args.threads}, {os.cpu_count()} cores; median (min-max) of {args.repeat}"
     )
     rate = {n: [r["tokens"] / r["seconds"] for r in rs] for n, rs in results.items()}
+    peak = _peak(args.threads)
+    print(
+        f"  matmul peak, fp32, (8 x 128) x 256 @ 256 x 1024 (the MLP's shape), {args.threads} threads: {peak / 1e9:.1f} GFLOP/s"
+    )
     for name in names:
         r = sorted(rate[name])
         last = statistics.median(x["loss"] for x in results[name])
+        mfu = sorted(x["flops_per_token"] * x["tokens"] / x["seconds"] / peak for x in results[name])
         print(
             f"  {name:<16} {statistics.median(r):>8,.0f} tokens/s ({r[0]:,.0f}-{r[-1]:,.0f})  "
+            f"MFU {statistics.median(mfu):.1%} ({mfu[0]:.1%}-{mfu[-1]:.1%})  "
             f"{results[name][0]['tokens']:>9,.0f} tokens  last logged loss {last:.3f}"
         )
     for ours, theirs in (("runner", "trl"), ("runner-packing", "trl-packing"), ("runner", "trainer-grouped")):
@@ -292,6 +310,16 @@ def main() -> None:
             print(f"  {ours} / {theirs}: {statistics.median(rate[ours]) / statistics.median(rate[theirs]):.2f}x")
     if curves:
         time_to_loss(curves, args.eval_every)
+
+
+def _peak(threads: int) -> float:
+    """This machine's fp32 matmul FLOP/s at the MLP's shape, as runner's train step measures it."""
+    import torch
+
+    from runner.steps.flops import matmul_peak
+
+    torch.set_num_threads(threads)
+    return max(matmul_peak(8 * 128, 256, 1024, torch.float32, "cpu", seconds=1.0) for _ in range(3))
 
 
 def time_to_loss(curves: dict[str, list[dict[str, Any]]], every: int) -> None:

@@ -99,6 +99,44 @@ def test_quantized_models_are_evaluated_and_served_quantized(tmp_path: Path, pre
         assert out.completion_tokens >= 1
 
 
+@pytest.mark.parametrize("arch", ["falcon", "llama"])
+def test_mfu_counts_the_flops_torch_counts(tmp_path: Path, arch: str) -> None:
+    """The manifest's FLOPs per token equal torch's FlopCounterMode over a real forward and backward of the run's
+    own model on a row of its data; MFU is those FLOPs x tokens/s over the measured matmul peak."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from runner.steps.flops import linear_layers, per_token
+    from runner.steps.trainer import _dataset, _lora_model
+
+    b = api.load(recipe(tmp_path, arch=arch, steps=6))
+    result = api.apply(b)
+    assert result.ok
+    m = next(s for s in result.steps if s.name == "train").artifact.manifest["metrics"]
+    u = m["utilisation"]
+    model, _ = _lora_model(b.graph.nodes["train"].params, b.built()["model.init"].path / "data" / "model")
+    tokenized = b.built()["tokenize"]
+    rows = _dataset(str(tokenized.file(tokenized.manifest["tables"]["train"])))
+    # FlopCounterMode has no formula for the CPU's fused attention kernel: count attention through the eager path
+    model.config._attn_implementation = "eager"
+    for i in (0, 5):
+        ids = torch.tensor([rows[i]["input_ids"]])
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+        counted = per_token(linear_layers(model, ids[:, :8]), model.config, ids.shape[1])["total"] * ids.shape[1]
+        assert counted == counter.get_total_flops()
+    # the manifest's count is this one at the run's mean row length
+    mean_len = sum(len(rows[i]["input_ids"]) for i in range(len(rows))) / len(rows)
+    expected = per_token(linear_layers(model, ids[:, :8]), model.config, mean_len)
+    assert u["flops_per_token"] == {k: round(v) for k, v in expected.items()}
+    trained = sum(len(rows[i]["input_ids"]) for i in range(len(rows))) * m["epochs_done"]
+    achieved = u["flops_per_token"]["total"] * trained / m["train_seconds"]
+    assert u["achieved_flops"] == pytest.approx(achieved, rel=1e-3)
+    assert u["mfu"] == pytest.approx(u["achieved_flops"] / u["matmul_peak_flops"], abs=1e-4)
+    assert 0 < u["mfu"] < 1 and u["matmul_peak_shape"][3] == "float32"
+
+
 def test_llama_and_gpt_neox_targets(tmp_path: Path) -> None:
     m = train_metrics(recipe(tmp_path, arch="llama", steps=3))
     assert m["lora_targets"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -233,18 +233,44 @@ def _run(job: dict[str, Any], progress: Any) -> None:
     digests = _rank_digests(model, rank, world)
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return
-    # facts about this run (how long, resumed or not) go to the manifest only, never into the artifact's
-    # files: the files are the result, and the result must not change with the clock
+    seconds = timing.get("end", 0) - timing.get("start", 0)
+    # facts about this run (how long, how well it used the machine, resumed or not) go to the manifest only,
+    # never into the artifact's files: the files are the result, and the result must not change with the clock
     (scratch / "run.json").write_text(
         json.dumps(
             {
-                "train_seconds": timing.get("end", 0) - timing.get("start", 0),
+                "train_seconds": seconds,
                 "eval_seconds": timing.get("evals", []),  # seconds into training, one per validation loss
                 "resumed_from": Path(resume).name if resume else None,
+                "utilisation": _utilisation(model, dataset, facts["tokens"], trainer.state, timing, seconds, p, world),
             }
         )
     )
     _save(job, p, model, trainer, facts, digests)
+
+
+def _utilisation(
+    model: Any,
+    dataset: Any,
+    tokens: int,
+    state: Any,
+    timing: dict[str, Any],
+    seconds: float,
+    p: TrainParams,
+    world: int,
+) -> dict[str, Any] | None:
+    """MFU of this run on one device (`steps.flops`); None when no training step ran."""
+    import torch
+
+    from runner.steps.flops import utilisation
+
+    epochs = (state.epoch or 0.0) - timing.get("first_epoch", 0.0)
+    if seconds <= 0 or epochs <= 0:
+        return None
+    device = next(model.parameters()).device
+    example = torch.tensor([dataset[0]["input_ids"][:8]], device=device)
+    trained = tokens * epochs / world  # every rank holds the whole dataset; `epoch` counts all ranks' progress
+    return utilisation(model, example, round(trained), seconds, p.train.batch_size, tokens / len(dataset))
 
 
 def _lora_model(p: TrainParams, base: Path) -> tuple[Any, dict[str, Any]]:
