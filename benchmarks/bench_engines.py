@@ -1,14 +1,20 @@
-"""Serving engines on the same model: runner's built-in (transformers, continuous batching) on the merged
-quickstart model vs llama.cpp (`serve.engine: llama_cpp`) on its GGUF at f16 and q8_0, each behind `runner serve`
-in its own process, and the same GGUF files in llama.cpp's own OpenAI server (llama-cpp-python's
-`llama_cpp.server`, on all cores as runner's engine runs it), 1 and 4 asyncio clients, greedy answers of up to
---max-tokens tokens: the end-of-text token is held off on every side (`min_tokens`; llama.cpp's server gets
-`logit_bias`) and every side stops at the template's stop strings (its server is sent the prompt runner would
-build and those strings), so most answers end there, before --max-tokens. Tokens are each server's own count.
-Prints tokens/s, p50 and p99 per engine (median of --repeats runs) and each engine's ratio to the built-in one.
+"""Serving engines on the same model, against llama.cpp's own C++ server: runner's built-in engine (transformers,
+continuous batching) on the merged quickstart model, and runner's llama.cpp engine (`serve.engine: llama_cpp`,
+continuous batching over llama.cpp sequences) on its GGUF at f16 and q8_0, each behind `runner serve` in its own
+process, against `llama-server` (built from the llama.cpp source in llama-cpp-python's sdist:
+benchmarks/llama_server.py) on the same GGUF files with `--parallel 16` (continuous batching), all on all cores.
 
-Needs the `gguf` extra, llama.cpp's converter (RUNNER_GGUF_CONVERTER, as in .ci/run) and, for llama.cpp's own
-server, the `bench` extra (its server's packages).
+1, 4 and 16 asyncio clients each stream requests back to back for --seconds (the six prompts of
+bench_batching, greedy, at most --max-tokens tokens; the end-of-text token held off on every side: `min_tokens`
+for runner, `logit_bias` for llama-server, which is sent the prompt runner renders; every side stops at the
+template's stop strings). Per engine and concurrency, the median of --repeats runs of: generated tokens/s (each
+server's own count, from the stream's usage), time to first token and inter-token latency (the gaps between a
+stream's chunks) at p50 and p99, and whole-request latency at p99 - the figures vLLM's serving benchmark
+reports. Targets (issue 31): the llama.cpp engine within 10% of llama-server's tokens/s at every concurrency;
+the built-in engine's request p99 at 16 clients <= 2x a lone client's.
+
+Needs the `gguf` extra, RUNNER_GGUF_CONVERTER (as in .ci/run), cmake and a C++ compiler (llama-server's build,
+once).
 
     python benchmarks/bench_engines.py [--seconds 6] [--max-tokens 32] [--repeats 3]
 """
@@ -16,17 +22,134 @@ server, the `bench` extra (its server's packages).
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_batching import free_port, load, serve, started
+import llama_server
+from bench_batching import PROMPTS, free_port, serve, started
 
 ROOT = Path(__file__).resolve().parent.parent
+CLIENTS = (1, 4, 16)
+Body = Callable[[str, int], dict[str, Any]]
+
+
+def stream_load(clients: int, url: str, seconds: float, max_tokens: int, body: Body) -> dict[str, float]:
+    """`clients` concurrent clients (asyncio, one thread), each streaming requests back to back for `seconds`."""
+    import asyncio
+
+    import httpx
+
+    ttft: list[float] = []
+    gaps: list[float] = []
+    latency: list[float] = []
+    tokens = [0]
+
+    async def one(http: httpx.AsyncClient, question: str) -> None:
+        sent = time.perf_counter()
+        chunks: list[float] = []
+        async with http.stream("POST", url, json=body(question, max_tokens)) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    tokens[0] += event["usage"]["completion_tokens"]
+                for choice in event.get("choices") or []:
+                    if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                        chunks.append(time.perf_counter())
+        latency.append(time.perf_counter() - sent)
+        if chunks:
+            ttft.append(chunks[0] - sent)
+            gaps.extend(b - a for a, b in itertools.pairwise(chunks))
+
+    async def client(http: httpx.AsyncClient, c: int, stop: float) -> None:
+        i = c
+        while time.perf_counter() < stop:
+            await one(http, PROMPTS[i % len(PROMPTS)])
+            i += clients
+
+    async def run() -> float:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+            begun = time.perf_counter()
+            await asyncio.gather(*(client(http, c, begun + seconds) for c in range(clients)))
+            return time.perf_counter() - begun
+
+    wall = asyncio.run(run())
+
+    def pct(xs: list[float], q: float) -> float:
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+    return {
+        "requests": len(latency),
+        "tokens_per_s": tokens[0] / wall,
+        "ttft_p50": pct(ttft, 0.5),
+        "ttft_p99": pct(ttft, 0.99),
+        "itl_p50": pct(gaps, 0.5),
+        "itl_p99": pct(gaps, 0.99),
+        "latency_p99": pct(latency, 0.99),
+    }
+
+
+def runner_body(model: str) -> Body:
+    def body(question: str, max_tokens: int) -> dict[str, Any]:
+        return {
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens,
+            "min_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+    return body
+
+
+def llama_server_body(build: Any) -> Body:
+    """What runner's server is asked, asked of llama-server: the prompt runner renders, greedy, no end-of-text
+    token, ended at the template's stop strings or N tokens."""
+    from transformers import AutoTokenizer
+
+    from runner.steps.prompts import render_prompt
+
+    tok = AutoTokenizer.from_pretrained(build.built()["merge"].file("model"))
+    template = build.loaded.recipe.data.prompt.template
+
+    def body(question: str, max_tokens: int) -> dict[str, Any]:
+        return {
+            "prompt": render_prompt(template, [{"role": "user", "content": question}], tok),
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stop": ["<human>:", "<bot>:"] if template == "human_bot" else [],
+            "logit_bias": {str(tok.eos_token_id): -100.0},
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+    return body
+
+
+def start_llama_server(binary: Path, gguf: Path, n_ctx: int) -> tuple[str, Any]:
+    """llama-server on all cores, 16 slots of `n_ctx` positions each (runner's engines give every request the
+    whole context too), continuous batching on (its default)."""
+    port, cores = free_port(), str(os.cpu_count() or 1)
+    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-c", str(16 * n_ctx)]
+    cmd += ["--parallel", "16", "-t", cores, "-tb", cores, "--no-webui", "--log-disable"]
+    proc = started(cmd, {}, f"http://127.0.0.1:{port}")
+    return f"http://127.0.0.1:{port}/v1/completions", proc
 
 
 def main() -> None:
@@ -35,100 +158,74 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    converter = os.environ.get("RUNNER_GGUF_CONVERTER")
-    if not converter:
-        sys.exit("set RUNNER_GGUF_CONVERTER to llama.cpp's convert_hf_to_gguf.py (see .ci/run)")
+    binary = llama_server.build()
+    converter = os.environ["RUNNER_GGUF_CONVERTER"]
     from runner import api
 
-    engines = {
-        "transformers (merged, fp32)": ("quickstart-merged", ["serve.models=[merged]"]),
-        "llama.cpp f16": ("quickstart-gguf", ["serve.engine=llama_cpp", "package.gguf_type=f16"]),
-        "llama.cpp q8_0": ("quickstart-gguf", ["serve.engine=llama_cpp", "package.gguf_type=q8_0"]),
-    }
-    results: dict[tuple[str, int], dict[str, float]] = {}
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(ROOT / "recipes", tmp, dirs_exist_ok=True)
         recipe = Path(tmp) / "quickstart.yaml"
         recipe.write_text(recipe.read_text() + f"package: {{formats: [merged, gguf], gguf_converter: {converter}}}\n")
         cache = Path(tmp) / "cache"
-        for _, sets in engines.values():
-            assert api.apply(api.load(recipe, cache_dir=cache, overrides=sets)).ok
-        for engine, (model, sets) in engines.items():
-            url, proc = serve(recipe, str(cache), 16, *sets)
-            try:
-                results.update(measure(engine, url, model, args))
-            finally:
+        sides: dict[str, tuple[str, Any, Body]] = {}
+        try:
+            for name, sets, model in (
+                ("runner, built-in engine (fp32)", ["serve.models=[merged]"], "quickstart-merged"),
+                ("runner, llama.cpp engine, f16", ["serve.engine=llama_cpp", "package.gguf_type=f16"], None),
+                ("runner, llama.cpp engine, q8_0", ["serve.engine=llama_cpp", "package.gguf_type=q8_0"], None),
+            ):
+                build = api.load(recipe, cache_dir=cache, overrides=sets)
+                assert api.apply(build).ok
+                url, proc = serve(recipe, str(cache), 16, *sets)
+                sides[name] = (url, proc, runner_body(model or "quickstart-gguf"))
+                if model is None:
+                    gguf_type = sets[1].split("=")[1]
+                    gguf = build.built()["package"].file(f"model-{gguf_type}.gguf")
+                    url, proc = start_llama_server(binary, gguf, build.loaded.recipe.serve.n_ctx)
+                    sides[f"llama-server, {gguf_type}"] = (url, proc, llama_server_body(build))
+            # every server up at once, measured in turn (the order rotating), so drift weighs on all alike
+            for url, _, body in sides.values():
+                stream_load(1, url, 2, args.max_tokens, body)  # warm-up
+            names = list(sides)
+            for rep in range(args.repeats):
+                for clients in CLIENTS:
+                    for name in names[rep % len(names) :] + names[: rep % len(names)]:
+                        url, _, body = sides[name]
+                        runs.setdefault((name, clients), []).append(
+                            stream_load(clients, url, args.seconds, args.max_tokens, body)
+                        )
+        finally:
+            for _, proc, _ in sides.values():
                 proc.terminate()
                 proc.wait()
-        for gguf_type in ("f16", "q8_0"):
-            build = api.load(
-                recipe, cache_dir=cache, overrides=["serve.engine=llama_cpp", f"package.gguf_type={gguf_type}"]
-            )
-            url, proc, body = llama_server(build, gguf_type)
-            try:
-                results.update(measure(f"llama.cpp's server {gguf_type}", url, "gguf", args, body))
-            finally:
-                proc.terminate()
-                proc.wait()
-    print(f"{'engine':<28} {'clients':>7} {'tokens/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'vs built-in':>11}")
-    for (engine, clients), m in results.items():
-        base = results[("transformers (merged, fp32)", clients)]["tokens_per_s"]
+    med = {k: {f: statistics.median(r[f] for r in rs) for f in rs[0]} for k, rs in runs.items()}
+    print(f"median of {args.repeats} x {args.seconds:g} s, at most {args.max_tokens} tokens, {os.cpu_count()} cores")
+    print(
+        f"{'engine':<32} {'clients':>7} {'tokens/s (min-max)':>22} {'TTFT p50/p99 ms':>16} "
+        f"{'ITL p50/p99 ms':>15} {'req p99 ms':>10}"
+    )
+    for (name, clients), m in sorted(med.items(), key=lambda kv: (list(sides).index(kv[0][0]), kv[0][1])):
+        tps = sorted(r["tokens_per_s"] for r in runs[(name, clients)])
         print(
-            f"{engine:<28} {clients:>7} {m['tokens_per_s']:>9.0f} {m['p50'] * 1000:>7.0f} {m['p99'] * 1000:>7.0f} "
-            f"{m['tokens_per_s'] / base:>10.2f}x"
+            f"{name:<32} {clients:>7} {m['tokens_per_s']:>8.0f} ({tps[0]:.0f}-{tps[-1]:.0f})"
+            f"{m['ttft_p50'] * 1e3:>9.0f}/{m['ttft_p99'] * 1e3:<6.0f} {m['itl_p50'] * 1e3:>8.1f}/{m['itl_p99'] * 1e3:<6.1f}"
+            f"{m['latency_p99'] * 1e3:>10.0f}"
         )
     for gguf_type in ("f16", "q8_0"):
-        for clients in (1, 4):
+        for clients in CLIENTS:
             ours, theirs = (
-                results[(f"llama.cpp {gguf_type}", clients)],
-                results[(f"llama.cpp's server {gguf_type}", clients)],
+                med[(f"runner, llama.cpp engine, {gguf_type}", clients)],
+                med[(f"llama-server, {gguf_type}", clients)],
             )
+            ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
             print(
-                f"{gguf_type}, {clients} client(s): runner serve (llama.cpp engine) / llama.cpp's server = "
-                f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x tokens/s"
+                f"{gguf_type}, {clients:>2} clients: runner's llama.cpp engine / llama-server = {ratio:.2f}x tokens/s"
             )
-
-
-def measure(engine: str, url: str, model: str, args: argparse.Namespace, *body: object) -> dict:
-    load(1, url, 2, args.max_tokens, model, *body)  # type: ignore[arg-type]  # warm-up
-    out = {}
-    for clients in (1, 4):
-        runs = [load(clients, url, args.seconds, args.max_tokens, model, *body) for _ in range(args.repeats)]  # type: ignore[arg-type]
-        out[(engine, clients)] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    return out
-
-
-def llama_server(build: object, gguf_type: str) -> tuple[str, object, object]:
-    """llama.cpp's own server on the package's GGUF (threads and context as runner's engine sets them), and the
-    request that asks it what runner's server is asked: the prompt runner renders, greedy, no end-of-text token,
-    ended at the template's stop strings or N tokens."""
-    from transformers import AutoTokenizer
-
-    from runner.steps.prompts import render_prompt
-
-    have = build.built()  # type: ignore[attr-defined]
-    recipe = build.loaded.recipe  # type: ignore[attr-defined]
-    tok = AutoTokenizer.from_pretrained(have["merge"].file("model"))
-    port, cores = free_port(), str(os.cpu_count() or 1)
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(have["package"].file(f"model-{gguf_type}.gguf"))]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(recipe.serve.n_ctx)]
-    cmd += ["--n_threads", cores, "--n_threads_batch", cores, "--verbose", "false"]
-    proc = started(cmd, {}, f"http://127.0.0.1:{port}")
-    template = recipe.data.prompt.template
-
-    def body(model: str, question: str, max_tokens: int) -> dict[str, object]:
-        prompt = render_prompt(template, [{"role": "user", "content": question}], tok)
-        return {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "stop": ["<human>:", "<bot>:"] if template == "human_bot" else [],
-            "logit_bias": {str(tok.eos_token_id): -100.0},
-            "logit_bias_type": "input_ids",
-        }
-
-    return f"http://127.0.0.1:{port}/v1/completions", proc, body
+    lone, busy = med[("runner, built-in engine (fp32)", 1)], med[("runner, built-in engine (fp32)", 16)]
+    print(
+        f"built-in engine: request p99 at 16 clients / at 1 = {busy['latency_p99'] / lone['latency_p99']:.2f}x (target <= 2x)"
+    )
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ def test_llama_cpp_engine_behind_runners_server(tmp_path: Path) -> None:
         return llm_generate(*args, **kw)
 
     llm.generate = generate
-    url, srv = start(create_app(models, ServeConfig(max_tokens=64), token="secret"))
+    # one request at a time: llama.cpp's own generate (test_llama_cpp_batches_... has the batched path)
+    url, srv = start(create_app(models, ServeConfig(max_tokens=64, batch_size=1), token="secret"))
     try:
         assert httpx.get(f"{url}/v1/models").status_code == 401
         client = OpenAI(base_url=f"{url}/v1", api_key="secret")
@@ -160,3 +161,71 @@ def test_llama_cpp_engine_behind_runners_server(tmp_path: Path) -> None:
         assert err.value.code == "context_length_exceeded"
     finally:
         srv.should_exit = True  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_llama_cpp_batches_sequences_and_answers_as_alone(tmp_path: Path) -> None:
+    """With a batcher, concurrent requests are sequences of one llama.cpp context decoded together, and each
+    greedy answer equals the one llama.cpp gives it alone; requests join a running batch, a cancelled stream
+    frees its sequence, and every decode runs on the model thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runner.serve.engine import Sampling
+    from runner.serve.load import load_models
+
+    path = tmp_path / "t.yaml"  # the plain template: no stop strings, so each answer runs to its length
+    path.write_text(
+        tiny_model_recipe(
+            arch="llama",
+            data="  prompt: {template: plain}\n",
+            rest="lora: {rank: 8}\ntrain: {seq_len: 64, batch_size: 8, lr: 5.0e-3, max_steps: 8}\n"
+            f"package: {{formats: [gguf], gguf_converter: {CONVERTER}, gguf_type: f16}}\n"
+            "serve: {engine: llama_cpp, n_ctx: 256}\n",
+        )
+    )
+    b = api.load(path, cache_dir=tmp_path / "c")
+    assert api.apply(b).ok
+    model = load_models(b, [])["t-gguf"]
+    questions = [
+        "What is the capital of France?",
+        "How do I bake bread?",
+        "Name a colour.",
+        "hi",
+        "Tell me a story about a cat and a dog who lived in a small house by the sea.",
+    ]
+    jobs = [
+        (model.codec.prompt([{"role": "user", "content": q}]), Sampling(max_tokens=24 + 4 * i, min_tokens=24 + 4 * i))
+        for i, q in enumerate(questions)
+    ]
+    alone = model.generate_all(jobs)
+    assert all(a.completion_tokens == 24 + 4 * i for i, a in enumerate(alone))
+
+    model.attach_batcher(4, 0.05)
+    batcher = model.batcher
+    threads: set[str] = set()
+    decode = batcher._decode
+
+    def counted(tokens: Any) -> Any:
+        threads.add(threading.current_thread().name)
+        return decode(tokens)
+
+    batcher._decode = counted  # type: ignore[method-assign]
+    assert model.generate_all(jobs) == alone  # five requests, four sequences: the fifth joins a running batch
+    assert batcher.largest == 4 and batcher.joined_running >= 1
+    with ThreadPoolExecutor(5) as pool:  # one request per thread, arriving as they may
+        assert list(pool.map(lambda job: model.generate_all([job])[0], jobs)) == alone
+    assert len(threads) == 1 and next(iter(threads)).startswith("runner-model"), threads
+    # a stream cancelled after three tokens leaves; its sequence is free for the next request
+    import queue
+
+    got: queue.Queue[Any] = queue.Queue()
+    cancel = threading.Event()
+    ids = model.codec.encode(jobs[0][0], 200)
+    model.start(ids, Sampling(max_tokens=200, min_tokens=200), cancel, got.put)
+    tokens = [got.get(timeout=30) for _ in range(3)]
+    cancel.set()
+    while (item := got.get(timeout=30)) is not None:
+        tokens.append(item)
+    assert 3 <= len(tokens) < 200
+    assert sorted(batcher.free) == [0, 1, 2, 3] and not batcher.seq
+    assert model.generate_all(jobs[:2]) == alone[:2]

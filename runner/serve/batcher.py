@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class _Request:
+class Request:
     ids: list[int]
     s: Sampling
     future: Future[Output] | None = None  # a whole answer: its Output is set here
@@ -55,8 +55,8 @@ class Batcher:
         self.largest = 0  # the most requests in flight together so far
         self.joined_running = 0  # requests that joined a batch already generating
         self.in_flight = 0  # requests in the running batch now
-        self.queue: queue.Queue[_Request] = queue.Queue()
-        self._active: list[_Request] = []
+        self.queue: queue.Queue[Request] = queue.Queue()
+        self._active: list[Request] = []
         self._cache: Any = None
         self._mask: Any = None
         self._state = threading.Lock()
@@ -65,14 +65,14 @@ class Batcher:
     def submit(self, jobs: list[tuple[list[int], Sampling]]) -> list[Output]:
         """Whole answers to prompt tokens: the requests join together, and the answers come back in order."""
         futures: list[Future[Output]] = [Future() for _ in jobs]
-        self._put(*[_Request(ids, s, future=f) for (ids, s), f in zip(jobs, futures, strict=True)])
+        self._put(*[Request(ids, s, future=f) for (ids, s), f in zip(jobs, futures, strict=True)])
         return [f.result() for f in futures]
 
     def add(self, ids: list[int], s: Sampling, cancel: threading.Event, put: Callable[[Any], None]) -> None:
         """A stream joins: each of its tokens goes to `put` as the batch makes it, then None."""
-        self._put(_Request(ids, s, put=put, cancel=cancel))
+        self._put(Request(ids, s, put=put, cancel=cancel))
 
-    def _put(self, *requests: _Request) -> None:
+    def _put(self, *requests: Request) -> None:
         if is_model_thread():  # its steps run there: waiting for them there would wait forever
             raise RuntimeError("a batched request was made from the model thread")
         # queued back to back, then a step scheduled: an idle batcher takes them all in one prefill
@@ -88,12 +88,12 @@ class Batcher:
             self._scheduled = True
         model_thread().submit(self._run)
 
-    def _take(self, idle: bool, room: int) -> list[_Request]:
+    def _take(self, idle: bool, room: int) -> list[Request]:
         """Requests waiting to join: when idle, take one and linger `wait` for more; else take what is there."""
         import queue
         import time
 
-        fresh: list[_Request] = []
+        fresh: list[Request] = []
         if idle:
             fresh.append(self.queue.get())  # there is one: a step is only queued when a request waits or runs
             deadline = time.monotonic() + self.wait
@@ -110,35 +110,55 @@ class Batcher:
         return fresh
 
     def _run(self) -> None:
-        """One step of the batch (newcomers join, everybody gets a token), on the model thread; then the next.
-        Its tensors are made in inference mode, which is faster than no_grad."""
-        import torch
-
-        active, cache, mask = self._active, self._cache, self._mask
-        fresh: list[_Request] = []
+        """One step of the batch (newcomers join, everybody gets a token), on the model thread; then the next."""
+        active = self._active
+        fresh: list[Request] = []
         try:
-            with torch.inference_mode():
+            with self._inference():
                 fresh = self._take(not active, self.size - len(active))
                 if fresh:  # newcomers get their first token from the prefill, and join
                     self.joined_running += len(fresh) if active else 0
-                    cache, mask = self._join(cache, mask, fresh)
+                    self._join(fresh)
                     active = active + fresh
                     self.largest = max(self.largest, len(active))
-                    active, cache, mask = self._retire(active, cache, mask)
+                    active = self._retire(active)
                 if active:  # one more token for everybody
-                    mask = self._step(active, cache, mask)
-                    active, cache, mask = self._retire(active, cache, mask)
+                    self._step(active)
+                    active = self._retire(active)
         except BaseException as exc:  # handed to every request in flight
             for r in active + [r for r in fresh if r not in active]:
                 r.fail(exc)
-            active, cache, mask = [], None, None
-        self._active, self._cache, self._mask = active, cache, mask
+            active = []
+            self._reset()
+        self._active = active
         self.in_flight = len(active)
         with self._state:
             self._scheduled = False
         self._schedule()
 
-    def _pick(self, logits: Any, reqs: list[_Request]) -> None:
+    def _retire(self, active: list[Request]) -> list[Request]:
+        """Answer the finished requests and drop them from the batch."""
+        codec = self.engine.codec
+        keep = [i for i, r in enumerate(active) if not codec.ended(r.new, r.s, r.cancel)]
+        if len(keep) < len(active):
+            self._keep(active, keep)  # before answering: a finished request's room is free when it is answered
+        for i, r in enumerate(active):
+            if i not in keep:
+                r.finish(partial(codec.output, r.ids, r.new, r.s))
+        return [active[i] for i in keep]
+
+    # -- the model's side: a transformers model over one left-padded KV cache ---------------------------------
+
+    def _reset(self) -> None:
+        """After a failed step: nothing is in flight any more."""
+        self._keep([], [])
+
+    def _inference(self) -> Any:
+        import torch
+
+        return torch.inference_mode()  # faster than no_grad
+
+    def _pick(self, logits: Any, reqs: list[Request]) -> None:
         """The next token of each request, greedy or drawn (the end-of-text token held off until `min_tokens`)."""
         eos = self.engine.codec.tokenizer.eos_token_id
         for r, row in zip(reqs, logits, strict=True):
@@ -156,7 +176,7 @@ class Batcher:
             )
         return out.logits[:, -1, :].float(), out.past_key_values
 
-    def _join(self, cache: Any, mask: Any, fresh: list[_Request]) -> tuple[Any, Any]:
+    def _join(self, fresh: list[Request]) -> None:
         """Prefill the newcomers' prompts together and merge their cache into the running one (left-padded)."""
         import torch
         from transformers import DynamicCache
@@ -168,8 +188,10 @@ class Batcher:
         new_mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in fresh])
         logits, new_cache = self._forward(ids, new_mask, DynamicCache())
         self._pick(logits, fresh)
+        cache, mask = self._cache, self._mask
         if cache is None:
-            return new_cache, new_mask
+            self._cache, self._mask = new_cache, new_mask
+            return
         length = max(mask.shape[1], new_mask.shape[1])
 
         def left(t: Any, n: int) -> Any:  # pad dimension 2 (keys, values) or 1 (mask) on the left to n
@@ -187,37 +209,33 @@ class Batcher:
             )
             for a, b in zip(cache.layers, new_cache.layers, strict=True)
         ]
-        return DynamicCache(ddp_cache_data=layers), torch.cat([left(mask, length), left(new_mask, length)])
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._mask = torch.cat([left(mask, length), left(new_mask, length)])
 
-    def _step(self, active: list[_Request], cache: Any, mask: Any) -> Any:
-        """One token for every request in flight; returns the mask grown by the column just attended to."""
+    def _step(self, active: list[Request]) -> None:
+        """One token for every request in flight; the mask grows by the column just attended to."""
         import torch
 
-        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
-        logits, _ = self._forward(torch.tensor([[r.new[-1]] for r in active]), mask, cache)
+        self._mask = torch.cat([self._mask, torch.ones((self._mask.shape[0], 1), dtype=self._mask.dtype)], dim=1)
+        logits, _ = self._forward(torch.tensor([[r.new[-1]] for r in active]), self._mask, self._cache)
         self._pick(logits, active)
-        return mask
 
-    def _retire(self, active: list[_Request], cache: Any, mask: Any) -> tuple[list[_Request], Any, Any]:
-        """Answer the finished requests and drop their rows (and columns no one attends to any more)."""
+    def _keep(self, active: list[Request], keep: list[int]) -> None:
+        """Keep only the rows `keep` of the batch (and the columns someone still attends to)."""
         import torch
 
-        codec = self.engine.codec
-        keep = [i for i, r in enumerate(active) if not codec.ended(r.new, r.s, r.cancel)]
-        for i, r in enumerate(active):
-            if i not in keep:
-                r.finish(partial(codec.output, r.ids, r.new, r.s))
         if not keep:
-            return [], None, None
-        if len(keep) < len(active):
-            cache.batch_select_indices(torch.tensor(keep))
-            mask = mask[keep]
+            self._cache = self._mask = None
+            return
+        cache = self._cache
+        cache.batch_select_indices(torch.tensor(keep))
+        mask = self._mask[keep]
         used = int(mask.any(dim=0).int().argmax())  # the first column some row attends to
         if used > 0:
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, used:], layer.values[:, :, used:]
             mask = mask[:, used:]
-        return [active[i] for i in keep], cache, mask
+        self._mask = mask
 
 
 def sample_token(logits: Any, s: Sampling) -> int:

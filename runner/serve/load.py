@@ -103,8 +103,8 @@ def gguf_model(build: Build) -> llamacpp.LlamaCppEngine:
 
 
 def attach_batchers(models: dict[str, Engine], config: ServeConfig) -> None:
-    """Give each transformers model a batcher (serve.batch_size > 1)."""
+    """Give each transformers or llama.cpp model a batcher (serve.batch_size > 1)."""
     if config.batch_size > 1:
         for model in models.values():
-            if isinstance(model, hf.TransformersEngine) and model.batcher is None:
+            if isinstance(model, hf.TransformersEngine | llamacpp.LlamaCppEngine) and model.batcher is None:
                 model.attach_batcher(config.batch_size, config.batch_wait_ms / 1000)
