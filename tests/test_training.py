@@ -137,38 +137,6 @@ def test_mfu_counts_the_flops_torch_counts(tmp_path: Path, arch: str) -> None:
     assert 0 < u["mfu"] < 1 and u["matmul_peak_shape"][3] == "float32"
 
 
-def test_length_grouping_pads_as_little_as_sorting_does(tmp_path: Path) -> None:
-    """On a few hundred real rows, runner's batches hold each row once per epoch, in a new order each epoch, with
-    the padding of the whole epoch sorted by length (transformers' default grouping pads more)."""
-    import tempfile
-
-    from transformers import Trainer
-
-    from runner.steps.trainer import _arguments, _dataset, _lora_model, _trainer_class, collator
-
-    path = recipe(tmp_path, steps=3)
-    b = api.load(path, targets=["tokenize", "model.init"])
-    assert api.apply(b).ok
-    p = api.load(path).graph.nodes["train"].params
-    tokenized = b.built()["tokenize"]
-    rows = _dataset(str(tokenized.file(tokenized.manifest["tables"]["train"])))
-    lengths = [len(rows[i]["input_ids"]) for i in range(len(rows))]
-    model, _ = _lora_model(p, b.built()["model.init"].path / "data" / "model")
-    args = _arguments(p, Path(tempfile.mkdtemp(dir=tmp_path)), 1, "k")
-    fed: dict[str, int] = {}
-    for cls in (Trainer, _trainer_class()):
-        trainer = cls(model=model, args=args, train_dataset=rows, data_collator=collator(0))
-        sampler = trainer._get_train_sampler()
-        epochs = [list(sampler), list(sampler)]
-        assert all(sorted(e) == list(range(len(rows))) for e in epochs) and epochs[0] != epochs[1]
-        batches = [e[i : i + 8] for e in epochs[:1] for i in range(0, len(e), 8)]
-        fed[cls.__name__] = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
-    ordered = sorted(lengths, reverse=True)
-    least = sum(len(ordered[i : i + 8]) * ordered[i] for i in range(0, len(ordered), 8))
-    assert len(rows) <= 400 and fed["RunnerTrainer"] == least  # one mega-batch: the epoch sorted
-    assert fed["Trainer"] > least
-
-
 def test_llama_and_gpt_neox_targets(tmp_path: Path) -> None:
     m = train_metrics(recipe(tmp_path, arch="llama", steps=3))
     assert m["lora_targets"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -195,7 +195,7 @@ def _run(job: dict[str, Any], progress: Any) -> None:
 
     quiet_ml()
     import torch
-    from transformers import AutoTokenizer, PrinterCallback
+    from transformers import AutoTokenizer, PrinterCallback, Trainer
 
     from runner.steps.train_config import TrainParams
 
@@ -217,7 +217,7 @@ def _run(job: dict[str, Any], progress: Any) -> None:
     timing: dict[str, Any] = {}
     facts["tokens"] = sum(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
     callbacks = _callbacks(t, progress, facts["tokens"], timing, out if rank == 0 else None)
-    trainer = _trainer_class()(
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -247,27 +247,6 @@ def _run(job: dict[str, Any], progress: Any) -> None:
         )
     )
     _save(job, p, model, trainer, facts, digests)
-
-
-def _trainer_class() -> type:
-    """transformers' Trainer, grouping by length in mega-batches of 50 batches however small the dataset: its
-    default shrinks them until a dataset makes at least four, which on a few hundred rows leaves about a fifth of
-    every batch padding (the quickstart: 7,024 tokens fed per epoch for 5,622 real ones, against 5,828 here)."""
-    from transformers import Trainer
-    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
-
-    class Grouped(LengthGroupedSampler):
-        def __iter__(self) -> Any:
-            return iter(get_length_grouped_indices(self.lengths, self.batch_size, 50, generator=self.generator))
-
-    class RunnerTrainer(Trainer):
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            sampler = super()._get_train_sampler(train_dataset)
-            if isinstance(sampler, LengthGroupedSampler):
-                sampler.__class__ = Grouped
-            return sampler
-
-    return RunnerTrainer
 
 
 def _utilisation(

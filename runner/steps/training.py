@@ -139,7 +139,7 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int) -> list[tupl
 
 @step(
     "train",
-    version="4",
+    version="3",
     params=TrainParams,
     libs=("torch", "transformers", "peft", "bitsandbytes", "accelerate"),
     reproducible=False,
