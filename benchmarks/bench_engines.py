@@ -7,7 +7,7 @@ benchmarks/llama_server.py) on the same GGUF files with `--parallel 16` (continu
 1, 4 and 16 asyncio clients each stream requests back to back for --seconds (the six prompts of
 bench_batching, greedy, at most --max-tokens tokens; the end-of-text token held off on every side: `min_tokens`
 for runner, `logit_bias` for llama-server, which is sent the prompt runner renders; every side stops at the
-template's stop strings). Per engine and concurrency, the median of --repeats runs of: generated tokens/s (each
+template's stop strings; a new connection per request). Per engine and concurrency, the median of --repeats runs of: generated tokens/s (each
 server's own count, from the stream's usage), time to first token and inter-token latency (the gaps between a
 stream's chunks) at p50 and p99, and whole-request latency at p99 - the figures vLLM's serving benchmark
 reports. Targets (issue 31): the llama.cpp engine within 10% of llama-server's tokens/s at every concurrency;
@@ -16,7 +16,7 @@ the built-in engine's request p99 at 16 clients <= 2x a lone client's.
 Needs the `gguf` extra, RUNNER_GGUF_CONVERTER (as in .ci/run), cmake and a C++ compiler (llama-server's build,
 once).
 
-    python benchmarks/bench_engines.py [--seconds 6] [--max-tokens 32] [--repeats 3]
+    python benchmarks/bench_engines.py [--seconds 6] [--max-tokens 32] [--repeats 3] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def stream_load(clients: int, url: str, seconds: float, max_tokens: int, body: B
     async def one(http: httpx.AsyncClient, question: str) -> None:
         sent = time.perf_counter()
         chunks: list[float] = []
-        async with http.stream("POST", url, json=body(question, max_tokens)) as r:
+        # a new connection per request on every side: llama-server (cpp-httplib) ends a kept-alive connection
+        # after 5 requests without saying so, and the next request on it finds it closed
+        async with http.stream("POST", url, json=body(question, max_tokens), headers={"connection": "close"}) as r:
             r.raise_for_status()
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -118,7 +120,7 @@ def runner_body(model: str) -> Body:
     return body
 
 
-def llama_server_body(build: Any) -> Body:
+def llama_server_body(build: Any, prompt_cache: bool = True) -> Body:
     """What runner's server is asked, asked of llama-server: the prompt runner renders, greedy, no end-of-text
     token, ended at the template's stop strings or N tokens."""
     from transformers import AutoTokenizer
@@ -137,6 +139,7 @@ def llama_server_body(build: Any) -> Body:
             "logit_bias": {str(tok.eos_token_id): -100.0},
             "stream": True,
             "stream_options": {"include_usage": True},
+            "cache_prompt": prompt_cache,
         }
 
     return body
@@ -149,6 +152,11 @@ def start_llama_server(binary: Path, gguf: Path, n_ctx: int) -> tuple[str, Any]:
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-c", str(16 * n_ctx)]
     cmd += ["--parallel", "16", "-t", cores, "-tb", cores, "--no-webui", "--log-disable"]
     proc = started(cmd, {}, f"http://127.0.0.1:{port}")
+    import httpx
+
+    deadline = time.time() + 60  # /v1/models answers while the model still loads; /health says when it is ready
+    while httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code != 200 and time.time() < deadline:
+        time.sleep(0.2)
     return f"http://127.0.0.1:{port}/v1/completions", proc
 
 
@@ -157,6 +165,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=6)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for every side, e.g. model.base.from_config.hidden_size=1024 (a bigger model)",
+    )
+    ap.add_argument(
+        "--no-prompt-cache",
+        action="store_true",
+        help="ask llama-server not to reuse a slot's KV cache for a prompt it saw before (runner has no prefix cache)",
+    )
     args = ap.parse_args()
     binary = llama_server.build()
     converter = os.environ["RUNNER_GGUF_CONVERTER"]
@@ -175,18 +196,25 @@ def main() -> None:
                 ("runner, llama.cpp engine, f16", ["serve.engine=llama_cpp", "package.gguf_type=f16"], None),
                 ("runner, llama.cpp engine, q8_0", ["serve.engine=llama_cpp", "package.gguf_type=q8_0"], None),
             ):
-                build = api.load(recipe, cache_dir=cache, overrides=sets)
+                build = api.load(recipe, cache_dir=cache, overrides=[*args.sets, *sets])
                 assert api.apply(build).ok
-                url, proc = serve(recipe, str(cache), 16, *sets)
+                url, proc = serve(recipe, str(cache), 16, *args.sets, *sets)
                 sides[name] = (url, proc, runner_body(model or "quickstart-gguf"))
                 if model is None:
                     gguf_type = sets[1].split("=")[1]
                     gguf = build.built()["package"].file(f"model-{gguf_type}.gguf")
                     url, proc = start_llama_server(binary, gguf, build.loaded.recipe.serve.n_ctx)
-                    sides[f"llama-server, {gguf_type}"] = (url, proc, llama_server_body(build))
+                    sides[f"llama-server, {gguf_type}"] = (
+                        url,
+                        proc,
+                        llama_server_body(build, not args.no_prompt_cache),
+                    )
             # every server up at once, measured in turn (the order rotating), so drift weighs on all alike
-            for url, _, body in sides.values():
-                stream_load(1, url, 2, args.max_tokens, body)  # warm-up
+            for name, (url, proc, body) in sides.items():
+                try:
+                    stream_load(1, url, 2, args.max_tokens, body)  # warm-up
+                except Exception as exc:
+                    raise SystemExit(f"{name} ({url}) failed: {exc!r}; exit code {proc.poll()}") from exc
             names = list(sides)
             for rep in range(args.repeats):
                 for clients in CLIENTS:
@@ -201,6 +229,8 @@ def main() -> None:
                 proc.wait()
     med = {k: {f: statistics.median(r[f] for r in rs) for f in rs[0]} for k, rs in runs.items()}
     print(f"median of {args.repeats} x {args.seconds:g} s, at most {args.max_tokens} tokens, {os.cpu_count()} cores")
+    print(f"recipe: the quickstart{' with ' + ', '.join(args.sets) if args.sets else ''}")
+    print(f"llama-server's prompt cache: {'off' if args.no_prompt_cache else 'on (its default)'}")
     print(
         f"{'engine':<32} {'clients':>7} {'tokens/s (min-max)':>22} {'TTFT p50/p99 ms':>16} "
         f"{'ITL p50/p99 ms':>15} {'req p99 ms':>10}"
