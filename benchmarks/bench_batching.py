@@ -25,8 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -89,6 +90,29 @@ def chat(model: str, question: str, max_tokens: int, temperature: float = 0.0) -
     }
 
 
+def drive(clients: int, seconds: float, one: Callable[[Any, str], Awaitable[None]]) -> float:
+    """`clients` concurrent clients (asyncio, one thread, one httpx client), each awaiting `one(http, question)`
+    for the prompts in turn, back to back, for `seconds`; the seconds it took."""
+    import asyncio
+
+    import httpx
+
+    async def client(http: httpx.AsyncClient, c: int, stop: float) -> None:
+        i = c
+        while time.perf_counter() < stop:
+            await one(http, PROMPTS[i % len(PROMPTS)])
+            i += clients
+
+    async def run() -> float:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+            begun = time.perf_counter()
+            await asyncio.gather(*(client(http, c, begun + seconds) for c in range(clients)))
+            return time.perf_counter() - begun
+
+    return asyncio.run(run())
+
+
 def load(
     clients: int,
     url: str,
@@ -99,31 +123,17 @@ def load(
 ) -> dict[str, float]:
     """`clients` concurrent clients (asyncio, one thread), each sending requests (`body(model, question,
     max_tokens)`) back to back for `seconds`."""
-    import asyncio
-
-    import httpx
-
     latencies: list[float] = []
     tokens = [0]
 
-    async def client(http: httpx.AsyncClient, c: int, stop: float) -> None:
-        i = c
-        while time.perf_counter() < stop:
-            t = time.perf_counter()
-            r = await http.post(url, json=body(model, PROMPTS[i % len(PROMPTS)], max_tokens))
-            r.raise_for_status()
-            latencies.append(time.perf_counter() - t)
-            tokens[0] += r.json()["usage"]["completion_tokens"]
-            i += clients
+    async def one(http: Any, question: str) -> None:
+        t = time.perf_counter()
+        r = await http.post(url, json=body(model, question, max_tokens))
+        r.raise_for_status()
+        latencies.append(time.perf_counter() - t)
+        tokens[0] += r.json()["usage"]["completion_tokens"]
 
-    async def run() -> float:
-        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-        async with httpx.AsyncClient(timeout=300, limits=limits) as http:
-            started = time.perf_counter()
-            await asyncio.gather(*(client(http, c, started + seconds) for c in range(clients)))
-            return time.perf_counter() - started
-
-    wall = asyncio.run(run())
+    wall = drive(clients, seconds, one)
     latencies.sort()
     return {
         "requests": len(latencies),

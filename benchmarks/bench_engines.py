@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_server
-from bench_batching import PROMPTS, free_port, serve, started
+from bench_batching import drive, free_port, serve, started
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = (1, 4, 16)
@@ -45,8 +45,6 @@ Body = Callable[[str, int], dict[str, Any]]
 
 def stream_load(clients: int, url: str, seconds: float, max_tokens: int, body: Body) -> dict[str, float]:
     """`clients` concurrent clients (asyncio, one thread), each streaming requests back to back for `seconds`."""
-    import asyncio
-
     import httpx
 
     ttft: list[float] = []
@@ -75,20 +73,7 @@ def stream_load(clients: int, url: str, seconds: float, max_tokens: int, body: B
             ttft.append(chunks[0] - sent)
             gaps.extend(b - a for a, b in itertools.pairwise(chunks))
 
-    async def client(http: httpx.AsyncClient, c: int, stop: float) -> None:
-        i = c
-        while time.perf_counter() < stop:
-            await one(http, PROMPTS[i % len(PROMPTS)])
-            i += clients
-
-    async def run() -> float:
-        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-        async with httpx.AsyncClient(timeout=300, limits=limits) as http:
-            begun = time.perf_counter()
-            await asyncio.gather(*(client(http, c, begun + seconds) for c in range(clients)))
-            return time.perf_counter() - begun
-
-    wall = asyncio.run(run())
+    wall = drive(clients, seconds, one)
 
     def pct(xs: list[float], q: float) -> float:
         xs = sorted(xs)
