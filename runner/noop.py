@@ -104,13 +104,14 @@ def _code_paths() -> list[str]:
 
 
 class Recorder:
-    """Notes every path opened for reading and every directory listed while it is active."""
+    """Notes every path opened for reading and every directory listed while it is active, with its stat then (a
+    file changed after the apply read it no longer matches the memo)."""
 
     _current: Recorder | None = None
     _hooked = False
 
     def __init__(self) -> None:
-        self.paths: set[str] = set()
+        self.paths: dict[str, list[int] | None] = {}
 
     def __enter__(self) -> Recorder:
         if not Recorder._hooked:  # an audit hook cannot be removed: one for the process, idle when none records
@@ -138,25 +139,29 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
     else:
         path = args[0]
     if isinstance(path, (str, os.PathLike)):
-        rec.paths.add(os.path.abspath(os.fsdecode(path)))
+        path = os.path.abspath(os.fsdecode(path))
+        if path not in rec.paths:
+            rec.paths[path] = _sig(path)
+            parent = os.path.dirname(path)
+            rec.paths.setdefault(parent, _sig(parent))
 
 
-def _inputs(recorded: Iterable[str], cache: Path) -> set[str]:
-    """What was read, without what an apply writes for itself, system files and installed packages (whose
-    directories are watched as a whole); with each file's directory outside the cache."""
+def _inputs(recorded: dict[str, list[int] | None], cache: Path) -> dict[str, list[int] | None]:
+    """What was read (with its stat when read), without what an apply writes for itself, system files and
+    installed packages (whose directories are watched as a whole), and without directories inside the cache
+    (its artifacts are watched file by file)."""
     cache = cache.resolve()
     skip = tuple(str(cache / name) for name in _CACHE_OWN)
     prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, "/proc", "/sys", "/dev"}
     skip += tuple(p.rstrip("/") + "/" for p in prefixes)
     code = tuple(f"{root}/" for root in _code_roots())
-    out: set[str] = set()
-    for path in recorded:
-        if path.startswith(skip + code) or "__pycache__" in path:
-            continue
-        out.add(path)
-        if not path.startswith(str(cache)):
-            out.add(os.path.dirname(path))
-    return out
+    inside = f"{cache}/"
+    return {
+        path: sig
+        for path, sig in recorded.items()
+        if not (path.startswith(skip + code) or "__pycache__" in path or path == str(cache))
+        and not (path.startswith(inside) and os.path.isdir(path) and path.count("/") < inside.count("/") + 2)
+    }
 
 
 def _tree(root: Path) -> list[str]:
@@ -167,24 +172,19 @@ def _tree(root: Path) -> list[str]:
     return out
 
 
-def write(argv: Sequence[str], recorded: Iterable[str], extra: Iterable[Path], lines: list[tuple[str, str]]) -> None:
-    """Leave the memo of a complete, fully cached apply: what it read (`recorded`), the artifact directories and
-    other files it used (`extra`), and the lines it printed (markup, plain)."""
+def write(
+    argv: Sequence[str], recorded: dict[str, list[int] | None], extra: Iterable[Path], lines: list[tuple[str, str]]
+) -> None:
+    """Leave the memo of a complete, fully cached apply: what it read (`recorded`, path -> stat when read), the
+    artifact directories and other files it used (`extra`), and the lines it printed (markup, plain)."""
     where = memo_path(argv)
     if where is None:
         return
-    cache = where.parent.parent
-    paths = _inputs(recorded, cache)
-    for p in extra:
-        paths.update(_tree(p) if p.is_dir() else [str(p)])
-    paths.update(_code_paths())
-    memo = {
-        "version": VERSION,
-        "argv": list(argv),
-        "setting": _setting(),
-        "stats": {p: _sig(p) for p in sorted(paths)},
-        "lines": lines,
-    }
+    stats = _inputs(recorded, where.parent.parent)
+    now = [str(p) for p in extra if not p.is_dir()] + [f for p in extra if p.is_dir() for f in _tree(p)]
+    for path in now + _code_paths():
+        stats.setdefault(path, _sig(path))
+    memo = {"version": VERSION, "argv": list(argv), "setting": _setting(), "stats": stats, "lines": lines}
     try:
         where.parent.mkdir(parents=True, exist_ok=True)
         tmp = where.with_suffix(f".{os.getpid()}.tmp")
@@ -197,7 +197,10 @@ def write(argv: Sequence[str], recorded: Iterable[str], extra: Iterable[Path], l
 def forget(argv: Sequence[str]) -> None:
     where = memo_path(argv)
     if where is not None:
-        where.unlink(missing_ok=True)
+        try:
+            where.unlink(missing_ok=True)
+        except OSError:
+            pass  # a stale memo is caught by its stats anyway
 
 
 def replay(argv: Sequence[str]) -> int | None:
@@ -210,17 +213,20 @@ def replay(argv: Sequence[str]) -> int | None:
         memo = json.loads(where.read_text())
     except (OSError, ValueError):
         return None
-    if memo.get("version") != VERSION or memo.get("argv") != list(argv) or memo.get("setting") != _setting():
+    if not isinstance(memo, dict) or memo.get("version") != VERSION or memo.get("argv") != list(argv):
         return None
-    for path, sig in memo["stats"].items():
+    stats, lines = memo.get("stats"), memo.get("lines")
+    if memo.get("setting") != _setting() or not isinstance(stats, dict) or not stats or not isinstance(lines, list):
+        return None
+    for path, sig in stats.items():
         if _sig(path) != sig:
             return None
     if sys.stderr.isatty():
         from runner.cli.common import console
 
         out = console(stderr=True)
-        for markup, _plain in memo["lines"]:
+        for markup, _plain in lines:
             out.print(markup)
     else:
-        sys.stderr.write("".join(plain + "\n" for _markup, plain in memo["lines"]))
+        sys.stderr.write("".join(plain + "\n" for _markup, plain in lines))
     return 0

@@ -51,7 +51,7 @@ class StatCache:
     def __init__(self, db_path: Path | None) -> None:
         self._db: sqlite3.Connection | None = None
         self._memo: dict[tuple[str, tuple[int, int, int, int]], str] = {}
-        self.hashed: set[str] = set()  # every file this cache gave a hash of (its stat is what vouches for it)
+        self.hashed: dict[str, tuple[int, int, int, int]] = {}  # every file hashed -> the stat that vouched for it
         if db_path is not None:
             db_path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -66,9 +66,9 @@ class StatCache:
 
     def hash_file(self, path: Path) -> str:
         path = Path(os.path.abspath(path))
-        self.hashed.add(str(path))
         st = path.stat()
         stat = _stat_key(st)
+        self.hashed.setdefault(str(path), stat)
         memo_key = (str(path), stat)
         if memo_key in self._memo:
             return self._memo[memo_key]

@@ -105,3 +105,22 @@ def test_only_plain_applies_are_memoised(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("RUNNER_CACHE_REMOTE")
     where = noop.memo_path(["apply", "r.yaml", "--cache-dir", str(tmp_path)])
     assert where is not None and where.parent == tmp_path / "noop"
+
+
+def test_a_file_changed_after_it_was_read_is_not_vouched_for(tmp_path: Path, _isolated_cache: Path) -> None:
+    """The memo keeps each input's stat from when the apply read it: an edit between that read and the memo's
+    writing sends the next apply down the normal path."""
+    (tmp_path / "d").mkdir()  # beside the cache, not its parent: the memo's directory appears in the cache
+    data = tmp_path / "d" / "rows.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    argv = ["apply", str(tmp_path / "d" / "r.yaml")]
+    lines = [("[dim]cached[/]  s", "cached  s")]
+    with noop.Recorder() as recorder:
+        data.read_text()
+    noop.write(argv, recorder.paths, [], lines)
+    assert noop.replay(argv) == 0
+    with noop.Recorder() as recorder:
+        data.read_text()
+    data.write_text('{"prompt": "a", "response": "c"}\n')  # after the read, before the memo
+    noop.write(argv, recorder.paths, [], lines)
+    assert noop.replay(argv) is None

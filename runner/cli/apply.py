@@ -205,6 +205,5 @@ def _leave_memo(build: Any, result: Any, said: list[str], argv: list[str], recor
         return
     used = [build.cache.path(r.key) for r in result.steps if r.key]
     own = [build.catalog, build.catalog.with_suffix(".json"), lock.lock_path(build.loaded.path)]
-    noop.write(
-        argv, recorder.paths | build.cache.stat_cache.hashed, used + own, [(m, Text.from_markup(m).plain) for m in said]
-    )
+    read = {**{p: list(sig) for p, sig in build.cache.stat_cache.hashed.items()}, **recorder.paths}
+    noop.write(argv, read, used + own, [(m, Text.from_markup(m).plain) for m in said])
