@@ -217,7 +217,9 @@ def spawn_chat(*args: str) -> Any:
 def test_terminal_chat_keystroke_by_keystroke(server: str, tmp_path: Path) -> None:
     import pexpect
 
-    chat = spawn_chat("--variant", "base", "--max-tokens", "400")
+    # answers long enough that Ctrl-C after the first tokens lands before the end (at 400 tokens, once in two
+    # CI runs the answer had ended first, and the Ctrl-C meant for it left the chat)
+    chat = spawn_chat("--variant", "base", "--max-tokens", "800")
     chat.expect("you>")
     chat.send("Tell me everything\r")
     chat.expect(">:>:")  # the answer streams
@@ -249,9 +251,9 @@ def test_terminal_chat_keystroke_by_keystroke(server: str, tmp_path: Path) -> No
     assert body["system"] == "Answer briefly." and body["model"] == "tiny-base"
     assert [m["content"] for m in body["messages"] if m["role"] == "user"] == ["abXc", "abXc"]
     answers = [m["content"] for m in body["messages"] if m["role"] == "assistant"]
-    assert answers[0] == answers[1] and len(answers[0]) == 800, "greedy, 400 tokens of '>:'"
+    assert answers[0] == answers[1] and len(answers[0]) == 1600, "greedy, 800 tokens of '>:'"
 
-    stopped = spawn_chat("--variant", "base", "--max-tokens", "400")
+    stopped = spawn_chat("--variant", "base", "--max-tokens", "800")
     stopped.expect("you>")
     stopped.send("Tell me everything\r")
     stopped.expect(">:>:")
@@ -264,7 +266,7 @@ def test_terminal_chat_keystroke_by_keystroke(server: str, tmp_path: Path) -> No
     stopped.expect(pexpect.EOF)
     stopped.close()
     partial = json.loads(saved.read_text())["messages"][1]["content"]
-    assert stopped.exitstatus == 0 and 0 < len(partial) < 800, "the stopped answer is kept as far as it went"
+    assert stopped.exitstatus == 0 and 0 < len(partial) < 1600, "the stopped answer is kept as far as it went"
 
 
 def test_a_conversation_becomes_one_prompt_with_its_history() -> None:
