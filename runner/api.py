@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner import pipeline, recipe
+from runner import cluster, pipeline, recipe
 from runner.compile import compile_recipe
 from runner.errors import LockedError, RunnerError, UsageError
 from runner.graph import Graph, GraphError
@@ -115,6 +115,18 @@ def load(
     return Build(loaded, graph, open_cache(cache_dir, cache_remote), frozenset(full.nodes), tuple(overrides))
 
 
+def executor_of(build: Build, override: str | None = None) -> cluster.Executor:
+    """Where the build's data steps run: `override` (the CLI's --executor), else the recipe's `data.executor`."""
+    data = build.loaded.recipe.data
+    return cluster.parse_executor(override or (data.executor if data else None))
+
+
+def runs_on(build: Build, override: str | None = None) -> dict[str, str]:
+    """Each step's place under the executor: `ray` (as tasks) or `driver` (this process)."""
+    executor = executor_of(build, override)
+    return {name: cluster.runs_on(node.kind, executor) for name, node in build.graph.nodes.items()}
+
+
 def plan(build: Build) -> list[pipeline.StepPlan]:
     return pipeline.plan(build.graph, build.cache, build.previous())
 
@@ -177,6 +189,7 @@ def apply(
     keep_going: bool = False,
     locked: bool = False,
     rebuild_nondeterministic: bool = False,
+    executor: str | None = None,
 ) -> ApplyResult:
     """Build what is not cached, then record the recipe's ref and catalog, push to the shared cache, and
     (unless `locked`) write the lock file.
@@ -186,6 +199,8 @@ def apply(
     and a step that is not reproducible across machines is taken from the local or shared cache,
     never rebuilt (unless `rebuild_nondeterministic`, which builds it and reports what moved).
     Never writes the lock. A refusal raises `LockedError` (exit 3) after recording what was built.
+    `executor`: where data steps run (`local`, `ray`, `ray://HOST:PORT`; default: the recipe's
+    `data.executor`); never part of a key.
     """
     from runner import lock
 
@@ -197,12 +212,20 @@ def apply(
         refuse, accept = _lock_policy(
             build, (lock.read(lock_file) or {}).get("steps", {}), lock_file.name, rebuild_nondeterministic, moved
         )
+    run_step = cluster.StepRunner(executor_of(build, executor), build.cache)
     try:
         results = pipeline.execute(
-            build.graph, build.cache, reporter=reporter, keep_going=keep_going, refuse=refuse, accept=accept
+            build.graph,
+            build.cache,
+            reporter=reporter,
+            keep_going=keep_going,
+            refuse=refuse,
+            accept=accept,
+            run_step=run_step,
         )
         _record(build, results)
     finally:
+        run_step.close()
         build.cache.unpin()  # the ref now names what gc must keep
     result = ApplyResult(results, [r.name for r in results if r.state in ("failed", "skipped")], moved)
     refused = [r for r in results if r.refused]

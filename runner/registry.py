@@ -132,6 +132,8 @@ class StepSpec:
     run: Callable[[StepContext], None]
     libs: tuple[str, ...] = ()
     reproducible: Reproducible = True
+    # the same step run as tasks on a cluster (`runner.cluster.Pool`): the same output, byte for byte
+    sharded: Callable[[StepContext, Any], None] | None = None
 
     def is_reproducible(self, params: Any) -> bool:
         return self.reproducible if isinstance(self.reproducible, bool) else bool(self.reproducible(params))
@@ -147,13 +149,14 @@ def step(
     params: type[BaseModel],
     libs: tuple[str, ...] = (),
     reproducible: Reproducible = True,
+    sharded: Callable[[StepContext, Any], None] | None = None,
 ) -> Callable[[Callable[[StepContext], None]], Callable[[StepContext], None]]:
-    """Register `run` as the implementation of step kind `kind`."""
+    """Register `run` as the implementation of step kind `kind` (and `sharded`, its run on a cluster)."""
 
     def register(run: Callable[[StepContext], None]) -> Callable[[StepContext], None]:
         if kind in _REGISTRY:
             raise ValueError(f"step kind {kind!r} registered twice")
-        _REGISTRY[kind] = StepSpec(kind, version, params, run, libs, reproducible)
+        _REGISTRY[kind] = StepSpec(kind, version, params, run, libs, reproducible, sharded)
         return run
 
     return register

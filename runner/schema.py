@@ -91,6 +91,24 @@ class DataSection(Params):
     split: Split = Split()
     export: Export | None = Field(None, description="also write the split as JSONL / Parquet / a datasets dataset")
     mix_seed: int = Field(0, description="seed for sampling sources whose weight is fractional")
+    executor: str = Field(
+        "local",
+        description="where filters run: local (this process), ray (a Ray cluster: $RAY_ADDRESS, else one started "
+        "for the apply), ray:HOST:PORT or ray://HOST:PORT; never part of a key (the `ray` extra). "
+        "`runner apply --executor` overrides it",
+    )
+
+    @field_validator("executor")
+    @classmethod
+    def _executor(cls, value: str) -> str:
+        from runner.cluster import parse_executor
+        from runner.errors import UsageError
+
+        try:
+            parse_executor(value)
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("sources")
     @classmethod

@@ -224,7 +224,7 @@ def test_near_dedup_signatures_from_workers_are_datasketchs_own() -> None:
     import numpy as np
     from datasketch import MinHash
 
-    from runner.steps.filters_python import signature_blocks
+    from runner.steps.minhash import signature_blocks
 
     records = json.loads((INSTRUCT / "alpaca_en_demo.json").read_text())
     texts = [r["output"] for r in records[:400]] + [None, "", "one", "two words", "Ünïcode wörds — ça va  bien"]

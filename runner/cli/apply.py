@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from runner.cli.common import console, load, print_json, recipe_args, short
+from runner.cli.common import console, executor_arg, load, print_json, recipe_args, short
 from runner.graph import StepNode
 from runner.pipeline import Reporter, StepResult
 
@@ -22,6 +22,7 @@ def add(sub: argparse._SubParsersAction) -> None:
         "apply writes RECIPE.lock (step keys, input hashes, library versions): commit it.",
     )
     recipe_args(p, targets=True)
+    executor_arg(p)
     p.add_argument("--dry-run", action="store_true", help="show the plan, build nothing")
     p.add_argument("--keep-going", action="store_true", help="after a failure, still build steps that do not need it")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
@@ -152,7 +153,8 @@ def _run(args: argparse.Namespace, memo: tuple[list[str], Any] | None) -> int:
     build.cache.deep = args.verify
     if args.dry_run:
         steps = api.plan(build)
-        print_json(plan.plan_rows(steps)) if args.json else plan.render(steps)
+        where = api.runs_on(build, args.executor)
+        print_json(plan.plan_rows(steps, where)) if args.json else plan.render(steps, where)
         return 0
     if args.rebuild_nondeterministic and not args.locked:
         from runner.errors import UsageError
@@ -165,6 +167,7 @@ def _run(args: argparse.Namespace, memo: tuple[list[str], Any] | None) -> int:
         keep_going=args.keep_going,
         locked=args.locked,
         rebuild_nondeterministic=args.rebuild_nondeterministic,
+        executor=args.executor,
     )
     for line in result.moved:
         console(stderr=True).print(f"[yellow]moved from the lock[/]: {escape(line)}")

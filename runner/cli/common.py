@@ -31,6 +31,18 @@ def recipe_args(p: argparse.ArgumentParser, *, targets: bool = False) -> None:
         )
 
 
+def executor_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--executor",
+        default=None,
+        metavar="WHERE",
+        help="where filters run: local, ray (the Ray cluster at $RAY_ADDRESS, else one started for this run), "
+        "ray:HOST:PORT or ray://HOST:PORT (the ray extra). Outputs and keys are the same on any executor; "
+        "workers read and write shards through the shared cache (--cache-remote), else the local cache "
+        "directory, which every node must then see (default: the recipe's data.executor)",
+    )
+
+
 def cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-dir", default=None, metavar="DIR", help="artifact cache (default: $RUNNER_CACHE or ~/.cache/runner)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from runner.cli.common import console, load, print_json, recipe_args, short
+from runner.cli.common import console, executor_arg, load, print_json, recipe_args, short
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -17,22 +17,29 @@ def add(sub: argparse._SubParsersAction) -> None:
         "cached if its output does not change (early cut-off).",
     )
     recipe_args(p, targets=True)
+    executor_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
 
-def plan_rows(steps: list[Any]) -> list[dict[str, Any]]:
-    return [{"step": s.name, "kind": s.kind, "state": s.state, "key": s.key, "why": s.why} for s in steps]
+def plan_rows(steps: list[Any], where: dict[str, str]) -> list[dict[str, Any]]:
+    return [
+        {"step": s.name, "kind": s.kind, "state": s.state, "key": s.key, "runs_on": where[s.name], "why": s.why}
+        for s in steps
+    ]
 
 
-def render(steps: list[Any]) -> None:
+def render(steps: list[Any], where: dict[str, str]) -> None:
+    """One line per step; with a cluster executor, where each step that is not cached would run."""
     from rich.markup import escape
 
     out = console()
     colors = {"cached": "green", "run": "yellow", "pending": "cyan"}
+    cluster = "ray" in where.values()
     for s in steps:
         why = f"  [dim]{escape('; '.join(s.why))}[/]" if s.why else ""
-        out.print(f"[{colors[s.state]}]{s.state:>7}[/]  {s.name:<24} {short(s.key)}{why}")
+        place = f"{where[s.name]:<7}" if cluster else ""
+        out.print(f"[{colors[s.state]}]{s.state:>7}[/]  {place}{s.name:<24} {short(s.key)}{why}")
     todo = sum(s.state != "cached" for s in steps)
     out.print(f"{todo} of {len(steps)} steps to run" if todo else f"all {len(steps)} steps cached: nothing to do")
 
@@ -42,10 +49,11 @@ def run(args: argparse.Namespace) -> int:
 
     build = load(args)
     steps = api.plan(build)
+    where = api.runs_on(build, args.executor)
     if args.json:  # the rows, one shape for every recipe (the memory estimate is for people)
-        print_json(plan_rows(steps))
+        print_json(plan_rows(steps, where))
         return 0
-    render(steps)
+    render(steps, where)
     memory = api.training_memory(build)
     if memory is not None:
         from runner.steps.memory import machine_memory, verdict

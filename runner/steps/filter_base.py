@@ -50,6 +50,11 @@ class FilterBase(Params):
         """One `_value` per row of `table` (a pyarrow table of `python_input`), for `reject_sql` to judge."""
         raise NotImplementedError
 
+    def shuffle_by(self) -> str | None:
+        """How `reject_sql` compares rows, for a run in shards: None when it judges each row alone; else SQL
+        of the value whose equal rows it compares (a window's partition; `''`: every row with every other)."""
+        return None
+
 
 F = TypeVar("F", bound=type[FilterBase])
 
@@ -60,11 +65,19 @@ def filter_kind(*, libs: tuple[str, ...] = ("duckdb",), reproducible: Reproducib
 
     def add(cls: F) -> F:
         (name,) = literal_values(cls, "kind")
-        step(f"filter.{name}", version="2", params=cls, libs=libs, reproducible=reproducible)(run_filter)
+        step(f"filter.{name}", version="2", params=cls, libs=libs, reproducible=reproducible, sharded=_sharded)(
+            run_filter
+        )
         add_entry("filter", cls, f"filter.{name}")
         return cls
 
     return add
+
+
+def _sharded(ctx: StepContext, pool: Any) -> None:
+    from runner.steps.sharded import run_filter_sharded
+
+    run_filter_sharded(ctx, pool, run_filter)
 
 
 def run_filter(ctx: StepContext) -> None:

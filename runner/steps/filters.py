@@ -117,6 +117,9 @@ class DedupFilter(FilterBase):
         # a 128-bit hash of the text, computed once: the window then sorts numbers, not text
         return f"md5_number({value}) as _dedup_key"
 
+    def shuffle_by(self) -> str:
+        return "_dedup_key"
+
     def reject_sql(self) -> str:
         first = "first(id) over (partition by _dedup_key order by file_row_number)"
         return (
@@ -169,6 +172,9 @@ class SampleFilter(FilterBase):
     kind: Literal["sample"]
     n: int = Field(ge=1)
     seed: int = 0
+
+    def shuffle_by(self) -> str:
+        return ""
 
     def reject_sql(self) -> str:
         rank = f"row_number() over (order by md5_number({sql_string(str(self.seed) + ':')} || id), id)"
@@ -323,6 +329,9 @@ class LimitFilter(FilterBase):
 
     kind: Literal["limit"]
     n: int = Field(ge=0)
+
+    def shuffle_by(self) -> str:
+        return ""
 
     def reject_sql(self) -> str:
         return (
