@@ -1,20 +1,18 @@
 """near_dedup as tasks on a cluster, with the local filter's result (see `sharded`).
 
-Locally, a row goes when one of the earlier rows that stay shares an LSH band with it (datasketch's bands
-of its MinHash) and their shingles' exact Jaccard reaches the threshold; the detail names the most similar
-such row (the earliest on a tie). Here, in five stages:
+Locally, rows are walked in order: a row goes when one of the earlier rows that stay shares an LSH band with
+it (datasketch's bands of its MinHash) and their shingles' exact Jaccard reaches the threshold (the detail
+names the most similar, the earliest on a tie); a row that stays joins the index. A row's fate depends only
+on rows it is linked to through shared bands, so the walk splits into independent walks over the connected
+components of "shares a band with": run as tasks, they give the local result. In four stages:
 
-1. per shard: every row's MinHash (`minhash._signatures`, the local values) and shingle keys; each
-   band's values go to the partition of their hash;
-2. per partition: the pairs of rows (earlier, later) that share a band's values: the local candidates,
-   whether or not the earlier row stays;
-3. per shard of the earlier row: the pairs meet its shingle keys;
-4. per shard of the later row: ... and its own; the pairs whose exact Jaccard reaches the threshold stay;
-5. the driver walks the confirmed pairs by later row, as the local filter walks rows: a row goes when an
-   earlier row that stays is in a pair with it.
-
-Rows in a pair are rare in real data; a text repeated k times gives k(k-1)/2 pairs in stage 2 (the local
-filter compares it with the one copy that stays).
+1. per shard: every row's MinHash (`minhash._signatures`, the local values) and shingle keys; each band's
+   values go to the partition of their hash;
+2. per partition: the rows that share a band's values, linked in a chain (k rows, k - 1 links: never the
+   k(k-1)/2 pairs);
+3. the driver: connected components of the links (rows linked to none stay, and take no further part); each
+   linked row goes, with its signature and keys, to the partition of its component;
+4. per partition: the local walk over its rows in order, component by component (they share no band).
 """
 
 from __future__ import annotations
@@ -48,8 +46,19 @@ def _set_keys(keys: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndar
     return keys[keep], np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
 
 
+def _partition(values: np.ndarray, salt: int, parts: int) -> np.ndarray:
+    """A partition per row of `values` (uint32 columns), the same for equal rows."""
+    import numpy as np
+
+    mixed = np.full(len(values), salt + 1, np.uint64)
+    for c in range(values.shape[1]):
+        mixed = (mixed * np.uint64(0x100000001B3)) ^ values[:, c].astype(np.uint64)
+    return (mixed % np.uint64(parts)).astype(np.int64)
+
+
 def sig_task(item: tuple[Job, Shard, int, int]) -> str:
-    """Stage 1: the shard's shingle keys (keys/S) and its rows' band values, by partition (bands/S-P)."""
+    """Stage 1: the shard's rows with their signature and shingle keys (rows/S), and their band values by
+    partition (bands/S-P)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -81,170 +90,158 @@ def sig_task(item: tuple[Job, Shard, int, int]) -> str:
     keys_col = pa.ListArray.from_arrays(
         pa.array(np.asarray(offsets, np.int32)), pa.array(np.concatenate(flat) if flat else np.empty(0, np.int64))
     )
+    sig_col = pa.Array.from_buffers(pa.binary(4 * p.num_perm), len(sig), [None, pa.py_buffer(sig.tobytes())])
     with task_dir() as tmp:
-        out = table.drop(["text"]).append_column("keys", keys_col)
-        pq.write_table(out, tmp / "keys.parquet", compression="zstd")
-        job.store.put(tmp / "keys.parquet", f"nd/keys/{shard.index:05d}.parquet")
-        bands, parts = [], []
-        for k in range(b):
-            block = np.ascontiguousarray(sig[:, k * r : (k + 1) * r])
-            mixed = np.full(len(block), k + 1, np.uint64)
-            for c in range(r):
-                mixed = (mixed * np.uint64(0x100000001B3)) ^ block[:, c].astype(np.uint64)
-            bands.append(block)
-            parts.append((mixed % np.uint64(job.parts)).astype(np.int64))
+        rows = table.drop(["text"]).append_column("keys", keys_col).append_column("sig", sig_col)
+        pq.write_table(rows, tmp / "rows.parquet", compression="zstd")
+        job.store.put(tmp / "rows.parquet", f"nd/rows/{shard.index:05d}.parquet")
         width = pa.binary(4 * r)
+        blocks = [np.ascontiguousarray(sig[:, k * r : (k + 1) * r]) for k in range(b)]
+        parts = [_partition(block, k, job.parts) for k, block in enumerate(blocks)]
         for q in range(job.parts):
             cols: dict[str, list[Any]] = {"band": [], "value": [], "n": []}
-            for k, (block, part) in enumerate(zip(bands, parts, strict=True)):
-                rows = np.flatnonzero(part == q)
-                chosen = np.ascontiguousarray(block[rows])
-                cols["band"].append(pa.array(np.full(len(rows), k, np.int16)))
-                cols["value"].append(pa.Array.from_buffers(width, len(rows), [None, pa.py_buffer(chosen.tobytes())]))
-                cols["n"].append(pa.array(numbers[rows]))
-            part_table = pa.table({c: pa.concat_arrays(v) if v else pa.array([]) for c, v in cols.items()})
-            pq.write_table(part_table, tmp / "b.parquet", compression="zstd")
+            for k, (block, part) in enumerate(zip(blocks, parts, strict=True)):
+                chosen = np.flatnonzero(part == q)
+                data = pa.py_buffer(np.ascontiguousarray(block[chosen]).tobytes())
+                cols["band"].append(pa.array(np.full(len(chosen), k, np.int16)))
+                cols["value"].append(pa.Array.from_buffers(width, len(chosen), [None, data]))
+                cols["n"].append(pa.array(numbers[chosen]))
+            pq.write_table(pa.table({c: pa.concat_arrays(v) for c, v in cols.items()}), tmp / "b.parquet")
             job.store.put(tmp / "b.parquet", f"nd/bands/{shard.index:05d}-{q:05d}.parquet")
     job.store.write_bytes(done, b"")
     return "done"
 
 
-def pairs_task(item: tuple[Job, int, int, list[int]]) -> str:
-    """Stage 2: the pairs of rows that share a band's values in partition Q, by the earlier row's shard."""
-    job, q, shards, firsts = item
-    done = f"nd/pairs/{q:05d}.done"
-    if job.store.exists(done):
-        return RESUMED
-    con = connect_task()
-    try:
-        with task_dir() as tmp:
-            files = [job.store.get(f"nd/bands/{s:05d}-{q:05d}.parquet", tmp / f"{s}.parquet") for s in range(shards)]
-            _shard_macro(con, firsts)
-            con.execute(
-                f"create temp table b as select * from read_parquet([{', '.join(sql_string(f) for f in files)}])"
-            )
-            con.execute(
-                "create temp table p as select distinct x.n as i, y.n as j, shard_of(x.n) as s from b x join b y "
-                "on x.band = y.band and x.value = y.value and x.n < y.n"
-            )
-            for s in range(shards):
-                copy_to_store(
-                    con, f"select i, j from p where s = {s}", job.store, f"nd/pairs/{q:05d}-{s:05d}.parquet", tmp
-                )
-    finally:
-        con.close()
-    job.store.write_bytes(done, b"")
-    return "done"
-
-
-def half_task(item: tuple[Job, int, int, int, list[int]]) -> str:
-    """Stage 3: the pairs whose earlier row is in shard S, with its id and shingle keys, by the later row's shard."""
-    job, s, parts, shards, firsts = item
-    done = f"nd/half/{s:05d}.done"
-    if job.store.exists(done):
-        return RESUMED
-    con = connect_task()
-    try:
-        with task_dir() as tmp:
-            pairs = [job.store.get(f"nd/pairs/{q:05d}-{s:05d}.parquet", tmp / f"p{q}.parquet") for q in range(parts)]
-            keys = job.store.get(f"nd/keys/{s:05d}.parquet", tmp / "keys.parquet")
-            _shard_macro(con, firsts)
-            con.execute(
-                "create temp table h as select p.i, p.j, k.id as id_i, k.keys as keys_i, shard_of(p.j) as t from "
-                f"(select distinct i, j from read_parquet([{', '.join(sql_string(f) for f in pairs)}])) p "
-                f"join read_parquet({sql_string(keys)}) k on k.n = p.i"
-            )
-            for t in range(shards):
-                copy_to_store(
-                    con,
-                    f"select * exclude (t) from h where t = {t}",
-                    job.store,
-                    f"nd/half/{s:05d}-{t:05d}.parquet",
-                    tmp,
-                )
-    finally:
-        con.close()
-    job.store.write_bytes(done, b"")
-    return "done"
-
-
-def confirm_task(item: tuple[Job, int, int]) -> str:
-    """Stage 4: the pairs whose later row is in shard T, confirmed by the exact Jaccard of their shingle keys."""
-    job, t, shards = item
-    out = f"nd/edges/{t:05d}.parquet"
+def link_task(item: tuple[Job, int, int]) -> str:
+    """Stage 2: in partition Q, each row that shares a band's values with an earlier row, linked to the
+    latest such row (a chain per bucket)."""
+    job, q, shards = item
+    out = f"nd/links/{q:05d}.parquet"
     if job.store.exists(out):
         return RESUMED
     con = connect_task()
     try:
         with task_dir() as tmp:
-            halves = [job.store.get(f"nd/half/{s:05d}-{t:05d}.parquet", tmp / f"h{s}.parquet") for s in range(shards)]
-            keys = job.store.get(f"nd/keys/{t:05d}.parquet", tmp / "keys.parquet")
-            pairs = (
-                "select h.i, h.j, h.id_i, k.id as id_j, k.source as source_j, "
-                "len(list_intersect(h.keys_i, k.keys)) as c, len(h.keys_i) as la, len(k.keys) as lb "
-                f"from read_parquet([{', '.join(sql_string(f) for f in halves)}]) h "
-                f"join read_parquet({sql_string(keys)}) k on k.n = h.j"
+            files = [job.store.get(f"nd/bands/{s:05d}-{q:05d}.parquet", tmp / f"{s}.parquet") for s in range(shards)]
+            chained = (
+                "select lag(n) over (partition by band, value order by n) as a, n as b "
+                f"from read_parquet([{', '.join(sql_string(f) for f in files)}])"
             )
-            # the same double division as the local filter's: the same pairs reach the threshold
-            copy_to_store(
-                con,
-                f"select * from ({pairs}) where c / (la + lb - c) >= {float(job.params.threshold)!r} order by j, i",
-                job.store,
-                out,
-                tmp,
-            )
+            copy_to_store(con, f"select distinct a, b from ({chained}) where a is not null", job.store, out, tmp)
     finally:
         con.close()
     return "done"
 
 
-def _shard_macro(con: Any, firsts: list[int]) -> None:
-    """`shard_of(n)`: the index of the shard holding base row n (shards start at `firsts`)."""
-    bounds = ", ".join(str(f) for f in firsts[1:])
-    con.execute(f"create or replace temp macro shard_of(n) as len(list_filter([{bounds}]::bigint[], lambda f: f <= n))")
+def route_task(item: tuple[Job, int]) -> str:
+    """Stage 3 (after the driver's components): the shard's linked rows, to the partition of their component."""
+    job, s = item
+    done = f"nd/route/{s:05d}.done"
+    if job.store.exists(done):
+        return RESUMED
+    con = connect_task()
+    try:
+        with task_dir() as tmp:
+            rows = job.store.get(f"nd/rows/{s:05d}.parquet", tmp / "rows.parquet")
+            comps = job.store.get("nd/components.parquet", tmp / "components.parquet")
+            con.execute(
+                f"create temp table r as select r.*, c.component from read_parquet({sql_string(rows)}) r "
+                f"join read_parquet({sql_string(comps)}) c using (n)"
+            )
+            for q in range(job.parts):
+                sql = f"select * from r where component % {job.parts} = {q} order by n"
+                copy_to_store(con, sql, job.store, f"nd/route/{s:05d}-{q:05d}.parquet", tmp)
+    finally:
+        con.close()
+    job.store.write_bytes(done, b"")
+    return "done"
+
+
+def walk_task(item: tuple[Job, int, int, int, int]) -> str:
+    """Stage 4: the local filter's walk over partition Q's rows in order: its rejects."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from runner.steps.minhash import _jaccard
+
+    job, q, shards, b, r = item
+    out = f"nd/rej/{q:05d}.parquet"
+    if job.store.exists(out):
+        return RESUMED
+    with task_dir() as tmp:
+        files = [job.store.get(f"nd/route/{s:05d}-{q:05d}.parquet", tmp / f"{s}.parquet") for s in range(shards)]
+        table = pa.concat_tables([pq.read_table(f) for f in files]).sort_by("n")
+        index: dict[tuple[int, bytes], list[int]] = {}  # a band's values -> the rows that stay with them
+        kept: dict[int, frozenset[int]] = {}
+        ids = table.column("id").to_pylist()
+        rejects: dict[str, list[Any]] = {"n": [], "id": [], "source": [], "reason": [], "detail": []}
+        numbers, sources = table.column("n").to_pylist(), table.column("source").to_pylist()
+        for at, (keys, sig) in enumerate(
+            zip(table.column("keys").to_pylist(), table.column("sig").to_pylist(), strict=True)
+        ):
+            key = frozenset(keys)
+            hashvalues = np.frombuffer(sig, np.uint32)
+            bands = [(k, hashvalues[k * r : (k + 1) * r].tobytes()) for k in range(b)]
+            best: tuple[float, int] | None = None
+            for j in {j for band in bands for j in index.get(band, ())}:
+                jaccard = _jaccard(key, kept[j])
+                if jaccard >= job.params.threshold and (best is None or (jaccard, -j) > (best[0], -best[1])):
+                    best = (jaccard, j)
+            if best is None:
+                for band in bands:
+                    index.setdefault(band, []).append(at)
+                kept[at] = key
+            else:
+                for name, value in zip(
+                    rejects,
+                    (numbers[at], ids[at], sources[at], "near_duplicate", f"of {ids[best[1]]} (jaccard {best[0]:.3f})"),
+                    strict=True,
+                ):
+                    rejects[name].append(value)
+        result = pa.table(
+            {"n": pa.array(rejects["n"], pa.int64())}
+            | {c: pa.array(rejects[c], pa.string()) for c in ("id", "source", "reason", "detail")}
+        )
+        pq.write_table(result, tmp / "rej.parquet")
+        job.store.put(tmp / "rej.parquet", out)
+    return "done"
+
+
+def components(pool: Pool, ctx: StepContext, parts: int) -> None:
+    """Stage 3, the driver's part: label every linked row with its component (the component's first row)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    local = ctx.scratch / "shards"
+    links = pa.concat_tables(
+        [pq.read_table(pool.store.get(f"nd/links/{q:05d}.parquet", local / f"links-{q}.parquet")) for q in range(parts)]
+    )
+    a, b = links.column("a").to_numpy(), links.column("b").to_numpy()
+    rows = np.unique(np.concatenate([a, b]))
+    ia, ib = np.searchsorted(rows, a), np.searchsorted(rows, b)
+    graph = coo_matrix((np.ones(len(ia), np.int8), (ia, ib)), shape=(len(rows), len(rows)))
+    _, label = connected_components(graph, directed=False)
+    first = np.full(label.max() + 1 if len(label) else 0, np.iinfo(np.int64).max, np.int64)
+    np.minimum.at(first, label, rows)
+    local.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"n": rows, "component": first[label]}), local / "components.parquet")
+    pool.store.put(local / "components.parquet", "nd/components.parquet")
 
 
 def near_dedup(ctx: StepContext, pool: Pool, job: Job, shards: list[Shard]) -> list[str]:
-    """Stages 1-5; the store's rejects file (what `finish_mask` reads)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Stages 1-4; the store's rejects files (what `finish_mask` reads)."""
     from datasketch import MinHashLSH
 
-    p = job.params
-    lsh = MinHashLSH(threshold=p.threshold, num_perm=p.num_perm)  # its bands and rows, as the local filter's
-    firsts = [s.first_row for s in shards]
+    lsh = MinHashLSH(threshold=job.params.threshold, num_perm=job.params.num_perm)  # the local filter's bands
     n, parts = len(shards), job.parts
     pool.map(sig_task, [(job, s, lsh.b, lsh.r) for s in shards], stage="minhash", progress=ctx.progress)
-    pool.map(pairs_task, [(job, q, n, firsts) for q in range(parts)], stage="bands", progress=ctx.progress)
-    pool.map(half_task, [(job, s, parts, n, firsts) for s in range(n)], stage="pairs", progress=ctx.progress)
-    pool.map(confirm_task, [(job, t, n) for t in range(n)], stage="jaccard", progress=ctx.progress)
-    local = ctx.scratch / "shards"
-    edges = [pool.store.get(f"nd/edges/{t:05d}.parquet", local / f"edges-{t}.parquet") for t in range(n)]
-    table = pa.concat_tables([pq.read_table(e) for e in edges])
-    dropped: dict[int, tuple[float, int, str]] = {}
-    rows: dict[str, list[Any]] = {"n": [], "id": [], "source": [], "reason": [], "detail": []}
-    columns = [table.column(c).to_pylist() for c in ("i", "j", "id_i", "id_j", "source_j", "c", "la", "lb")]
-    best: tuple[float, int, str] | None = None
-    for at, (i, j, id_i, id_j, source_j, c, la, lb) in enumerate(zip(*columns, strict=True)):
-        jaccard = c / (la + lb - c)
-        if i not in dropped and jaccard >= p.threshold:  # an earlier row that stays (every row before j is decided)
-            if best is None or (jaccard, -i) > (best[0], -best[1]):
-                best = (jaccard, i, id_i)
-        if at + 1 == table.num_rows or columns[1][at + 1] != j:  # j's last pair
-            if best is not None:
-                dropped[j] = best
-                for name, value in zip(
-                    rows, (j, id_j, source_j, "near_duplicate", f"of {best[2]} (jaccard {best[0]:.3f})"), strict=True
-                ):
-                    rows[name].append(value)
-            best = None
-    result = pa.table(
-        {
-            "n": pa.array(rows["n"], pa.int64()),
-            **{c: pa.array(rows[c], pa.string()) for c in ("id", "source", "reason", "detail")},
-        }
-    )
-    local.mkdir(parents=True, exist_ok=True)
-    pq.write_table(result, local / "near-rejects.parquet")
-    pool.store.put(local / "near-rejects.parquet", "rej/near.parquet")
-    return ["rej/near.parquet"]
+    pool.map(link_task, [(job, q, n) for q in range(parts)], stage="bands", progress=ctx.progress)
+    if not pool.store.exists("nd/components.parquet"):
+        components(pool, ctx, parts)
+    pool.map(route_task, [(job, s) for s in range(n)], stage="components", progress=ctx.progress)
+    pool.map(walk_task, [(job, q, n, lsh.b, lsh.r) for q in range(parts)], stage="walk", progress=ctx.progress)
+    return [f"nd/rej/{q:05d}.parquet" for q in range(parts)]
