@@ -24,6 +24,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 ALPACA = ROOT.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
@@ -69,8 +70,9 @@ def by_hand(texts: list[str]) -> set[int]:
     return dropped
 
 
-def by_datatrove(texts: list[str], work: Path) -> set[int]:
-    """datatrove's MinHash pipeline over the same texts (2 shards, 2 workers), with runner's shingles."""
+def by_datatrove(texts: list[str], work: Path, executor: Any = None) -> set[int]:
+    """datatrove's MinHash pipeline over the same texts (2 shards, 2 workers), with runner's shingles; its stages
+    one after the other on `executor` (default: its LocalPipelineExecutor; bench_cluster passes its Ray one)."""
     import datatrove.pipeline.dedup.minhash as minhash
     import numpy as np
     import pyarrow as pa
@@ -100,26 +102,25 @@ def by_datatrove(texts: list[str], work: Path) -> set[int]:
         )
     config = MinhashConfig(num_buckets=11, hashes_per_bucket=11)  # 121 hashes, threshold ~(1/11)^(1/11) = 0.80
     logs = str(work / "logs")
-    s1 = LocalPipelineExecutor(
+    run = executor or LocalPipelineExecutor
+    s1 = run(
         [ParquetReader(str(work / "in")), SameShingles(str(work / "sigs"), config=config)],
         tasks=2,
         workers=2,
         logging_dir=logs + "/1",
     )
-    s2 = LocalPipelineExecutor(
+    s2 = run(
         [MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=config)],
         tasks=config.num_buckets,
         workers=2,
         logging_dir=logs + "/2",
-        depends=s1,
     )
-    s3 = LocalPipelineExecutor(
+    s3 = run(
         [MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=config)],
         tasks=1,
         logging_dir=logs + "/3",
-        depends=s2,
     )
-    s4 = LocalPipelineExecutor(
+    s4 = run(
         [
             ParquetReader(str(work / "in")),
             MinhashDedupFilter(str(work / "remove")),
@@ -128,9 +129,9 @@ def by_datatrove(texts: list[str], work: Path) -> set[int]:
         tasks=2,
         workers=2,
         logging_dir=logs + "/4",
-        depends=s3,
     )
-    s4.run()
+    for stage in (s1, s2, s3, s4):  # in turn (datatrove's Ray executor polls `depends` every 2 minutes)
+        stage.run()
     kept = {
         int(i) for f in (work / "kept").glob("*.parquet") for i in pq.read_table(f, columns=["id"])["id"].to_pylist()
     }

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 WORDS = (
     "alpha beta gamma delta river stone cloud green paper light music table window garden number "
@@ -128,7 +129,9 @@ def run_sql(work: Path, out: Path) -> None:
     """)
 
 
-def run_datatrove(work: Path, out: Path) -> None:
+def run_datatrove(work: Path, out: Path, executor: Any = None) -> None:
+    """datatrove's pipeline, its stages one after the other on `executor` (default: its LocalPipelineExecutor;
+    bench_cluster passes its RayPipelineExecutor)."""
     import shutil
 
     from datatrove.executor import LocalPipelineExecutor
@@ -146,11 +149,12 @@ def run_datatrove(work: Path, out: Path) -> None:
         text = data["prompt"] + "\n" + data["response"]
         return {"text": text, "id": data["id"], "metadata": {"response": data["response"], "score": data["score"]}}
 
+    run = executor or LocalPipelineExecutor
     config = ExactDedupConfig(content_getter=lambda doc: normalise(doc.text).encode())
     d = work / "datatrove"
     shutil.rmtree(d, ignore_errors=True)  # a fresh run: datatrove skips the tasks its logs mark completed
     logs = str(d / "logs")
-    stage1 = LocalPipelineExecutor(
+    stage1 = run(
         [
             ParquetReader(str(work / "shards"), adapter=adapter),
             LambdaFilter(lambda doc: 20 <= len(doc.metadata["response"]) <= 2000),
@@ -164,13 +168,12 @@ def run_datatrove(work: Path, out: Path) -> None:
         workers=2,
         logging_dir=logs + "/1",
     )
-    stage2 = LocalPipelineExecutor(
+    stage2 = run(
         [ExactFindDedups(str(d / "sigs"), str(d / "dups"), config=config)],
         tasks=1,
         logging_dir=logs + "/2",
-        depends=stage1,
     )
-    stage3 = LocalPipelineExecutor(
+    stage3 = run(
         [
             ParquetReader(str(d / "filtered")),
             ExactDedupFilter(str(d / "dups"), config=config),
@@ -179,9 +182,9 @@ def run_datatrove(work: Path, out: Path) -> None:
         tasks=2,
         workers=2,
         logging_dir=logs + "/3",
-        depends=stage2,
     )
-    stage3.run()
+    for stage in (stage1, stage2, stage3):  # in turn (datatrove's Ray executor polls `depends` every 2 minutes)
+        stage.run()
     import duckdb
 
     duckdb.connect().execute(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,6 +275,7 @@ class Pool:
                 f"lost the Ray cluster: its head at {self.connection.gcs} does not answer; what the tasks "
                 "committed is kept: apply again to resume"
             )
+        started = time.monotonic()
         task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=False)(_run_task)
         refs = [task.remote(fn, item) for item in items]
         index = {ref: i for i, ref in enumerate(refs)}
@@ -291,11 +293,13 @@ class Pool:
                 results[index[ref]] = self._get(ray, ref, stage, index[ref])
                 done += 1
             progress(len(refs), done, stage)
-        resumed = sum(r == RESUMED for r in results)
-        if resumed and self.log is not None:  # the step's log says what an earlier attempt had done
+        if self.log is not None:  # the step's log: each stage's time, and what an earlier attempt had done
+            resumed = sum(r == RESUMED for r in results)
             self.log.parent.mkdir(parents=True, exist_ok=True)
             with self.log.open("a") as f:
-                f.write(f"{stage}: {resumed} of {len(refs)} tasks were done by an earlier attempt\n")
+                f.write(f"{stage}: {len(refs)} tasks in {time.monotonic() - started:.2f} s\n")
+                if resumed:
+                    f.write(f"{stage}: {resumed} of {len(refs)} tasks were done by an earlier attempt\n")
         return results
 
     def _get(self, ray: Any, ref: Any, stage: str, i: int) -> Any:
