@@ -89,7 +89,9 @@ def runner_apply(work: Path, recipe: str, target: str, executor: str) -> dict[st
     art = steps[target].artifact
     assert art is not None
     tasks = sum(stage_seconds(cache / "logs" / f"{s.key}.log") for s in result.steps if s.key)
+    log = cache / "logs" / f"{steps[target].key}.log"
     return {
+        "stages": re.findall(r"(\w+): (\d+) tasks in ([0-9.]+) s", log.read_text()) if log.exists() else [],
         "seconds": total,
         "step": steps[target].seconds,
         "tasks": tasks,
@@ -174,6 +176,8 @@ def report(name: str, rows: int, got: dict[str, dict[str, Any]]) -> None:
         extra = ""
         if side == "ray":
             extra = f"  (Ray tasks {r['tasks']:.1f} s, the driver the rest)"
+            if name == "near_dedup":
+                extra += "; stages: " + ", ".join(f"{st} {n} tasks {sec} s" for st, n, sec in r["stages"])
         step = f", step {r['step']:.1f} s" if "step" in r else ""
         print(f"  {side:<10} {r['seconds']:8.1f} s{step}  rows out {r['rows']:,}{extra}")
     if "local" in got and "ray" in got:

@@ -124,7 +124,7 @@ def executor_of(build: Build, override: str | None = None) -> cluster.Executor:
 def runs_on(build: Build, override: str | None = None) -> dict[str, str]:
     """Each step's place under the executor: `ray` (as tasks) or `driver` (this process)."""
     executor = executor_of(build, override)
-    return {name: cluster.runs_on(node.kind, executor) for name, node in build.graph.nodes.items()}
+    return {name: cluster.runs_on(node, executor) for name, node in build.graph.nodes.items()}
 
 
 def plan(build: Build) -> list[pipeline.StepPlan]:

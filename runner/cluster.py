@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,12 +56,6 @@ class Executor:
     @property
     def distributed(self) -> bool:
         return self.kind == "ray"
-
-    def describe(self) -> str:
-        if not self.distributed:
-            return "local"
-        where = self.address or os.environ.get("RAY_ADDRESS")
-        return f"ray ({where})" if where else "ray (a local cluster started for this apply)"
 
 
 def parse_executor(text: str | None) -> Executor:
@@ -105,33 +100,24 @@ class ShardStore:
     def exists(self, rel: str) -> bool:
         return bool(self.fs.exists(self._path(rel)))
 
-    def put(self, local: Path, rel: str) -> None:
+    def _place(self, rel: str, write: Callable[[str], None]) -> None:
+        """`write(tmp)` beside `rel`'s name, then move it there: `rel` never holds part of a file."""
         dest = self._path(rel)
         tmp = f"{dest}.tmp-{secrets.token_hex(6)}"
         self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.put_file(str(local), tmp)
+        write(tmp)
         self.fs.mv(tmp, dest)
 
+    def put(self, local: Path, rel: str) -> None:
+        self._place(rel, lambda tmp: self.fs.put_file(str(local), tmp))
+
     def write_bytes(self, rel: str, data: bytes) -> None:
-        dest = self._path(rel)
-        tmp = f"{dest}.tmp-{secrets.token_hex(6)}"
-        self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(tmp, data)
-        self.fs.mv(tmp, dest)
+        self._place(rel, lambda tmp: self.fs.pipe_file(tmp, data))
 
     def get(self, rel: str, local: Path) -> Path:
         local.parent.mkdir(parents=True, exist_ok=True)
         self.fs.get_file(self._path(rel), str(local))
         return local
-
-    def list(self, prefix: str) -> list[str]:
-        """Names (relative to the store) of the files under `prefix`, sorted."""
-        root = self._path("").rstrip("/") + "/"
-        try:
-            found = self.fs.find(self._path(prefix))
-        except FileNotFoundError:
-            return []
-        return sorted(f[len(root) :] if f.startswith(root) else f for f in found if ".tmp-" not in f)
 
     def remove(self, prefix: str) -> None:
         try:
@@ -160,6 +146,18 @@ def _cluster_messages_to_stderr() -> None:
     worker.print_to_stdstream = to_stderr
 
 
+def _answers(address: str) -> bool:
+    """Whether something accepts a TCP connection at `[ray://]HOST:PORT`."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 class Connection:
     """One apply's link to the cluster, opened by the first task and closed when the apply ends."""
 
@@ -167,6 +165,8 @@ class Connection:
         self.executor = executor
         self.ray: Any = None
         self.gcs: str | None = None
+        self.owned = False  # this apply connected (an API caller may have connected before)
+        self.lost = False  # the head stopped answering while a step ran (see `watching`)
 
     def open(self) -> Any:
         if self.ray is not None:
@@ -177,8 +177,13 @@ class Connection:
         except ImportError:
             raise StepError("--executor ray needs Ray: pip install 'runner[ray]'") from None
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        address = self.executor.address or os.environ.get("RAY_ADDRESS")
+        if address and address != "auto" and not ray.is_initialized() and not _answers(address):
+            # Ray would retry for minutes, then end the process
+            raise StepError(f"cannot reach the Ray cluster at {address}: nothing answers there; is it running?")
         try:
             if not ray.is_initialized():
+                self.owned = True
                 ray.init(
                     address=self.executor.address,
                     runtime_env={"env_vars": env} if env else None,
@@ -199,21 +204,37 @@ class Connection:
 
     def head_alive(self) -> bool:
         """Whether the cluster's GCS (its head) still answers: without it Ray ends the process after a minute."""
-        import socket
+        return not self.gcs or _answers(self.gcs)
 
-        if not self.gcs:
-            return True
-        host, _, port = self.gcs.rpartition(":")
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        """While the block runs, a thread checks the head every second; once it stops answering, the block
+        is interrupted (KeyboardInterrupt, with `lost` set) wherever it waits: Ray would wait a minute, then
+        end the process."""
+        import _thread
+        import threading
+
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(1.0):
+                if self.gcs and not self.head_alive():
+                    self.lost = True
+                    _thread.interrupt_main()
+                    return
+
+        thread = threading.Thread(target=watch, name="runner-ray-head", daemon=True)
+        thread.start()
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
-                return True
-        except OSError:
-            return False
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def close(self) -> None:
-        if self.ray is not None and self.head_alive():
+        if self.ray is not None and self.owned and self.head_alive():
             self.ray.shutdown()
-        self.ray = None
+        self.ray, self.owned = None, False
 
 
 class Pool:
@@ -249,6 +270,15 @@ class Pool:
             raise StepError(f"the workers read inputs from the shared cache, and pushing one failed: {exc}") from None
         digest = art.manifest["files"][rel]["hash"]
         return str(remote.fs.unstrip_protocol(f"{remote.root}/blobs/{digest[:2]}/{digest}"))
+
+    def share(self, path: Path, rel: str) -> str:
+        """Where a worker reads the driver's file `path`: a copy at `rel` in the store (made once) when the
+        store is shared, else the path itself."""
+        if self.cache.remote is None:
+            return str(path.resolve())
+        if not self.store.exists(rel):
+            self.store.put(path, rel)
+        return f"{self.store.url}/{rel}"
 
     # -- tasks ------------------------------------------------------------------------------------------
     def workers(self) -> int:
@@ -324,11 +354,13 @@ class Pool:
             ) from None
 
 
-def runs_on(kind: str, executor: Executor) -> str:
-    """Where a step of `kind` runs under `executor`: `ray` (as tasks) or `driver` (in this process)."""
+def runs_on(node: Any, executor: Executor) -> str:
+    """Where a step runs under `executor`: `ray` (as tasks) or `driver` (in this process)."""
     from runner import registry
 
-    return "ray" if executor.distributed and registry.get(kind).sharded is not None else "driver"
+    spec = registry.get(node.kind)
+    sharded = spec.sharded is not None and spec.shardable(node.params, node.files)
+    return "ray" if executor.distributed and sharded else "driver"
 
 
 class StepRunner:
@@ -342,10 +374,19 @@ class StepRunner:
         from runner import registry
 
         spec = registry.get(node.kind)
-        if runs_on(node.kind, self.executor) == "ray":
-            spec.sharded(ctx, Pool(self.executor, self.cache, ctx.key, self.connection, ctx.log))  # type: ignore[misc]
-        else:
+        if runs_on(node, self.executor) != "ray":
             spec.run(ctx)
+            return
+        try:
+            with self.connection.watching():
+                spec.sharded(ctx, Pool(self.executor, self.cache, ctx.key, self.connection, ctx.log))  # type: ignore[misc]
+        except KeyboardInterrupt:
+            if not self.connection.lost:
+                raise
+            raise StepError(
+                f"lost the Ray cluster: its head at {self.connection.gcs} stopped answering; what the tasks "
+                "committed is kept: apply again to resume"
+            ) from None
 
     def close(self) -> None:
         self.connection.close()

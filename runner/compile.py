@@ -24,7 +24,8 @@ def _files(loaded: LoadedRecipe, params: Any, at: tuple[str | int, ...], problem
         where = (*at, key)
         resolved = (loaded.base_dir(where) / rel).resolve()
         want_dir = key in params.DIR_FIELDS
-        if not (resolved.is_dir() if want_dir else resolved.is_file()):
+        either = key in params.FILE_OR_DIR_FIELDS and resolved.is_dir()
+        if not (resolved.is_dir() if want_dir or either else resolved.is_file()):
             what = "directory" if want_dir else "file"
             if resolved.exists():
                 found = "a directory" if resolved.is_dir() else "not a regular file"

@@ -12,6 +12,7 @@ class Params(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     DIR_FIELDS: ClassVar[frozenset[str]] = frozenset()  # external paths that must be directories
+    FILE_OR_DIR_FIELDS: ClassVar[frozenset[str]] = frozenset()  # external paths that may be either
 
     def external_paths(self) -> dict[str, str]:
         """Files or directories this step reads, by field name; their content enters the step's key."""

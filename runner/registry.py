@@ -132,8 +132,10 @@ class StepSpec:
     run: Callable[[StepContext], None]
     libs: tuple[str, ...] = ()
     reproducible: Reproducible = True
-    # the same step run as tasks on a cluster (`runner.cluster.Pool`): the same output, byte for byte
+    # the same step run as tasks on a cluster (`runner.cluster.Pool`): the same output, byte for byte;
+    # `shardable(params, files)` says whether a step with these params and external files does so
     sharded: Callable[[StepContext, Any], None] | None = None
+    shardable: Callable[[Any, dict[str, Path]], bool] = lambda params, files: True
 
     def is_reproducible(self, params: Any) -> bool:
         return self.reproducible if isinstance(self.reproducible, bool) else bool(self.reproducible(params))
@@ -150,13 +152,14 @@ def step(
     libs: tuple[str, ...] = (),
     reproducible: Reproducible = True,
     sharded: Callable[[StepContext, Any], None] | None = None,
+    shardable: Callable[[Any, dict[str, Path]], bool] = lambda params, files: True,
 ) -> Callable[[Callable[[StepContext], None]], Callable[[StepContext], None]]:
     """Register `run` as the implementation of step kind `kind` (and `sharded`, its run on a cluster)."""
 
     def register(run: Callable[[StepContext], None]) -> Callable[[StepContext], None]:
         if kind in _REGISTRY:
             raise ValueError(f"step kind {kind!r} registered twice")
-        _REGISTRY[kind] = StepSpec(kind, version, params, run, libs, reproducible, sharded)
+        _REGISTRY[kind] = StepSpec(kind, version, params, run, libs, reproducible, sharded, shardable)
         return run
 
     return register

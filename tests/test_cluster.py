@@ -213,3 +213,40 @@ def test_the_head_lost_mid_step_fails_in_one_line_and_the_next_apply_resumes(
     assert manifests(cache, summary) == local
     key = next(s["key"] for s in summary["steps"] if s["step"] == "filter.near_dedup")
     assert "minhash: " in (cache / "logs" / f"{key}.log").read_text()  # "N of M tasks were done by an earlier ..."
+
+
+@pytest.mark.slow
+def test_a_directory_source_on_ray_reads_a_file_per_task(cluster: RayCluster, s3: Seaweed, tmp_path: Path) -> None:
+    from tests.test_sources_real import alpaca_parts
+
+    parts, _ = alpaca_parts(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data:\n  sources: [{{name: a, format: alpaca, path: {parts}}}]\n  filters: [{{kind: dedup}}]\n")
+    env = {"RAY_ADDRESS": cluster.address}
+    code, local, err = finished(apply(recipe, tmp_path / "local"))
+    assert code == 0, err
+    plan = subprocess.run(
+        [sys.executable, "-m", "runner", "plan", str(recipe), "--executor", "ray", "--json"],
+        capture_output=True, text=True, env={**RayCluster.env(), **env}, cwd=ROOT,
+    )  # fmt: skip
+    assert {row["step"]: row["runs_on"] for row in json.loads(plan.stdout)}["source.a"] == "ray"
+    url = "s3://runner-ci/dir-source"
+    code, summary, err = finished(apply(recipe, tmp_path / "ray", "--executor", "ray", "--cache-remote", url, env=env))
+    assert code == 0, err
+    assert manifests(tmp_path / "ray", summary) == manifests(tmp_path / "local", local)
+
+
+def test_a_cluster_that_does_not_answer_or_an_unknown_executor_is_one_line(cli, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a question here", "response": "an answer long enough"}\n')
+    recipe.write_text("data:\n  sources: [{name: s, format: jsonl, path: rows.jsonl}]\n  filters: [{kind: dedup}]\n")
+    started = time.time()
+    code, _, err = cli("apply", str(recipe), "--executor", "ray:127.0.0.2:1")
+    assert code == 1 and time.time() - started < 30  # Ray alone would retry for minutes
+    assert "filter.dedup" in err and "cannot reach the Ray cluster at 127.0.0.2:1" in err
+    code, _, err = cli("plan", str(recipe), "--executor", "spark")
+    assert code == 2 and "unknown executor 'spark'" in err
+    recipe.write_text(recipe.read_text() + "  executor: dask\n")
+    code, _, err = cli("plan", str(recipe))
+    assert code != 0 and "data.executor" in err and "unknown executor 'dask'" in err

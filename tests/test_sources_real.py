@@ -262,3 +262,31 @@ def test_h2ogpt_text_and_faq(tmp_path: Path) -> None:
         assert got[f"p/{n}"]["p"] == human.replace("<human>:", "").strip()
         assert got[f"p/{n}"]["r"] == bot.strip()
     assert counts["source.q"]["rows"] == 95
+
+
+def alpaca_parts(root: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """Alpaca's demo as JSONL in three files (a broken line in the second, a hidden file beside them)."""
+    records = json.loads((SHARED_DATA / "instruct" / "alpaca_en_demo.json").read_text())
+    lines = [json.dumps(r) for r in records]
+    lines.insert(400, '{"instruction": "broken')
+    parts = root / "parts"
+    (parts / "b").mkdir(parents=True)
+    for name, chunk in (("a.jsonl", lines[:300]), ("b/1.jsonl", lines[300:700]), ("c.jsonl", lines[700:])):
+        (parts / name).write_text("\n".join(chunk) + "\n")
+    (parts / ".notes").write_text("not a record\n")
+    return parts, records
+
+
+@needs_shared_data
+def test_a_directory_source_reads_its_files_in_name_order_numbering_on(tmp_path: Path) -> None:
+    parts, records = alpaca_parts(tmp_path)
+    b, counts = build(tmp_path / "dir", f"[{{name: a, format: alpaca, path: {parts}}}]")
+    assert counts["source.a"] == {"in": 1000, "rows": 999, "rejects": 1}
+    got = {r["id"]: r for r in rows(b, "select id, prompt_of(turns) p, response_of(turns) r from source_a")}
+    for n, rec in enumerate(records, start=1):  # record 401 is the broken line: later ones are one on
+        expected = rec["instruction"] + ("\n\n" + rec["input"] if rec["input"].strip() else "")
+        row = got[f"a/{n if n <= 400 else n + 1}"]
+        assert row["p"] == expected and row["r"] == rec["output"]
+    (bad,) = rows(b, "select id, reason, detail from source_a__rejects")
+    assert bad["id"] == "a/401" and bad["reason"] == "unreadable"
+    assert bad["detail"].startswith("record 401: b/1.jsonl: line 101: invalid JSON")

@@ -30,6 +30,8 @@ class LabelBound(Params):
 
 @source_kind("source.oasst")
 class OasstSource(SourceBase):
+    FILE_OR_DIR_FIELDS = frozenset()  # one export file (a tree's messages may be anywhere in it)
+
     """OpenAssistant exports in all three layouts (tree records, nested root messages, flat messages linked by
     `parent_id`). `mode: paths` emits every root-to-leaf conversation; `top` follows only the best-ranked
     assistant reply at each turn. Message filters (`lang`, `deleted`, `review_result`, `synthetic`, `tree_state`,

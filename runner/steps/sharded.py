@@ -92,7 +92,7 @@ def judge_task(item: tuple[Job, Shard]) -> str:
     return "done"
 
 
-def key_task(item: tuple[Job, Shard]) -> int | str:
+def key_task(item: tuple[Job, Shard]) -> str:
     """Rows compared with each other, step 1 of 2: the shard's rows, the columns the comparison needs, one
     file per partition of the compared value's hash."""
     job, shard = item
@@ -112,13 +112,12 @@ def key_task(item: tuple[Job, Shard]) -> int | str:
             for q in range(job.parts):
                 sql = f"select * exclude (_part) from k where _part = {q} order by file_row_number"
                 copy_to_store(con, sql, job.store, f"key/{shard.index:05d}-{q:05d}.parquet", tmp)
-            rows = int(con.execute("select count(*) from k").fetchone()[0])  # type: ignore[index]
     except Exception as exc:
         raise _sql_error(job, exc) from None
     finally:
         con.close()
-    job.store.write_bytes(done, str(rows).encode())
-    return rows
+    job.store.write_bytes(done, b"")
+    return "done"
 
 
 def reduce_task(item: tuple[Job, int, int]) -> str:

@@ -39,24 +39,58 @@ def run_source(ctx: StepContext) -> None:
 S = TypeVar("S", bound="type[SourceBase]")
 
 
+def _sharded(ctx: StepContext, pool: Any) -> None:
+    from runner.steps.sharded_sources import run_source_sharded
+
+    run_source_sharded(ctx, pool, run_source)
+
+
 def source_kind(
     step_kind: str, *, version: str = "2", libs: tuple[str, ...] = ("duckdb", "pyarrow")
 ) -> Callable[[S], S]:
     """Make a `SourceBase` subclass a recipe source (the values of its `format:` field) run by step `step_kind`.
     A new source is one class with this decorator: its `row` (one record to a row), and its `records` (the
-    file's records) unless it reads JSON/JSONL; or its own `read`."""
+    file's records) unless it reads JSON/JSONL; or its own `read`. A source whose `path` may be a directory
+    (`FILE_OR_DIR_FIELDS`) reads its files as Ray tasks under a cluster executor."""
 
     def add(cls: S) -> S:
-        step(step_kind, version=version, params=cls, libs=libs)(run_source)
+        sharded = _sharded if "path" in cls.FILE_OR_DIR_FIELDS else None
+        step(step_kind, version=version, params=cls, libs=libs, sharded=sharded, shardable=_shardable)(run_source)
         add_entry("source", cls, step_kind)
         return cls
 
     return add
 
 
+def _shardable(params: Any, files: dict[str, Path]) -> bool:
+    """Whether a source's run spreads over a cluster: a directory of several files, read whole."""
+    path = files.get(params.path)
+    if path is None or params.limit or getattr(params, "format", None) == "parquet":
+        return False
+    return len(source_files(path)) > 1
+
+
+def source_files(path: Path) -> list[Path]:
+    """The files a source reads: `path` itself, or every file under the directory `path` (hidden ones aside)
+    in the order of their relative paths."""
+    if not path.is_dir():
+        return [path]
+    return [
+        p
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    ]
+
+
 class SourceBase(Params):
+    # a directory of files: read in name order, record numbers continuing from file to file
+    FILE_OR_DIR_FIELDS = frozenset({"path"})
+
     name: str = Field(pattern=NAME_PATTERN, description="source name; row ids are NAME/N")
-    path: str = Field(description="file (or directory, for hf_disk) relative to the recipe that names it")
+    path: str = Field(
+        description="file relative to the recipe that names it, or a directory of files (jsonl, json, csv and the "
+        "conversation formats: read in name order, record numbers continuing; on a cluster, a file per task)"
+    )
     limit: int | None = Field(None, ge=1, description="read at most this many records")
     weight: float = Field(1.0, gt=0, description="mixing weight: <1 keeps a seeded sample, >1 repeats rows")
 
@@ -65,13 +99,31 @@ class SourceBase(Params):
 
     def read(self, ctx: StepContext) -> None:
         """Write the step's rows and rejects: each of `records` converted by `row`."""
-        records = self.records(ctx.files[self.path])
+        records = self.records_of(ctx.files[self.path])
         if self.limit:
             records = itertools.islice(records, self.limit)
         convert_records(ctx, self, records, self.row)
 
     def records(self, path: Path) -> Iterator[Record]:
         return _json_or_jsonl(path)
+
+    def records_of(self, path: Path, first: int = 0) -> Iterator[Record]:
+        """The records of `path` (a file, or a directory's files in turn), numbered on from `first`; a reject's
+        detail names its file when there are several."""
+        files = source_files(path)
+        for file in files:
+            last = 0
+            for n, record, error in self.numbered(file, first, str(file.relative_to(path)) if len(files) > 1 else None):
+                yield n, record, error
+                last = n
+            first = last or first
+
+    def numbered(self, file: Path, first: int, label: str | None) -> Iterator[Record]:
+        """One file's records, numbered on from `first`; with `label`, a reject's detail starts with it."""
+        for n, record, error in self.records(file):
+            if error is not None and label is not None:
+                error = Rejected(error.reason, f"{label}: {error.detail}")
+            yield first + n, record, error
 
     def row(self, n: int, record: dict[str, Any]) -> dict[str, Any]:
         """One record as a row (`_row(...)`), or raise `Rejected`."""
@@ -105,6 +157,11 @@ class TableSource(SourceBase):
 
     def read(self, ctx: StepContext) -> None:
         if self.format == "parquet":
+            if ctx.files[self.path].is_dir():
+                raise StepError(
+                    f"source {self.name}: a parquet source reads one file (filters spread its row groups over a "
+                    "cluster); combine the directory's files into one, or give one source per file"
+                )
             return parquet_source(ctx, self, ctx.files[self.path])
         return super().read(ctx)
 
@@ -165,6 +222,7 @@ class HfDiskSource(SourceBase):
     """A Hugging Face `datasets` dataset saved with `save_to_disk`, mapped by `columns`."""
 
     DIR_FIELDS = frozenset({"path"})
+    FILE_OR_DIR_FIELDS = frozenset()
 
     format: Literal["hf_disk"]
     split: str | None = Field(None, description="split of a DatasetDict (required if it has several)")
@@ -460,27 +518,44 @@ def convert_records(
     convert: Callable[[int, dict[str, Any]], dict[str, Any]],
 ) -> None:
     """Each record becomes a row or a reject; a record repeating an earlier row's id is a `duplicate_id` reject."""
+    collect_rows(ctx, src, (convert_record(src, ctx.name, r, convert) for r in records))
+
+
+Converted = tuple[int, "dict[str, Any] | None", str, "dict[str, Any] | None"]  # (n, row, its record's id, reject)
+
+
+def convert_record(
+    src: SourceBase, step_name: str, item: Record, convert: Callable[[int, dict[str, Any]], dict[str, Any]]
+) -> Converted:
+    """One record as a row or a reject (ids are checked for repeats by `collect_rows`)."""
+    n, record, error = item
+    if error is None:
+        try:
+            return n, convert(n, record), record_id(src, n, record), None  # type: ignore[arg-type]
+        except Rejected as exc:
+            error = exc
+    return n, None, "", reject(src.name, step_name, record_id(src, n, record), error, n)
+
+
+def collect_rows(ctx: StepContext, src: SourceBase, converted: Iterator[Converted]) -> None:
+    """Write the converted records' rows and rejects, in record order; a row repeating an earlier row's id is a
+    `duplicate_id` reject."""
     rows: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
     first: dict[str, int] = {}  # row id -> the record that brought it
     seen = 0
-    for n, record, error in records:
+    for n, row, rid, rejected_as in converted:
         seen += 1
         if seen % 10000 == 0:
             ctx.progress(None, seen)
-        if error is None:
-            try:
-                row = convert(n, record)  # type: ignore[arg-type]
-                if row["id"] in first:
-                    raise Rejected(
-                        "duplicate_id", f"record {n} repeats the id of record {first[row['id']]}, which is kept"
-                    )
-                first[row["id"]] = n
-                rows.append(row)
-                continue
-            except Rejected as exc:
-                error = exc
-        rejects.append(reject(src.name, ctx.name, record_id(src, n, record), error, n))
+        if row is None:
+            rejects.append(rejected_as)  # type: ignore[arg-type]
+        elif row["id"] in first:
+            why = Rejected("duplicate_id", f"record {n} repeats the id of record {first[row['id']]}, which is kept")
+            rejects.append(reject(src.name, ctx.name, rid, why, n))
+        else:
+            first[row["id"]] = n
+            rows.append(row)
     write_tables(ctx, rows, rejects, seen)
 
 
