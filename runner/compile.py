@@ -13,7 +13,7 @@ from runner import registry
 from runner.errors import Problem, RecipeError
 from runner.graph import Graph, GraphError, StepNode
 from runner.recipe import LoadedRecipe, show_path
-from runner.steps.sources import HfDiskSource, Mix, TableSource
+from runner.steps.sources import HfDiskSource, Mix, TableSource, source_files
 from runner.steps.split import GROUP_KEYS
 
 
@@ -24,7 +24,9 @@ def _files(loaded: LoadedRecipe, params: Any, at: tuple[str | int, ...], problem
         where = (*at, key)
         resolved = (loaded.base_dir(where) / rel).resolve()
         want_dir = key in params.DIR_FIELDS
-        either = key in params.FILE_OR_DIR_FIELDS and resolved.is_dir()
+        either = params.may_be_directory(key) and resolved.is_dir()
+        if either and not source_files(resolved):
+            problems.append(Problem(loaded.where(where), show_path(where), f"{rel!r} is a directory with no files"))
         if not (resolved.is_dir() if want_dir or either else resolved.is_file()):
             what = "directory" if want_dir else "file"
             if resolved.exists():

@@ -14,6 +14,10 @@ class Params(BaseModel):
     DIR_FIELDS: ClassVar[frozenset[str]] = frozenset()  # external paths that must be directories
     FILE_OR_DIR_FIELDS: ClassVar[frozenset[str]] = frozenset()  # external paths that may be either
 
+    def may_be_directory(self, field: str) -> bool:
+        """Whether the external path in `field` may be a directory as well as a file."""
+        return field in self.FILE_OR_DIR_FIELDS
+
     def external_paths(self) -> dict[str, str]:
         """Files or directories this step reads, by field name; their content enters the step's key."""
         return {}

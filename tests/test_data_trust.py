@@ -502,11 +502,14 @@ def test_reason_list_is_documented() -> None:
 
 def test_a_directory_for_a_file_says_so(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
-    (tmp_path / "r.yaml").write_text("data:\n  sources: [{name: s, format: jsonl, path: data}]\n")
-    with pytest.raises(RecipeError) as err:
-        api.load(tmp_path / "r.yaml")
-    assert "'data' is a directory" in str(err.value) and "expected a file" in str(err.value)
-    assert "not found" not in str(err.value)
+    (tmp_path / "data" / ".hidden").write_text("{}\n")
+    # a parquet source reads one file; a JSONL source reads a directory's files, but an empty one is a mistake
+    for fmt, said in (("parquet", "expected a file"), ("jsonl", "is a directory with no files")):
+        (tmp_path / "r.yaml").write_text(f"data:\n  sources: [{{name: s, format: {fmt}, path: data}}]\n")
+        with pytest.raises(RecipeError) as err:
+            api.load(tmp_path / "r.yaml")
+        assert "'data' is a directory" in str(err.value) and said in str(err.value)
+        assert "not found" not in str(err.value)
 
 
 # -- 9. h2oGPT's prompt boundary ----------------------------------------------------------------

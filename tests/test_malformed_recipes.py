@@ -80,7 +80,7 @@ CASES: list[tuple[str, str | bytes, list[str], str]] = [
     ("vars-list", "vars: [1, 2]\n" + OK_SOURCES, [], "expected a mapping"),
     # files
     ("missing-data-file", OK_SOURCES.replace("rows.jsonl", "nope.jsonl"), [], "not found"),
-    ("data-path-is-dir", OK_SOURCES.replace("rows.jsonl", "."), [], "is a directory"),
+    ("data-path-is-dir", OK_SOURCES.replace("rows.jsonl", ".").replace("jsonl", "parquet"), [], "is a directory"),
     ("extends-missing", "extends: nope.yaml\n" + OK_SOURCES, [], "not found"),
     ("extends-self", "extends: bad.yaml\n" + OK_SOURCES, [], "cycle"),
     ("extends-cycle", "extends: other.yaml\n" + OK_SOURCES, [], "cycle"),

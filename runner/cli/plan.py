@@ -30,7 +30,7 @@ def plan_rows(steps: list[Any], where: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def render(steps: list[Any], where: dict[str, str]) -> None:
-    """One line per step; with a cluster executor, where each step that is not cached would run."""
+    """One line per step; with a cluster executor, also where each step runs (ray or driver)."""
     from rich.markup import escape
 
     out = console()

@@ -14,7 +14,6 @@ from pydantic import Field
 from runner.params import Params
 from runner.registry import Reproducible, StepContext, StepError, add_entry, literal_values, step
 from runner.steps.sources import NAME_PATTERN
-from stores.sql import sql_string
 
 FieldName = Literal["text", "prompt", "response"]
 FIELD_SQL = {"text": "text_of(turns)", "prompt": "prompt_of(turns)", "response": "response_of(turns)"}
@@ -85,7 +84,7 @@ def run_filter(ctx: StepContext) -> None:
     filters that rewrite text (clean, truncate) write the rows they keep."""
     import duckdb
 
-    from runner.steps.tables import finish, finish_view, open_input, scalar
+    from runner.steps.tables import finish_rewritten, finish_view, open_input
     from stores.datastore import connect
 
     p = ctx.params
@@ -110,14 +109,7 @@ def run_filter(ctx: StepContext) -> None:
         try:
             if p.transform():  # rows change: write them (a plain scan and filter keeps their order)
                 con.execute(f"create temp table t as select *, {reject} as _reject from {source}")
-                finish(
-                    ctx,
-                    con,
-                    "select * exclude (_reject, file_row_number) from t where _reject is null order by file_row_number",
-                    f"select id, source, {sql_string(ctx.name)} as step, _reject.reason as reason, "
-                    "_reject.detail as detail from t where _reject is not null order by file_row_number",
-                    scalar(con, "select count(*) from t"),
-                )
+                finish_rewritten(ctx, con)
             else:
                 # project only what the mask needs: a window (dedup) then never carries the text along
                 judged = f"select file_row_number as n, id, source, {reject} as _reject from {source}"

@@ -32,10 +32,10 @@ from runner.steps.shards import (
     fetch,
     finish_mask,
     plan_shards,
+    read_all,
     shard_sql,
     task_dir,
 )
-from stores.sql import sql_string
 
 if TYPE_CHECKING:
     import duckdb
@@ -129,8 +129,7 @@ def reduce_task(item: tuple[Job, int, int]) -> str:
     con = connect_task()
     try:
         with task_dir() as tmp:
-            files = [job.store.get(f"key/{s:05d}-{part:05d}.parquet", tmp / f"k{s}.parquet") for s in range(shards)]
-            rows = f"read_parquet([{', '.join(sql_string(f) for f in files)}])"
+            rows = read_all(job.store, [f"key/{s:05d}-{part:05d}.parquet" for s in range(shards)], tmp)
             judged = f"select file_row_number as n, id, source, {job.reject} as _reject from {rows}"
             copy_to_store(
                 con,
@@ -194,20 +193,13 @@ def run_filter_sharded(ctx: StepContext, pool: Pool, run_filter: Callable[[StepC
 def _finish_rows(ctx: StepContext, pool: Pool, shards: list[Shard]) -> None:
     """A filter that rewrites rows: its files from every shard's rows, by `run_filter`'s own statements (its
     temp table holds the same rows, so DuckDB writes the same bytes, down to which columns are required)."""
-    from runner.steps.tables import finish, scalar
+    from runner.steps.tables import finish_rewritten
     from stores.datastore import connect
 
     files = fetch(ctx, pool, [f"t/{s.index:05d}.parquet" for s in shards])
     con = connect()
     try:
         con.execute(f"create temp table t as select * from read_parquet([{', '.join(files)}])")
-        finish(
-            ctx,
-            con,
-            "select * exclude (_reject, file_row_number) from t where _reject is null order by file_row_number",
-            f"select id, source, {sql_string(ctx.name)} as step, _reject.reason as reason, "
-            "_reject.detail as detail from t where _reject is not null order by file_row_number",
-            scalar(con, "select count(*) from t"),
-        )
+        finish_rewritten(ctx, con)
     finally:
         con.close()

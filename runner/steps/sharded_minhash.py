@@ -20,8 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from runner.cluster import RESUMED
-from runner.steps.shards import Job, Shard, connect_task, copy_to_store, shard_sql, task_dir
-from stores.sql import sql_string
+from runner.steps.shards import Job, Shard, connect_task, copy_to_store, read_all, shard_sql, task_dir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -122,11 +121,8 @@ def link_task(item: tuple[Job, int, int]) -> str:
     con = connect_task()
     try:
         with task_dir() as tmp:
-            files = [job.store.get(f"nd/bands/{s:05d}-{q:05d}.parquet", tmp / f"{s}.parquet") for s in range(shards)]
-            chained = (
-                "select lag(n) over (partition by band, value order by n) as a, n as b "
-                f"from read_parquet([{', '.join(sql_string(f) for f in files)}])"
-            )
+            bands = read_all(job.store, [f"nd/bands/{s:05d}-{q:05d}.parquet" for s in range(shards)], tmp)
+            chained = f"select lag(n) over (partition by band, value order by n) as a, n as b from {bands}"
             copy_to_store(con, f"select distinct a, b from ({chained}) where a is not null", job.store, out, tmp)
     finally:
         con.close()
@@ -142,12 +138,9 @@ def route_task(item: tuple[Job, int]) -> str:
     con = connect_task()
     try:
         with task_dir() as tmp:
-            rows = job.store.get(f"nd/rows/{s:05d}.parquet", tmp / "rows.parquet")
-            comps = job.store.get("nd/components.parquet", tmp / "components.parquet")
-            con.execute(
-                f"create temp table r as select r.*, c.component from read_parquet({sql_string(rows)}) r "
-                f"join read_parquet({sql_string(comps)}) c using (n)"
-            )
+            rows = read_all(job.store, [f"nd/rows/{s:05d}.parquet"], tmp)
+            comps = read_all(job.store, ["nd/components.parquet"], tmp)
+            con.execute(f"create temp table r as select r.*, c.component from {rows} r join {comps} c using (n)")
             for q in range(job.parts):
                 sql = f"select * from r where component % {job.parts} = {q} order by n"
                 copy_to_store(con, sql, job.store, f"nd/route/{s:05d}-{q:05d}.parquet", tmp)

@@ -152,6 +152,12 @@ def copy_to_store(con: duckdb.DuckDBPyConnection, sql: str, store: ShardStore, r
     store.put(local, rel)
 
 
+def read_all(store: ShardStore, names: list[str], tmp: Path) -> str:
+    """SQL reading the store's Parquet files `names` (copied into `tmp`) as one table, in that order."""
+    files = [store.get(name, tmp / name.replace("/", "_")) for name in names]
+    return f"read_parquet([{', '.join(sql_string(f) for f in files)}])"
+
+
 def fetch(ctx: StepContext, pool: Pool, names: list[str]) -> list[str]:
     """The store's files `names`, in the step's scratch directory; SQL string literals of their paths."""
     local = ctx.scratch / "shards"

@@ -65,7 +65,7 @@ def source_kind(
 def _shardable(params: Any, files: dict[str, Path]) -> bool:
     """Whether a source's run spreads over a cluster: a directory of several files, read whole."""
     path = files.get(params.path)
-    if path is None or params.limit or getattr(params, "format", None) == "parquet":
+    if path is None or params.limit or not params.may_be_directory("path"):
         return False
     return len(source_files(path)) > 1
 
@@ -110,6 +110,9 @@ class SourceBase(Params):
     def records_of(self, path: Path, first: int = 0) -> Iterator[Record]:
         """The records of `path` (a file, or a directory's files in turn), numbered on from `first`; a reject's
         detail names its file when there are several."""
+        if not self.may_be_directory("path"):  # a directory is one input (a saved dataset)
+            yield from self.records(path)
+            return
         files = source_files(path)
         for file in files:
             last = 0
@@ -155,13 +158,12 @@ class TableSource(SourceBase):
     format: Literal["jsonl", "json", "csv", "parquet"]
     columns: Columns = Columns()
 
+    def may_be_directory(self, field: str) -> bool:
+        # a parquet source reads one file (filters spread its row groups over a cluster)
+        return super().may_be_directory(field) and self.format != "parquet"
+
     def read(self, ctx: StepContext) -> None:
         if self.format == "parquet":
-            if ctx.files[self.path].is_dir():
-                raise StepError(
-                    f"source {self.name}: a parquet source reads one file (filters spread its row groups over a "
-                    "cluster); combine the directory's files into one, or give one source per file"
-                )
             return parquet_source(ctx, self, ctx.files[self.path])
         return super().read(ctx)
 

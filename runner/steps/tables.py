@@ -62,6 +62,19 @@ def finish(
     check_balance(ctx, rows_in, kept if used is None else used, rejected)
 
 
+def finish_rewritten(ctx: StepContext, con: duckdb.DuckDBPyConnection) -> None:
+    """A filter that rewrites rows: write the kept rows and the rejects of temp table `t` (every input row,
+    rewritten, with `file_row_number` and its `_reject`), in input order."""
+    finish(
+        ctx,
+        con,
+        "select * exclude (_reject, file_row_number) from t where _reject is null order by file_row_number",
+        f"select id, source, {sql_string(ctx.name)} as step, _reject.reason as reason, "
+        "_reject.detail as detail from t where _reject is not null order by file_row_number",
+        scalar(con, "select count(*) from t"),
+    )
+
+
 def finish_view(ctx: StepContext, con: duckdb.DuckDBPyConnection, rejected_sql: str) -> None:
     """A filter's output as a masked view of its input's base table: write only the mask and the rejects.
 
