@@ -15,7 +15,6 @@ import csv
 import io
 import itertools
 import json
-import pickle
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -773,15 +772,16 @@ def count_task(item: tuple[Any, str]) -> int:
 
 
 def convert_task(item: tuple[Any, str, str, int, str | None, ShardStore, int]) -> str:
-    """One file's records, numbered on from `first`, converted: a pickled list of `Converted`."""
+    """One file's records, numbered on from `first`, converted: a JSON list of `Converted` (JSON, not pickle:
+    the driver reads it from a shared bucket, and JSON keeps ints, floats and strings as they were)."""
     params, step_name, url, first, label, store, k = item
-    out = f"src/{k:05d}.pickle"
+    out = f"src/{k:05d}.json"
     if store.exists(out):
         return RESUMED
     with task_dir() as tmp:
         records = params.numbered(_local(url, tmp), first, label)
         converted = [convert_record(params, step_name, r, params.row) for r in records]
-        (tmp / "out").write_bytes(pickle.dumps(converted, protocol=pickle.HIGHEST_PROTOCOL))
+        (tmp / "out").write_text(json.dumps(converted, ensure_ascii=False), encoding="utf-8")
         store.put(tmp / "out", out)
     return "done"
 
@@ -804,7 +804,8 @@ def run_source_sharded(ctx: StepContext, pool: Pool) -> None:
     def converted() -> Iterator[Converted]:
         local = ctx.scratch / "shards"
         for k in range(len(files)):
-            yield from pickle.loads(pool.store.get(f"src/{k:05d}.pickle", local / f"{k}.pickle").read_bytes())
+            got = pool.store.get(f"src/{k:05d}.json", local / f"{k}.json")
+            yield from (tuple(c) for c in json.loads(got.read_text(encoding="utf-8")))
 
     collect_rows(ctx, p, converted())
     pool.store.remove("")
