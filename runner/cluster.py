@@ -231,6 +231,13 @@ class Connection:
             done.set()
             thread.join()
 
+    def lost_error(self, when: str) -> StepError:
+        """The one line for a head that stopped answering (`when`: during what)."""
+        return StepError(
+            f"lost the Ray cluster: its head at {self.gcs} stopped answering {when}; what the tasks committed "
+            "is kept: apply again to resume"
+        )
+
     def close(self) -> None:
         if self.ray is not None and self.owned and self.head_alive():
             self.ray.shutdown()
@@ -241,10 +248,7 @@ class Pool:
     """A step's way to the cluster: `map` runs tasks, `store` holds its shard files, `locate` gives the URL a
     worker reads an input artifact's file from."""
 
-    def __init__(
-        self, executor: Executor, cache: ArtifactCache, key: str, connection: Connection, log: Path | None = None
-    ) -> None:
-        self.executor = executor
+    def __init__(self, cache: ArtifactCache, key: str, connection: Connection, log: Path | None = None) -> None:
         self.cache = cache
         self.connection = connection
         self.log = log
@@ -281,13 +285,6 @@ class Pool:
         return f"{self.store.url}/{rel}"
 
     # -- tasks ------------------------------------------------------------------------------------------
-    def workers(self) -> int:
-        """CPUs in the cluster (how many tasks run at once)."""
-        return max(1, int(self._connect().cluster_resources().get("CPU", 1)))
-
-    def _connect(self) -> Any:
-        return self.connection.open()
-
     def map(
         self,
         fn: Callable[[Any], Any],
@@ -299,12 +296,9 @@ class Pool:
         """`fn(item)` for every item as Ray tasks (one CPU each); results in item order. A task that raised
         fails the step with its error; one whose worker died runs again (up to TASK_RETRIES times). A task
         returns RESUMED when its output is in the store already; the step's log counts them."""
-        ray = self._connect()
+        ray = self.connection.open()
         if not self.connection.head_alive():  # submitting would wait for it, then Ray would end the process
-            raise StepError(
-                f"lost the Ray cluster: its head at {self.connection.gcs} does not answer; what the tasks "
-                "committed is kept: apply again to resume"
-            )
+            raise self.connection.lost_error(f"before {stage}")
         started = time.monotonic()
         task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=False)(_run_task)
         refs = [task.remote(fn, item) for item in items]
@@ -315,10 +309,7 @@ class Pool:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=2.0)
             if not ready and not self.connection.head_alive():
-                raise StepError(
-                    f"lost the Ray cluster: its head at {self.connection.gcs} stopped answering during {stage} "
-                    f"({done} of {len(refs)} tasks done); what the tasks committed is kept: apply again to resume"
-                )
+                raise self.connection.lost_error(f"during {stage} ({done} of {len(refs)} tasks done)")
             for ref in ready:
                 results[index[ref]] = self._get(ray, ref, stage, index[ref])
                 done += 1
@@ -379,14 +370,11 @@ class StepRunner:
             return
         try:
             with self.connection.watching():
-                spec.sharded(ctx, Pool(self.executor, self.cache, ctx.key, self.connection, ctx.log))  # type: ignore[misc]
+                spec.sharded(ctx, Pool(self.cache, ctx.key, self.connection, ctx.log))  # type: ignore[misc]
         except KeyboardInterrupt:
             if not self.connection.lost:
                 raise
-            raise StepError(
-                f"lost the Ray cluster: its head at {self.connection.gcs} stopped answering; what the tasks "
-                "committed is kept: apply again to resume"
-            ) from None
+            raise self.connection.lost_error("during the step") from None
 
     def close(self) -> None:
         self.connection.close()

@@ -29,7 +29,6 @@ from runner.steps.shards import (
     Shard,
     connect_task,
     copy_to_store,
-    fetch,
     finish_mask,
     plan_shards,
     read_all,
@@ -41,16 +40,16 @@ if TYPE_CHECKING:
     import duckdb
 
     from runner.cluster import Pool
-    from runner.steps.filter_base import FilterBase
 
 
-def _judged_source(con: duckdb.DuckDBPyConnection, job: Job, shard: Shard) -> str:
-    """SQL of the shard's rows as `run_filter` sees them: rewritten, with derived and Python-computed columns."""
+def _judged_source(con: duckdb.DuckDBPyConnection, job: Job, shard: Shard, *, derived: bool = True) -> str:
+    """SQL of the shard's rows as `run_filter` sees them: rewritten, with derived (unless not `derived`) and
+    Python-computed columns."""
     p = job.params
     source = shard_sql(con, shard)
     if p.transform():
         source = f"(select * replace ({p.transform()} as turns) from {source})"
-    if p.derived():
+    if derived and p.derived():
         source = f"(select *, {p.derived()} from {source})"
     if p.python_input():
         import pyarrow as pa
@@ -103,12 +102,12 @@ def key_task(item: tuple[Job, Shard]) -> str:
     con = connect_task()
     try:
         with task_dir() as tmp:
-            source = _judged_source(con, job, shard)
-            derived = ", " + ", ".join(_derived_names(p)) if p.derived() else ""
+            source = _judged_source(con, job, shard, derived=False)
+            # only what the comparison reads: the row's number, id and source, and the derived columns
+            derived = f", {p.derived()}" if p.derived() else ""
+            narrow = f"select file_row_number, id, source{derived} from {source}"
             part = f"(hash({by}) % {job.parts})::int" if by else "0"
-            con.execute(
-                f"create temp table k as select file_row_number, id, source{derived}, {part} as _part from {source}"
-            )
+            con.execute(f"create temp table k as select *, {part} as _part from ({narrow})")
             for q in range(job.parts):
                 sql = f"select * exclude (_part) from k where _part = {q} order by file_row_number"
                 copy_to_store(con, sql, job.store, f"key/{shard.index:05d}-{q:05d}.parquet", tmp)
@@ -144,13 +143,6 @@ def reduce_task(item: tuple[Job, int, int]) -> str:
     finally:
         con.close()
     return "done"
-
-
-def _derived_names(p: FilterBase) -> list[str]:
-    """The names of the columns `derived()` adds (`expr as _name, ...`)."""
-    import re
-
-    return re.findall(r"\bas\s+(_\w+)", p.derived() or "")
 
 
 def _sql_error(job: Job, exc: Exception) -> Exception:
@@ -196,10 +188,10 @@ def _finish_rows(ctx: StepContext, pool: Pool, shards: list[Shard]) -> None:
     from runner.steps.tables import finish_rewritten
     from stores.datastore import connect
 
-    files = fetch(ctx, pool, [f"t/{s.index:05d}.parquet" for s in shards])
+    rows = read_all(pool.store, [f"t/{s.index:05d}.parquet" for s in shards], ctx.scratch / "shards")
     con = connect()
     try:
-        con.execute(f"create temp table t as select * from read_parquet([{', '.join(files)}])")
+        con.execute(f"create temp table t as select * from {rows}")
         finish_rewritten(ctx, con)
     finally:
         con.close()

@@ -153,29 +153,19 @@ def copy_to_store(con: duckdb.DuckDBPyConnection, sql: str, store: ShardStore, r
 
 
 def read_all(store: ShardStore, names: list[str], tmp: Path) -> str:
-    """SQL reading the store's Parquet files `names` (copied into `tmp`) as one table, in that order."""
+    """SQL reading the store's Parquet files `names` (copied into the directory `tmp`) as one table, in that
+    order."""
     files = [store.get(name, tmp / name.replace("/", "_")) for name in names]
     return f"read_parquet([{', '.join(sql_string(f) for f in files)}])"
-
-
-def fetch(ctx: StepContext, pool: Pool, names: list[str]) -> list[str]:
-    """The store's files `names`, in the step's scratch directory; SQL string literals of their paths."""
-    local = ctx.scratch / "shards"
-    return [sql_string(pool.store.get(n, local / n.replace("/", "_"))) for n in names]
 
 
 def finish_mask(ctx: StepContext, pool: Pool, rejects: list[str]) -> None:
     from runner.steps.tables import finish_view
     from stores.datastore import connect
 
-    files = fetch(ctx, pool, rejects)
+    rows = read_all(pool.store, rejects, ctx.scratch / "shards")
     con = connect()
     try:
-        finish_view(
-            ctx,
-            con,
-            "select n, id, source, {'reason': reason, 'detail': detail} as _reject "
-            f"from read_parquet([{', '.join(files)}])",
-        )
+        finish_view(ctx, con, f"select n, id, source, {{'reason': reason, 'detail': detail}} as _reject from {rows}")
     finally:
         con.close()
