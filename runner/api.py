@@ -5,6 +5,7 @@ example."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,11 +103,16 @@ def load(
     cache_dir: str | Path | None = None,
     cache_remote: str | Path | None = None,
     targets: list[str] | tuple[str, ...] = (),
+    pinned: bool = False,
 ) -> Build:
-    """Load and validate a recipe and compile its graph (optionally only what `targets` need)."""
+    """Load and validate a recipe and compile its graph (optionally only what `targets` need). `pinned`: hub
+    revisions resolve to the commits the recipe's lock pins (`apply --locked`, `lock --check`)."""
     import runner.steps  # noqa: F401  (registers every step kind)
+    from runner import lock
 
     loaded = recipe.load(path, overrides)
+    if pinned:
+        loaded.pins = dict((lock.read(lock.lock_path(loaded.path)) or {}).get("hub", {}))
     full = compile_recipe(loaded)
     try:
         graph = full.select(targets) if targets else full
@@ -134,7 +140,7 @@ def plan(build: Build) -> list[pipeline.StepPlan]:
 def training_memory(build: Build) -> Estimate | None:
     """An estimate of the memory one training process of this recipe needs (`steps.memory.Estimate`), or None
     when the recipe does not train or the model's shape cannot be known."""
-    from runner.registry import StepError
+    from runner.steps.hub import folder
     from runner.steps.memory import estimate, machine_memory, model_shape
     from runner.steps.models import base_dir
 
@@ -144,11 +150,10 @@ def training_memory(build: Build) -> Estimate | None:
     p = node.params
     spec = p.model
     base: Path | None = None
-    if isinstance(spec.base, str):  # a local directory, or the hub snapshot when it is cached
-        try:
-            base = base_dir(spec.model_copy(update={"revision": p.commit or spec.revision}), node.files, None)
-        except StepError:
-            base = None
+    if isinstance(spec.base, str) and spec.is_local():
+        base = base_dir(spec, node.files, None)
+    elif isinstance(spec.base, str) and p.commit:  # the hub snapshot when it is cached (a plan downloads nothing)
+        base = folder("model", spec.base) / "snapshots" / p.commit
     vocab = spec.tokenizer.train.vocab_size if spec.tokenizer is not None and spec.tokenizer.train else None
     shape = model_shape(spec, vocab, base)
     if shape is None:
@@ -212,6 +217,7 @@ def apply(
         refuse, accept = _lock_policy(
             build, (lock.read(lock_file) or {}).get("steps", {}), lock_file.name, rebuild_nondeterministic, moved
         )
+    _fetch_models(build)
     run_step = cluster.StepRunner(executor_of(build, executor), build.cache)
     try:
         results = pipeline.execute(
@@ -237,13 +243,34 @@ def apply(
     if not locked and result.ok and set(build.graph.nodes) == build.all_steps and not build.overrides:
         # the lock describes the recipe file: an apply with --set overrides (or a --target subset) leaves it be
         try:
-            lock.write(lock_file, lock.make_lock(build.loaded.raw, build.graph, results))
+            lock.write(lock_file, lock.make_lock(build.loaded.raw, build.graph, results, build.loaded.resolved))
         except OSError as exc:
             raise RunnerError(
                 f"built, but the lock file {lock_file} could not be written ({exc.strerror}); "
                 "the artifacts are in the cache: run `runner lock` where the recipe is writable"
             ) from None
     return result
+
+
+def _fetch_models(build: Build) -> None:
+    """Download the hub models the recipe names into the Hugging Face cache before any step runs (huggingface_hub's
+    progress bars on stderr), unless every step is already built."""
+    from runner.steps.hub import HubError, complete, fetch_model, folder
+
+    models = {
+        pin.split(":", 1)[1].rsplit("@", 1)[0]: c
+        for pin, c in build.loaded.resolved.items()
+        if pin.startswith("model:")
+    }
+    missing = {repo: c for repo, c in models.items() if not complete(folder("model", repo) / "snapshots" / c)}
+    if not missing or all(p.state == "cached" for p in plan(build)):
+        return
+    for repo, commit in missing.items():
+        print(f"fetching model {repo} at {commit[:12]} from the hub", file=sys.stderr, flush=True)
+        try:
+            fetch_model(repo, commit)
+        except HubError as exc:
+            raise RunnerError(str(exc)) from None
 
 
 def _push(build: Build, results: list[pipeline.StepResult]) -> str | None:

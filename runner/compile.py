@@ -22,6 +22,11 @@ def _files(loaded: LoadedRecipe, params: Any, at: tuple[str | int, ...], problem
     files: dict[str, Path] = {}
     for key, rel in params.external_paths().items():
         where = (*at, key)
+        if rel.startswith("hf://"):
+            hub_file = _hub_dataset(loaded, rel, where, problems)
+            if hub_file is not None:
+                files[rel] = hub_file
+            continue
         resolved = (loaded.base_dir(where) / rel).resolve()
         want_dir = key in params.DIR_FIELDS
         either = params.may_be_directory(key) and resolved.is_dir()
@@ -37,6 +42,36 @@ def _files(loaded: LoadedRecipe, params: Any, at: tuple[str | int, ...], problem
             problems.append(Problem(loaded.where(where), show_path(where), message))
         files[rel] = resolved
     return files
+
+
+def _hub_dataset(loaded: LoadedRecipe, url: str, where: tuple[str | int, ...], problems: list[Problem]) -> Path | None:
+    """An `hf://datasets/...` path: its files fetched into the Hugging Face cache, the commit recorded for the lock."""
+    from runner.steps.hub import HubError, dataset_path
+
+    try:
+        path, pin, commit = dataset_path(url, loaded.pins)
+    except HubError as exc:
+        problems.append(Problem(loaded.where(where), show_path(where), str(exc)))
+        return None
+    loaded.resolved[pin] = commit
+    return path
+
+
+def _hub_model(loaded: LoadedRecipe, problems: list[Problem]) -> str | None:
+    """The commit a hub base model's revision resolves to (None: not a hub id, or offline and not cached)."""
+    from runner.steps.hub import HubError, pin_name, resolve
+
+    spec = loaded.recipe.model
+    if spec is None or not isinstance(spec.base, str) or spec.is_local():
+        return None
+    try:
+        commit = resolve(spec.base, spec.revision, "model", loaded.pins)
+    except HubError as exc:
+        problems.append(Problem(loaded.where(("model", "base")), "model.base", str(exc)))
+        return None
+    if commit:
+        loaded.resolved[pin_name("model", spec.base, spec.revision)] = commit
+    return commit
 
 
 def compile_recipe(loaded: LoadedRecipe) -> Graph:
@@ -121,7 +156,15 @@ def _data_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) -> l
         nodes.append(StepNode(name, f"filter.{flt.kind}", flt, (last,), filter_files[i], origin("data", "filters", i)))
         last = name
 
-    nodes.append(StepNode("format", "format", data.prompt, (last,), prompt_files, origin("data", "prompt")))
+    format_inputs: tuple[str, ...] = (last,)
+    if data.prompt.template == "chat" and data.prompt.tokenizer is None:
+        problem = _no_base_template(loaded.recipe.model)
+        if problem:
+            where = ("data", "prompt", "template")
+            problems.append(Problem(loaded.where(where), show_path(where), problem))
+            _check(problems)
+        format_inputs += ("tokenizer",)  # the base model's tokenizer, with its chat template
+    nodes.append(StepNode("format", "format", data.prompt, format_inputs, prompt_files, origin("data", "prompt")))
     nodes.append(StepNode("split", "split", data.split, ("format",), {}, origin("data", "split")))
     if data.export is not None:
         nodes.append(StepNode("export", "export", data.export, ("split",), {}, origin("data", "export")))
@@ -187,10 +230,25 @@ def _index_eval_node(
     return StepNode("index.eval", "index.eval", params, ("index",), {**model_files, **files}, origin("index", "eval"))
 
 
+def _no_base_template(model: Any) -> str | None:
+    """Why `template: chat` has no base model's template to use (None: it has the base's tokenizer step)."""
+    if model is None:
+        return (
+            "chat renders with a tokenizer's chat template: name a base model (model.base) whose tokenizer has "
+            "one, or set data.prompt.tokenizer to a tokenizer directory"
+        )
+    if model.tokenizer is not None and model.tokenizer.train is not None:
+        return (
+            "chat renders with the model's chat template, and a tokenizer trained on the recipe's text has none: "
+            "set data.prompt.tokenizer to a tokenizer directory with one, or use template: human_bot or plain"
+        )
+    return None
+
+
 def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) -> list[StepNode]:
     """tokenizer -> [model.init] -> tokenize -> train -> [merge] -> [eval], when the recipe names a model."""
     from runner.steps.evaluation import EvalParams
-    from runner.steps.models import BaseRef, hub_commit
+    from runner.steps.models import BaseRef
     from runner.steps.train_config import InitParams, MergeParams, TokenizeParams, TokenizerParams, TrainParams
 
     r = loaded.recipe
@@ -198,9 +256,8 @@ def _training_nodes(loaded: LoadedRecipe, problems: list[Problem], origin: Any) 
     assert spec is not None and r.data is not None
     base_files = _files(loaded, spec, ("model",), problems)
     tok_files = _files(loaded, spec.tokenizer, ("model", "tokenizer"), problems) if spec.tokenizer else {}
+    commit = _hub_model(loaded, problems)
     _check(problems)
-    hub = isinstance(spec.base, str) and not spec.is_local()
-    commit = hub_commit(spec.base, spec.revision) if hub else None  # type: ignore[arg-type]
     at = origin("model")
     trains_tokenizer = spec.tokenizer is not None and spec.tokenizer.train is not None
     nodes = [

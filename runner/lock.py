@@ -1,5 +1,6 @@
 """Lock files: `<recipe>.lock` records every step's key and output hash, every external input's content
-hash, model revisions, library versions and the effective recipe after a successful apply.
+hash, model revisions (the commit each hub revision resolved to), library versions and the effective recipe
+after a successful apply.
 
 `apply --locked` and `lock --check` recompute every key (taking upstream outputs from the lock, so
 nothing needs building) and refuse any drift, saying exactly what moved; neither ever writes the lock.
@@ -29,7 +30,11 @@ def lock_path(recipe: Path) -> Path:
     return recipe.with_name(recipe.name + ".lock")
 
 
-def make_lock(raw_recipe: dict[str, Any], graph: Graph, results: list[pipeline.StepResult]) -> dict[str, Any]:
+def make_lock(
+    raw_recipe: dict[str, Any], graph: Graph, results: list[pipeline.StepResult], hub: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The lock of a successful apply. `hub`: the commit each hub revision the recipe names resolved to
+    (`model:ORG/NAME@REVISION`), which `apply --locked` resolves from on any machine."""
     by_name = {r.name: r for r in results}
     steps, inputs, libs, models = {}, {}, {}, {}
     for name in graph.order:
@@ -54,6 +59,7 @@ def make_lock(raw_recipe: dict[str, Any], graph: Graph, results: list[pipeline.S
         "inputs": dict(sorted(inputs.items())),
         "libraries": dict(sorted(libs.items())),
         "models": models,
+        "hub": dict(sorted((hub or {}).items())),
     }
 
 
@@ -124,6 +130,9 @@ def drift(graph: Graph, lock: dict[str, Any] | None, raw_recipe: dict[str, Any],
         for lib, version in comps["libs"].items():
             if lock.get("libraries", {}).get(lib) not in (None, version):
                 why.append(f"library {lib} {lock['libraries'][lib]} -> {version}")
+        commit, was = comps.get("params", {}).get("commit"), lock.get("models", {}).get(name)
+        if was and commit != was:
+            why.append(f"the hub commit of {name}'s model {was[:12]} -> {str(commit)[:12]}")
         why.append(f"step {name}: key {locked[name]['key'][:12]} -> {key[:12]}")
     for name in locked:
         if name not in graph.nodes:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,9 @@ class LoadedRecipe:
     path: Path
     raw: dict[str, Any]  # the recipe as parsed (extends, overrides and ${} applied), before validation
     positions: dict[KeyPath, Where]
+    # hub revisions: the lock's pins to resolve from (`apply --locked`), and what compiling resolved (for the lock)
+    pins: dict[str, str] = field(default_factory=dict)
+    resolved: dict[str, str] = field(default_factory=dict)
 
     def where(self, path: KeyPath) -> Where:
         """The closest recorded position for `path` (the value itself, else its nearest parent)."""

@@ -183,3 +183,15 @@ def browser() -> Iterator[Any]:
         b = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         yield b
         b.close()
+
+
+@pytest.fixture(scope="session")
+def family_hub(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """An HF_HOME whose hub cache holds every family of `tests.hubmodels` under its hub id (real tokenizers and
+    templates, scaled-down real configs, random weights): (HF_HOME, family -> commit). Built once per session."""
+    from tests import hubmodels
+
+    if not hubmodels.available():
+        pytest.skip(f"needs llama.cpp's vocab files at {hubmodels.MODELS} (RUNNER_GGUF_CONVERTER, see .ci/run)")
+    home = tmp_path_factory.mktemp("hf_home")
+    return home, {name: hubmodels.write_snapshot(home, name)[0] for name in hubmodels.FAMILIES}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from runner import api
+from runner.steps.gguf import read_gguf
 from tests.conftest import ROOT, tiny_model_recipe
 
 CONVERTER = os.environ.get("RUNNER_GGUF_CONVERTER", "")
@@ -29,7 +31,8 @@ def tiny(tmp_path: Path, arch: str, kind: str) -> Path:
     path.write_text(
         tiny_model_recipe(
             arch=arch,
-            rest="lora: {rank: 8}\ntrain: {seq_len: 64, batch_size: 8, lr: 5.0e-3, max_steps: 8}\n"
+            # every linear layer: near-ties (random weights) stay rare after 8 steps, as the thresholds assume
+            rest="lora: {rank: 8, target_modules: all-linear}\ntrain: {seq_len: 64, batch_size: 8, lr: 5.0e-3, max_steps: 8}\n"
             f"package: {{formats: [gguf], gguf_converter: {CONVERTER}, gguf_type: {kind}}}\n",
         )
     )
@@ -73,7 +76,8 @@ def hf_greedy(model_dir: Path, prompt: str, n: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["falcon", "gpt_neox", "llama", "quickstart"])
+# each family with its real tokenizer: tests/test_families.py; here the quickstart's own (trained) tokenizer, at f16
+@pytest.mark.parametrize("arch", ["quickstart"])
 def test_gguf_runs_in_llama_cpp_as_in_transformers(tmp_path: Path, arch: str) -> None:
     path = quickstart(tmp_path, "f16") if arch == "quickstart" else tiny(tmp_path, arch, "f16")
     overrides = ["train.max_steps=40"] if arch == "quickstart" else []
@@ -84,6 +88,16 @@ def test_gguf_runs_in_llama_cpp_as_in_transformers(tmp_path: Path, arch: str) ->
     facts = pkg.manifest["metrics"]["gguf"]
     assert facts["llama_cpp_check"] == "ran" and facts["tokenizer_agrees"] and facts["greedy_agreement"] == 1.0
     assert "F16" in facts["tensor_types"] and facts["tensors"] > 10
+    # runner reads the header as gguf-py does
+    sys.path.insert(0, str(Path(CONVERTER).parent / "gguf-py"))
+    try:
+        from gguf import GGUFReader
+    finally:
+        sys.path.pop(0)
+    reader = GGUFReader(str(pkg.file(facts["file"])))
+    metadata, tensors = read_gguf(pkg.file(facts["file"]))
+    assert tensors == [(t.name, int(t.tensor_type)) for t in reader.tensors]
+    assert metadata == {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     merged = api.artifact(b, "merge").file("model")
     for prompt in ("<human>: What is the capital of France?\n<bot>:", "<human>: How do I bake bread?\n<bot>:"):
         assert llama_greedy(pkg.file("model-f16.gguf"), prompt, 12) == hf_greedy(merged, prompt, 12), prompt

@@ -73,6 +73,16 @@ CASES: list[tuple[str, str | bytes, list[str], str]] = [
     ),
     # prompt, split, top-level values
     ("prompt-bad-template", OK_SOURCES + "  prompt:\n    template: chatml2\n", [], "'chatml2'"),
+    ("chat-without-a-model", OK_SOURCES + "  prompt: {template: chat}\n", [], "name a base model (model.base)"),
+    (
+        "chat-with-a-trained-tokenizer",
+        OK_SOURCES
+        + "  prompt: {template: chat}\nmodel:\n  base: {from_config: {architecture: llama}}\n"
+        + "  tokenizer: {train: {vocab_size: 300}}\n",
+        [],
+        "a tokenizer trained on the recipe's text has none",
+    ),
+    ("tokenizer-without-chat", OK_SOURCES + "  prompt: {template: plain, tokenizer: x}\n", [], "only template: chat"),
     ("split-too-big", OK_SOURCES + "  split:\n    validation: 1.5\n", [], "less than 1"),
     ("split-text", OK_SOURCES + "  split:\n    validation: half\n", [], "expected a number"),
     ("split-seed-float", OK_SOURCES + "  split:\n    seed: 1.5\n", [], "integer"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runner import api
-from runner.steps.memory import GIB, estimate, shape_from_config, shape_from_name
+from runner.steps.memory import GIB, PEFT_AUTO, estimate, shape_from_config, shape_from_name
 from tests.conftest import ROOT, run_subprocess, tiny_model_recipe
 
 # a thread that samples this process's resident memory every millisecond: (time, bytes)
@@ -93,7 +93,9 @@ def test_estimate_adds_up_and_scales() -> None:
     params = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336) + 2 * 128256 * 4096  # Llama-3-8B's layout
     assert params == pytest.approx(8.03e9, rel=0.01)
     assert e.weights == 2 * params
-    assert e.lora == 16 * 41_943_040  # PEFT's print_trainable_parameters for Llama-3-8B, r=16, all linear layers
+    assert e.lora == 16 * 6_815_744  # PEFT's print_trainable_parameters for Llama-3-8B, r=16, q_proj and v_proj
+    every = estimate(s, precision="bf16", rank=16, targets="all-linear", seq_len=1024, batch=1, gpu=True)
+    assert every.lora == 16 * 41_943_040  # the same, all linear layers
     q = estimate(s, precision="int4", rank=16, targets="auto", seq_len=1024, batch=1, gpu=True)
     assert q.weights == pytest.approx((params - 2 * 128256 * 4096) * 0.5 + 2 * 128256 * 4096 * 4)
     longer = estimate(s, precision="bf16", rank=16, targets="auto", seq_len=2048, batch=1, gpu=True)
@@ -101,6 +103,13 @@ def test_estimate_adds_up_and_scales() -> None:
     falcon = shape_from_name("tiiuae/falcon-7b")
     assert falcon is not None and "guess" in falcon.source
     assert 6e9 < 12 * falcon.layers * falcon.hidden**2 < 8e9
+
+
+def test_auto_targets_in_the_estimate_are_peft_s() -> None:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    for family in ("falcon", "gpt_neox", "llama", "qwen2", "mistral"):
+        assert set(PEFT_TARGETS[family]) <= PEFT_AUTO, family
 
 
 def test_plan_says_falcon_7b_will_not_fit_here(tmp_path: Path) -> None:

@@ -85,7 +85,8 @@ def test_what_no_engine_can_do_here_is_refused_by_the_request() -> None:
         ({"stream": True, "n": 2}, "n"),
         ({"stream": True, "logprobs": True}, "logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
-        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tools": [{"type": "function"}], "stream": True}, "tools"),  # tools: whole answers (the calls are parsed)
+        ({"tool_choice": "required"}, "tool_choice"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"max_tokens": 65}, "max_tokens"),
         ({"min_tokens": 70, "max_tokens": 64}, "min_tokens"),

@@ -35,7 +35,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (work / "r.yaml").write_text(
         tiny_model_recipe(
             head="name: tiny\n",
-            rest="train: {seq_len: 64, batch_size: 8, lr: 5.0e-3, max_steps: 20, seed: 1}\n"
+            # every linear layer: the model these tests know (it ends "Hello" at once, says no stop string soon)
+            rest="lora: {target_modules: all-linear}\n"
+            "train: {seq_len: 64, batch_size: 8, lr: 5.0e-3, max_steps: 20, seed: 1}\n"
             "index:\n  documents: [{path: docs}]\n"
             "serve: {max_tokens: 32, max_body_bytes: 4096, top_k: 1, models: [tuned, base]}\n",
         )

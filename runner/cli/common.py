@@ -67,6 +67,7 @@ def load(args: argparse.Namespace) -> Any:
         cache_dir=args.cache_dir,
         cache_remote=args.cache_remote,
         targets=getattr(args, "targets", ()),
+        pinned=bool(getattr(args, "locked", False) or getattr(args, "check", False)),
     )
 
 

@@ -36,6 +36,6 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise RunnerError(f"not every step is built ({', '.join(missing)}); run `runner apply {args.recipe}` first")
     results = api.cached_results(build, steps)
-    written = lock.write(path, lock.make_lock(build.loaded.raw, build.graph, results))
+    written = lock.write(path, lock.make_lock(build.loaded.raw, build.graph, results, build.loaded.resolved))
     console().print(f"{'wrote' if written else 'unchanged'}: {path}")
     return 0

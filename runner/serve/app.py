@@ -122,6 +122,22 @@ def _error_handlers(app: Any) -> None:
         return error(500, f"internal error ({type(exc).__name__}); the server log has the details", "server_error")
 
 
+def tool_format(model: Engine, name: str) -> str:
+    """The tool-call format of a model's chat template (`tools.style`); a model without one is refused by name."""
+    from runner.serve.tools import style
+
+    chat = model.codec.template == "chat"
+    fmt = style(getattr(model.codec.tokenizer, "chat_template", None)) if chat else None
+    if fmt is None:
+        why = (
+            "its chat template takes no tools, or calls them in a format runner does not read"
+            if chat
+            else f"it is prompted with template {model.codec.template}, which has no tool calls"
+        )
+        raise ApiError(400, f"model {name} cannot be offered tools: {why}", param="tools")
+    return fmt
+
+
 class Service:
     """What the endpoints share: the models (and their `+docs` twins answering from the index), the limits."""
 
@@ -183,7 +199,9 @@ class Service:
             question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             turn, sources = await run_in_threadpool(self.docs_turn, question)
             messages = [*messages[:-1], {"role": "user", "content": turn}]
-        return await self._answer(request, req, s, CHAT, model, [model.codec.prompt(messages)], sources)
+        fmt = tool_format(model, req.model) if req.offers_tools() else None
+        tools = json.dumps(req.tools) if fmt else None
+        return await self._answer(request, req, s, CHAT, model, [model.codec.prompt(messages, tools)], sources, fmt)
 
     async def complete(self, req: CompletionRequest, request: Request) -> Any:
         model, docs = self.pick(req.model)
@@ -205,6 +223,7 @@ class Service:
         model: Engine,
         prompts: list[Prompt],
         sources: list[dict[str, Any]] | None,
+        tool_format: str | None = None,
     ) -> Any:
         """The one flow of both generation endpoints: the answers, whole or streamed, in the endpoint's shape (with
         the documents' `sources` for document chat)."""
@@ -220,7 +239,7 @@ class Service:
             "object": endpoint.object,
             "created": created,
             "model": req.model,
-            "choices": [endpoint.choice(i, o, s.logprobs) for i, o in enumerate(outputs)],
+            "choices": [endpoint.choice(i, o, s.logprobs, tool_format) for i, o in enumerate(outputs)],
             "usage": counts,
         }
         return body if sources is None else {**body, "sources": sources}

@@ -160,10 +160,10 @@ class Batcher:
 
     def _pick(self, logits: Any, reqs: list[Request]) -> None:
         """The next token of each request, greedy or drawn (the end-of-text token held off until `min_tokens`)."""
-        eos = self.engine.codec.tokenizer.eos_token_id
+        ends = list(self.engine.codec.ends)
         for r, row in zip(reqs, logits, strict=True):
-            if eos is not None and len(r.new) < r.s.min_tokens:
-                row[eos] = float("-inf")
+            if ends and len(r.new) < r.s.min_tokens:
+                row[ends] = float("-inf")
             r.new.append(int(row.argmax()) if r.s.greedy else sample_token(row, r.s))
             if r.put is not None:
                 r.put(r.new[-1])

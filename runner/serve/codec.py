@@ -26,18 +26,32 @@ class BadTokens(ValueError):
     """Prompt token ids the model does not have."""
 
 
+def end_ids(tokenizer: Any, generation_config: Any = None) -> frozenset[int]:
+    """Every token that ends an answer: the tokenizer's end-of-text and each one the model's generation config
+    declares (Llama 3 declares three: end of text, of a message, of a tool call)."""
+    declared = getattr(generation_config, "eos_token_id", None)
+    ids = declared if isinstance(declared, list) else [declared]
+    return frozenset(i for i in [getattr(tokenizer, "eos_token_id", None), *ids] if i is not None)
+
+
 @dataclass
 class Codec:
     """Prompts in, answers out, for one model: `template` is the recipe's prompt template, `context` the positions
-    the model attends to (None: it does not say)."""
+    the model attends to (None: it does not say), `ends` the tokens that end an answer (default: the tokenizer's
+    end-of-text; `end_ids` adds the model's own)."""
 
     template: str
     tokenizer: Any
     context: int | None = None
+    ends: frozenset[int] = frozenset()
 
-    def prompt(self, messages: list[dict[str, str]]) -> str:
-        """A conversation (history carried across turns, as h2oGPT does) as the model's prompt text."""
-        return render_prompt(self.template, messages, self.tokenizer)
+    def __post_init__(self) -> None:
+        self.ends = self.ends or end_ids(self.tokenizer)
+
+    def prompt(self, messages: list[dict[str, Any]], tools: str | None = None) -> str:
+        """A conversation (history carried across turns, as h2oGPT does) as the model's prompt text; `tools`: the
+        JSON list of tool schemas a chat template is given."""
+        return render_prompt(self.template, messages, self.tokenizer, tools)
 
     @property
     def stops(self) -> list[str]:
@@ -67,22 +81,18 @@ class Codec:
     def ended(self, new: list[int], s: Sampling, cancel: threading.Event | None = None) -> bool:
         """Whether an answer of tokens `new` is over: end-of-text, max_tokens, cancelled, or a stop string in its
         last tokens."""
-        if (
-            new[-1] == self.tokenizer.eos_token_id
-            or len(new) >= s.max_tokens
-            or (cancel is not None and cancel.is_set())
-        ):
+        if new[-1] in self.ends or len(new) >= s.max_tokens or (cancel is not None and cancel.is_set()):
             return True
         return has_stop(self.decode(new[-16:]), self.stops + list(s.stop))
 
     def output(
         self, ids: list[int], new: list[int], s: Sampling, logprobs: list[dict[str, Any]] | None = None
     ) -> Output:
-        """An answer from the generated token ids: cut at the end-of-text token and the stop strings."""
-        eos = self.tokenizer.eos_token_id
+        """An answer from the generated token ids: cut at the first end token and the stop strings."""
         new = new[: s.max_tokens]
-        count = new.index(eos) + 1 if eos in new else len(new)  # generated tokens, the end-of-text one included
-        new = new[: count - 1] if eos in new else new
+        end = next((i for i, t in enumerate(new) if t in self.ends), None)
+        count = len(new) if end is None else end + 1  # generated tokens, the end token included
+        new = new if end is None else new[:end]
         text, stopped = cut_at_stop(self.decode(new), self.stops + list(s.stop))
         finish = "stop" if stopped or count < s.max_tokens else "length"
         return Output(text, len(ids), count, finish, logprobs[:count] if logprobs is not None else None)

@@ -123,7 +123,7 @@ class TransformersEngine:
             "max_new_tokens": s.max_tokens,
             "do_sample": not s.greedy,
             "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
+            "eos_token_id": sorted(self.codec.ends),
             "stopping_criteria": StoppingCriteriaList([Cancelled()]),
         }
         if not s.greedy:

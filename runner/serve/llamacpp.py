@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from runner.serve.batcher import Batcher, Request
-from runner.serve.codec import Codec
+from runner.serve.codec import Codec, end_ids
 from runner.serve.engine import Output, Prompt, Sampling, check_supported
 from runner.serve.thread import on_model_thread, run_alone
 
@@ -81,12 +81,12 @@ class LlamaCppEngine:
 
         if s.seed is not None:
             self.llm.set_seed(s.seed % 2**32)
-        eos = self.codec.tokenizer.eos_token_id
+        ends = sorted(self.codec.ends)
         count = [0]
 
-        def hold_eos(_: Any, logits: Any) -> Any:  # min_tokens: no end-of-text before then
-            if eos is not None and count[0] < s.min_tokens:
-                logits[eos] = -float("inf")
+        def hold_eos(_: Any, logits: Any) -> Any:  # min_tokens: no end token before then
+            if count[0] < s.min_tokens:
+                logits[ends] = -float("inf")
             return logits
 
         processors = llama_cpp.LogitsProcessorList([hold_eos]) if s.min_tokens else None
@@ -183,7 +183,7 @@ def load(name: str, gguf: Path, tokenizer_dir: Path, template: str, *, n_ctx: in
     """A GGUF file as a served model (llama.cpp on all cores, `n_ctx` positions)."""
     import os
 
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
 
     from runner.errors import RunnerError
     from runner.steps.quiet import llama_cpp_quiet
@@ -192,5 +192,10 @@ def load(name: str, gguf: Path, tokenizer_dir: Path, template: str, *, n_ctx: in
     if llama_cpp is None:
         raise RunnerError("serve.engine llama_cpp needs llama-cpp-python: pip install 'runner[gguf]'")
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, verbose=False)
-    codec = Codec(template, AutoTokenizer.from_pretrained(tokenizer_dir), context=int(llm.n_ctx()))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    try:
+        declared = GenerationConfig.from_pretrained(tokenizer_dir)
+    except OSError:  # no generation_config.json: the tokenizer's end-of-text alone
+        declared = None
+    codec = Codec(template, tok, context=int(llm.n_ctx()), ends=end_ids(tok, declared))
     return LlamaCppEngine(name, codec, llm, precision=f"gguf {gguf.stem.removeprefix('model-')}")

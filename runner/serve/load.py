@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from runner.errors import RunnerError
 from runner.schema import Variant
 from runner.serve import hf, llamacpp, vllm
-from runner.serve.codec import Codec
+from runner.serve.codec import Codec, end_ids
 from runner.serve.engine import Engine
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def transformers_models(build: Build, variants: list[Variant]) -> dict[str, hf.T
             model = PeftModel.from_pretrained(model, arts["train"].file("adapter"))
         model.eval()
         name = f"{build.loaded.name}-{variant}"
-        codec = Codec(template, tok, context=hf.context_of(model))
+        codec = Codec(template, tok, context=hf.context_of(model), ends=end_ids(tok, model.generation_config))
         out[name] = hf.TransformersEngine(name, codec, model, precision=precision, quantized_layers=quantized)
     return out
 

@@ -157,8 +157,10 @@ class ChatRequest(GenerationRequest):
         super().check()
         if self.response_format and self.response_format.get("type") != "text":
             raise ApiError(400, 'response_format other than {"type": "text"} is not supported', param="response_format")
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise ApiError(400, "tools and tool_choice are not supported by this server", param="tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ApiError(400, "tool_choice other than auto or none is not supported", param="tool_choice")
+        if self.tools and self.stream:
+            raise ApiError(400, "tools are not supported with stream: true", param="tools")
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if self.logprobs and self.stream:
@@ -167,9 +169,15 @@ class ChatRequest(GenerationRequest):
     def logprobs_asked(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def conversation(self, system: str | None) -> list[dict[str, str]]:
-        """The messages as {role, content} (developer is system), `system` first unless they have one."""
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def offers_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def conversation(self, system: str | None) -> list[dict[str, Any]]:
+        """The messages as {role, content} (developer is system; an assistant's tool calls and a tool result's call
+        id kept), `system` first unless they have one."""
+        from runner.serve.tools import request_messages
+
+        messages = request_messages(self.messages)
         if system and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": system})
         return messages
@@ -241,13 +249,20 @@ class Endpoint:
     id_prefix: str
     prompt_param: str  # the request field a too-long prompt is blamed on
 
-    def choice(self, index: int, o: Output, top: int | None) -> dict[str, Any]:
-        """A whole answer's choice (`top`: alternatives asked per token, for completions' logprobs)."""
+    def choice(self, index: int, o: Output, top: int | None, tool_format: str | None = None) -> dict[str, Any]:
+        """A whole answer's choice (`top`: alternatives asked per token, for completions' logprobs; `tool_format`:
+        the calls in a chat answer are read back in that format, `tools.parse`)."""
         if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": o.text}
+            if tool_format:
+                from runner.serve.tools import parse
+
+                message["content"], calls = parse(o.text, tool_format)
+                message.update({"tool_calls": calls} if calls else {})
             return {
                 "index": index,
-                "message": {"role": "assistant", "content": o.text},
-                "finish_reason": o.finish_reason,
+                "message": message,
+                "finish_reason": "tool_calls" if message.get("tool_calls") else o.finish_reason,
                 "logprobs": None if o.logprobs is None else {"content": [_chat_logprob(e) for e in o.logprobs]},
             }
         return {

@@ -47,10 +47,11 @@ def greedy(
     """Each prompt's greedy answer (left-padded batches), cut before the template's stop strings."""
     import torch
 
-    from runner.serve.codec import Codec
+    from runner.serve.codec import Codec, end_ids
     from runner.serve.text import cut_at_stop
 
     stops = Codec(template, tok).stops
+    ends = sorted(end_ids(tok, model.generation_config))
     tok.padding_side = "left"
     out: list[str] = []
     torch.manual_seed(0)
@@ -62,7 +63,7 @@ def greedy(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
+                eos_token_id=ends,
             )
             for row in gen[:, enc["input_ids"].shape[1] :]:
                 out.append(cut_at_stop(str(tok.decode(row, skip_special_tokens=True)), stops)[0].strip())
@@ -111,7 +112,7 @@ def held_out(ctx: StepContext, p: AnswersParams, tok: Any) -> list[dict[str, Any
     return rows[: a.limit]
 
 
-@step("answers", version="1", params=AnswersParams, libs=("torch", "transformers", "peft"), reproducible=False)
+@step("answers", version="2", params=AnswersParams, libs=("torch", "transformers", "peft"), reproducible=False)
 def answer(ctx: StepContext) -> None:
     from runner.steps.quiet import quiet_ml
 

@@ -74,7 +74,7 @@ def held_out_loss(
     return mean, math.sqrt(var / n) / (total / n)
 
 
-@step("eval", version="3", params=EvalParams, libs=("torch", "transformers", "peft", "duckdb"), reproducible=False)
+@step("eval", version="4", params=EvalParams, libs=("torch", "transformers", "peft", "duckdb"), reproducible=False)
 def evaluate(ctx: StepContext) -> None:
     from runner.steps.quiet import quiet_ml
 
@@ -86,6 +86,7 @@ def evaluate(ctx: StepContext) -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    from runner.serve.codec import end_ids
     from runner.steps.models import load_model, use_precision
     from runner.steps.trainer import base_path
 
@@ -122,7 +123,7 @@ def evaluate(ctx: StepContext) -> None:
                 max_new_tokens=p.eval.max_new_tokens,
                 do_sample=False,
                 pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
+                eos_token_id=sorted(end_ids(tok, model.generation_config)),
             )
             for row in gen[:, enc["input_ids"].shape[1] :]:
                 text = str(tok.decode(row, skip_special_tokens=True))

@@ -7,7 +7,10 @@ What is counted, per token (a multiply-add is 2 FLOPs):
   projections of the frozen embeddings need none, and autograd computes none);
 - backward, weight gradients: 2 x in x out for each trainable linear layer (with LoRA: its A and B only);
 - attention: per layer 4 x T x heads x head_dim forward (scores and the weighted sum over T positions, the whole
-  T x T square, as the kernels compute it) and twice that backward; T = the mean length of the run's sequences.
+  T x T square, as the kernels compute it), and backward 2 x T x heads x head_dim for each gradient autograd
+  computes: of the queries, the keys, the attention weights (when the queries or keys need one) and the values.
+  With LoRA on some projections only (PEFT's q_proj and v_proj), the first layer's keys need none; T = the mean
+  length of the run's sequences.
 Not counted: embeddings (lookups), norms, activations, softmax, the loss, the optimizer. The count is checked
 against torch's FlopCounterMode on real rows (tests/test_training.py; attention through the eager path, since
 FlopCounterMode has no formula for the CPU's fused attention kernel).
@@ -42,14 +45,60 @@ def linear_layers(model: Any, example: Any) -> list[tuple[int, int, bool, bool]]
     return seen
 
 
-def per_token(layers: list[tuple[int, int, bool, bool]], config: Any, mean_len: float) -> dict[str, float]:
-    """The FLOPs of one training token, by part (see the module's docstring)."""
+# the projections whose outputs are a layer's queries, keys and values: separate, or one fused layer for all three
+PROJECTIONS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "query_key_value": "qkv", "qkv_proj": "qkv"}
+
+
+def attention_grads(model: Any, example: Any) -> list[tuple[bool, bool, bool]]:
+    """For each layer, in order, whether its queries, keys and values need a gradient (their projection's output
+    does), seen by running `example` through `model` as `linear_layers` does. Empty for a model whose projections
+    are named otherwise (then every gradient is counted)."""
+    import torch
+
+    seen: list[dict[str, bool]] = []
+
+    def hook(name: str) -> Any:
+        def record(_module: Any, _inputs: Any, out: Any) -> None:
+            if not seen or any(k in seen[-1] for k in name):
+                seen.append({})
+            seen[-1].update(dict.fromkeys(name, bool(out.requires_grad)))
+
+        return record
+
+    handles = [  # the projection as the layer calls it: a LoRA wrapper, or the plain Linear
+        m.register_forward_hook(hook(PROJECTIONS[n.rsplit(".", 1)[-1]]))
+        for n, m in model.named_modules()
+        if n.rsplit(".", 1)[-1] in PROJECTIONS
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.enable_grad():
+            model(input_ids=example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    if len(seen) != model.config.num_hidden_layers or any(len(s) != 3 for s in seen):
+        return []
+    return [(s["q"], s["k"], s["v"]) for s in seen]
+
+
+def per_token(
+    layers: list[tuple[int, int, bool, bool]],
+    config: Any,
+    mean_len: float,
+    grads: list[tuple[bool, bool, bool]] | None = None,
+) -> dict[str, float]:
+    """The FLOPs of one training token, by part (see the module's docstring). `grads`: `attention_grads` (none:
+    every attention gradient is computed)."""
     forward = sum(2 * i * o for i, o, _w, _x in layers)
     inputs = sum(2 * i * o for i, o, _w, x in layers if x)
     weights = sum(2 * i * o for i, o, w, _x in layers if w)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    attention = 12 * config.num_hidden_layers * mean_len * heads * head_dim
+    per_layer = [4 + 2 * (q + k + (q or k) + v) for q, k, v in grads or [(True, True, True)] * config.num_hidden_layers]
+    attention = sum(per_layer) * mean_len * heads * head_dim
     return {
         "forward": forward,
         "backward_inputs": inputs,
@@ -88,7 +137,7 @@ def utilisation(model: Any, example: Any, tokens: int, seconds: float, batch: in
     """The run's MFU: FLOPs per token x tokens trained per second / the matmul peak at the run's widest linear
     layer's shape (batch x mean length rows), in the model's dtype; every figure it is made of beside it."""
     layers = linear_layers(model, example)
-    flops = per_token(layers, model.config, mean_len)
+    flops = per_token(layers, model.config, mean_len, attention_grads(model, example))
     k, n = max(((i, o) for i, o, _w, _x in layers), key=lambda s: s[0] * s[1])
     param = next(p for p in model.parameters() if p.dtype.is_floating_point)  # int4/int8 compute in float
     dtype = param.dtype

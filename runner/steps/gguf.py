@@ -70,6 +70,60 @@ def main(argv: list[str]) -> None:
     runpy.run_path(str(converter), run_name="__main__")
 
 
+def read_gguf(path: Path) -> tuple[dict[str, Any], list[tuple[str, int]]]:
+    """A GGUF file's metadata and its tensors' (name, ggml type id), read by the format's specification. gguf-py's
+    reader maps every string of the vocabulary separately: seconds on a 150k-token vocabulary, where this
+    takes a fraction of one."""
+    import struct
+
+    import numpy as np
+
+    data = path.read_bytes()
+    if data[:4] != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file")
+    tensors, count = struct.unpack_from("<QQ", data, 8)
+    pos = 24
+    scalars = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def string() -> str:
+        nonlocal pos
+        (n,) = struct.unpack_from("<Q", data, pos)
+        pos += 8 + n
+        return data[pos - n : pos].decode("utf-8", errors="replace")
+
+    def value(kind: int) -> Any:
+        nonlocal pos
+        if kind == 8:
+            return string()
+        if kind == 9:
+            item, n = struct.unpack_from("<IQ", data, pos)
+            pos += 12
+            if item in (8, 9):
+                return [value(item) for _ in range(n)]
+            array = np.frombuffer(data, dtype="<" + scalars[item], count=n, offset=pos)
+            pos += array.nbytes
+            return array.tolist()
+        (v,) = struct.unpack_from("<" + scalars[kind], data, pos)
+        pos += struct.calcsize(scalars[kind])
+        return v
+
+    metadata: dict[str, Any] = {}
+    for _ in range(count):
+        key = string()
+        (kind,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        metadata[key] = value(kind)
+    infos = []
+    for _ in range(tensors):
+        name = string()
+        (dims,) = struct.unpack_from("<I", data, pos)
+        pos += 4 + 8 * dims
+        (ggml_type,) = struct.unpack_from("<I", data, pos)
+        pos += 4 + 8  # the type, then the data offset
+        infos.append((name, ggml_type))
+    return metadata, infos
+
+
 def patch(base: Any) -> None:
     original = base.TextModel.get_vocab_base_pre
 

@@ -30,6 +30,9 @@ from typing import Any
 
 GIB = 1024**3
 RUNTIME_BYTES = 0.6 * GIB  # peak RSS of a 100k-parameter model's training run here: nearly all of it the libraries
+# `lora.target_modules: auto` is PEFT's mapping, which names the query and value projections of every family the
+# estimate knows (tests/test_memory.py holds it to PEFT's): PEFT is not imported here, plan stays light
+PEFT_AUTO = frozenset({"q_proj", "v_proj", "query_key_value"})
 BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 
 
@@ -169,7 +172,8 @@ def estimate(
     embeddings = s.vocab * s.hidden * (1 if s.tied else 2)
     weights = linear * BYTES[precision] + embeddings * (4.0 if precision in ("int8", "int4") else BYTES[precision])
     weights *= 1 if gpu else 2
-    chosen = modules if targets == "auto" else {k: v for k, v in modules.items() if k in targets}
+    named = PEFT_AUTO if targets == "auto" else set(modules if targets == "all-linear" else targets)
+    chosen = {k: v for k, v in modules.items() if k in named}
     lora_params = s.layers * rank * sum(i + o for i, o in chosen.values())
     tokens = seq_len * batch
     per_layer = 17 * s.hidden + (0 if gpu else 2.5 * s.heads * seq_len)

@@ -1,6 +1,6 @@
 """Models: where a base model comes from, how it loads at a precision, which modules LoRA targets.
 
-A base is a Hugging Face id (resolved through the normal HF cache, offline, to a commit),
+A base is a Hugging Face id (resolved to a commit and fetched into the normal HF cache: `hub.py`),
 a local directory, or `from_config` (a small falcon / gpt_neox / llama built with seeded
 random init). Weights load from safetensors only; `trust_remote_code` is off unless the
 recipe turns it on. int8/int4 use bitsandbytes, and quantization is checked, not assumed:
@@ -21,11 +21,6 @@ from runner.registry import StepError
 
 Precision = Literal["fp32", "bf16", "fp16", "int8", "int4"]
 Architecture = Literal["falcon", "gpt_neox", "llama"]
-LORA_TARGETS = {
-    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
 
 
 class FromConfig(Params):
@@ -100,45 +95,23 @@ class ModelSpec(Params):
         return {"base": self.base} if isinstance(self.base, str) and self.is_local() else {}
 
 
-def hub_commit(repo: str, revision: str) -> str | None:
-    """The commit a cached hub revision points at, read from the HF cache layout (no network, no import of torch)."""
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    root = Path(HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
-    if re.fullmatch(r"[0-9a-f]{40}", revision):
-        return revision if (root / "snapshots" / revision).is_dir() else None
-    ref = root / "refs" / revision
-    try:
-        commit = ref.read_text().strip()
-    except OSError:
-        return None
-    return commit if (root / "snapshots" / commit).is_dir() else None
-
-
-def missing_model_message(repo: str, revision: str) -> str:
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    return (
-        f"model {repo} (revision {revision}) is not in the Hugging Face cache ({HF_HUB_CACHE}) and models are "
-        f"not downloaded at run time. On a machine with internet run `huggingface-cli download {repo} "
-        f"--revision {revision}` and copy the cache here (or set HF_HOME to it), or set model.base to a local "
-        "directory with the weights in safetensors"
-    )
-
-
 def base_dir(spec: ModelSpec, files: dict[str, Path], built: Path | None) -> Path:
-    """The directory holding the base weights: a from_config artifact, a local dir, or the HF cache snapshot."""
+    """The directory holding the base weights: a from_config artifact, a local dir, or the HF cache snapshot of the
+    resolved commit (downloaded now if `apply` has not fetched it)."""
+    from runner.steps.hub import HubError, fetch_model, missing_message, offline
+
     if isinstance(spec.base, BaseRef):
         assert built is not None
         return built
     if spec.is_local():
         return files[spec.base]
-    commit = hub_commit(spec.base, spec.revision)
-    if commit is None:
-        raise StepError(missing_model_message(spec.base, spec.revision))
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    return Path(HF_HUB_CACHE) / f"models--{spec.base.replace('/', '--')}" / "snapshots" / commit
+    if not re.fullmatch(r"[0-9a-f]{40}", spec.revision):  # not resolved: offline, or no hub, and not in the cache
+        why = "HF_HUB_OFFLINE is set" if offline() else "the hub could not be reached"
+        raise StepError(missing_message("model", spec.base, spec.revision, why))
+    try:
+        return fetch_model(spec.base, spec.revision)
+    except HubError as exc:
+        raise StepError(str(exc)) from None
 
 
 def build_config(fc: FromConfig, vocab_size: int, bos: int | None, eos: int | None) -> Any:
@@ -227,7 +200,18 @@ def load_model(path: Path, precision: Precision, *, trust_remote_code: bool = Fa
                 f"{precision} quantization did not take: {n} quantized layers, {len(left)} linear layers "
                 f"left unquantized (e.g. {left[:3]})"
             )
+        if precision == "int8":
+            copy_int8_outputs(model)
     return model
+
+
+def copy_int8_outputs(model: Any) -> None:
+    """bitsandbytes' int8 layers return a view made by their own autograd Function, which autograd forbids to
+    change in place; Falcon adds the attention to its MLP's output in place, so training with LoRA on
+    `query_key_value` alone (PEFT's targets) fails there. Each int8 layer hands on a copy instead."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt":
+            module.register_forward_hook(lambda _m, _i, out: out.clone())
 
 
 def check_bitsandbytes(precision: Precision) -> None:
@@ -294,20 +278,23 @@ def count_quantized(model: Any) -> tuple[int, list[str]]:
     return n, left
 
 
-def lora_targets(model: Any, requested: list[str] | Literal["auto"]) -> list[str]:
+def lora_targets(model: Any, requested: list[str] | Literal["auto", "all-linear"]) -> list[str] | str:
+    """The modules LoRA wraps: `auto` is what PEFT itself picks for the model type (its own mapping), and
+    `all-linear` (PEFT's every linear layer but the output head) for a type PEFT has no mapping for."""
     model_type = getattr(model.config, "model_type", "")
-    if requested != "auto":
-        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        missing = [t for t in requested if t not in names]
-        if missing:
-            raise StepError(
-                f"LoRA target modules {missing} are not in this {model_type} model; it has e.g. {sorted(names)[:12]}"
-            )
-        return list(requested)
-    key = {"RefinedWebModel": "falcon", "RefinedWeb": "falcon"}.get(model_type, model_type)
-    if key not in LORA_TARGETS:
-        raise StepError(f"no automatic LoRA targets for model type {model_type!r}; list lora.target_modules")
-    return LORA_TARGETS[key]
+    if requested == "auto":
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+        return list(PEFT_TARGETS.get(model_type, [])) or "all-linear"
+    if requested == "all-linear":
+        return requested
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in requested if t not in names]
+    if missing:
+        raise StepError(
+            f"LoRA target modules {missing} are not in this {model_type} model; it has e.g. {sorted(names)[:12]}"
+        )
+    return list(requested)
 
 
 def save_tokenizer(source: Path, dest: Path, template: str) -> None:
@@ -321,3 +308,13 @@ def save_tokenizer(source: Path, dest: Path, template: str) -> None:
     if template in CHAT_TEMPLATES:
         tok.chat_template = CHAT_TEMPLATES[template]
     tok.save_pretrained(dest)
+    keep_sentencepiece(source, dest)
+
+
+def keep_sentencepiece(source: Path, dest: Path) -> None:
+    """Copy a sentencepiece `tokenizer.model` that `save_pretrained` of a fast tokenizer leaves behind: llama.cpp's
+    converter reads a sentencepiece vocabulary (Llama 2, Mistral, Phi-3) only from it."""
+    import shutil
+
+    if (source / "tokenizer.model").is_file() and not (dest / "tokenizer.model").exists():
+        shutil.copyfile(source / "tokenizer.model", dest / "tokenizer.model")

@@ -68,7 +68,7 @@ class PackageParams(Params):
 
 @step(
     "package",
-    version="2",
+    version="3",
     params=PackageParams,
     libs=("torch", "transformers", "peft", "safetensors"),
     reproducible=False,
@@ -146,17 +146,19 @@ PROMPTS = [
 
 
 def check_gguf(script: Path, path: Path, merged: Path, tokens: int = 16) -> dict[str, Any]:
-    """What the GGUF holds (read with llama.cpp's gguf-py), and, when llama-cpp-python is installed, whether
+    """What the GGUF holds (its tensors and their types), and, when llama-cpp-python is installed, whether
     llama.cpp runs it: its tokenizer against transformers', and greedy tokens against transformers' on the
     same prompt ids (a share: quantized types may part on near ties)."""
+    from runner.steps.gguf import read_gguf
+
     sys.path.insert(0, str(script.parent / "gguf-py"))
     try:
-        from gguf import GGUFReader
+        from gguf import GGMLQuantizationType  # llama.cpp's names of its tensor types
     finally:
         sys.path.remove(str(script.parent / "gguf-py"))
-    reader = GGUFReader(str(path))
-    kinds = sorted({t.tensor_type.name for t in reader.tensors})
-    facts: dict[str, Any] = {"file": path.name, "tensors": len(reader.tensors), "tensor_types": kinds}
+    _, tensors = read_gguf(path)
+    kinds = sorted({GGMLQuantizationType(kind).name for _, kind in tensors})
+    facts: dict[str, Any] = {"file": path.name, "tensors": len(tensors), "tensor_types": kinds}
     llama_cpp = llama_cpp_quiet()
     if llama_cpp is None:
         facts["llama_cpp_check"] = "not run: llama-cpp-python is not installed (pip install 'runner[gguf]')"

@@ -4,9 +4,11 @@
 on the human side). The prompt ends with `<bot>:` and the completion starts with one space,
 exactly as h2oGPT trains and prompts, so the first reply token is the same token at training
 and at inference; the completion ends with the `<human>:` terminator so a tuned model learns
-where to stop. `plain` joins the texts. `chat` uses a tokenizer's own chat template (a local
-tokenizer directory): the prompt is the template applied to every turn but the last with the
-generation prompt added, the completion the rest.
+where to stop. `plain` joins the texts. `chat` uses a tokenizer's own chat template, the base
+model's unless `tokenizer:` names a local tokenizer directory: the prompt is the template applied
+to every turn but the last with the generation prompt added, the completion the rest, and
+`replies` where the earlier assistant turns lie in the prompt (character offsets), so that
+training learns every assistant turn.
 
 Tools: a conversation's tool schemas (`tools`, a JSON list) open its prompt as one line,
 `Available tools (JSON schemas): [...]`, in `human_bot` and `plain`; a chat template that
@@ -61,7 +63,7 @@ CHAT_TEMPLATES = {
 
 
 def render_prompt(
-    template: str, messages: list[dict[str, str]], tokenizer: Any = None, tools: str | None = None
+    template: str, messages: list[dict[str, Any]], tokenizer: Any = None, tools: str | None = None
 ) -> str:
     """The prompt a model continues with its reply: `messages` ({role, content}) rendered as the format step
     renders the turns before a training reply. `tools` is a JSON list of tool schemas."""
@@ -76,7 +78,7 @@ def render_prompt(
     return NEWLINE.join(lines) + NEWLINE + (BOT if template == "human_bot" else "")
 
 
-def _apply_chat(tok: Any, messages: list[dict[str, str]], tools: str | None, **kw: Any) -> Any:
+def _apply_chat(tok: Any, messages: list[dict[str, Any]], tools: str | None, **kw: Any) -> Any:
     if tools and "tools" in str(tok.chat_template):
         return tok.apply_chat_template(messages, tools=json.loads(tools), tokenize=False, **kw)
     if tools:  # a template that knows no tools: the schemas go into the system message
@@ -89,26 +91,29 @@ def _apply_chat(tok: Any, messages: list[dict[str, str]], tools: str | None, **k
 
 
 class PromptFormat(Params):
-    """How conversations become text. The last assistant turn is the completion the model learns."""
+    """How conversations become text. The last assistant turn is the completion the model learns; with `chat`,
+    every earlier assistant turn is learnt too."""
 
     DIR_FIELDS = frozenset({"tokenizer"})
 
     template: Literal["human_bot", "plain", "chat"] = Field(
-        "human_bot", description="h2oGPT `<human>:/<bot>:`, plain text, or a tokenizer's chat template"
+        "human_bot", description="h2oGPT `<human>:/<bot>:`, plain text, or the base model's chat template"
     )
-    tokenizer: str | None = Field(None, description="for `chat`: a local tokenizer directory with a chat template")
+    tokenizer: str | None = Field(
+        None, description="for `chat`: a local tokenizer directory whose chat template is used instead of the base's"
+    )
 
     @model_validator(mode="after")
-    def _chat_needs_tokenizer(self) -> PromptFormat:
-        if (self.template == "chat") != (self.tokenizer is not None):
-            raise ValueError("template: chat needs `tokenizer:` (and only chat uses one)")
+    def _only_chat_takes_a_tokenizer(self) -> PromptFormat:
+        if self.tokenizer is not None and self.template != "chat":
+            raise ValueError("only template: chat uses `tokenizer:`")
         return self
 
     def external_paths(self) -> dict[str, str]:
         return {"tokenizer": self.tokenizer} if self.tokenizer else {}
 
 
-@step("format", version="2", params=PromptFormat, libs=("duckdb", "transformers"))
+@step("format", version="3", params=PromptFormat, libs=("duckdb", "transformers"))
 def format_rows(ctx: StepContext) -> None:
     from runner.steps.tables import finish, open_input, scalar
     from stores.datastore import connect
@@ -121,13 +126,15 @@ def format_rows(ctx: StepContext) -> None:
             f"when turns[-1].role <> 'assistant' then {rejected('bad_shape', chr(39) + 'does not end with an assistant turn' + chr(39))} "
             "else null end"
         )
+        rows = ctx.input_names[0]  # `chat` without `tokenizer:` reads the base model's tokenizer step too
         if p.template == "chat":
-            source = open_input(ctx, row_numbers=True)
+            source = open_input(ctx, rows, row_numbers=True)
             table = con.sql(f"select id, turns, tools from {source}").fetch_record_batch(100_000).read_all()
             _register_chat(con, ctx, table)
             problem_chat = f"case when c.problem is not null then {rejected('template_failed', 'c.problem')} end"
             con.execute(f"""create temp table t as select s.id, s.source, s.group_id, s.file_row_number, c.prompt,
-                c.completion, coalesce({problem}, {problem_chat}) as _reject from {source} s join _chat c on s.id = c.id""")
+                c.completion, c.replies, coalesce({problem}, {problem_chat}) as _reject
+                from {source} s join _chat c on s.id = c.id""")
         else:
             turn, opener, reply_start, closer = TEMPLATES[p.template]
             tools = f"case when tools is null then '' else '{TOOLS_LINE}' || tools || chr(10) end"
@@ -137,12 +144,13 @@ def format_rows(ctx: StepContext) -> None:
                         || chr(10) || {opener} as prompt,
                     {reply_start} || turns[-1].text || {closer} as completion,
                     {problem} as _reject
-                from {open_input(ctx, row_numbers=True)}"""
+                from {open_input(ctx, rows, row_numbers=True)}"""
             )
+        replies = ", replies" if p.template == "chat" else ""
         finish(
             ctx,
             con,
-            "select id, source, group_id, prompt, completion, prompt || completion as text from t "
+            f"select id, source, group_id, prompt, completion, prompt || completion as text{replies} from t "
             "where _reject is null order by file_row_number",
             f"select id, source, {sql_string(ctx.name)} as step, _reject.reason as reason, _reject.detail as detail from t "
             "where _reject is not null order by file_row_number",
@@ -160,18 +168,24 @@ def _register_chat(con: Any, ctx: StepContext, table: Any) -> None:
     quiet_ml()
     from transformers import AutoTokenizer
 
-    path = ctx.files[ctx.params.tokenizer]
+    own = ctx.params.tokenizer
+    path = ctx.files[own] if own else ctx.input("tokenizer").file("tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise StepError(f"tokenizer {path} could not be loaded ({exc})") from None
     if not getattr(tok, "chat_template", None):
-        raise StepError(f"tokenizer {path} has no chat template; use template: human_bot or plain")
-    out: dict[str, list[Any]] = {"id": [], "prompt": [], "completion": [], "problem": []}
+        whose = f"tokenizer {path}" if own else "the base model's tokenizer"
+        raise StepError(
+            f"{whose} has no chat template: use data.prompt.template: human_bot (h2oGPT's) or plain, or set "
+            "data.prompt.tokenizer to a tokenizer directory that has one"
+        )
+    out: dict[str, list[Any]] = {"id": [], "prompt": [], "completion": [], "replies": [], "problem": []}
     columns = (table.column(c).to_pylist() for c in ("id", "turns", "tools"))
     for row_id, turns, tools in zip(*columns, strict=False):
         messages = [{"role": t["role"], "content": t["text"]} for t in turns]
         prompt = completion = problem = None
+        replies: list[dict[str, int]] = []
         if len(messages) >= 2 and messages[-1]["role"] == "assistant":
             try:
                 prompt = _apply_chat(tok, messages[:-1], tools, add_generation_prompt=True)
@@ -181,10 +195,33 @@ def _register_chat(con: Any, ctx: StepContext, table: Any) -> None:
             else:
                 if full.startswith(prompt):
                     completion = full[len(prompt) :]
+                    replies = _earlier_replies(tok, messages, tools, prompt)
                 else:
                     problem = "chat template does not extend the prompt with the reply"
         out["id"].append(row_id)
         out["prompt"].append(prompt)
         out["completion"].append(completion)
+        out["replies"].append(replies)
         out["problem"].append(problem)
-    con.register("_chat", pa.table(out))
+    reply = pa.list_(pa.struct([("start", pa.int32()), ("end", pa.int32())]))
+    con.register("_chat", pa.table(out, schema=pa.schema([(k, reply if k == "replies" else pa.string()) for k in out])))
+
+
+def _earlier_replies(tok: Any, messages: list[dict[str, str]], tools: str | None, prompt: str) -> list[dict[str, int]]:
+    """Where each assistant turn before the last lies in `prompt` (its text and the template's end of turn, as
+    character offsets): from the end of the conversation rendered up to the turn's generation prompt, to where the
+    conversation rendered up to the turn parts from `prompt` (a template may close a conversation with more, as
+    Phi-3.5's end-of-text). A turn whose start the template renders otherwise in a longer conversation is left out:
+    it is not what the model sees."""
+    spans = []
+    for i, m in enumerate(messages[:-1]):
+        if m["role"] != "assistant" or i == 0:
+            continue
+        before = _apply_chat(tok, messages[:i], tools, add_generation_prompt=True)
+        upto = _apply_chat(tok, messages[: i + 1], tools)
+        end = next(
+            (n for n, (a, b) in enumerate(zip(upto, prompt, strict=False)) if a != b), min(len(upto), len(prompt))
+        )
+        if prompt.startswith(before) and end > len(before):
+            spans.append({"start": len(before), "end": end})
+    return spans

@@ -12,7 +12,6 @@ from typing import Any
 
 
 def quiet_ml() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -23,6 +22,25 @@ def quiet_ml() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+@contextmanager
+def hub_offline() -> Iterator[None]:
+    """Within: nothing asks the Hugging Face hub (`HF_HUB_OFFLINE`, read by PEFT at each call and by huggingface_hub
+    at import). A step reads what `apply` fetched before it; a library's own look at the hub would only cost time,
+    or fail where there is no network."""
+    import huggingface_hub.constants as hub
+
+    saved_env, saved = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
 
 
 _QUIET: list[Any] = []  # llama.cpp's log callback, kept alive

@@ -17,10 +17,11 @@ class Lora(Params):
     rank: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["auto"] = Field(
+    target_modules: list[str] | Literal["auto", "all-linear"] = Field(
         "auto",
-        description="`auto`: Falcon/GPT-NeoX query_key_value, dense, dense_h_to_4h, dense_4h_to_h; "
-        "Llama q/k/v/o/gate/up/down_proj",
+        description="`auto`: PEFT's own targets for the model type (Falcon/GPT-NeoX query_key_value; Llama, "
+        "Qwen2, Mistral q_proj, v_proj), `all-linear` where PEFT names none (Phi-3); `all-linear`: every linear "
+        "layer but the output head; or a list of module names",
     )
 
 

@@ -181,8 +181,11 @@ def run(job: dict[str, Any], progress: Any = None) -> None:
 
     import torch.distributed as dist
 
+    from runner.steps.quiet import hub_offline
+
     try:
-        _run(job, progress)
+        with hub_offline():  # PEFT's saves ask the hub about the base's vocabulary: the base is local by now
+            _run(job, progress)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # nobody leaves while another node still writes its outputs
     finally:
@@ -286,17 +289,19 @@ def _lora_model(p: TrainParams, base: Path) -> tuple[Any, dict[str, Any]]:
     if p.model.precision in ("int8", "int4"):
         facts["quantized_layers"] = count_quantized(model)[0]  # before LoRA wraps the layers
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    facts["lora_targets"] = lora_targets(model, p.lora.target_modules)
     model = get_peft_model(
         model,
         LoraConfig(
             r=p.lora.rank,
             lora_alpha=p.lora.alpha,
             lora_dropout=p.lora.dropout,
-            target_modules=facts["lora_targets"],
+            target_modules=lora_targets(model, p.lora.target_modules),
             task_type="CAUSAL_LM",
         ),
     )
+    resolved: Any = model.peft_config["default"]  # a LoraConfig
+    # `all-linear` as PEFT resolved it (full module paths): the layer names, as a list of targets gives them
+    facts["lora_targets"] = sorted({t.rsplit(".", 1)[-1] for t in resolved.target_modules})
     facts["trainable_params"] = sum(x.numel() for x in model.parameters() if x.requires_grad)
     facts["total_params"] = sum(x.numel() for x in model.parameters())
     return model, facts

@@ -15,7 +15,7 @@ from runner.registry import StepContext, StepError, step
 from runner.steps.train_config import InitParams, MergeParams, TokenizeParams, TokenizerParams, TrainParams
 
 
-@step("tokenizer", version="1", params=TokenizerParams, libs=("tokenizers", "transformers"))
+@step("tokenizer", version="2", params=TokenizerParams, libs=("tokenizers", "transformers"))
 def make_tokenizer(ctx: StepContext) -> None:
     """Train a byte-level BPE on the training text, or copy the given / the base model's tokenizer."""
     from runner.steps.quiet import quiet_ml
@@ -67,6 +67,10 @@ def make_tokenizer(ctx: StepContext) -> None:
         if fast.pad_token is None:
             fast.pad_token = fast.eos_token
     fast.save_pretrained(out)
+    if p.tokenizer is None or p.tokenizer.train is None:
+        from runner.steps.models import keep_sentencepiece
+
+        keep_sentencepiece(source, out)
     ctx.metrics["vocab_size"] = len(fast)
 
 
@@ -90,9 +94,10 @@ def init_model(ctx: StepContext) -> None:
     ctx.metrics["parameters"] = sum(t.numel() for t in model.parameters())
 
 
-@step("tokenize", version="1", params=TokenizeParams, libs=("duckdb", "tokenizers", "transformers"))
+@step("tokenize", version="2", params=TokenizeParams, libs=("duckdb", "tokenizers", "transformers"))
 def tokenize(ctx: StepContext) -> None:
-    """Token ids and labels (prompt tokens masked with -100) for train and validation; packed if asked."""
+    """Token ids and labels for train and validation; packed if asked. The completion is learnt and the prompt
+    masked (-100), but for a chat template's earlier assistant turns, learnt too (`chat_examples`)."""
     import duckdb
     import pyarrow as pa
     from transformers import AutoTokenizer
@@ -105,14 +110,11 @@ def tokenize(ctx: StepContext) -> None:
     con = duckdb.connect()
     try:
         for split in ("train", "validation"):
-            rows = con.execute(f"select prompt, completion from {open_input(ctx, 'split', table=split)}").fetchall()
-            prompts = tok([r[0] for r in rows], add_special_tokens=False)["input_ids"] if rows else []
-            replies = tok([r[1] for r in rows], add_special_tokens=False)["input_ids"] if rows else []
-            examples = []
-            for prompt_ids, reply_ids in zip(prompts, replies, strict=False):
-                ids = prompt_ids + reply_ids + [tok.eos_token_id]
-                labels = [-100] * len(prompt_ids) + reply_ids + [tok.eos_token_id]
-                examples.append((ids[: p.seq_len], labels[: p.seq_len]))
+            source = open_input(ctx, "split", table=split)
+            chat = "replies" in [d[0] for d in con.execute(f"select * from {source} limit 0").description]
+            rows = con.execute(f"select prompt, completion{', replies' if chat else ''} from {source}").fetchall()
+            examples = chat_examples(tok, rows) if chat else reply_examples(tok, rows)
+            examples = [(ids[: p.seq_len], labels[: p.seq_len]) for ids, labels in examples]
             if p.packing:
                 examples = pack(examples, p.seq_len)
             table = pa.table({"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]})
@@ -127,6 +129,34 @@ def tokenize(ctx: StepContext) -> None:
         con.close()
 
 
+Example = tuple[list[int], list[int]]  # token ids and labels (-100: not learnt)
+
+
+def reply_examples(tok: Any, rows: list[tuple[str, str]]) -> list[Example]:
+    """`human_bot` and `plain`: the prompt and the completion tokenized apart (the reply's first token is the one
+    a model generates after the prompt), the end-of-text token appended; the completion is learnt."""
+    if not rows:
+        return []
+    prompts = tok([r[0] for r in rows], add_special_tokens=False)["input_ids"]
+    replies = tok([r[1] for r in rows], add_special_tokens=False)["input_ids"]
+    eos = [tok.eos_token_id]
+    return [(q + r + eos, [-100] * len(q) + r + eos) for q, r in zip(prompts, replies, strict=True)]
+
+
+def chat_examples(tok: Any, rows: list[tuple[str, str, list[dict[str, int]]]]) -> list[Example]:
+    """A chat template's text, tokenized whole (a sentencepiece tokenizer would put a word boundary at the start of
+    a completion tokenized apart); learnt: the tokens of the completion and of the earlier assistant turns
+    (`replies`), by their character offsets."""
+    if not rows:
+        return []
+    enc = tok([r[0] + r[1] for r in rows], add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for ids, offsets, (prompt, _completion, replies) in zip(enc["input_ids"], enc["offset_mapping"], rows, strict=True):
+        learnt = [a >= len(prompt) or any(r["start"] <= a and b <= r["end"] for r in replies) for a, b in offsets]
+        out.append((list(ids), [t if keep else -100 for t, keep in zip(ids, learnt, strict=True)]))
+    return out
+
+
 def pack(examples: list[tuple[list[int], list[int]]], seq_len: int) -> list[tuple[list[int], list[int]]]:
     """Concatenate examples (each ends with EOS) and cut into seq_len blocks; the last partial block is kept."""
     ids: list[int] = []
@@ -139,7 +169,7 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int) -> list[tupl
 
 @step(
     "train",
-    version="3",
+    version="4",
     params=TrainParams,
     libs=("torch", "transformers", "peft", "bitsandbytes", "accelerate"),
     reproducible=False,
@@ -182,7 +212,7 @@ def train(ctx: StepContext) -> None:
 
 
 @step(
-    "merge", version="3", params=MergeParams, libs=("torch", "transformers", "peft", "safetensors"), reproducible=False
+    "merge", version="4", params=MergeParams, libs=("torch", "transformers", "peft", "safetensors"), reproducible=False
 )
 def merge(ctx: StepContext) -> None:
     """The base model with the trained adapter merged in (fp32 or bf16/fp16 weights), as safetensors, with
