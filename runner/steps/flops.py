@@ -33,6 +33,15 @@ def linear_layers(model: Any, example: Any) -> list[tuple[int, int, bool, bool]]
         seen.append((module.in_features, module.out_features, module.weight.requires_grad, inputs[0].requires_grad))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    _run_hooked(model, example, handles)
+    return seen
+
+
+def _run_hooked(model: Any, example: Any, handles: list[Any]) -> None:
+    """Run `example` through `model` in eval mode with gradients on (so `requires_grad` is as in training), then
+    remove the forward hooks `handles`."""
+    import torch
+
     was_training = model.training
     try:
         model.eval()
@@ -42,7 +51,6 @@ def linear_layers(model: Any, example: Any) -> list[tuple[int, int, bool, bool]]
         model.train(was_training)
         for h in handles:
             h.remove()
-    return seen
 
 
 # the projections whose outputs are a layer's queries, keys and values: separate, or one fused layer for all three
@@ -53,7 +61,6 @@ def attention_grads(model: Any, example: Any) -> list[tuple[bool, bool, bool]]:
     """For each layer, in order, whether its queries, keys and values need a gradient (their projection's output
     does), seen by running `example` through `model` as `linear_layers` does. Empty for a model whose projections
     are named otherwise (then every gradient is counted)."""
-    import torch
 
     seen: list[dict[str, bool]] = []
 
@@ -70,15 +77,7 @@ def attention_grads(model: Any, example: Any) -> list[tuple[bool, bool, bool]]:
         for n, m in model.named_modules()
         if n.rsplit(".", 1)[-1] in PROJECTIONS
     ]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.enable_grad():
-            model(input_ids=example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    _run_hooked(model, example, handles)
     if len(seen) != model.config.num_hidden_layers or any(len(s) != 3 for s in seen):
         return []
     return [(s["q"], s["k"], s["v"]) for s in seen]
