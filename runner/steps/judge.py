@@ -119,12 +119,19 @@ def reference_scores(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
     metrics: dict[str, Any] = {"n": len(scored)}
     rng = random.Random(0)
     draws = [[rng.randrange(len(hyps)) for _ in hyps] for _ in range(200)]
-    for name, corpus in (("bleu", sacrebleu.corpus_bleu), ("chrf", sacrebleu.corpus_chrf)):
-        metrics[name] = corpus(hyps, [refs]).score
-        boot = [corpus([hyps[i] for i in d], [[refs[i] for i in d]]).score for d in draws]
+    for name, metric in (("bleu", sacrebleu.BLEU()), ("chrf", sacrebleu.CHRF())):
+        # a corpus score is a function of its sentences' summed statistics: each resampled corpus sums the ones
+        # of its draw (as sacrebleu's own paired bootstrap does), equal to scoring that corpus anew
+        stats = metric._extract_corpus_statistics(hyps, [refs])
+        metrics[name] = metric._compute_score_from_stats(_summed(stats, range(len(hyps)))).score
+        boot = [metric._compute_score_from_stats(_summed(stats, d)).score for d in draws]
         metrics[f"{name}_stderr"] = statistics.stdev(boot)
     metrics["rouge_l"], metrics["rouge_l_stderr"] = mean_se([r["rouge_l"] for r in out])
     return out, metrics
+
+
+def _summed(stats: list[list[Any]], rows: Any) -> list[Any]:
+    return [sum(column) for column in zip(*(stats[i] for i in rows), strict=True)]
 
 
 class Memo:
