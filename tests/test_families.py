@@ -1,8 +1,8 @@
 """The models users bring, by hub id alone: each family's real tokenizer, chat template and scaled-down config in a
 hub-layout cache (`tests.hubmodels`), offline. One recipe per family names only the hub id, `template: chat` (the
-families without a template use h2oGPT's `human_bot`) and `target_modules: auto`; it trains a few steps, packages
-the adapter, the merged model and a GGUF, and serves a chat turn. Each result is checked against independent code:
-the template's own rendering, PEFT's mapping, the model's linear layers, llama.cpp's tokenizer."""
+families without a template use h2oGPT's `human_bot`) and `target_modules: auto`; it trains a few steps at int4
+(QLoRA), packages the adapter, the merged model and a GGUF, and serves a chat turn. Each result is checked against
+independent code: the template's own rendering, PEFT's mapping, the model's linear layers, llama.cpp's tokenizer."""
 
 from __future__ import annotations
 
@@ -101,6 +101,7 @@ def test_a_family_builds_packages_and_serves_from_its_hub_id(
 
     # the training text: the family's own template, rendered here by transformers from the snapshot
     tok = AutoTokenizer.from_pretrained(snapshot)
+    assert not hubmodels.vectors_disagree(tok, family.checked_by)  # llama.cpp's own tokenizer test vectors
     rows = api.table(build, "format").to_pylist()
     turns = {r["id"]: r["turns"] for r in api.table(build, "source.s").to_pylist()}
     assert len(rows) >= 10
@@ -321,3 +322,82 @@ def test_tools_render_through_the_template_and_calls_come_back_as_tool_calls(
             rendered, tools=[WEATHER], add_generation_prompt=True, tokenize=False
         )
         assert "temperature" in engine.prompts[-1] and "get_weather" in engine.prompts[-1]
+
+
+GLAIVE = SHARED_DATA / "instruct" / "glaive_toolcall_en_demo.sharegpt.json"
+
+
+@pytest.mark.slow
+@needs_shared_data
+@pytest.mark.parametrize("name", ["qwen2.5", "llama3", "phi3"])
+def test_rows_with_tools_render_through_the_family_template_and_train(
+    name: str, family_hub: tuple[Path, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real glaive tool-calling conversations (ShareGPT): a template that takes `tools` gets them as such (Qwen2.5,
+    Llama 3.2), one that does not gets runner's schema line as its system message (Phi-3.5); every row trains."""
+    import huggingface_hub.constants
+    from transformers import AutoTokenizer
+
+    from runner.steps.prompts import TOOLS_LINE
+
+    home, commits = family_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    family = hubmodels.FAMILIES[name]
+    records = json.loads(GLAIVE.read_text())[:30]
+    (tmp_path / "g.json").write_text(json.dumps(records))
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"""name: tools
+data:
+  sources: [{{name: g, format: sharegpt, path: {tmp_path / "g.json"}}}]
+  prompt: {{template: chat}}
+  split: {{validation: 0}}
+model:
+  base: {family.repo}
+train: {{seq_len: 100000}}
+"""
+    )
+    build = api.load(path, cache_dir=tmp_path / "c", targets=["tokenize"])
+    assert api.apply(build).ok
+    tok = AutoTokenizer.from_pretrained(
+        home / "hub" / f"models--{family.repo.replace('/', '--')}" / "snapshots" / commits[name]
+    )
+    source = {r["id"]: r for r in api.table(build, "source.g").to_pylist()}
+    rows = api.table(build, "format").to_pylist()
+    offered = 0
+    for row in rows:
+        src = source[row["id"]]
+        messages = [{"role": t["role"], "content": t["text"]} for t in src["turns"]][:-1]
+        tools = json.loads(src["tools"]) if src["tools"] else []
+        offered += bool(tools)
+        if name == "phi3" and tools:  # no tools in Phi-3.5's template: the schemas open the system message
+            messages = [{"role": "system", "content": TOOLS_LINE + src["tools"]}, *messages]
+            tools = []
+        expected = tok.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
+        assert row["prompt"] == expected, (name, row["id"])
+    assert len(rows) == 30 and offered == sum(bool(json.loads(r.get("tools") or "[]")) for r in records) > 10
+    examples = api.table(build, "tokenize", "train").to_pylist()
+    assert len(examples) == 30 and all(any(x != -100 for x in e["labels"]) for e in examples)
+
+
+@pytest.mark.parametrize("name", ["falcon", "gpt_neox"])
+def test_a_base_without_a_chat_template_is_refused_naming_the_choices(
+    name: str, family_hub: tuple[Path, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    home, _ = family_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"data:\n  sources: [{{name: s, format: oasst, path: {OASST}, limit: 3}}]\n  prompt: {{template: chat}}\n"
+        f"model:\n  base: {hubmodels.FAMILIES[name].repo}\n"
+    )
+    result = api.apply(api.load(path, cache_dir=tmp_path / "c", targets=["format"]))
+    (failed,) = [s for s in result.steps if s.state == "failed"]
+    assert failed.name == "format" and "the base model's tokenizer has no chat template" in str(failed.error)
+    assert "human_bot (h2oGPT's) or plain" in str(failed.error) and "data.prompt.tokenizer" in str(failed.error)
