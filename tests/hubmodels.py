@@ -298,6 +298,11 @@ def sentencepiece_model(vocab: str) -> bytes:
     return bytes(proto.SerializeToString())
 
 
+def snapshot_dir(hf_home: Path, repo: str, commit: str) -> Path:
+    """Where the hub cache in `hf_home` holds model `repo` at `commit`."""
+    return hf_home / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / commit
+
+
 def write_snapshot(hf_home: Path, name: str, *, seed: int = 0) -> tuple[str, Path]:
     """The family `name` as a download of its hub id in `hf_home`'s hub cache: (commit, snapshot directory)."""
     import torch
@@ -316,8 +321,8 @@ def write_snapshot(hf_home: Path, name: str, *, seed: int = 0) -> tuple[str, Pat
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     commit = hashlib.sha1(f"{family.repo}:{seed}".encode()).hexdigest()
-    repo = hf_home / "hub" / f"models--{family.repo.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
+    snapshot = snapshot_dir(hf_home, family.repo, commit)
+    repo = snapshot.parent.parent
     model.save_pretrained(snapshot, safe_serialization=True)
     GenerationConfig(**family.generation).save_pretrained(snapshot)
     tok.save_pretrained(snapshot)

@@ -34,6 +34,40 @@ PRE_TOKENIZER = {
 }
 
 
+@pytest.fixture
+def offline_hub(
+    family_hub: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, dict[str, str]]:
+    """The families' hub cache as this process's, offline: the HF_HUB_OFFLINE variable, and what huggingface_hub read
+    of it at import (nothing is fetched)."""
+    import huggingface_hub.constants
+
+    home, _ = family_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return family_hub
+
+
+def chat_tokens(tmp_path: Path, repo: str, data: str) -> api.Build:
+    """A recipe whose `data:` section opens with `data` (sources, filters) in `repo`'s chat template, built up to
+    `tokenize`, every row in train and none cut."""
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"""name: chat
+data:
+{data}  prompt: {{template: chat}}
+  split: {{validation: 0}}
+model:
+  base: {repo}
+train: {{seq_len: 100000}}
+"""
+    )
+    build = api.load(path, cache_dir=tmp_path / "c", targets=["tokenize"])
+    assert api.apply(build).ok
+    return build
+
+
 def family_recipe(tmp_path: Path, family: hubmodels.Family) -> Path:
     template = "chat" if family.template else "human_bot"
     path = tmp_path / "r.yaml"
@@ -73,19 +107,15 @@ def linear_layers(model: Any) -> list[str]:
 @needs_gguf
 @pytest.mark.parametrize("name", list(hubmodels.FAMILIES))
 def test_a_family_builds_packages_and_serves_from_its_hub_id(
-    name: str, family_hub: tuple[Path, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    name: str, offline_hub: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
-    import huggingface_hub.constants
     from fastapi.testclient import TestClient
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    home, commits = family_hub
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the cache alone: nothing is fetched (the variable, and what
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # huggingface_hub read of it at import)
+    home, commits = offline_hub
     family = hubmodels.FAMILIES[name]
-    snapshot = home / "hub" / f"models--{family.repo.replace('/', '--')}" / "snapshots" / commits[name]
+    snapshot = hubmodels.snapshot_dir(home, family.repo, commits[name])
     path = family_recipe(tmp_path, family)
     build = api.load(path, cache_dir=tmp_path / "c")
     result = api.apply(build)
@@ -169,38 +199,23 @@ def test_a_family_builds_packages_and_serves_from_its_hub_id(
 @needs_shared_data
 @pytest.mark.parametrize("name", [n for n, f in hubmodels.FAMILIES.items() if f.template])
 def test_every_assistant_turn_is_learnt_as_the_template_renders_it(
-    name: str, family_hub: tuple[Path, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    name: str, offline_hub: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
     """On 50 real multi-turn oasst conversations, the tokens `tokenize` learns are exactly each assistant turn as
     the family's template renders it: the token ids of transformers' `apply_chat_template` of the whole conversation
     from the end of its rendering up to the turn's generation prompt to where its rendering up to the turn parts
     from the whole (Phi-3.5 closes a conversation with an end-of-text its turns do not have)."""
-    import huggingface_hub.constants
     from transformers import AutoTokenizer
 
-    home, commits = family_hub
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    home, commits = offline_hub
     family = hubmodels.FAMILIES[name]
-    path = tmp_path / "r.yaml"
-    path.write_text(
-        f"""name: turns
-data:
-  sources: [{{name: s, format: oasst, path: {OASST}, lang: [en]}}]
-  filters: [{{kind: sql, where: "len(turns) >= 4"}}, {{kind: limit, n: 50}}]
-  prompt: {{template: chat}}
-  split: {{validation: 0}}
-model:
-  base: {family.repo}
-train: {{seq_len: 100000}}
-"""
+    build = chat_tokens(
+        tmp_path,
+        family.repo,
+        f"  sources: [{{name: s, format: oasst, path: {OASST}, lang: [en]}}]\n"
+        '  filters: [{kind: sql, where: "len(turns) >= 4"}, {kind: limit, n: 50}]\n',
     )
-    build = api.load(path, cache_dir=tmp_path / "c", targets=["tokenize"])
-    assert api.apply(build).ok
-    tok = AutoTokenizer.from_pretrained(
-        home / "hub" / f"models--{family.repo.replace('/', '--')}" / "snapshots" / commits[name]
-    )
+    tok = AutoTokenizer.from_pretrained(hubmodels.snapshot_dir(home, family.repo, commits[name]))
     turns = {r["id"]: r["turns"] for r in api.table(build, "source.s").to_pylist()}
     rows = api.table(build, "split", "train").to_pylist()
     examples = api.table(build, "tokenize", "train").to_pylist()
@@ -280,9 +295,7 @@ def test_tools_render_through_the_template_and_calls_come_back_as_tool_calls(
 
     home, commits = family_hub
     family = hubmodels.FAMILIES[name]
-    tok = AutoTokenizer.from_pretrained(
-        home / "hub" / f"models--{family.repo.replace('/', '--')}" / "snapshots" / commits[name]
-    )
+    tok = AutoTokenizer.from_pretrained(hubmodels.snapshot_dir(home, family.repo, commits[name]))
     engine = Scripted(Codec("chat" if family.template else "human_bot", tok), TOOL_ANSWERS.get(name, "Sunny."))
     messages: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Paris?"}]
     with TestClient(create_app({"m": engine}, ServeConfig(ui=False))) as client:
@@ -331,39 +344,22 @@ GLAIVE = SHARED_DATA / "instruct" / "glaive_toolcall_en_demo.sharegpt.json"
 @needs_shared_data
 @pytest.mark.parametrize("name", ["qwen2.5", "llama3", "phi3"])
 def test_rows_with_tools_render_through_the_family_template_and_train(
-    name: str, family_hub: tuple[Path, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    name: str, offline_hub: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
     """Real glaive tool-calling conversations (ShareGPT): a template that takes `tools` gets them as such (Qwen2.5,
     Llama 3.2), one that does not gets runner's schema line as its system message (Phi-3.5); every row trains."""
-    import huggingface_hub.constants
     from transformers import AutoTokenizer
 
     from runner.steps.prompts import TOOLS_LINE
 
-    home, commits = family_hub
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    home, commits = offline_hub
     family = hubmodels.FAMILIES[name]
     records = json.loads(GLAIVE.read_text())[:30]
     (tmp_path / "g.json").write_text(json.dumps(records))
-    path = tmp_path / "r.yaml"
-    path.write_text(
-        f"""name: tools
-data:
-  sources: [{{name: g, format: sharegpt, path: {tmp_path / "g.json"}}}]
-  prompt: {{template: chat}}
-  split: {{validation: 0}}
-model:
-  base: {family.repo}
-train: {{seq_len: 100000}}
-"""
+    build = chat_tokens(
+        tmp_path, family.repo, f"  sources: [{{name: g, format: sharegpt, path: {tmp_path / 'g.json'}}}]\n"
     )
-    build = api.load(path, cache_dir=tmp_path / "c", targets=["tokenize"])
-    assert api.apply(build).ok
-    tok = AutoTokenizer.from_pretrained(
-        home / "hub" / f"models--{family.repo.replace('/', '--')}" / "snapshots" / commits[name]
-    )
+    tok = AutoTokenizer.from_pretrained(hubmodels.snapshot_dir(home, family.repo, commits[name]))
     source = {r["id"]: r for r in api.table(build, "source.g").to_pylist()}
     rows = api.table(build, "format").to_pylist()
     offered = 0
@@ -384,14 +380,8 @@ train: {{seq_len: 100000}}
 
 @pytest.mark.parametrize("name", ["falcon", "gpt_neox"])
 def test_a_base_without_a_chat_template_is_refused_naming_the_choices(
-    name: str, family_hub: tuple[Path, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    name: str, offline_hub: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
-    import huggingface_hub.constants
-
-    home, _ = family_hub
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = tmp_path / "r.yaml"
     path.write_text(
         f"data:\n  sources: [{{name: s, format: oasst, path: {OASST}, limit: 3}}]\n  prompt: {{template: chat}}\n"

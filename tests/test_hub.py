@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SHARED_DATA, needs_shared_data
+from tests.hubmodels import snapshot_dir
 from tests.hubserver import Hub, serve
 
 ALPACA = SHARED_DATA / "instruct" / "alpaca_en_demo.json"
@@ -125,7 +126,7 @@ def test_a_model_by_hub_id_is_downloaded_pinned_and_refetched_by_its_commit(
 ) -> None:
     home, commits = family_hub
     served = tmp_path / "served"
-    shutil.copytree(home / "hub" / f"models--{PHI.replace('/', '--')}" / "snapshots" / commits["phi3"], served)
+    shutil.copytree(snapshot_dir(home, PHI, commits["phi3"]), served)
     (served / "pytorch_model.bin").write_bytes(b"pickled weights are never fetched")
     (served / "original").mkdir()
     (served / "original" / "consolidated.pth").write_bytes(b"nor other checkpoints")
@@ -150,7 +151,7 @@ train: {{seq_len: 64, batch_size: 4, max_steps: 1}}
         assert not [f for f in hub.downloads() if f.endswith((".bin", ".pth"))]
         lock = json.loads((tmp_path / "r.yaml.lock").read_text())
         assert lock["hub"] == {f"model:{PHI}@main": first} and lock["models"]["train"] == first
-        snapshot = tmp_path / "hf1" / "hub" / f"models--{PHI.replace('/', '--')}" / "snapshots" / first
+        snapshot = snapshot_dir(tmp_path / "hf1", PHI, first)
         assert (snapshot / "model.safetensors").read_bytes() == (served / "model.safetensors").read_bytes()
 
         # main moves; another machine (empty caches) builds from the lock: the locked commit is what it fetches
